@@ -1,0 +1,234 @@
+"""Raw inputs → a deterministic stream of records, decoded (and validated) separately.
+
+Inputs (`expand_inputs`): files or globs of jsonl (plain / .gz / .zst), parquet and plain
+text (one document per file), and built-in corpora that exist on every machine:
+
+  builtin:python-stdlib        the running Python's standard library: its .py sources
+                               (code) and its docs (pydoc topics = the language/library
+                               reference, plus each module's docstrings)
+  builtin:python-stdlib-code   only the sources;  builtin:python-stdlib-docs  only the docs
+
+Reading is split in two so the expensive part runs in worker processes: `iter_raw(input)`
+yields cheap `Raw` records in a fixed order (one per jsonl line / parquet row / file);
+`decode(raw, text_key)` turns one into text or a skip reason. `count(input)` counts records
+without decoding (line counting for jsonl, metadata for parquet), which gives the shard plan
+and the progress bar's total.
+"""
+from __future__ import annotations
+
+import ast
+import glob
+import gzip
+import io
+import json
+import os
+import sysconfig
+from typing import Iterator, NamedTuple
+
+BUILTINS = ("builtin:python-stdlib", "builtin:python-stdlib-code", "builtin:python-stdlib-docs")
+SKIP_REASONS = ("malformed_json", "missing_text", "invalid_utf8", "empty")
+_EXCLUDE_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+class Raw(NamedTuple):
+    source: str      # file (or builtin name)
+    line: int        # 1-based line (jsonl) / row (parquet) / file number (text, builtin)
+    kind: str        # "json" (bytes of one jsonl line), "bytes" (a whole text file), "text", "pydoc", "none"
+    payload: object
+
+
+class Decoded(NamedTuple):
+    text: str | None
+    reason: str | None   # one of SKIP_REASONS when text is None
+    detail: str = ""
+
+
+def stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_sources() -> list[str]:
+    """Sorted .py files of the standard library, without tests and third-party packages."""
+    root = stdlib_dir()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDE_DIRS)
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    return sorted(out)
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Globs expanded (sorted), builtins kept; order of arguments preserved; missing → error."""
+    out: list[str] = []
+    for spec in inputs:
+        if spec.startswith("builtin:"):
+            if spec not in BUILTINS:
+                raise ValueError(f"unknown built-in corpus {spec!r}; known: {', '.join(BUILTINS)}")
+            out.append(spec)
+            continue
+        matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"no input file matches {spec!r}")
+        out.extend(matches)
+    return out
+
+
+def _fmt(path: str) -> str:
+    p = path[:-3] if path.endswith(".gz") else path[:-4] if path.endswith(".zst") else path
+    if p.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if p.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _open_binary(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _pydoc_topics() -> list[tuple[str, str]]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return []
+    return sorted(topics.items())
+
+
+def count(spec: str) -> int:
+    """Number of records `iter_raw(spec)` yields, without decoding them."""
+    if spec.startswith("builtin:"):
+        n = 0
+        if spec != "builtin:python-stdlib-docs":
+            n += len(stdlib_sources())
+        if spec != "builtin:python-stdlib-code":
+            n += len(_pydoc_topics()) + len(stdlib_sources())
+        return n
+    fmt = _fmt(spec)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        return pq.ParquetFile(spec).metadata.num_rows
+    if fmt == "text":
+        return 1
+    n, last = 0, b"\n"
+    with _open_binary(spec) as f:
+        while chunk := f.read(1 << 22):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+def iter_raw(spec: str, text_key: str = "text", start: int = 0) -> Iterator[Raw]:
+    """Records of one input, in a fixed order; the first `start` records are skipped cheaply."""
+    if spec.startswith("builtin:"):
+        k = 0
+        if spec != "builtin:python-stdlib-docs":
+            for path in stdlib_sources():
+                k += 1
+                if k > start:
+                    yield Raw(spec, k, "file", path)
+        if spec != "builtin:python-stdlib-code":
+            for name, text in _pydoc_topics():
+                k += 1
+                if k > start:
+                    yield Raw(spec, k, "text", f"pydoc topic {name}\n\n{text}")
+            for path in stdlib_sources():
+                k += 1
+                if k > start:
+                    yield Raw(spec, k, "pydoc", path)
+        return
+    fmt = _fmt(spec)
+    if fmt == "text":
+        if start < 1:
+            yield Raw(spec, 1, "file", spec)
+    elif fmt == "jsonl":
+        with _open_binary(spec) as f:
+            for k, line in enumerate(f, 1):
+                if k > start:
+                    yield Raw(spec, k, "json", line)
+    else:
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(spec)
+        if text_key not in pf.schema_arrow.names:
+            for k in range(start + 1, pf.metadata.num_rows + 1):
+                yield Raw(spec, k, "none", None)
+            return
+        k = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
+            col = batch.column(0)
+            if k + len(col) <= start:
+                k += len(col)
+                continue
+            for v in col.to_pylist():
+                k += 1
+                if k > start:
+                    yield Raw(spec, k, "text" if isinstance(v, str) else "none", v)
+
+
+def _docstrings(path: str, text: str) -> str:
+    """A module's docstrings (module, classes, functions) as one natural-language document."""
+    tree = ast.parse(text)
+    parts = []
+    mod = os.path.relpath(path, stdlib_dir())[:-3].replace(os.sep, ".").removesuffix(".__init__")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:
+                title = mod if isinstance(node, ast.Module) else f"{mod}.{node.name}"
+                parts.append(f"{title}\n\n{doc}")
+    return "\n\n\n".join(parts)
+
+
+def decode(raw: Raw, text_key: str = "text") -> Decoded:
+    """Raw record → text, or the reason it is skipped (malformed_json, missing_text, invalid_utf8, empty)."""
+    kind, payload = raw.kind, raw.payload
+    text: object
+    try:
+        if kind == "json":
+            try:
+                s = payload.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return Decoded(None, "invalid_utf8", str(e))
+            if not s.strip():
+                return Decoded(None, "empty", "blank line")
+            try:
+                obj = json.loads(s)
+            except ValueError as e:
+                return Decoded(None, "malformed_json", str(e))
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
+                return Decoded(None, "missing_text", f"no string field {text_key!r}")
+            text = obj[text_key]
+        elif kind in ("file", "pydoc"):
+            with open(payload, "rb") as f:
+                data = f.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return Decoded(None, "invalid_utf8", str(e))
+            if kind == "pydoc":
+                try:
+                    text = _docstrings(payload, text)
+                except SyntaxError as e:
+                    return Decoded(None, "empty", f"unparsable: {e}")
+        elif kind == "text":
+            text = payload
+        else:
+            return Decoded(None, "missing_text", f"no string field {text_key!r}")
+        text.encode("utf-8")  # lone surrogates (e.g. "\ud800" escapes in JSON) are not valid UTF-8
+    except UnicodeEncodeError as e:
+        return Decoded(None, "invalid_utf8", str(e))
+    if not text.strip():
+        return Decoded(None, "empty", "empty document")
+    return Decoded(text, None)
+
+
+def iter_records(inputs: list[str], text_key: str = "text") -> Iterator[Decoded]:
+    """Decoded documents of all inputs in order (single process; for small jobs and spm training)."""
+    for spec in expand_inputs(inputs):
+        for raw in iter_raw(spec, text_key):
+            yield decode(raw, text_key)

@@ -1,0 +1,348 @@
+"""Raw text → tokenized ArrayRecord shards + stats.json.
+
+    python data_pipeline/prepare.py --input 'data/web/*.jsonl.zst' --tokenizer qwen3 --out runs/data/web
+    python data_pipeline/prepare.py --input builtin:python-stdlib --tokenizer qwen3 --out runs/data/stdlib
+
+Output folder:
+  plan.json                          inputs, record counts, tokenizer, shard count (a re-run must match)
+  shard-00003-of-00008.array_record  one record per document: its token ids (+ <|endoftext|>) as
+                                     little-endian uint16 (vocab < 65,536) or uint32; group_size:1
+  shard-00003-of-00008.lengths.npy   the documents' lengths (for length buckets and mixtures)
+  shard-00003-of-00008.json          the shard's stats; written last = the shard is complete
+  stats.json                         totals (documents, tokens, skipped by reason, length
+                                     histogram, dtype, eos_id, …); written last = dataset complete
+
+Records are numbered in input order (files in argument order, lines in file order) and shard s
+holds records [s*R/N, (s+1)*R/N): a cheap counting pass (newlines / parquet metadata) fixes the
+plan, so output is identical for any --workers, and a re-run after a crash redoes only the shards
+without their .json (each shard is written under a temporary name and renamed when complete).
+Tokenization runs in --workers processes with a bounded number of batches in flight, so memory
+does not depend on corpus size. Bad records (malformed JSON, missing text field, invalid UTF-8,
+empty documents) are skipped and counted; with --strict the first one stops the run with file:line.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # `python data_pipeline/prepare.py`: this folder must not shadow `tokenizers`.
+    import os as _os
+    import sys as _sys
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+    _sys.path.insert(0, _os.path.dirname(_here))
+
+import argparse
+import collections
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import sys
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from data_pipeline import corpus
+from data_pipeline.tokenizers import load_tokenizer, train_sentencepiece
+
+PLAN_VERSION = 1
+HIST_BUCKETS = 32  # document-length histogram: bucket k holds lengths in [2**k, 2**(k+1))
+CRASH_ENV = "DATA_PIPELINE_CRASH_AFTER_SHARDS"  # test hook: os._exit after this many shards
+
+
+class PrepareError(RuntimeError):
+    pass
+
+
+def shard_name(s: int, n: int) -> str:
+    return f"shard-{s:05d}-of-{n:05d}"
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# --- worker side ---------------------------------------------------------------------------
+_W: dict = {}
+
+
+def _init_worker(tokenizer: str, text_key: str, allow_special: bool, dtype: str, in_process: bool) -> None:
+    if not in_process:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; processes give parallelism
+    _W.update(tok=load_tokenizer(tokenizer), text_key=text_key, allow_special=allow_special, dtype=np.dtype(dtype))
+
+
+def _work(batch: list[tuple[int, corpus.Raw]]):
+    """Decodes + tokenizes a batch of raw records: [(index, raw)] → [(index, tokens|None, reason, detail, nbytes)]."""
+    tok, dt = _W["tok"], _W["dtype"]
+    decoded = [corpus.decode(raw, _W["text_key"]) for _, raw in batch]
+    texts = [d.text for d in decoded if d.text is not None]
+    ids = iter(tok.encode_batch(texts, _W["allow_special"]) if texts else [])
+    out = []
+    for (i, raw), d in zip(batch, decoded):
+        if d.text is None:
+            out.append((i, None, d.reason, d.detail, 0))
+        else:
+            t = np.asarray(next(ids) + [tok.eos_id], dtype=dt)
+            out.append((i, t, None, "", len(d.text.encode("utf-8"))))
+    return out
+
+
+# --- main side -----------------------------------------------------------------------------
+def _plan(inputs: list[str], tok, text_key: str, shards: int, allow_special: bool, limit: int | None) -> dict:
+    expanded = corpus.expand_inputs(inputs)
+    counts = [corpus.count(s) for s in expanded]
+    total = sum(counts) if limit is None else min(limit, sum(counts))
+    if total < shards:
+        raise PrepareError(f"{total} records cannot fill {shards} shards; use fewer --shards")
+    return {"version": PLAN_VERSION, "inputs": expanded, "counts": counts, "records": total,
+            "text_key": text_key, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+            "dtype": "uint16" if tok.vocab_size <= 1 << 16 else "uint32", "shards": shards,
+            "allow_special": allow_special}
+
+
+def _records(plan: dict, start: int) -> Iterator[tuple[int, corpus.Raw]]:
+    """Global records [start, plan['records']) with their global index."""
+    base = 0
+    for spec, n in zip(plan["inputs"], plan["counts"]):
+        if base + n > start:
+            for k, raw in enumerate(corpus.iter_raw(spec, plan["text_key"], max(0, start - base))):
+                i = max(start, base) + k
+                if i >= plan["records"]:
+                    return
+                yield i, raw
+        base += n
+        if base >= plan["records"]:
+            return
+
+
+class _ShardWriter:
+    def __init__(self, out: str, s: int, plan: dict):
+        from array_record.python.array_record_module import ArrayRecordWriter
+        self.final = os.path.join(out, shard_name(s, plan["shards"]))
+        self.tmp = f"{self.final}.tmp{os.getpid()}"
+        self.writer = ArrayRecordWriter(f"{self.tmp}.array_record", "group_size:1")
+        self.lengths: list[int] = []
+        self.skipped = collections.Counter()
+        self.bytes = 0
+
+    def add(self, tokens: np.ndarray, nbytes: int) -> None:
+        self.writer.write(tokens.tobytes())
+        self.lengths.append(len(tokens))
+        self.bytes += nbytes
+
+    def close(self) -> dict:
+        self.writer.close()
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        np.save(f"{self.tmp}.lengths.npy", lengths.astype(np.int32))
+        k = np.floor(np.log2(np.maximum(lengths, 1))).astype(int)
+        stats = {"documents": len(lengths), "tokens": int(lengths.sum()), "bytes": self.bytes,
+                 "skipped": dict(sorted(self.skipped.items())),
+                 "hist_documents": np.bincount(k, minlength=HIST_BUCKETS).tolist(),
+                 "hist_tokens": np.bincount(k, weights=lengths, minlength=HIST_BUCKETS).astype(int).tolist()}
+        os.replace(f"{self.tmp}.array_record", f"{self.final}.array_record")
+        os.replace(f"{self.tmp}.lengths.npy", f"{self.final}.lengths.npy")
+        _write_json(f"{self.final}.json", stats)  # the completion marker
+        return stats
+
+
+def _aggregate(out: str, plan: dict, seconds: float) -> dict:
+    parts = [json.load(open(os.path.join(out, shard_name(s, plan["shards"]) + ".json")))
+             for s in range(plan["shards"])]
+    skipped = collections.Counter()
+    for p in parts:
+        skipped.update(p["skipped"])
+    hd = np.sum([p["hist_documents"] for p in parts], axis=0)
+    ht = np.sum([p["hist_tokens"] for p in parts], axis=0)
+    docs, toks = sum(p["documents"] for p in parts), sum(p["tokens"] for p in parts)
+    return {
+        "documents": docs, "tokens": toks, "bytes": sum(p["bytes"] for p in parts),
+        "skipped": {r: skipped.get(r, 0) for r in corpus.SKIP_REASONS},
+        "mean_length": toks / max(docs, 1),
+        "length_histogram": {"bucket_lower": [1 << k for k in range(HIST_BUCKETS)],
+                             "documents": hd.tolist(), "tokens": ht.tolist()},
+        "shards": [shard_name(s, plan["shards"]) + ".array_record" for s in range(plan["shards"])],
+        "shard_documents": [p["documents"] for p in parts],
+        "dtype": plan["dtype"], "eos_id": plan["eos_id"], "vocab_size": plan["vocab_size"],
+        "tokenizer": plan["tokenizer"], "inputs": plan["inputs"], "last_run_seconds": round(seconds, 2),
+    }
+
+
+def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = "text", shards: int = 8,
+            workers: int | None = None, strict: bool = False, allow_special: bool = False,
+            limit: int | None = None, progress: bool = True, batch_docs: int = 32) -> dict:
+    """Tokenizes `inputs` into `out` (see module doc). Returns the stats; a no-op when `out` is complete."""
+    os.makedirs(out, exist_ok=True)
+    stats_path = os.path.join(out, "stats.json")
+    tok = load_tokenizer(tokenizer)
+    plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit)
+    plan_path = os.path.join(out, "plan.json")
+    if os.path.exists(plan_path):
+        old = json.load(open(plan_path))
+        if old != plan:
+            diff = sorted(k for k in plan if old.get(k) != plan[k])
+            raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
+        if os.path.exists(stats_path):
+            return json.load(open(stats_path))
+    else:
+        _write_json(plan_path, plan)
+    for f in os.listdir(out):  # leftovers of a killed run
+        if ".tmp" in f:
+            os.remove(os.path.join(out, f))
+
+    n, total = plan["shards"], plan["records"]
+    bounds = [s * total // n for s in range(n + 1)]
+    todo = [s for s in range(n) if not os.path.exists(os.path.join(out, shard_name(s, n) + ".json"))]
+    shard_of = lambda i: int(np.searchsorted(bounds, i, side="right")) - 1  # noqa: E731
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    init = (tokenizer, text_key, allow_special, plan["dtype"], workers == 0)
+    t0, done_records, done_tokens, written = time.time(), 0, 0, []
+    crash_after = int(os.environ.get(CRASH_ENV, "0"))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(bounds[s + 1] - bounds[s] for s in todo), unit="doc", unit_scale=True,
+                   desc=os.path.basename(os.path.normpath(out)), smoothing=0.1, file=sys.stderr)
+
+    def batches():
+        todo_set, batch, cur = set(todo), [], None
+        for i, raw in _records(plan, bounds[todo[0]] if todo else total):
+            s = shard_of(i)
+            if s not in todo_set:
+                continue
+            if batch and (s != cur or len(batch) >= batch_docs):
+                yield cur, batch
+                batch = []
+            cur = s
+            batch.append((i, raw))
+        if batch:
+            yield cur, batch
+
+    if workers == 0:
+        _init_worker(*init)
+        pool, submit = None, (lambda b: _DoneFuture(_work(b)))
+    else:
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                      initializer=_init_worker, initargs=init)
+        submit = lambda b: pool.submit(_work, b)  # noqa: E731
+    writer: _ShardWriter | None = None
+    try:
+        pending: collections.deque = collections.deque()
+        it = batches()
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < 4 * max(workers, 1):
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    pending.append((nxt[0], submit(nxt[1])))
+            if not pending:
+                break
+            s, fut = pending.popleft()
+            if writer is None or writer.shard != s:
+                if writer is not None:
+                    writer.close(); written.append(writer.shard)  # noqa: E702
+                    if crash_after and len(written) >= crash_after:
+                        os._exit(3)
+                writer = _ShardWriter(out, s, plan)
+                writer.shard = s
+            results = fut.result()
+            for i, tokens, reason, detail, nbytes in results:
+                if tokens is None:
+                    if strict:
+                        raw = _raw_at(plan, i)
+                        raise PrepareError(f"{raw.source}:{raw.line}: {reason}: {detail}")
+                    writer.skipped[reason] += 1
+                else:
+                    writer.add(tokens, nbytes)
+                    done_tokens += len(tokens)
+            done_records += len(results)
+            if bar is not None:
+                el = max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{done_tokens / el / 1e6:.2f}M tok/s, {done_tokens / 1e6:.1f}M tok",
+                                    refresh=False)
+                bar.update(len(results))
+        if writer is not None:
+            writer.close(); written.append(writer.shard)  # noqa: E702
+            writer = None
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if writer is not None:  # failed mid-shard (e.g. --strict): leave no partial shard behind
+            writer.writer.close()
+            for f in os.listdir(out):
+                if ".tmp" in f:
+                    os.remove(os.path.join(out, f))
+    stats = _aggregate(out, plan, time.time() - t0)
+    stats["last_run_shards_written"] = written
+    _write_json(stats_path, stats)
+    return stats
+
+
+class _DoneFuture:
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
+def _raw_at(plan: dict, i: int) -> corpus.Raw:
+    return next(_records(plan, i))[1]
+
+
+def prepare_builtin(out_dir: str, tokenizer: str = "qwen3", *, parts: Sequence[str] = ("code", "docs"),
+                    shards: int = 4, workers: int | None = None, spm_vocab_size: int = 4096,
+                    progress: bool = False) -> dict[str, str]:
+    """Prepares the built-in Python-stdlib corpus end to end; idempotent (skips finished work).
+
+    tokenizer: "qwen3" (the real Qwen3 BPE), "spm" (trains `out_dir/spm{vocab}/spm.model` on the
+    built-in corpus first, if missing), or any path `load_tokenizer` accepts.
+    Returns {part: dataset folder}, e.g. {"code": ".../code", "docs": ".../docs"}: one prepared
+    dataset per part (builtin:python-stdlib-code, builtin:python-stdlib-docs), ready for DatasetSpec.
+    """
+    if tokenizer == "spm":
+        tokenizer = train_sentencepiece(os.path.join(out_dir, f"spm{spm_vocab_size}"), spm_vocab_size)
+    paths = {}
+    for part in parts:
+        paths[part] = os.path.join(out_dir, part)
+        prepare([f"builtin:python-stdlib-{part}"], tokenizer, paths[part], shards=shards, workers=workers,
+                progress=progress)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--input", nargs="+", required=True, help="files/globs (jsonl[.gz|.zst], parquet, txt) "
+                   "or builtin:python-stdlib[-code|-docs]")
+    p.add_argument("--tokenizer", required=True, help="'qwen3', a tokenizer.json / HF folder, or a .model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs; 0: in-process)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record (file:line)")
+    p.add_argument("--allow-special-tokens", action="store_true",
+                   help="map special tokens spelled in the text (<|im_start|>, <think>, …) to their ids")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        st = prepare(a.input, a.tokenizer, a.out, text_key=a.text_key, shards=a.shards, workers=a.workers,
+                     strict=a.strict, allow_special=a.allow_special_tokens, limit=a.limit,
+                     progress=not a.no_progress)
+    except (PrepareError, FileNotFoundError, ValueError) as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: st[k] for k in ("documents", "tokens", "bytes", "skipped", "mean_length")}))
+    return 0
+
+
+if __name__ == "__main__":
+    from data_pipeline.prepare import main as _main  # workers pickle functions of the real module
+    sys.exit(_main())
