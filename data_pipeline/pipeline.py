@@ -1,0 +1,360 @@
+"""Prepared ArrayRecord shards → packed, per-host numpy batches (grain), and global jax.Arrays.
+
+Per dataset (one `DatasetSpec`: a folder written by prepare.py, optionally a document-length range):
+
+  ArrayRecordDataSource (+ length-range subset from the shards' lengths.npy)
+    → parse (uint16/uint32 bytes → int32 tokens)            grain map_with_index
+    → shuffle(seed), reshuffled every epoch                 grain MapDataset.shuffle
+    → this host's share: shuffled[process_index::count]     grain slice (a host reads only its records)
+    → repeat(num_epochs)                                    grain repeat (None = forever)
+    → read-ahead threads                                    grain to_iter_dataset(ReadOptions)
+    → pack to seq_len with segment ids + positions          grain ConcatThenSplit / FirstFit / BestFit
+                                                            (longer documents are split, never dropped)
+Then datasets are mixed by weight *as packed rows*, so a weight is a fraction of the token budget
+(grain IterDataset.mix: a deterministic interleave, exact proportions), batched to the per-host
+batch size, and turned into the training batch (targets, loss mask) in numpy. A thread prefetches
+the next batches. `DataIterator.get_state()` is grain's iterator state (small, JSON).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import zlib
+from typing import Any, Mapping, Sequence
+
+import gin
+import grain
+import numpy as np
+
+PACKERS = ("concat_split", "first_fit", "best_fit")
+SPLIT_POSITIONS = ("restart", "continue")
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+# --- what to read --------------------------------------------------------------------------
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A prepared dataset folder; weight = share of packed tokens; length_range = (lo, hi]: keep
+    only documents with lo < length <= hi tokens (length counts the <|endoftext|> separator)."""
+    path: str
+    name: str | None = None
+    weight: float = 1.0
+    length_range: tuple[int, int] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name or os.path.basename(os.path.normpath(self.path))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Named datasets with weights (fractions of packed tokens; normalised).
+
+    Either `weights={'web': .5, 'code': .3, …}` with each name a folder under `root` (or given
+    in `paths`), or explicit `datasets=[DatasetSpec(...), …]`.
+    """
+    weights: Mapping[str, float] | None = None
+    root: str | None = None
+    paths: Mapping[str, str] | None = None
+    datasets: Sequence[DatasetSpec] = ()
+
+    def specs(self) -> list[DatasetSpec]:
+        out = list(self.datasets)
+        for name, w in (self.weights or {}).items():
+            path = (self.paths or {}).get(name) or os.path.join(self.root or ".", name)
+            out.append(DatasetSpec(path=path, name=name, weight=float(w)))
+        if not out:
+            raise ValueError("empty Mixture")
+        return out
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LengthBuckets:
+    """Views of `source` by document length with token shares, e.g. Qwen3 stage 3:
+    75% of tokens from 16K–32K-token documents, 25% from 4K–16K (`buckets`: (lo, hi, weight)
+    with lo < length <= hi). Inside a bucket the source's own weights split the share."""
+    source: Any = None  # Mixture | DatasetSpec | path
+    buckets: Sequence[tuple[int, int, float]] = ((16384, 32768, 0.75), (4096, 16384, 0.25))
+
+    def specs(self) -> list[DatasetSpec]:
+        out = []
+        for lo, hi, bw in self.buckets:
+            comps = [s for s in resolve(self.source) if _count_in_range(s.path, (lo, hi)) > 0]
+            if not comps:
+                raise ValueError(f"no document of {lo} < length <= {hi} tokens in {self.source}")
+            total = sum(s.weight for s in comps)
+            out += [dataclasses.replace(s, name=f"{s.key}[{lo}:{hi}]", length_range=(lo, hi),
+                                        weight=bw * s.weight / total) for s in comps]
+        return out
+
+
+def resolve(data) -> list[DatasetSpec]:
+    """str | DatasetSpec | Mixture | LengthBuckets (or a list of these) → dataset specs."""
+    if isinstance(data, str):
+        return [DatasetSpec(path=data)]
+    if isinstance(data, DatasetSpec):
+        return [data]
+    if isinstance(data, (Mixture, LengthBuckets)):
+        return data.specs()
+    if isinstance(data, (list, tuple)):
+        return [s for d in data for s in resolve(d)]
+    raise TypeError(f"cannot read data from {data!r}")
+
+
+def load_stats(path: str) -> dict:
+    f = os.path.join(path, "stats.json")
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"{path} is not a complete prepared dataset (no stats.json); run prepare.py")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def doc_lengths(path: str) -> np.ndarray:
+    """Lengths (tokens incl. separator) of all documents of a prepared dataset, in record order."""
+    st = load_stats(path)
+    return np.concatenate([np.load(os.path.join(path, s.replace(".array_record", ".lengths.npy")))
+                           for s in st["shards"]]).astype(np.int64)
+
+
+def _count_in_range(path: str, rng) -> int:
+    n = doc_lengths(path)
+    return int(((n > rng[0]) & (n <= rng[1])).sum())
+
+
+# --- grain pieces ----------------------------------------------------------------------------
+class _Subset:
+    """Random-access view of the records at `indices` (a length bucket)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        return self._source[int(self._indices[i])]
+
+    def __getitems__(self, ii):
+        return self._source.__getitems__([int(self._indices[i]) for i in ii])
+
+
+class _Parse(grain.transforms.MapWithIndex):
+    def __init__(self, dtype: str, index_map: np.ndarray | None, continue_pos: bool, with_ids: bool):
+        self._dtype, self._index_map = np.dtype(dtype), index_map
+        self._continue_pos, self._with_ids = continue_pos, with_ids
+
+    def map_with_index(self, index: int, record: bytes):
+        t = np.frombuffer(record, self._dtype).astype(np.int32)
+        out = {"tokens": t}
+        if self._continue_pos:
+            out["pos"] = np.arange(len(t), dtype=np.int32)
+        if self._with_ids:
+            doc = index if self._index_map is None else int(self._index_map[index])
+            out["doc"] = np.full(len(t), doc, np.int32)
+        return out
+
+
+class _SplitLong(grain.experimental.FlatMapTransform):
+    """Documents longer than seq_len → consecutive seq_len pieces (for the fit packers)."""
+    max_fan_out = 1 << 20
+
+    def __init__(self, seq_len: int):
+        self._n = seq_len
+
+    def flat_map(self, el):
+        L = len(el["tokens"])
+        if L <= self._n:
+            return [el]
+        return [{k: v[s:s + self._n] for k, v in el.items()} for s in range(0, L, self._n)]
+
+
+class _Row(grain.transforms.Map):
+    def __init__(self, dataset_id: int, continue_pos: bool, with_ids: bool):
+        self._id, self._continue_pos, self._with_ids = dataset_id, continue_pos, with_ids
+
+    def map(self, r):
+        out = {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
+               "positions": r["pos"] if self._continue_pos else r["tokens_positions"]}
+        if self._with_ids:
+            out["doc"] = r["doc"]
+            out["dataset_id"] = np.int32(self._id)
+        return out
+
+
+class _Finish(grain.transforms.Map):
+    """Stacked rows → the training batch: pads a short last batch, adds targets and loss mask."""
+
+    def __init__(self, batch_size: int):
+        self._b = batch_size
+
+    def map(self, rows):
+        b = rows["tokens"].shape[0]
+        if b < self._b:  # finite epochs: the last batch is filled with padding rows
+            rows = {k: np.concatenate([v, np.full((self._b - b,) + v.shape[1:], -1 if k == "dataset_id" else 0,
+                                                  v.dtype)]) for k, v in rows.items()}
+        tok, seg = rows["tokens"].astype(np.int32), rows["segment_ids"].astype(np.int32)
+        pos = np.where(seg > 0, rows["positions"], 0).astype(np.int32)
+        targets = np.zeros_like(tok)
+        targets[:, :-1] = tok[:, 1:]
+        valid = np.zeros(tok.shape, bool)
+        valid[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+        out = {"tokens": np.where(seg > 0, tok, 0), "targets": np.where(valid, targets, 0),
+               "segment_ids": seg, "positions": pos, "loss_mask": valid.astype(np.float32)}
+        if "doc" in rows:
+            out["doc_ids"] = np.where(seg > 0, rows["doc"], -1).astype(np.int32)
+            out["dataset_ids"] = rows["dataset_id"].astype(np.int32)
+        return out
+
+
+def _fix_json_state(state):
+    """grain's concat-then-split state holds (start, stop) tuples; JSON turns them into lists."""
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) for f, v in s.items()} if k == "remainder_slices" else _fix_json_state(s))
+                for k, s in state.items()}
+    if isinstance(state, list):
+        return [_fix_json_state(s) for s in state]
+    return state
+
+
+class DataIterator(grain.DatasetIterator):
+    """Yields per-host batches (dict of numpy arrays, see data_pipeline's docstring).
+
+    get_state() → small JSON-serialisable dict; set_state(state) resumes exactly there. Being a
+    grain DatasetIterator it also works with grain.checkpoint.CheckpointSave/CheckpointRestore
+    (one JSON file per process) inside an orbax args.Composite.
+    """
+
+    def __init__(self, inner: grain.DatasetIterator, fingerprint: str, specs: list[DatasetSpec],
+                 batch_size: int, seq_len: int):
+        super().__init__(inner)
+        self.fingerprint, self.specs = fingerprint, specs
+        self.per_host_batch_size, self.seq_len = batch_size, seq_len
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return {"fingerprint": self.fingerprint, "grain": json.loads(json.dumps(self._parent.get_state()))}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError("data state was saved by a differently configured pipeline "
+                             f"({state.get('fingerprint')} != {self.fingerprint})")
+        self._parent.set_state(_fix_json_state(state["grain"]))
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 32)
+
+
+def _packed_rows(spec: DatasetSpec, dataset_id: int, *, seq_len, seed, shuffle, num_epochs, process_index,
+                 process_count, packing, split_positions, num_packing_bins, read_threads, with_ids):
+    st = load_stats(spec.path)
+    paths = [os.path.join(spec.path, s) for s in st["shards"]]
+    source = grain.sources.ArrayRecordDataSource(paths)
+    index_map = None
+    if spec.length_range is not None:
+        n = doc_lengths(spec.path)
+        lo, hi = spec.length_range
+        index_map = np.nonzero((n > lo) & (n <= hi))[0]
+        source = _Subset(source, index_map)
+    if len(source) < process_count:
+        raise ValueError(f"{spec.key}: {len(source)} documents cannot be shared by {process_count} hosts")
+    continue_pos = split_positions == "continue"
+    ds = grain.MapDataset.source(source).map_with_index(_Parse(st["dtype"], index_map, continue_pos, with_ids))
+    if shuffle:
+        ds = ds.shuffle(seed=_seed_for(seed, spec.key))
+    ds = ds[process_index::process_count]
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    feats = ["tokens"] + ["pos"] * continue_pos + ["doc"] * with_ids
+    lengths = {f: seq_len for f in feats}
+    if packing == "concat_split":
+        packed = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
+    else:
+        it = grain.experimental.FlatMapIterDataset(it, _SplitLong(seq_len))
+        cls = (grain.experimental.FirstFitPackIterDataset if packing == "first_fit"
+               else grain.experimental.BestFitPackIterDataset)
+        packed = cls(it, length_struct=lengths, num_packing_bins=num_packing_bins,
+                     seed=_seed_for(seed + 1, spec.key), shuffle_bins=shuffle)
+    return packed.map(_Row(dataset_id, continue_pos, with_ids))
+
+
+@gin.configurable
+def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
+                 seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
+                 packing: str = "concat_split", split_positions: str = "restart", num_packing_bins: int = 0,
+                 process_index: int | None = None, process_count: int | None = None, read_threads: int = 2,
+                 prefetch_batches: int = 2, worker_count: int = 0, with_ids: bool = False) -> DataIterator:
+    """Builds this host's batch iterator (see data_pipeline's docstring for the batch format).
+
+    data: a prepared folder, DatasetSpec, Mixture or LengthBuckets (or a list of these).
+    num_epochs: None = repeat forever (training; needed for mixtures); 1 = one pass, the last batch
+      padded with empty rows (every token exactly once). Each epoch is shuffled differently.
+    packing: "concat_split" (grain ConcatThenSplit: ~100% full rows, documents cross row ends) or
+      "first_fit" / "best_fit" (grain bin packers, documents stay whole unless longer than seq_len;
+      num_packing_bins defaults to 4 × per-host batch).
+    split_positions: pieces of a split document "restart" at position 0 or "continue" counting.
+    process_index/process_count: default jax.process_index()/process_count().
+    worker_count: grain mp_prefetch processes (0 = none; on 2 cores none is fastest).
+    with_ids: also emit doc_ids [B,T] (document index in its dataset, -1 = padding) and
+      dataset_ids [B] (index into the iterator's .specs, -1 = padding row) for tests and inspection.
+    """
+    if packing not in PACKERS or split_positions not in SPLIT_POSITIONS:
+        raise ValueError(f"packing ∈ {PACKERS}, split_positions ∈ {SPLIT_POSITIONS}")
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} not divisible by {process_count} hosts")
+    batch = global_batch_size // process_count
+    specs = resolve(data)
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys) or any(s.weight <= 0 for s in specs):
+        raise ValueError(f"dataset names must be unique and weights positive: {specs}")
+    if len(specs) > 1 and num_epochs is not None:
+        raise ValueError("a mixture needs num_epochs=None (a component running dry would stop it)")
+    kw = dict(seq_len=seq_len, seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+              process_count=process_count, packing=packing, split_positions=split_positions,
+              num_packing_bins=num_packing_bins or 4 * batch, read_threads=read_threads, with_ids=with_ids)
+    rows = {s.key: _packed_rows(s, i, **kw) for i, s in enumerate(specs)}
+    ds = rows[keys[0]] if len(specs) == 1 else grain.IterDataset.mix(rows, {s.key: s.weight for s in specs})
+    ds = ds.batch(batch, drop_remainder=False).map(_Finish(batch))
+    if worker_count:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    if prefetch_batches:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
+    cfg = dict(kw, specs=[dataclasses.asdict(s) for s in specs], batch=batch, worker_count=worker_count)
+    fingerprint = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return DataIterator(ds.__iter__(), fingerprint, specs, batch, seq_len)
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh, partition_spec) -> dict:
+    """Per-host numpy batch → global jax.Arrays on `mesh` (jax.make_array_from_process_local_data).
+
+    partition_spec is for [B, T] arrays (e.g. P(('data', 'fsdp'), None)); it is cut to the rank of
+    lower-rank arrays. A dict {key: spec} sets it per key. Global batch = B_host × process_count.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    out = {}
+    for k, v in batch.items():
+        spec = partition_spec[k] if isinstance(partition_spec, Mapping) else partition_spec
+        spec = PartitionSpec(*tuple(spec)[:np.ndim(v)])
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
+    return out
+
+
+def list_shards(path: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(path, "shard-*.array_record")))
