@@ -1,0 +1,201 @@
+"""Model configuration: one frozen dataclass and the published Qwen3 presets.
+
+Field names follow the paper's vocabulary rather than Hugging Face's; `qwen3_jax.hf`
+translates to and from `config.json`. Everything a model file needs to know lives here:
+the model code reads no flags and no gin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn")
+MOE_IMPLS = ("ragged", "dense")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (transformers' `rope_type: yarn`)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    attention_factor: float | None = None  # None: 0.1 * ln(factor) + 1 (YaRN paper)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    rope_type: str = "yarn"
+
+    def __post_init__(self):
+        if self.rope_type != "yarn":
+            raise ValueError(f"rope_scaling.rope_type={self.rope_type!r} is not supported (only 'yarn')")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of one Qwen3 model (dense when `num_experts == 0`)."""
+
+    name: str = "custom"
+    vocab_size: int = 151_936
+    d_model: int = 1024
+    num_layers: int = 28
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 128  # independent of d_model / num_heads
+    ffn_dim: int = 3072  # dense SwiGLU width (dense layers of MoE models too)
+    # Mixture of experts.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_ffn_dim: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001
+    # Embeddings and positions.
+    tie_embeddings: bool = False
+    rope_theta: float = 1_000_000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 40_960
+    rms_eps: float = 1e-6
+    initializer_range: float = 0.02
+    # Numerics and implementation choices (not part of the architecture).
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    attention_impl: str = "reference"
+    attention_block: int = 512
+    moe_impl: str = "ragged"
+    remat: str = "full"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.mlp_only_layers, list):
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"ModelConfig.{key} must be > 0, got {getattr(self, key)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(
+                    f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.num_experts}"
+                )
+            if self.moe_ffn_dim <= 0:
+                raise ValueError(f"ModelConfig.moe_ffn_dim must be > 0 for MoE, got {self.moe_ffn_dim}")
+            if self.decoder_sparse_step <= 0:
+                raise ValueError(f"ModelConfig.decoder_sparse_step must be > 0, got {self.decoder_sparse_step}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"ModelConfig.mlp_only_layers has indices outside 0..{self.num_layers - 1}: {bad}")
+        for key, allowed in (
+            ("attention_impl", ATTENTION_IMPLS),
+            ("moe_impl", MOE_IMPLS),
+            ("remat", REMAT_POLICIES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r} is not one of {allowed}")
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Qwen3-MoE's rule: MoE unless listed in mlp_only_layers, every decoder_sparse_step-th."""
+        return (
+            self.num_experts > 0
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+        )
+
+    def layer_runs(self) -> list[tuple[bool, int, int]]:
+        """Consecutive layers of one kind, as (is_moe, first_layer, count).
+
+        Each run is one stack of parameters with a leading `layers` axis, applied by one
+        scan. The published presets are a single run.
+        """
+        runs: list[tuple[bool, int, int]] = []
+        for i in range(self.num_layers):
+            kind = self.is_moe_layer(i)
+            if runs and runs[-1][0] == kind:
+                runs[-1] = (kind, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((kind, i, 1))
+        return runs
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {unknown}")
+        return cls(**d)
+
+
+_QWEN3_COMMON = dict(vocab_size=151_936, head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=40_960)
+
+PRESETS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        ModelConfig(name="qwen3-0.6b", num_layers=28, d_model=1024, num_heads=16, num_kv_heads=8,
+                    ffn_dim=3072, tie_embeddings=True, **_QWEN3_COMMON),
+        ModelConfig(name="qwen3-1.7b", num_layers=28, d_model=2048, num_heads=16, num_kv_heads=8,
+                    ffn_dim=6144, tie_embeddings=True, **_QWEN3_COMMON),
+        ModelConfig(name="qwen3-4b", num_layers=36, d_model=2560, num_heads=32, num_kv_heads=8,
+                    ffn_dim=9728, tie_embeddings=True, **_QWEN3_COMMON),
+        ModelConfig(name="qwen3-8b", num_layers=36, d_model=4096, num_heads=32, num_kv_heads=8,
+                    ffn_dim=12288, **_QWEN3_COMMON),
+        ModelConfig(name="qwen3-14b", num_layers=40, d_model=5120, num_heads=40, num_kv_heads=8,
+                    ffn_dim=17408, **_QWEN3_COMMON),
+        ModelConfig(name="qwen3-32b", num_layers=64, d_model=5120, num_heads=64, num_kv_heads=8,
+                    ffn_dim=25600, **_QWEN3_COMMON),
+        ModelConfig(name="qwen3-30b-a3b", num_layers=48, d_model=2048, num_heads=32, num_kv_heads=4,
+                    ffn_dim=6144, num_experts=128, num_experts_per_tok=8, moe_ffn_dim=768,
+                    **_QWEN3_COMMON),
+        ModelConfig(name="qwen3-235b-a22b", num_layers=94, d_model=4096, num_heads=64, num_kv_heads=4,
+                    ffn_dim=12288, num_experts=128, num_experts_per_tok=8, moe_ffn_dim=1536,
+                    **_QWEN3_COMMON),
+        # Small shapes for tests and CPU runs.
+        ModelConfig(name="tiny-dense", vocab_size=512, num_layers=2, d_model=64, num_heads=4,
+                    num_kv_heads=2, head_dim=16, ffn_dim=128, rope_theta=10_000.0,
+                    max_position_embeddings=4096),
+        ModelConfig(name="tiny-moe", vocab_size=512, num_layers=2, d_model=64, num_heads=4,
+                    num_kv_heads=2, head_dim=16, ffn_dim=128, num_experts=8, num_experts_per_tok=2,
+                    moe_ffn_dim=32, rope_theta=10_000.0, max_position_embeddings=4096),
+        ModelConfig(name="small-moe", vocab_size=4096, num_layers=4, d_model=128, num_heads=4,
+                    num_kv_heads=2, head_dim=32, ffn_dim=384, num_experts=8, num_experts_per_tok=2,
+                    moe_ffn_dim=128, rope_theta=10_000.0, max_position_embeddings=32_768,
+                    tie_embeddings=True),
+    ]
+}
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """A preset by name, with field overrides."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

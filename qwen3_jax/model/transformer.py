@@ -1,0 +1,142 @@
+"""The Qwen3 decoder: embeddings, stacks of decoder layers under `jax.lax.scan`, final norm, head.
+
+Layers of one kind (dense or MoE) that follow each other form a stack: their parameters carry a
+leading `layers` axis and one scan applies them, so a 94-layer model traces one layer. Rematerial-
+isation of each layer follows `ModelConfig.remat`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen3_jax import sharding
+from qwen3_jax.config import ModelConfig
+from qwen3_jax.model.attention import Attention
+from qwen3_jax.model.layers import MLP, Embed, RMSNorm, cdtype, param, rope_cos_sin
+from qwen3_jax.model.moe import MoE
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.d_model, cfg)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
+        self.moe = moe
+
+    def __call__(self, x_BTD, cos, sin, segment_ids_BT, token_mask_BT):
+        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, segment_ids_BT)
+        h_BTD = self.post_attn_norm(x_BTD)
+        stats = None
+        if self.moe:
+            y_BTD, stats = self.mlp(h_BTD, token_mask_BT)
+        else:
+            y_BTD = self.mlp(h_BTD)
+        x_BTD = sharding.constrain(x_BTD + y_BTD, ("batch", "seq", "embed"))
+        return x_BTD, stats
+
+
+class LayerStack(nnx.Module):
+    """`count` identical decoder layers with stacked parameters."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=count)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r):
+            return DecoderLayer(cfg, moe, r)
+
+        self.layer = make(rngs)
+        for _, var in nnx.iter_graph(self.layer):
+            if isinstance(var, nnx.Variable) and "axes" in var.get_metadata():
+                var.set_metadata("axes", ("layers",) + tuple(var.get_metadata()["axes"]))
+        self.count, self.moe = count, moe
+        self.remat, self.scan = cfg.remat, cfg.scan_layers
+
+    def __call__(self, x_BTD, cos, sin, segment_ids_BT, token_mask_BT):
+        graphdef, state = nnx.split(self.layer)
+
+        def body(x, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            x, stats = layer(x, cos, sin, segment_ids_BT, token_mask_BT)
+            return x, stats
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT[self.remat], prevent_cse=not self.scan)
+        if self.scan:
+            return jax.lax.scan(body, x_BTD, state)
+        stats = []
+        for i in range(self.count):
+            x_BTD, s = body(x_BTD, jax.tree.map(lambda a: a[i], state))
+            stats.append(s)
+        return x_BTD, (None if not self.moe else jax.tree.map(lambda *a: jnp.stack(a), *stats))
+
+
+class Qwen3(nnx.Module):
+    """Qwen3 causal LM (dense or MoE).
+
+    `model(tokens)` → logits [B,T,V] (fp32). With `return_stats=True` → (logits, stats) where
+    stats holds the MoE router statistics stacked over MoE layers ([L,B,E] `counts` and
+    `prob_sum`) and `tokens` [B] (non-padding tokens per row); empty for dense models.
+    Packed rows: `segment_ids` [B,T] (1, 2, ... per document, 0 = padding) keep attention inside
+    each document, `positions` [B,T] restart per document.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs)
+        self.stacks = nnx.List([LayerStack(cfg, moe, n, rngs) for moe, _, n in cfg.layer_runs()])
+        self.final_norm = RMSNorm(cfg.d_model, cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        """Final-norm hidden states [B,T,D] in the compute dtype, and router statistics."""
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        token_mask_BT = jnp.ones((B, T), bool) if segment_ids_BT is None else segment_ids_BT > 0
+        cos, sin = rope_cos_sin(positions_BT, self.cfg)
+        x_BTD = sharding.constrain(self.embed(tokens_BT), ("batch", "seq", "embed"))
+        counts, prob_sums = [], []
+        for stack in self.stacks:
+            x_BTD, stats = stack(x_BTD, cos, sin, segment_ids_BT, token_mask_BT)
+            if stats is not None:
+                counts.append(stats["counts"])
+                prob_sums.append(stats["prob_sum"])
+        stats = {"tokens": token_mask_BT.sum(-1)}
+        if counts:
+            stats["counts"] = jnp.concatenate(counts, 0)
+            stats["prob_sum"] = jnp.concatenate(prob_sums, 0)
+        return self.final_norm(x_BTD), stats
+
+    def logits(self, h_BTD):
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(h_BTD)
+        return jnp.einsum("btd,dv->btv", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_stats: bool = False):
+        h_BTD, stats = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
+        logits_BTV = self.logits(h_BTD)
+        return (logits_BTV, stats) if return_stats else logits_BTV
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Qwen3:
+    return Qwen3(cfg, nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Qwen3:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes and axes, nothing allocated."""
+    return nnx.eval_shape(lambda: Qwen3(cfg, nnx.Rngs(0)))
+
+
+def compute_dtype(cfg: ModelConfig):
+    return cdtype(cfg)
