@@ -145,8 +145,8 @@ class _Subset:
 
 
 class _Parse(grain.transforms.MapWithIndex):
-    def __init__(self, dtype: str, index_map: np.ndarray | None, continue_pos: bool, with_ids: bool):
-        self._dtype, self._index_map = np.dtype(dtype), index_map
+    def __init__(self, dtype: str, n: int, index_map: np.ndarray | None, continue_pos: bool, with_ids: bool):
+        self._dtype, self._n, self._index_map = np.dtype(dtype), n, index_map
         self._continue_pos, self._with_ids = continue_pos, with_ids
 
     def map_with_index(self, index: int, record: bytes):
@@ -155,6 +155,7 @@ class _Parse(grain.transforms.MapWithIndex):
         if self._continue_pos:
             out["pos"] = np.arange(len(t), dtype=np.int32)
         if self._with_ids:
+            index %= self._n  # later epochs see indices past the end
             doc = index if self._index_map is None else int(self._index_map[index])
             out["doc"] = np.full(len(t), doc, np.int32)
         return out
@@ -267,7 +268,7 @@ def _packed_rows(spec: DatasetSpec, dataset_id: int, *, seq_len, seed, shuffle, 
     if len(source) < process_count:
         raise ValueError(f"{spec.key}: {len(source)} documents cannot be shared by {process_count} hosts")
     continue_pos = split_positions == "continue"
-    ds = grain.MapDataset.source(source).map_with_index(_Parse(st["dtype"], index_map, continue_pos, with_ids))
+    ds = grain.MapDataset.source(source).map_with_index(_Parse(st["dtype"], len(source), index_map, continue_pos, with_ids))
     if shuffle:
         ds = ds.shuffle(seed=_seed_for(seed, spec.key))
     ds = ds[process_index::process_count]

@@ -8,8 +8,10 @@
 
 Special tokens shared by both kinds: <|endoftext|> (document separator; 151643 in
 Qwen3), <|im_start|>, <|im_end|>, <think>, </think>.  By default text that spells
-a special token is encoded as ordinary text (a web page containing "<|endoftext|>"
+a control token is encoded as ordinary text (a web page containing "<|endoftext|>"
 must not inject a separator); pass ``allow_special=True`` to map them to their ids.
+(Qwen3's tokenizer.json declares <think>, </think>, <tool_call>, … as non-special added
+tokens, which the Qwen3 tokenizer always matches, exactly as transformers does.)
 
 Train a small sentencepiece BPE (byte fallback, identity normalisation so code
 keeps its whitespace, the same special tokens) on the built-in corpus:

@@ -1,0 +1,89 @@
+"""Convert between a Hugging Face folder and our orbax checkpoint layout.
+
+  python launch/convert_hf.py import --hf DIR --out CKPT [--dtype float32] [--overwrite]
+  python launch/convert_hf.py export --checkpoint WORKDIR_OR_CKPT [--step N] --out DIR
+                                     [--dtype bfloat16] [--tokenizer PATH] [--overwrite]
+
+`import` writes step 0 of a checkpoint root (`CKPT/0/{params,model_config,meta}`) that training
+can start from; `export` takes a training workdir (its latest checkpoint), a checkpoint root or
+one step folder. Both stream tensor by tensor and write to a temporary folder renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cmd_import(args) -> None:
+    from qwen3_jax import hf
+    from qwen3_jax.fileio import atomic_dir
+    from qwen3_jax.train import checkpoint
+
+    t0 = time.time()
+    src = Path(args.hf)
+    cfg = hf.from_hf_config(hf.read_config(src), source=str(src / "config.json"), param_dtype=args.dtype)
+    hf_dtype = hf.SafetensorsFolder(src).dtype()
+    flat = hf.read_hf_params(src, cfg, dtype=args.dtype)
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        checkpoint.save_params(tmp, 0, flat, cfg, meta={"source": str(src.absolute()), "hf_dtype": hf_dtype})
+    n = sum(x.size for x in flat.values())
+    print(f"imported {src} -> {args.out} (step 0): {n:,} parameters, {cfg.num_layers} layers, "
+          f"{time.time() - t0:.1f}s, peak RSS {_rss_gib():.2f} GiB")
+
+
+def cmd_export(args) -> None:
+    from qwen3_jax import hf
+    from qwen3_jax.train import checkpoint
+
+    t0 = time.time()
+    cfg, flat, step, meta = checkpoint.restore_params_numpy(args.checkpoint, args.step)
+    dtype = args.dtype or meta.get("hf_dtype") or "bfloat16"
+    cfg = cfg.replace(param_dtype=dtype if dtype in ("float32", "bfloat16") else cfg.param_dtype)
+    hf.write_hf_folder(flat, cfg, args.out, dtype=dtype, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                       max_shard_bytes=int(args.max_shard_gib * 2**30))
+    n = sum(x.size for x in flat.values())
+    print(f"exported {args.checkpoint} (step {step}) -> {args.out}: {n:,} parameters as {dtype}, "
+          f"{time.time() - t0:.1f}s, peak RSS {_rss_gib():.2f} GiB")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("import", help="Hugging Face folder -> checkpoint")
+    a.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
+    a.add_argument("--out", required=True, help="checkpoint root to create")
+    a.add_argument("--dtype", default="float32", help="parameter dtype of the checkpoint (default float32)")
+    a.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("export", help="checkpoint -> Hugging Face folder")
+    b.add_argument("--checkpoint", required=True, help="training workdir, checkpoint root or step folder")
+    b.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--dtype", default=None, help="tensor dtype on disk (default: the imported source's, else bfloat16)")
+    b.add_argument("--tokenizer", default=None, help="folder with tokenizer files to copy")
+    b.add_argument("--max-shard-gib", type=float, default=2.0)
+    b.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    from qwen3_jax.hf import HFConversionError
+
+    try:
+        (cmd_import if args.cmd == "import" else cmd_export)(args)
+    except (HFConversionError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The checkpoint layout, shared by training and the Hugging Face converter.
+
+A training workdir holds `checkpoints/`, an orbax `CheckpointManager` root with one folder per
+step. Each step folder holds these items:
+
+  params        the model parameters: a nested dict mirroring the flat '/'-joined paths of
+                `qwen3_jax.params` (e.g. params["stacks"]["0"]["layer"]["attn"]["q_proj"])
+  model_config  JSON: `ModelConfig.to_dict()`
+  meta          JSON: step, and whatever the writer adds (e.g. the source dtype of an import)
+  opt_state, train_state, data   written by training only (optimizer, RNG/counters, data iterator)
+
+`convert_hf.py import` writes step 0 with params + model_config + meta; export reads params and
+model_config from any checkpoint with this layout. Orbax writes each step under a temporary
+name and finalises it atomically, so a crash never leaves a half-written step behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qwen3_jax.config import ModelConfig
+
+PARAMS, MODEL_CONFIG, META = "params", "model_config", "meta"
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def checkpoint_root(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """(manager root, step or None) for a workdir, a checkpoints root, or one step folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if (path / PARAMS).is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    if any(p.name.isdigit() for p in path.iterdir() if p.is_dir()):
+        return path, None
+    raise FileNotFoundError(f"{path}: neither a training workdir (with checkpoints/), a checkpoint root "
+                            f"(with numbered step folders) nor a step folder (with {PARAMS}/)")
+
+
+def manager(root: str | os.PathLike, *, max_to_keep: int | None = None, keep_period: int | None = None,
+            enable_async: bool = False, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=create,
+                                           enable_async_checkpointing=enable_async)
+    return ocp.CheckpointManager(Path(root).absolute(), options=options)
+
+
+def latest_step(root: str | os.PathLike) -> int | None:
+    with manager(root, create=False) as mgr:
+        return mgr.latest_step()
+
+
+def save_params(root: str | os.PathLike, step: int, flat: Mapping[str, Any], cfg: ModelConfig,
+                meta: Mapping[str, Any] | None = None) -> None:
+    """Writes a params-only checkpoint (what `convert_hf.py import` produces)."""
+    with manager(root) as mgr:
+        mgr.save(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(nest(flat)),
+            MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
+            META: ocp.args.JsonSave({"step": step, **(meta or {})}),
+        }))
+        mgr.wait_until_finished()
+
+
+def read_model_config(root: str | os.PathLike, step: int) -> ModelConfig:
+    with manager(root, create=False) as mgr:
+        d = mgr.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+    return ModelConfig.from_dict(d)
+
+
+def read_meta(root: str | os.PathLike, step: int) -> dict[str, Any]:
+    if not (Path(root) / str(step) / META).exists():
+        return {}
+    with manager(root, create=False) as mgr:
+        return dict(mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+
+
+def restore_params_numpy(path: str | os.PathLike, step: int | None = None
+                         ) -> tuple[ModelConfig, dict[str, np.ndarray], int, dict[str, Any]]:
+    """(config, flat params as host numpy arrays, step, meta) from any checkpoint in our layout."""
+    root, found = checkpoint_root(path)
+    step = step if step is not None else found if found is not None else latest_step(root)
+    if step is None:
+        raise FileNotFoundError(f"{root}: no complete checkpoint")
+    if not (root / str(step) / PARAMS).is_dir():
+        raise FileNotFoundError(f"{root}: no checkpoint for step {step} (with {PARAMS}/)")
+    cfg = read_model_config(root, step)
+    from qwen3_jax.params import param_specs
+
+    specs = param_specs(cfg)
+    restore_args = nest({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in specs})
+    with manager(root, create=False) as mgr:
+        tree = mgr.restore(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.PyTreeRestore(restore_args=restore_args)}))[PARAMS]
+    return cfg, flatten(tree), step, read_meta(root, step)
