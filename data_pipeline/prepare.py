@@ -245,8 +245,6 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
             if writer is None or writer.shard != s:
                 if writer is not None:
                     writer.close(); written.append(writer.shard)  # noqa: E702
-                    if crash_after and len(written) >= crash_after:
-                        os._exit(3)
                 writer = _ShardWriter(out, s, plan)
                 writer.shard = s
             results = fut.result()
@@ -260,6 +258,10 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
                     writer.add(tokens, nbytes)
                     done_tokens += len(tokens)
             done_records += len(results)
+            if crash_after and len(written) >= crash_after:  # test hook: die mid-shard like a killed job
+                for proc in (pool._processes or {}).values() if pool else ():
+                    proc.kill()
+                os._exit(3)
             if bar is not None:
                 el = max(time.time() - t0, 1e-9)
                 bar.set_postfix_str(f"{done_tokens / el / 1e6:.2f}M tok/s, {done_tokens / 1e6:.1f}M tok",
