@@ -145,9 +145,10 @@ class _Subset:
 
 
 class _Parse(grain.transforms.MapWithIndex):
-    def __init__(self, dtype: str, n: int, index_map: np.ndarray | None, continue_pos: bool, with_ids: bool):
+    def __init__(self, dtype: str, n: int, index_map: np.ndarray | None, continue_pos: bool, with_ids: bool,
+                 dataset_id: int):
         self._dtype, self._n, self._index_map = np.dtype(dtype), n, index_map
-        self._continue_pos, self._with_ids = continue_pos, with_ids
+        self._continue_pos, self._with_ids, self._id = continue_pos, with_ids, dataset_id
 
     def map_with_index(self, index: int, record: bytes):
         t = np.frombuffer(record, self._dtype).astype(np.int32)
@@ -158,6 +159,7 @@ class _Parse(grain.transforms.MapWithIndex):
             index %= self._n  # later epochs see indices past the end
             doc = index if self._index_map is None else int(self._index_map[index])
             out["doc"] = np.full(len(t), doc, np.int32)
+            out["src"] = np.full(len(t), self._id, np.int32)
         return out
 
 
@@ -176,15 +178,14 @@ class _SplitLong(grain.experimental.FlatMapTransform):
 
 
 class _Row(grain.transforms.Map):
-    def __init__(self, dataset_id: int, continue_pos: bool, with_ids: bool):
-        self._id, self._continue_pos, self._with_ids = dataset_id, continue_pos, with_ids
+    def __init__(self, continue_pos: bool, with_ids: bool):
+        self._continue_pos, self._with_ids = continue_pos, with_ids
 
     def map(self, r):
         out = {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
                "positions": r["pos"] if self._continue_pos else r["tokens_positions"]}
         if self._with_ids:
-            out["doc"] = r["doc"]
-            out["dataset_id"] = np.int32(self._id)
+            out["doc"], out["src"] = r["doc"], r["src"]
         return out
 
 
@@ -197,8 +198,8 @@ class _Finish(grain.transforms.Map):
     def map(self, rows):
         b = rows["tokens"].shape[0]
         if b < self._b:  # finite epochs: the last batch is filled with padding rows
-            rows = {k: np.concatenate([v, np.full((self._b - b,) + v.shape[1:], -1 if k == "dataset_id" else 0,
-                                                  v.dtype)]) for k, v in rows.items()}
+            rows = {k: np.concatenate([v, np.zeros((self._b - b,) + v.shape[1:], v.dtype)])
+                    for k, v in rows.items()}
         tok, seg = rows["tokens"].astype(np.int32), rows["segment_ids"].astype(np.int32)
         pos = np.where(seg > 0, rows["positions"], 0).astype(np.int32)
         targets = np.zeros_like(tok)
@@ -209,7 +210,7 @@ class _Finish(grain.transforms.Map):
                "segment_ids": seg, "positions": pos, "loss_mask": valid.astype(np.float32)}
         if "doc" in rows:
             out["doc_ids"] = np.where(seg > 0, rows["doc"], -1).astype(np.int32)
-            out["dataset_ids"] = rows["dataset_id"].astype(np.int32)
+            out["dataset_ids"] = np.where(seg > 0, rows["src"], -1).astype(np.int32)
         return out
 
 
@@ -254,8 +255,9 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 32)
 
 
-def _packed_rows(spec: DatasetSpec, dataset_id: int, *, seq_len, seed, shuffle, num_epochs, process_index,
-                 process_count, packing, split_positions, num_packing_bins, read_threads, with_ids):
+def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs, process_index, process_count,
+               split_positions, read_threads, with_ids, **unused):
+    """This host's documents of one dataset, shuffled per epoch → (IterDataset, mean length)."""
     st = load_stats(spec.path)
     paths = [os.path.join(spec.path, s) for s in st["shards"]]
     source = grain.sources.ArrayRecordDataSource(paths)
@@ -268,14 +270,21 @@ def _packed_rows(spec: DatasetSpec, dataset_id: int, *, seq_len, seed, shuffle, 
     if len(source) < process_count:
         raise ValueError(f"{spec.key}: {len(source)} documents cannot be shared by {process_count} hosts")
     continue_pos = split_positions == "continue"
-    ds = grain.MapDataset.source(source).map_with_index(_Parse(st["dtype"], len(source), index_map, continue_pos, with_ids))
+    mean_len = float(np.mean(doc_lengths(spec.path)[index_map] if index_map is not None else doc_lengths(spec.path)))
+    ds = grain.MapDataset.source(source).map_with_index(
+        _Parse(st["dtype"], len(source), index_map, continue_pos, with_ids, dataset_id))
     if shuffle:
         ds = ds.shuffle(seed=_seed_for(seed, spec.key))
     ds = ds[process_index::process_count]
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
-    feats = ["tokens"] + ["pos"] * continue_pos + ["doc"] * with_ids
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)), mean_len
+
+
+def _pack(it, *, seq_len, seed, shuffle, packing, split_positions, num_packing_bins, with_ids, key, **unused):
+    """Documents → rows of seq_len tokens with segment ids and positions (grain packers)."""
+    continue_pos = split_positions == "continue"
+    feats = ["tokens"] + ["pos"] * continue_pos + ["doc", "src"] * with_ids
     lengths = {f: seq_len for f in feats}
     if packing == "concat_split":
         packed = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
@@ -284,8 +293,8 @@ def _packed_rows(spec: DatasetSpec, dataset_id: int, *, seq_len, seed, shuffle, 
         cls = (grain.experimental.FirstFitPackIterDataset if packing == "first_fit"
                else grain.experimental.BestFitPackIterDataset)
         packed = cls(it, length_struct=lengths, num_packing_bins=num_packing_bins,
-                     seed=_seed_for(seed + 1, spec.key), shuffle_bins=shuffle)
-    return packed.map(_Row(dataset_id, continue_pos, with_ids))
+                     seed=_seed_for(seed + 1, key), shuffle_bins=shuffle)
+    return packed.map(_Row(continue_pos, with_ids))
 
 
 @gin.configurable
@@ -293,7 +302,8 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
                  seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
                  packing: str = "concat_split", split_positions: str = "restart", num_packing_bins: int = 0,
                  process_index: int | None = None, process_count: int | None = None, read_threads: int = 2,
-                 prefetch_batches: int = 2, worker_count: int = 0, with_ids: bool = False) -> DataIterator:
+                 prefetch_batches: int = 2, worker_count: int = 0, with_ids: bool = False,
+                 mix: str = "auto") -> DataIterator:
     """Builds this host's batch iterator (see data_pipeline's docstring for the batch format).
 
     data: a prepared folder, DatasetSpec, Mixture or LengthBuckets (or a list of these).
@@ -306,7 +316,12 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
     process_index/process_count: default jax.process_index()/process_count().
     worker_count: grain mp_prefetch processes (0 = none; on 2 cores none is fastest).
     with_ids: also emit doc_ids [B,T] (document index in its dataset, -1 = padding) and
-      dataset_ids [B] (index into the iterator's .specs, -1 = padding row) for tests and inspection.
+      dataset_ids [B,T] (index into the iterator's .specs, -1 = padding) for tests and inspection.
+    mix: how weights act. "rows": each dataset is packed alone and packed rows are interleaved in
+      proportion (exact token shares when rows are full: the default with concat_split);
+      "documents": documents are interleaved with probability ∝ weight / mean length, then packed
+      together (fit packers fill one dataset's gaps with another's documents: the default for
+      first_fit / best_fit, e.g. stage 3's length buckets); token shares hold in expectation.
     """
     if packing not in PACKERS or split_positions not in SPLIT_POSITIONS:
         raise ValueError(f"packing ∈ {PACKERS}, split_positions ∈ {SPLIT_POSITIONS}")
@@ -322,11 +337,21 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
         raise ValueError(f"dataset names must be unique and weights positive: {specs}")
     if len(specs) > 1 and num_epochs is not None:
         raise ValueError("a mixture needs num_epochs=None (a component running dry would stop it)")
+    if mix not in ("auto", "rows", "documents"):
+        raise ValueError(f"mix ∈ auto, rows, documents: {mix}")
     kw = dict(seq_len=seq_len, seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
               process_count=process_count, packing=packing, split_positions=split_positions,
               num_packing_bins=num_packing_bins or 4 * batch, read_threads=read_threads, with_ids=with_ids)
-    rows = {s.key: _packed_rows(s, i, **kw) for i, s in enumerate(specs)}
-    ds = rows[keys[0]] if len(specs) == 1 else grain.IterDataset.mix(rows, {s.key: s.weight for s in specs})
+    mix = ("rows" if packing == "concat_split" else "documents") if mix == "auto" else mix
+    docs = {s.key: _documents(s, i, **kw) for i, s in enumerate(specs)}
+    if len(specs) == 1:
+        ds = _pack(docs[keys[0]][0], key=keys[0], **kw)
+    elif mix == "rows":  # weight = share of rows
+        ds = grain.IterDataset.mix({k: _pack(d, key=k, **kw) for k, (d, _) in docs.items()},
+                                   {s.key: s.weight for s in specs})
+    else:  # weight / mean document length = share of documents → expected share of tokens
+        ds = _pack(grain.IterDataset.mix({k: d for k, (d, _) in docs.items()},
+                                         {s.key: s.weight / docs[s.key][1] for s in specs}), key="+".join(keys), **kw)
     ds = ds.batch(batch, drop_remainder=False).map(_Finish(batch))
     if worker_count:
         from absl import flags
@@ -335,7 +360,7 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     if prefetch_batches:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
-    cfg = dict(kw, specs=[dataclasses.asdict(s) for s in specs], batch=batch, worker_count=worker_count)
+    cfg = dict(kw, mix=mix, specs=[dataclasses.asdict(s) for s in specs], batch=batch, worker_count=worker_count)
     fingerprint = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return DataIterator(ds.__iter__(), fingerprint, specs, batch, seq_len)
 
