@@ -1,0 +1,47 @@
+"""qwen3-jax data pipeline: raw text → tokenized ArrayRecord shards → packed per-host batches (grain).
+
+Modules
+  tokenizers.py  load_tokenizer("qwen3" | HF folder / tokenizer.json | spm .model); train_sentencepiece()
+                 (`python -m data_pipeline.tokenizers train-spm --out DIR --vocab-size 4096`)
+  corpus.py      input formats (jsonl[.gz|.zst], parquet, txt) and the built-in corpus
+                 builtin:python-stdlib (= -code: the stdlib's .py sources, + -docs: pydoc topics and docstrings)
+  prepare.py     `python data_pipeline/prepare.py --input … --tokenizer … --out DIR [--shards N] [--workers N]
+                 [--strict] [--text-key text]`; prepare(...); prepare_builtin(out_dir, tokenizer="qwen3")
+  pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)
+  inspect.py     `python data_pipeline/inspect.py DIR… --tokenizer qwen3` (stats + decoded packed rows)
+
+Contract with the training code
+  it = make_dataset(data, seq_len=T, global_batch_size=B, seed=0)   # gin: make_dataset.*
+  batch = next(it)   # dict of numpy arrays for THIS host, B_host = B // jax.process_count():
+    tokens       int32   [B_host, T]  0 on padding
+    targets      int32   [B_host, T]  the next token of the same document (already shifted inside each
+                                       row); 0 where loss_mask is 0
+    loss_mask    float32 [B_host, T]  1 where targets is valid: 0 on padding, on each document's last
+                                       token (its <|endoftext|>), and on the last token of a document
+                                       piece whose continuation is in another row
+    segment_ids  int32   [B_host, T]  0 = padding, documents numbered 1, 2, … within each row
+    positions    int32   [B_host, T]  restart at 0 per document (pieces of a document longer than a row
+                                       restart too, or continue with split_positions="continue")
+  Training needs no shifting or masking of its own: loss = CE(logits(tokens), targets) · loss_mask;
+  attention mask = same segment_ids (non-zero) and causal. Every document ends with <|endoftext|>
+  (151643 for Qwen3), which the model learns to predict after the document's last token.
+  With with_ids=True two more keys: doc_ids [B_host,T] and dataset_ids [B_host,T] (-1 = padding).
+
+  State: it.get_state() → small JSON-serialisable dict; it.set_state(state) (on an iterator built with
+  the same configuration; a mismatch raises) reproduces exactly the batches that followed. The
+  iterator is a grain DatasetIterator, so for orbax use
+  `args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it))` and restore with
+  `grain.checkpoint.CheckpointRestore(it)` (one JSON file per process).
+
+  Global arrays: to_global(batch, mesh, PartitionSpec(("data",), None)) → {key: jax.Array} through
+  jax.make_array_from_process_local_data (spec for [B,T]; cut to rank for lower-rank arrays, or a
+  dict of specs per key). The global batch is B_host × process_count.
+
+Gin configurables: make_dataset, DatasetSpec(path, name=None, weight=1.0, length_range=None),
+  Mixture(weights={name: w}, root=DIR | paths={name: DIR}, datasets=[DatasetSpec…]),
+  LengthBuckets(source=Mixture|DatasetSpec|DIR, buckets=((16384, 32768, .75), (4096, 16384, .25))).
+  Weights are shares of packed tokens (see make_dataset's `mix`). configs/data/*.gin has examples.
+
+Built-in corpus: prepare_builtin(out_dir, tokenizer="qwen3" | "spm" | path) → {"code": DIR, "docs": DIR},
+  idempotent; "spm" first trains a 4K sentencepiece model on the corpus (~1 s).
+"""

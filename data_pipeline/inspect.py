@@ -1,0 +1,101 @@
+"""Look at the data before spending a pod on it: stats + a few packed batches decoded to text.
+
+    python data_pipeline/inspect.py runs/data/code --tokenizer qwen3 --seq-len 4096 --batches 1
+    python data_pipeline/inspect.py --gin configs/data/stage3_cpu.gin --tokenizer qwen3
+
+Document boundaries inside a row are marked ⟦doc D of dataset, pos P⟧ … ⟦/⟧, padding as ⟦pad ×N⟧.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":  # `python data_pipeline/inspect.py`: this folder must not shadow stdlib `inspect`.
+    import os as _os
+    import sys as _sys
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+    _sys.path.insert(0, _os.path.dirname(_here))
+
+import argparse
+import sys
+from typing import Sequence
+
+import numpy as np
+
+
+def format_stats(path: str) -> str:
+    from data_pipeline.pipeline import load_stats
+    st = load_stats(path)
+    h = st["length_histogram"]
+    lines = [f"{path}: {st['documents']:,} documents, {st['tokens']:,} tokens, {st['bytes'] / 1e6:.1f} MB text, "
+             f"mean {st['mean_length']:.0f} tokens/doc, {len(st['shards'])} shards ({st['dtype']}), "
+             f"tokenizer {st['tokenizer']}",
+             "  skipped: " + ", ".join(f"{k} {v:,}" for k, v in st["skipped"].items()),
+             "  length (tokens)      docs     tokens  share"]
+    for lo, d, t in zip(h["bucket_lower"], h["documents"], h["tokens"]):
+        if d:
+            lines.append(f"  [{lo:>7,}, {2 * lo:>7,})  {d:>7,}  {t:>10,}  {t / max(st['tokens'], 1):5.1%}  "
+                         + "#" * int(40 * t / max(st["tokens"], 1)))
+    return "\n".join(lines)
+
+
+def format_row(batch: dict, r: int, tok, specs, max_chars: int = 600) -> str:
+    seg = batch["segment_ids"][r]
+    out = []
+    cuts = np.flatnonzero(np.diff(seg)) + 1
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(seg)]):
+        if seg[a] == 0:
+            out.append(f"⟦pad ×{b - a}⟧")
+            continue
+        head = f"⟦seg {seg[a]}"
+        if "doc_ids" in batch:
+            head += f": doc {batch['doc_ids'][r, a]} of {specs[batch['dataset_ids'][r, a]].key}"
+        head += f", pos {batch['positions'][r, a]}–{batch['positions'][r, b - 1]}, {b - a} tokens⟧"
+        text = tok.decode(batch["tokens"][r, a:b].tolist())
+        if len(text) > max_chars:
+            text = text[:max_chars // 2] + f" … [{len(text) - max_chars:,} chars] … " + text[-max_chars // 2:]
+        out.append(f"{head}\n{text}\n⟦/⟧")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", nargs="*", help="prepared dataset folder(s) (mixed with equal weights)")
+    p.add_argument("--gin", action="append", default=[], help="gin file(s) binding make_dataset")
+    p.add_argument("--gin-param", action="append", default=[])
+    p.add_argument("--tokenizer", required=True, help="the tokenizer used by prepare.py, to decode")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batches", type=int, default=1)
+    p.add_argument("--packing", default="concat_split")
+    p.add_argument("--max-chars", type=int, default=600, help="per document piece (middle elided)")
+    a = p.parse_args(argv)
+    import gin
+    from data_pipeline.pipeline import Mixture, make_dataset, resolve
+    from data_pipeline.tokenizers import load_tokenizer
+    tok = load_tokenizer(a.tokenizer)
+    kw = dict(process_index=0, process_count=1, with_ids=True)
+    if a.gin or a.gin_param:
+        gin.parse_config_files_and_bindings(a.gin, a.gin_param)
+        it = make_dataset(**kw)
+    else:
+        if not a.data:
+            p.error("give dataset folders or --gin")
+        data = a.data[0] if len(a.data) == 1 else Mixture(paths={d.rstrip("/").split("/")[-1]: d for d in a.data},
+                                                          weights={d.rstrip("/").split("/")[-1]: 1 for d in a.data})
+        it = make_dataset(data, seq_len=a.seq_len, global_batch_size=a.batch_size, packing=a.packing, **kw)
+    for path in sorted({s.path for s in resolve(it.specs)}):
+        print(format_stats(path), "\n")
+    for k in range(a.batches):
+        b = next(it)
+        real = b["segment_ids"] > 0
+        print(f"=== batch {k}: {b['tokens'].shape}, {real.mean():.1%} non-padding, "
+              f"{int(b['loss_mask'].sum()):,} loss tokens ===")
+        for r in range(b["tokens"].shape[0]):
+            print(f"--- row {r} ---")
+            print(format_row(b, r, tok, it.specs, a.max_chars))
+    it.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from data_pipeline.inspect import main as _main
+    sys.exit(_main())
