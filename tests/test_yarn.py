@@ -113,6 +113,10 @@ def test_yarn_logits_beyond_original_window_match_transformers(tmp_path):
     logits = np.asarray(model(jnp.asarray(tokens, jnp.int32)), np.float32)
     scale = np.abs(hf_logits).max()
     assert np.abs(logits - hf_logits).max() <= 1e-4 * scale
+    # the same with the blockwise kernel (4 tiles of 64 tokens)
+    chunked = qwen3_jax.load_hf(tmp_path, dtype="float32", attention_impl="chunked", attention_block=64)
+    chunked_logits = np.asarray(chunked(jnp.asarray(tokens, jnp.int32)), np.float32)
+    assert np.abs(chunked_logits - hf_logits).max() <= 1e-4 * scale
     # and the window matters: without YaRN the late positions disagree
     plain = qwen3_jax.load_hf(tmp_path, dtype="float32", rope_scaling=None)
     plain_logits = np.asarray(plain(jnp.asarray(tokens, jnp.int32)), np.float32)
