@@ -224,7 +224,9 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
         _init_worker(*init)
         pool, submit = None, (lambda b: _DoneFuture(_work(b)))
     else:
-        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+        # fork is fast, but not safe once a threaded runtime (jax, grain) lives in this process
+        ctx = multiprocessing.get_context("spawn" if {"jax", "grain"} & set(sys.modules) else "fork")
+        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx,
                                       initializer=_init_worker, initargs=init)
         submit = lambda b: pool.submit(_work, b)  # noqa: E731
     writer: _ShardWriter | None = None
