@@ -1,19 +1,35 @@
-"""Logical axis names → mesh axes.
+"""Mesh construction and logical axis names → mesh axes.
+
+Mesh axes (outermost first): data, fsdp, expert, tensor. Each has an ICI size (inside a slice)
+and a DCN size (across slices of a multi-slice job); the mesh axis size is their product and one
+ICI (and one DCN) size may be -1, filled with what the devices leave. Axes are Auto (GSPMD).
 
 The model names every parameter dimension (`embed`, `heads`, `experts`, ...) and constrains
 activations at block boundaries with `constrain(x, ("batch", "seq", "embed"))`. One table of
-rules maps those names to mesh axes; with no rules active (one device, tests) `constrain` is
-the identity.
+rules maps those names to mesh axes; parameters, optimizer state and activations all follow it.
+With no rules active (one device, tests) `constrain` is the identity.
+
+Shapes that do not divide: a parameter dimension whose mesh axes do not divide it is an error
+raised by `check_shardable` before anything is compiled, except for the names in
+`REPLICATE_IF_INDIVISIBLE` (`kv_heads`: 4 KV heads over tensor=8 are replicated across the
+tensor axis, as Megatron and MaxText do), which drop the axis and are listed in the report.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+import dataclasses
+import math
+import re
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or tuple of mesh axes, or None = replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -29,42 +45,207 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert_mlp", "tensor"),
     ("layers", None),
 )
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads"})
+
+
+# -- mesh ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """ICI and DCN sizes per mesh axis; -1 = what is left (at most one of each kind)."""
+
+    ici_data: int = 1
+    ici_fsdp: int = -1
+    ici_expert: int = 1
+    ici_tensor: int = 1
+    dcn_data: int = -1
+    dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    dcn_tensor: int = 1
+
+    def ici(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f"ici_{a}") for a in MESH_AXES)
+
+    def dcn(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f"dcn_{a}") for a in MESH_AXES)
+
+    def resolve(self, num_devices: int, num_slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(ici sizes, dcn sizes) with the -1 filled; errors name the offending sizes."""
+        if num_devices % num_slices:
+            raise ValueError(f"{num_devices} devices do not split into {num_slices} slices")
+        return (_fill(self.ici(), num_devices // num_slices, "ici (devices per slice)"),
+                _fill(self.dcn(), num_slices, "dcn (slices)"))
+
+    def shape(self, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+        ici, dcn = self.resolve(num_devices, num_slices)
+        return {a: i * d for a, i, d in zip(MESH_AXES, ici, dcn)}
+
+
+def _fill(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
+    free = [i for i, s in enumerate(sizes) if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {what} sizes {dict(zip(MESH_AXES, sizes))}: at most one -1 and no zeros")
+    known = math.prod(s for s in sizes if s != -1)
+    if total % known:
+        raise ValueError(f"mesh {what} sizes {dict(zip(MESH_AXES, sizes))} do not divide {total}")
+    out = list(sizes)
+    if free:
+        out[free[0]] = total // known
+    elif known != total:
+        raise ValueError(f"mesh {what} sizes {dict(zip(MESH_AXES, sizes))} multiply to {known}, not {total}")
+    return tuple(out)
+
+
+def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None,
+              num_slices: int | None = None) -> jax.sharding.Mesh:
+    """A Mesh over `devices` (default: all), ICI axes inside a slice, DCN axes across slices."""
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    if num_slices is None:
+        num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    ici, dcn = mesh_cfg.resolve(len(devices), num_slices)
+    if num_slices > 1:
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    else:
+        try:
+            arr = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            arr = np.asarray(devices).reshape(ici)
+    return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+# -- rules ------------------------------------------------------------------------------------------
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("qwen3_jax_sharding_rules", default=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+    mesh: jax.sharding.Mesh
+    rules: Mapping[str, Any]
+    moe_exchange: str = "auto"  # auto | gather | ragged (see qwen3_jax.model.moe_ep)
+    capacity_factor: float | None = None  # None: dropless
+
+
 @contextlib.contextmanager
-def use_rules(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
-    """Activates `rules` on `mesh` for `constrain` calls traced inside the block."""
-    token = _ACTIVE.set((mesh, dict(rules)))
+def use_rules(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, moe_exchange: str = "auto",
+              capacity_factor: float | None = None) -> Iterator[None]:
+    """Activates `rules` on `mesh` for `constrain` and expert parallelism traced inside the block."""
+    token = _ACTIVE.set(Context(mesh, dict(rules), moe_exchange, capacity_factor))
     try:
         yield
     finally:
         _ACTIVE.reset(token)
 
 
-def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES, mesh: jax.sharding.Mesh | None = None) -> P:
-    """PartitionSpec for logical `axes`; mesh axes of size 1 or absent from `mesh` are dropped,
-    and a mesh axis is used at most once (the first dimension that asks for it wins)."""
+def active() -> Context | None:
+    return _ACTIVE.get()
+
+
+def expert_parallel() -> Context | None:
+    """The active context when its mesh has an `expert` axis > 1 (MoE then uses moe_ep)."""
+    ctx = _ACTIVE.get()
+    if ctx is None or ctx.mesh.shape.get("expert", 1) == 1:
+        return None
+    return ctx
+
+
+def mesh_axes_for(name: str | None, rules=DEFAULT_RULES, mesh=None) -> tuple[str, ...]:
     table = dict(rules)
+    target = table.get(name) if name is not None else None
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    if mesh is not None:
+        names = tuple(m for m in names if m in mesh.shape and mesh.shape[m] > 1)
+    return names
+
+
+def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES, mesh: jax.sharding.Mesh | None = None,
+                    shape: Sequence[int] | None = None, fallbacks: list | None = None) -> P:
+    """PartitionSpec for logical `axes`; mesh axes of size 1 or absent from `mesh` are dropped,
+    and a mesh axis is used at most once (the first dimension that asks for it wins).
+
+    With `shape`: a dimension its mesh axes do not divide keeps the longest prefix of them that
+    divides it, and `(dim, name, dropped axes)` is appended to `fallbacks`."""
     used: set[str] = set()
     spec = []
-    for name in axes:
-        target = table.get(name) if name is not None else None
-        names = (target,) if isinstance(target, str) else tuple(target or ())
-        keep = []
-        for m in names:
-            if m in used or (mesh is not None and (m not in mesh.shape or mesh.shape[m] == 1)):
-                continue
-            keep.append(m)
-            used.add(m)
+    for d, name in enumerate(axes):
+        keep = [m for m in mesh_axes_for(name, rules, mesh) if m not in used]
+        if shape is not None and mesh is not None:
+            while keep and shape[d] % math.prod(mesh.shape[m] for m in keep):
+                if fallbacks is not None:
+                    fallbacks.append((d, name, keep[-1]))
+                keep.pop()
+        used.update(keep)
         spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     return P(*spec)
 
 
 def constrain(x, axes: Sequence[str | None]):
-    active = _ACTIVE.get()
-    if active is None:
+    ctx = _ACTIVE.get()
+    if ctx is None:
         return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+    spec = logical_to_spec(axes, ctx.rules, ctx.mesh, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+# -- parameters and train state -----------------------------------------------------------------------
+
+def check_shardable(specs: Mapping[str, Any], mesh, rules=DEFAULT_RULES) -> list[str]:
+    """Raises ValueError listing every parameter dimension the mesh cannot split, except the
+    `REPLICATE_IF_INDIVISIBLE` names, whose fallbacks are returned as readable lines."""
+    errors, notes = [], []
+    for path, spec in specs.items():
+        fb: list = []
+        logical_to_spec(spec.axes, rules, mesh, spec.shape, fb)
+        for d, name, axis in fb:
+            line = (f"{path} dim {d} ({name}={spec.shape[d]}) is not divisible by mesh axis "
+                    f"{axis}={mesh.shape[axis]}")
+            (notes if name in REPLICATE_IF_INDIVISIBLE else errors).append(line)
+    if errors:
+        raise ValueError("parameters do not divide over the mesh " + str(dict(mesh.shape)) + ":\n  "
+                         + "\n  ".join(errors[:20]) + ("\n  ..." if len(errors) > 20 else ""))
+    return sorted({re.sub(r"stacks/\d+/", "stacks/*/", n) for n in notes})
+
+
+def param_shardings(specs: Mapping[str, Any], mesh, rules=DEFAULT_RULES) -> dict[str, NamedSharding]:
+    """'/'-path -> NamedSharding for `qwen3_jax.params.param_specs(cfg)`."""
+    check_shardable(specs, mesh, rules)
+    return {k: NamedSharding(mesh, logical_to_spec(s.axes, rules, mesh, s.shape)) for k, s in specs.items()}
+
+
+def tree_shardings(tree, specs: Mapping[str, Any], mesh, rules=DEFAULT_RULES):
+    """Shardings for any pytree holding parameter-shaped leaves (params, Adam moments, ...).
+
+    A leaf whose trailing dict keys spell a parameter path and whose shape equals that
+    parameter's shape follows the parameter's sharding; every other leaf (step counters,
+    scalars, RNG keys) is replicated."""
+    by_path = param_shardings(specs, mesh, rules)
+    rep = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = [str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey)]
+        shape = tuple(getattr(leaf, "shape", ()))
+        for i in range(len(keys)):
+            key = "/".join(keys[i:])
+            if key in by_path and tuple(specs[key].shape) == shape:
+                return by_path[key]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """[B, T] batch arrays: B over the `batch` mesh axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules, mesh))
+
+
+def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
+    return math.prod(mesh.shape[m] for m in mesh_axes_for("batch", rules, mesh))
+
+
+def check_batch(global_batch: int, micro_batches: int, mesh, rules=DEFAULT_RULES) -> None:
+    n = batch_shards(mesh, rules)
+    if global_batch % micro_batches or (global_batch // micro_batches) % n:
+        raise ValueError(f"global batch {global_batch} / micro_batches {micro_batches} is not divisible by the "
+                         f"{n} batch shards of mesh {dict(mesh.shape)}")

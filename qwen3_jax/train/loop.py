@@ -1,0 +1,305 @@
+"""The training loop: resume or initialise, step, log, evaluate, checkpoint, stop cleanly.
+
+`train()` is gin-configurable; `launch/train.py` parses the gin files and calls it. Everything
+it needs to resume — parameters, optimizer, counters, RNG, the data iterator's position and
+the model config — is written together in one orbax checkpoint (layout: qwen3_jax.train.checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qwen3_jax import sharding
+from qwen3_jax.config import ModelConfig, get_config
+from qwen3_jax.train import checkpoint as ckpt
+from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
+from qwen3_jax.train.optim import make_optimizer
+from qwen3_jax.train.step import TrainState, init_params, init_state, make_eval_step, make_train_step
+
+log = logging.getLogger("qwen3_jax.train")
+
+OPT_STATE, TRAIN_STATE, DATA = "opt_state", "train_state", "data"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or cannot go on; the message says why."""
+
+
+@gin.configurable
+def model_config(preset: str = gin.REQUIRED, *, rope_theta: float | None = None,
+                 overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The model of a run: a preset, its RoPE base for this stage, and any other field overrides."""
+    kw = dict(overrides or {})
+    if rope_theta is not None:
+        kw["rope_theta"] = float(rope_theta)
+    try:
+        return get_config(preset, **kw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainingError(f"model_config: {e}") from None
+
+
+# Fields a later stage may change when it starts from an earlier stage's parameters.
+STAGE_MUTABLE = {"name", "rope_theta", "rope_scaling", "max_position_embeddings", "param_dtype", "compute_dtype",
+                 "attention_impl", "attention_block", "moe_impl", "remat", "scan_layers", "router_aux_loss_coef"}
+
+
+def _check_same_architecture(prev: ModelConfig, cfg: ModelConfig, where: str) -> None:
+    diff = {f.name for f in dataclasses.fields(ModelConfig)
+            if getattr(prev, f.name) != getattr(cfg, f.name)} - STAGE_MUTABLE
+    if diff:
+        pairs = ", ".join(f"{k}: {getattr(prev, k)!r} -> {getattr(cfg, k)!r}" for k in sorted(diff))
+        raise TrainingError(f"{where} has a different architecture ({pairs})")
+
+
+class _Preemption:
+    """SIGTERM (the preemption notice) sets a flag; the loop saves and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old or signal.SIG_DFL)
+
+
+def _default_mesh() -> jax.sharding.Mesh:
+    n = jax.device_count()
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _state_shardings(abstract: TrainState, mesh) -> Any:
+    """Data parallel: the state is replicated; `qwen3_jax.sharding` refines this for FSDP/TP/EP."""
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda _: rep, abstract)
+
+
+def _batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp", "expert")) or None))
+
+
+def validate(*, steps, seq_len, batch_size, micro_batches, checkpoint_every, cfg: ModelConfig, init_from, mesh):
+    """Bad values fail here, before anything is compiled, naming the value."""
+    for name, v in (("STEPS", steps), ("SEQ_LEN", seq_len), ("BATCH_SIZE", batch_size),
+                    ("CHECKPOINT_EVERY", checkpoint_every), ("micro_batches", micro_batches)):
+        if not isinstance(v, int) or v <= 0:
+            raise TrainingError(f"{name} must be a positive integer, got {v!r}")
+    if batch_size % micro_batches:
+        raise TrainingError(f"BATCH_SIZE={batch_size} is not divisible by micro_batches={micro_batches}")
+    shards = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp", "expert")]))
+    if (batch_size // micro_batches) % shards:
+        raise TrainingError(f"BATCH_SIZE={batch_size} / micro_batches={micro_batches} is not divisible by the "
+                            f"{shards} batch shards of the mesh {dict(mesh.shape)}")
+    if batch_size % jax.process_count():
+        raise TrainingError(f"BATCH_SIZE={batch_size} is not divisible by {jax.process_count()} processes")
+    if seq_len > cfg.max_position_embeddings and cfg.rope_scaling is None:
+        raise TrainingError(f"SEQ_LEN={seq_len} exceeds the model's max_position_embeddings="
+                            f"{cfg.max_position_embeddings}")
+    if cfg.attention_impl == "splash" and seq_len % 128:
+        raise TrainingError(f"SEQ_LEN={seq_len} must be a multiple of 128 for splash attention")
+    if init_from is not None:
+        try:
+            root, _ = ckpt.checkpoint_root(init_from)
+        except FileNotFoundError as e:
+            raise TrainingError(f"init_from: previous stage checkpoint not found: {e}") from None
+        if ckpt.latest_step(root) is None:
+            raise TrainingError(f"init_from: {init_from} has no complete checkpoint")
+
+
+def _save(mgr, step: int, state: TrainState, data_it, cfg: ModelConfig, meta: dict) -> bool:
+    """Saves one checkpoint; on failure says so and keeps the previous one."""
+    try:
+        mgr.save(step, args=ocp.args.Composite(**{
+            ckpt.PARAMS: ocp.args.StandardSave(state.params),
+            OPT_STATE: ocp.args.StandardSave(state.opt_state),
+            TRAIN_STATE: ocp.args.StandardSave({"step": state.step, "rng": state.rng,
+                                                "nonfinite_in_a_row": state.nonfinite_in_a_row,
+                                                "nonfinite_total": state.nonfinite_total}),
+            DATA: ocp.args.JsonSave(data_it.get_state()),
+            ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
+            ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
+        }), force=True)
+        return True
+    except Exception as e:  # noqa: BLE001 - any storage failure: report, keep going
+        prev = mgr.latest_step()
+        print(f"WARNING: checkpoint save at step {step} failed ({type(e).__name__}: {e}); "
+              f"the last complete checkpoint (step {prev}) is intact", file=sys.stderr, flush=True)
+        return False
+
+
+def _restore(mgr, step: int, abstract: TrainState, data_it) -> TrainState:
+    counters = {"step": abstract.step, "rng": abstract.rng, "nonfinite_in_a_row": abstract.nonfinite_in_a_row,
+                "nonfinite_total": abstract.nonfinite_total}
+    got = mgr.restore(step, args=ocp.args.Composite(**{
+        ckpt.PARAMS: ocp.args.StandardRestore(abstract.params),
+        OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
+        TRAIN_STATE: ocp.args.StandardRestore(counters),
+        DATA: ocp.args.JsonRestore(),
+    }))
+    data_it.set_state(got[DATA])
+    t = got[TRAIN_STATE]
+    return TrainState(params=got[ckpt.PARAMS], opt_state=got[OPT_STATE], step=t["step"], rng=t["rng"],
+                      nonfinite_in_a_row=t["nonfinite_in_a_row"], nonfinite_total=t["nonfinite_total"])
+
+
+def _params_from(path: str, cfg: ModelConfig, abstract_params) -> Any:
+    """Parameters of another run's latest checkpoint (stage handoff), onto this run's shardings."""
+    root, step = ckpt.checkpoint_root(path)
+    step = step if step is not None else ckpt.latest_step(root)
+    prev = ckpt.read_model_config(root, step)
+    _check_same_architecture(prev, cfg, f"init_from checkpoint {root}/{step}")
+    with ckpt.manager(root, create=False) as mgr:
+        params = mgr.restore(step, args=ocp.args.Composite(**{
+            ckpt.PARAMS: ocp.args.StandardRestore(abstract_params)}))[ckpt.PARAMS]
+    print(f"initialised parameters from {root}/{step} ({prev.name}, rope_theta {prev.rope_theta:g} -> "
+          f"{cfg.rope_theta:g})", flush=True)
+    return params
+
+
+@gin.configurable
+def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+          checkpoint_every: int = gin.REQUIRED, make_data=gin.REQUIRED, make_eval_data=None, eval_every: int = 0,
+          eval_batches: int = 4, micro_batches: int = 1, z_loss: float = 0.0, aux_loss_coef: float | None = None,
+          aux_scope: str = "global", seed: int = 0, init_from: str | None = None, keep_last: int = 3,
+          keep_every: int | None = None, log_every: int = 10, max_nonfinite_in_a_row: int = 5,
+          async_checkpoint: bool = True, mesh_fn=None, stop_after: int | None = None) -> dict:
+    """Trains to `steps` optimizer steps (resuming from `workdir` when it has a checkpoint).
+
+    make_data(seq_len=, global_batch_size=, seed=) -> per-host batch iterator with get_state/set_state.
+    init_from: a previous stage's workdir or checkpoint; its parameters start this run when the
+      workdir has no checkpoint yet (optimizer and data start fresh).
+    stop_after: stop (with a checkpoint) after this many steps of this invocation — for tests.
+    Returns a summary dict (final step, last metrics).
+    """
+    workdir_p = Path(workdir)
+    cfg = model_config()
+    mesh = mesh_fn() if mesh_fn is not None else _default_mesh()
+    validate(steps=steps, seq_len=seq_len, batch_size=batch_size, micro_batches=micro_batches,
+             checkpoint_every=checkpoint_every, cfg=cfg, init_from=init_from, mesh=mesh)
+    primary = jax.process_index() == 0
+    if primary:
+        workdir_p.mkdir(parents=True, exist_ok=True)
+        (workdir_p / "model_config.json").write_text(cfg.to_json())
+
+    optimizer, schedule = make_optimizer(steps)
+    data_it = make_data(seq_len=seq_len, global_batch_size=batch_size, seed=seed)
+    abstract = jax.eval_shape(lambda: init_state(cfg, optimizer, seed))
+    state_sh = _state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    batch_sh = _batch_sharding(mesh)
+
+    mgr = ckpt.manager(workdir_p / "checkpoints", max_to_keep=keep_last, keep_period=keep_every,
+                       enable_async=async_checkpoint)
+    start = mgr.latest_step()
+    with sharding.use_rules(mesh):
+        if start is not None:
+            state = _restore(mgr, start, abstract, data_it)
+            print(f"resumed from {workdir_p / 'checkpoints' / str(start)}", flush=True)
+        else:
+            start = 0
+            params = _params_from(init_from, cfg, abstract.params) if init_from else None
+            init = jax.jit(lambda p: init_state(cfg, optimizer, seed, params=p), out_shardings=state_sh) \
+                if params is not None else jax.jit(lambda: init_state(cfg, optimizer, seed), out_shardings=state_sh)
+            state = init(params) if params is not None else init()
+        step_fn = jax.jit(make_train_step(cfg, optimizer, micro_batches=micro_batches, z_loss=z_loss,
+                                          aux_loss_coef=aux_loss_coef, aux_scope=aux_scope, schedule=schedule),
+                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+        eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(state_sh.params, batch_sh)) if make_eval_data else None
+
+    if start >= steps:
+        print(f"nothing to do: checkpoint step {start} >= STEPS={steps}", flush=True)
+        mgr.close()
+        return {"step": start, "metrics": {}}
+
+    tokens_per_step = batch_size * seq_len
+    fpt = flops_per_token(cfg, seq_len)
+    peak = peak_flops(jax.devices()[0].device_kind)
+    writer = MetricsWriter(workdir_p, steps, log_every=log_every, enabled=primary)
+    meta = {"seq_len": seq_len, "batch_size": batch_size, "model": cfg.name}
+    print(f"training {cfg.name} ({'MoE' if cfg.is_moe else 'dense'}) on {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}: steps {start}->{steps}, "
+          f"{tokens_per_step:,} tokens/step, {fpt / 1e9:.3f} GFLOP/token", flush=True)
+
+    last: dict[str, float] = {}
+    step = start
+    t_prev = time.time()
+    with _Preemption() as preempt:
+        while step < steps:
+            batch = next(data_it)
+            with sharding.use_rules(mesh):
+                gbatch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
+                          for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+                state, metrics = step_fn(state, gbatch)
+            step += 1
+            metrics = jax.device_get(metrics)
+            now = time.time()
+            dt, t_prev = now - t_prev, now
+            metrics["step_time_s"] = dt
+            metrics["tokens_per_s"] = tokens_per_step / dt
+            metrics["tflops_per_device"] = fpt * tokens_per_step / dt / jax.device_count() / 1e12
+            if peak:
+                metrics["mfu"] = metrics["tflops_per_device"] * 1e12 / peak
+            writer.write(step, metrics)
+            last = {k: float(np.asarray(v).max()) for k, v in metrics.items()}
+            if int(state.nonfinite_in_a_row) >= max_nonfinite_in_a_row:
+                mgr.wait_until_finished()
+                mgr.close()
+                writer.close()
+                raise TrainingError(f"{max_nonfinite_in_a_row} non-finite steps in a row at step {step} "
+                                    f"(loss {metrics['loss']}, grad norm {metrics['grad_norm']}); stopped. "
+                                    f"The last good checkpoint is step {mgr.latest_step()}")
+            if eval_fn is not None and eval_every and step % eval_every == 0:
+                writer.write(step, _evaluate(eval_fn, state.params, make_eval_data, seq_len, batch_size, seed,
+                                             eval_batches, batch_sh), prefix="eval")
+            stopping = preempt.requested or step == steps or (stop_after is not None and step - start >= stop_after)
+            if step % checkpoint_every == 0 or stopping:
+                _save(mgr, step, state, data_it, cfg, meta)
+            if stopping:
+                break
+    try:
+        mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        print(f"WARNING: finishing the last checkpoint failed ({e}); the last complete checkpoint is step "
+              f"{mgr.latest_step()}", file=sys.stderr, flush=True)
+    mgr.close()
+    writer.close()
+    if preempt.requested:
+        print(f"SIGTERM: saved step {step} and stopped; rerun the same command to resume", flush=True)
+    return {"step": step, "metrics": last}
+
+
+def _evaluate(eval_fn, params, make_eval_data, seq_len, batch_size, seed, n_batches, batch_sh) -> dict:
+    """Mean loss over the first `n_batches` of the held-out data (the same batches every time)."""
+    it = make_eval_data(seq_len=seq_len, global_batch_size=batch_size, seed=seed)
+    nll = tokens = 0.0
+    for _ in range(n_batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        g = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
+             for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+        out = jax.device_get(eval_fn(params, g))
+        nll += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+    return {"loss": nll / max(tokens, 1.0), "tokens": tokens}

@@ -1,0 +1,119 @@
+"""Model FLOPs, MFU, and where metrics go: console progress line, metrics.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from qwen3_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip/GPU (vendor figures).
+PEAK_FLOPS = {
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
+    "tpu v6 lite": 918e12, "tpu v6e": 918e12, "h100": 989e12, "h200": 989e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak bf16 FLOP/s for a `jax.Device.device_kind`, None when unknown (e.g. CPU)."""
+    kind = device_kind.lower()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in kind:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True, causal: bool = True) -> float:
+    """Model FLOPs per token (2 per multiply-add; ×3 for forward + backward when training).
+
+    Matmul weights touched per token — attention projections, the router, the top-k experts or the
+    dense MLP, and the output head (the input embedding is a gather and costs nothing) — plus
+    attention scores and values: 2·2·T·N·H per layer forward, halved when causal (only the
+    lower triangle is needed). Counted from the model's parameter shapes, like the param counts.
+    """
+    from qwen3_jax.params import param_specs
+
+    matmul = 0
+    for key, spec in param_specs(cfg).items():
+        n = math.prod(spec.shape)
+        if key == "embed/embedding":
+            matmul += n if cfg.tie_embeddings else 0  # tied: the same matrix is the output head
+        elif "norm" in key:
+            continue
+        elif "experts" in spec.axes:
+            matmul += n * cfg.num_experts_per_tok // cfg.num_experts
+        else:
+            matmul += n
+    attn = cfg.num_layers * 4 * seq_len * cfg.num_heads * cfg.head_dim * (0.5 if causal else 1.0)
+    forward = 2 * matmul + attn
+    return 3 * forward if training else forward
+
+
+class MetricsWriter:
+    """Writes each step's scalars to metrics.jsonl and TensorBoard, and a progress line to stdout."""
+
+    def __init__(self, workdir: str | Path, total_steps: int, *, log_every: int = 10, enabled: bool = True):
+        self.workdir, self.total_steps, self.log_every, self.enabled = Path(workdir), total_steps, log_every, enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._t0 = time.time()
+        self._first_step: int | None = None
+
+    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "train") -> None:
+        flat: dict[str, float] = {}
+        for k, v in metrics.items():
+            a = np.asarray(v)
+            if a.ndim == 0:
+                flat[k] = float(a)
+            else:  # per-layer series (expert load): the worst layer, and each layer on TensorBoard
+                agg = a.min() if k.endswith("_min") else a.max()
+                flat[k] = float(agg)
+                if self._tb is not None:
+                    for i, x in enumerate(a.reshape(-1)):
+                        self._tb.add_scalar(f"{prefix}/{k}/layer{i:03d}", float(x), step)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, x in flat.items():
+                self._tb.add_scalar(f"{prefix}/{k}", x, step)
+        if prefix == "train" and self.enabled and (step % self.log_every == 0 or step == self.total_steps):
+            print(self.progress_line(step, flat), flush=True)
+        elif prefix != "train" and self.enabled:
+            print(f"[{prefix}] step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
+
+    def progress_line(self, step: int, m: Mapping[str, float]) -> str:
+        if self._first_step is None:
+            self._first_step, self._t0 = step, time.time()
+        done = step - self._first_step
+        rate = done / max(time.time() - self._t0, 1e-9) if done else 0.0
+        eta = (self.total_steps - step) / rate if rate else float("nan")
+        eta_s = "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        parts = [f"step {step}/{self.total_steps}", f"loss {m.get('loss', float('nan')):.4f}"]
+        if m.get("aux_loss"):
+            parts.append(f"aux {m['aux_loss']:.4f}")
+        parts += [f"gnorm {m.get('grad_norm', 0):.3f}", f"lr {m.get('lr', 0):.2e}",
+                  f"{m.get('tokens_per_s', 0):,.0f} tok/s"]
+        if m.get("mfu") is not None and "mfu" in m:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        if "expert_load_max" in m:
+            parts.append(f"expert load max {m['expert_load_max']:.2f}")
+        parts.append(f"ETA {eta_s}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,166 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), and the eval step.
+
+A batch is a dict of [B,T] arrays: tokens, targets (next token inside the same document),
+loss_mask (0 on padding and document ends), segment_ids (0 = padding), positions.
+The LM loss is the mean over all loss tokens of the global batch; with `micro_batches > 1` the
+batch is split into strided micro-batches whose gradients are summed, which gives the same
+loss and gradients as one pass (up to float summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from qwen3_jax.config import ModelConfig
+from qwen3_jax.model import create_model
+from qwen3_jax.model.moe import load_balancing_loss
+from qwen3_jax.params import flat_params, model_from_flat
+from qwen3_jax.train.checkpoint import flatten, nest
+
+AUX_SCOPES = ("global", "micro_batch", "sequence")
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any  # nested dict of arrays (see qwen3_jax.train.checkpoint)
+    opt_state: Any
+    step: jax.Array  # int32: optimizer updates applied or skipped so far
+    rng: jax.Array  # uint32 [2]
+    nonfinite_in_a_row: jax.Array  # int32
+    nonfinite_total: jax.Array  # int32
+
+
+def init_params(cfg: ModelConfig, seed: int = 0):
+    return nest(flat_params(create_model(cfg, seed)))
+
+
+def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int = 0, params=None) -> TrainState:
+    params = init_params(cfg, seed) if params is None else params
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(params=params, opt_state=optimizer.init(params), step=zero,
+                      rng=jax.random.key_data(jax.random.key(seed)), nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+
+def split_micro_batches(batch: dict, n: int) -> dict:
+    """[B,...] -> [n, B/n, ...] taking every n-th row, so each data shard holds all micro-batches."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={n}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def expert_load(counts_LBE):
+    """Per MoE layer: max/min expert share relative to uniform, and coefficient of variation."""
+    c_LE = counts_LBE.sum(1)
+    f_LE = c_LE / jnp.maximum(c_LE.sum(-1, keepdims=True), 1.0)
+    E = c_LE.shape[-1]
+    return {"expert_load_max": f_LE.max(-1) * E, "expert_load_min": f_LE.min(-1) * E,
+            "expert_load_cv": f_LE.std(-1) / jnp.maximum(f_LE.mean(-1), 1e-9)}
+
+
+def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float):
+    """Sums over this (micro-)batch, normalised by the global token count; plus router stats."""
+    model = model_from_flat(cfg, flatten(params))
+    h_BTD, stats = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits_BTV = model.logits(h_BTD)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    lm = jnp.sum((lse_BT - target_BT) * mask_BT) / total_tokens
+    zl = z_loss * jnp.sum(jnp.square(lse_BT) * mask_BT) / total_tokens
+    return lm, zl, stats
+
+
+def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float | None = None,
+                 aux_scope: str = "global", micro_batches: int = 1) -> Callable:
+    """loss(params, micro_batch, total_tokens) -> (loss, (lm, z, aux, stats))."""
+    if aux_scope not in AUX_SCOPES:
+        raise ValueError(f"aux_scope={aux_scope!r} is not one of {AUX_SCOPES}")
+    coef = cfg.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+
+    def loss_fn(params, batch, total_tokens):
+        lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss)
+        aux = jnp.zeros((), jnp.float32)
+        if cfg.is_moe and coef:
+            # One micro-batch's share; "global" uses the global-batch counts when they are given.
+            if "global_counts" in batch:
+                counts = jax.lax.stop_gradient(batch["global_counts"])[:, None]  # [L,1,E]
+                aux = load_balancing_loss(counts, stats["prob_sum"].sum(1, keepdims=True),
+                                          batch["global_tokens"][None], cfg.num_experts, scope="batch")
+            else:
+                scope = "sequence" if aux_scope == "sequence" else "batch"
+                aux = load_balancing_loss(stats["counts"], stats["prob_sum"], stats["tokens"], cfg.num_experts,
+                                          scope=scope)
+            aux = aux / micro_batches
+        return lm + zl + coef * aux, (lm, zl, aux, stats)
+
+    return loss_fn
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
+                    z_loss: float = 0.0, aux_loss_coef: float | None = None, aux_scope: str = "global",
+                    schedule: optax.Schedule | None = None) -> Callable:
+    """step(state, batch) -> (state, metrics). Non-finite loss or gradients skip the update."""
+    loss_fn = make_loss_fn(cfg, z_loss=z_loss, aux_loss_coef=aux_loss_coef, aux_scope=aux_scope,
+                           micro_batches=micro_batches)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        if micro_batches == 1:
+            (loss, (lm, zl, aux, stats)), grads = grad_fn(state.params, batch, total_tokens)
+            counts = stats.get("counts")
+        else:
+            mbs = split_micro_batches(batch, micro_batches)
+
+            def body(carry, mb):
+                g_acc, sums = carry
+                (l, (lm_, zl_, aux_, st)), g = grad_fn(state.params, mb, total_tokens)
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+                new = {"loss": l, "lm": lm_, "z": zl_, "aux": aux_}
+                if "counts" in st:
+                    new["counts"] = st["counts"].sum(1)
+                return (g_acc, jax.tree.map(jnp.add, sums, new)), None
+
+            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros_s = {"loss": 0.0, "lm": 0.0, "z": 0.0, "aux": 0.0}
+            if cfg.is_moe:
+                n_moe = sum(n for moe, _, n in cfg.layer_runs() if moe)
+                zeros_s["counts"] = jnp.zeros((n_moe, cfg.num_experts), jnp.float32)
+            zeros_s = jax.tree.map(jnp.asarray, zeros_s)
+            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), mbs)
+            loss, lm, zl, aux = sums["loss"], sums["lm"], sums["z"], sums["aux"]
+            counts = sums["counts"][:, None] if "counts" in sums else None
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state), step=state.step + 1,
+            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, "lm_loss": lm, "z_loss": zl, "aux_loss": aux, "grad_norm": grad_norm,
+                   "tokens": total_tokens, "finite": finite, "nonfinite_total": new_state.nonfinite_total}
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        if counts is not None:
+            metrics.update(expert_load(counts))
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(cfg: ModelConfig) -> Callable:
+    """eval(params, batch) -> {"nll_sum", "tokens"} (sum, so several batches can be pooled)."""
+    def eval_step(params, batch):
+        lm, _, _ = _loss_terms(cfg, params, batch, 1.0, z_loss=0.0)
+        return {"nll_sum": lm, "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+    return eval_step
