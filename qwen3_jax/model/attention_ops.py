@@ -78,15 +78,20 @@ def _untile(x):
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _tile_scores(q_BqKGH, k_BsKH, seg_q_Bq, seg_k_Bs, i, j, use_segments):
-    """Masked fp32 scores [B,K,G,q,s] of query tile i against key tile j, and the mask."""
+def _tile_scores(q_BqKGH, k_BsKH, seg_q_Bq, seg_k_Bs, use_segments, diagonal):
+    """Masked fp32 scores [B,K,G,q,s] of a query tile against a key tile, and the mask (None
+    when nothing is masked: a tile below the diagonal without segment ids)."""
     b, H = q_BqKGH.shape[1], q_BqKGH.shape[-1]
     s = jnp.einsum("bqkgh,bskh->bkgqs", q_BqKGH, k_BsKH, preferred_element_type=jnp.float32)
     s = s * (H ** -0.5)
-    pos = jnp.arange(b)
-    mask_Bqs = ((i * b + pos)[:, None] >= (j * b + pos)[None, :])[None]
+    mask_Bqs = None
+    if diagonal:  # same positions: causal within the tile
+        mask_Bqs = (jnp.arange(b)[:, None] >= jnp.arange(b)[None, :])[None]
     if use_segments:
-        mask_Bqs = mask_Bqs & (seg_q_Bq[:, :, None] == seg_k_Bs[:, None, :])
+        same_Bqs = seg_q_Bq[:, :, None] == seg_k_Bs[:, None, :]
+        mask_Bqs = same_Bqs if mask_Bqs is None else mask_Bqs & same_Bqs
+    if mask_Bqs is None:
+        return s, None
     mask = mask_Bqs[:, None, None]
     return jnp.where(mask, s, _MASKED), mask
 
@@ -108,12 +113,14 @@ def _flash_forward(q, k, v, seg, b, use_segments):
     def query_tile(_, xs):
         i, q_i, seg_i, lo_i, hi_i = xs
 
-        def visit(j, carry):
+        def visit(j, carry, diagonal=False):
             def update(carry):
                 m, l, acc = carry
-                s, mask = _tile_scores(q_i, k_t[j], seg_i, seg_t[j], i, j, use_segments)
+                s, mask = _tile_scores(q_i, k_t[j], seg_i, seg_t[j], use_segments, diagonal)
                 m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                p = jnp.exp(s - m_new[..., None])
+                if mask is not None:  # rows with no visible key yet have m_new == _MASKED
+                    p = jnp.where(mask, p, 0.0)
                 corr = jnp.exp(m - m_new)
                 pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_t[j],
                                 preferred_element_type=jnp.float32)
@@ -125,7 +132,8 @@ def _flash_forward(q, k, v, seg, b, use_segments):
 
         m0 = jnp.full((B, K, N // K, b), _MASKED, jnp.float32)
         init = (m0, jnp.zeros_like(m0), jnp.zeros((B, K, N // K, b, H), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(0, i + 1, visit, init)  # causal: key tiles 0..i
+        carry = jax.lax.fori_loop(0, i, visit, init)  # causal: key tiles 0..i-1, then i
+        m, l, acc = visit(i, carry, diagonal=True)
         o_BKGqH = acc / l[..., None]
         o_BqKGH = jnp.moveaxis(o_BKGqH, 3, 1).astype(q.dtype)
         return None, (o_BqKGH, m + jnp.log(l))
@@ -152,11 +160,11 @@ def _flash_backward(b, use_segments, residuals, do):
     def key_tile(dq_t, xs):
         j, k_j, v_j, seg_j, lo_j, hi_j = xs
 
-        def visit(i, carry):
+        def visit(i, carry, diagonal=False):
             def update(carry):
                 dk, dv, dq_t = carry
                 q_i, do_i = q_t[i], do_t[i]
-                s, _ = _tile_scores(q_i, k_j, seg_t[i], seg_j, i, j, use_segments)
+                s, _ = _tile_scores(q_i, k_j, seg_t[i], seg_j, use_segments, diagonal)
                 p = jnp.exp(s - lse_t[i][..., None])  # masked entries: exp(-huge) = 0
                 dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i,
                                      preferred_element_type=jnp.float32)
@@ -171,7 +179,8 @@ def _flash_backward(b, use_segments, residuals, do):
             return jax.lax.cond(_overlap(lo_t[i], hi_t[i], lo_j, hi_j), update, lambda c: c, carry)
 
         zeros = jnp.zeros(k_j.shape, jnp.float32)
-        dk, dv, dq_t = jax.lax.fori_loop(j, nb, visit, (zeros, zeros, dq_t))  # causal: i >= j
+        carry = visit(j, (zeros, zeros, dq_t), diagonal=True)  # causal: query tiles j, then > j
+        dk, dv, dq_t = jax.lax.fori_loop(j + 1, nb, visit, carry)
         return dq_t, (dk.astype(k_j.dtype), dv.astype(v_j.dtype))
 
     dq0 = jnp.zeros(q_t.shape, jnp.float32)
