@@ -117,7 +117,9 @@ def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None
 
 # -- rules ------------------------------------------------------------------------------------------
 
+# (mesh, {logical name: mesh axes}) while `use_rules` is active; other modules read it as a pair.
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("qwen3_jax_sharding_rules", default=None)
+_MOE: contextvars.ContextVar = contextvars.ContextVar("qwen3_jax_moe_exchange", default=("auto", None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,20 +134,23 @@ class Context:
 def use_rules(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, moe_exchange: str = "auto",
               capacity_factor: float | None = None) -> Iterator[None]:
     """Activates `rules` on `mesh` for `constrain` and expert parallelism traced inside the block."""
-    token = _ACTIVE.set(Context(mesh, dict(rules), moe_exchange, capacity_factor))
+    token = _ACTIVE.set((mesh, dict(rules)))
+    token_moe = _MOE.set((moe_exchange, capacity_factor))
     try:
         yield
     finally:
+        _MOE.reset(token_moe)
         _ACTIVE.reset(token)
 
 
 def active() -> Context | None:
-    return _ACTIVE.get()
+    pair = _ACTIVE.get()
+    return None if pair is None else Context(pair[0], pair[1], *_MOE.get())
 
 
 def expert_parallel() -> Context | None:
     """The active context when its mesh has an `expert` axis > 1 (MoE then uses moe_ep)."""
-    ctx = _ACTIVE.get()
+    ctx = active()
     if ctx is None or ctx.mesh.shape.get("expert", 1) == 1:
         return None
     return ctx
@@ -182,11 +187,11 @@ def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES, mesh: jax.s
 
 
 def constrain(x, axes: Sequence[str | None]):
-    ctx = _ACTIVE.get()
-    if ctx is None:
+    pair = _ACTIVE.get()
+    if pair is None:
         return x
-    spec = logical_to_spec(axes, ctx.rules, ctx.mesh, shape=x.shape)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+    mesh, rules = pair
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape=x.shape)))
 
 
 # -- parameters and train state -----------------------------------------------------------------------

@@ -6,7 +6,7 @@ Two single-device expert computations, chosen by `ModelConfig.moe_impl`:
           (`jax.lax.ragged_dot`): compute proportional to top-k. The default.
   dense:  every expert on every token, weighted by the (mostly zero) combine matrix:
           E/k times the FLOPs, but plain einsums — the fastest form for tiny models on CPU.
-Both give the same result. Expert parallelism across devices lives in `qwen3_jax.sharding`.
+Both give the same result. Expert parallelism across devices lives in `qwen3_jax.model.moe_ep`.
 
 Besides the output the block returns additive router statistics per sequence, enough for
 every load-balancing-loss scope (sequence, micro-batch, global batch):
@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.model import moe_ep
 from qwen3_jax.model.layers import param
 
 
@@ -84,7 +86,10 @@ class MoE(nnx.Module):
         probs, weights, ids = route(x_BTD, self.router[...], self.k, self.norm_topk_prob)
         weights = weights.astype(x_BTD.dtype)
         params = (self.gate[...], self.up[...], self.down[...])
-        if self.impl == "dense":
+        ep = sharding.expert_parallel()
+        if ep is not None:  # experts split over the `expert` mesh axis
+            y_BTD = moe_ep.experts_parallel(x_BTD, weights, ids, *params, ctx=ep, form=self.impl)
+        elif self.impl == "dense":
             y_BTD = experts_dense(x_BTD, weights, ids, *params)
         else:
             y_BTD = experts_ragged(x_BTD.reshape(B * T, D), weights.reshape(B * T, -1),

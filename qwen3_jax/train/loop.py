@@ -40,12 +40,20 @@ class TrainingError(RuntimeError):
 
 
 @gin.configurable
-def model_config(preset: str = gin.REQUIRED, *, rope_theta: float | None = None,
-                 overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """The model of a run: a preset, its RoPE base for this stage, and any other field overrides."""
+def model_config(preset: str = gin.REQUIRED, *, rope_theta: float | None = None, attention_impl: str | None = None,
+                 overrides: dict[str, Any] | None = None, backend: str | None = None) -> ModelConfig:
+    """The model of a run: a preset, the stage's RoPE base and attention, and other field overrides.
+
+    attention_impl="auto" picks the memory-efficient kernel for the backend: splash on TPU,
+    chunked elsewhere (`backend` defaults to jax.default_backend(); the AOT tool passes "tpu").
+    """
     kw = dict(overrides or {})
     if rope_theta is not None:
         kw["rope_theta"] = float(rope_theta)
+    if attention_impl == "auto":
+        attention_impl = "splash" if (backend or jax.default_backend()) == "tpu" else "chunked"
+    if attention_impl is not None:
+        kw["attention_impl"] = attention_impl
     try:
         return get_config(preset, **kw)
     except (KeyError, TypeError, ValueError) as e:

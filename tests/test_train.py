@@ -1,0 +1,195 @@
+"""Training: learning, exact resume after SIGKILL/SIGTERM, stage handoff, config errors."""
+
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_jax import get_config
+from qwen3_jax.train import checkpoint
+from qwen3_jax.train.optim import make_optimizer
+from qwen3_jax.train.step import init_state, make_train_step
+from train_utils import popen, run, tiny_args
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    from data_pipeline.prepare import prepare_builtin
+
+    d = tmp_path_factory.mktemp("builtin")
+    prepare_builtin(str(d / "spm512"), "spm", spm_vocab_size=512)
+    return d
+
+
+def _batch(B=4, T=32, V=512, seed=0):
+    rng = np.random.RandomState(seed)
+    tok = rng.randint(0, V, (B, T)).astype(np.int32)
+    seg = np.ones((B, T), np.int32)
+    seg[:, T // 2:] = 2  # two documents per row
+    pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0).astype(np.int32)
+    tgt = np.roll(tok, -1, 1)
+    mask = np.ones((B, T), np.float32)
+    mask[:, T // 2 - 1] = 0  # no target across the document boundary
+    mask[:, -1] = 0
+    return dict(tokens=tok, targets=tgt, loss_mask=mask, segment_ids=seg, positions=pos)
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_overfits_one_batch(preset):
+    cfg = get_config(preset, compute_dtype="float32", moe_impl="dense", remat="none")
+    opt, sched = make_optimizer(80, peak_lr=3e-3, warmup_steps=5, weight_decay=0.0) if False else make_optimizer(80)
+    import gin
+
+    with gin.unlock_config():
+        gin.bind_parameter("lr_schedule.peak_lr", 1e-2)
+        gin.bind_parameter("lr_schedule.warmup_steps", 5)
+    try:
+        opt, sched = make_optimizer(80)
+    finally:
+        gin.clear_config()
+    step = jax.jit(make_train_step(cfg, opt, schedule=sched))
+    state = init_state(cfg, opt)
+    batch = _batch()
+    first = None
+    for _ in range(80):
+        state, m = step(state, batch)
+        first = float(m["lm_loss"]) if first is None else first
+    assert first > 5.0 and float(m["lm_loss"]) < 0.3, (first, float(m["lm_loss"]))
+
+
+def test_micro_batches_give_the_full_batch_gradient():
+    cfg = get_config("tiny-dense", compute_dtype="float32", remat="none")
+    opt, _ = make_optimizer(10)
+    state = init_state(cfg, opt)
+    batch = _batch(B=8)
+    a, ma = jax.jit(make_train_step(cfg, opt))(state, batch)
+    b, mb = jax.jit(make_train_step(cfg, opt, micro_batches=4))(state, batch)
+    np.testing.assert_allclose(float(ma["lm_loss"]), float(mb["lm_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    cfg = get_config("tiny-dense", compute_dtype="float32")
+    opt, _ = make_optimizer(10)
+    state = init_state(cfg, opt)
+    bad = state.replace(params=jax.tree.map(lambda p: p, state.params))
+    bad.params["final_norm"]["scale"] = bad.params["final_norm"]["scale"].at[0].set(jnp.nan)
+    new, m = jax.jit(make_train_step(cfg, opt))(bad, _batch())
+    assert not bool(m["finite"]) and int(new.nonfinite_in_a_row) == 1 and int(new.nonfinite_total) == 1
+    for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):
+        assert np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+    ok, m = jax.jit(make_train_step(cfg, opt))(state, _batch())
+    assert bool(m["finite"]) and int(ok.nonfinite_in_a_row) == 0
+
+
+def _final_params(workdir):
+    _, flat, step, _ = checkpoint.restore_params_numpy(workdir)
+    return step, flat
+
+
+def test_loss_falls_on_builtin_corpus(data_dir, tmp_path):
+    r = run(tiny_args(data_dir, tmp_path / "run", steps=30, seq_len=128, batch=8, every=30))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [l["lm_loss"] for l in lines if l["split"] == "train"]
+    assert len(losses) == 30
+    assert losses[0] > 6.0 and np.mean(losses[-5:]) < 5.2, losses  # ln(512) = 6.24 at the start
+    assert "tok/s" in r.stdout and "ETA" in r.stdout
+    assert (tmp_path / "run" / "operative_config.gin").exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sigkill_and_sigterm_resume_bit_identical(data_dir, tmp_path):
+    ref = run(tiny_args(data_dir, tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    ref_step, ref_params = _final_params(tmp_path / "ref")
+    assert ref_step == 12
+
+    # SIGKILL at a random step after the first checkpoint, then the same command again.
+    work = tmp_path / "killed"
+    kill_at = random.Random().randint(5, 10)
+    p = popen(tiny_args(data_dir, work))
+    for line in p.stdout:
+        if line.startswith(f"step {kill_at}/"):
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    r = run(tiny_args(data_dir, work))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    step, params = _final_params(work)
+    assert step == 12 and all(np.array_equal(params[k], ref_params[k]) for k in ref_params), f"kill at {kill_at}"
+
+    # A rerun after completion changes nothing.
+    r = run(tiny_args(data_dir, work))
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+    assert all(np.array_equal(_final_params(work)[1][k], ref_params[k]) for k in ref_params)
+
+    # SIGTERM: save, exit 0; the rerun finishes bit-identically.
+    work = tmp_path / "terminated"
+    p = popen(tiny_args(data_dir, work))
+    for line in p.stdout:
+        if line.startswith("step 6/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and "SIGTERM: saved step" in out, out
+    saved = checkpoint.latest_step(work / "checkpoints")
+    assert 6 <= saved < 12
+    r = run(tiny_args(data_dir, work))
+    assert r.returncode == 0, r.stdout + r.stderr
+    step, params = _final_params(work)
+    assert step == 12 and all(np.array_equal(params[k], ref_params[k]) for k in ref_params)
+
+
+def test_stage_handoff_1_2_3(data_dir, tmp_path):
+    common = ["model_config.preset='tiny-moe'"]
+    s1 = run(tiny_args(data_dir, tmp_path / "s1", *common, gin=("stage1.gin", "model/tiny-moe.gin"), steps=20,
+                       seq_len=64, every=10, batch=8) + ["--gin_param", "lr_schedule.peak_lr=3e-3"])
+    assert s1.returncode == 0, s1.stdout + s1.stderr
+    s2 = run(tiny_args(data_dir, tmp_path / "s2", *common, f"PREVIOUS_STAGE='{tmp_path / 's1'}'",
+                       gin=("stage2.gin", "model/tiny-moe.gin"), steps=4, seq_len=64, every=4, batch=8))
+    assert s2.returncode == 0, s2.stdout + s2.stderr
+    assert f"initialised parameters from {tmp_path / 's1' / 'checkpoints' / '20'}" in s2.stdout
+    l1 = [json.loads(l)["lm_loss"] for l in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    l2 = [json.loads(l)["lm_loss"] for l in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert l2[0] < l1[0] - 0.5  # starts where stage 1 ended, not from scratch
+    s3 = run(tiny_args(data_dir, tmp_path / "s3", *common, f"PREVIOUS_STAGE='{tmp_path / 's2'}'",
+                       "LONG_DOCS=(128, 256, 0.75)", "MEDIUM_DOCS=(32, 128, 0.25)",
+                       gin=("stage3.gin", "model/tiny-moe.gin"), steps=2, seq_len=256, every=2, batch=2))
+    assert s3.returncode == 0, s3.stdout + s3.stderr
+    assert "rope_theta 10000 -> 1e+06" in s3.stdout
+    cfg = json.loads((tmp_path / "s3" / "model_config.json").read_text())
+    assert cfg["rope_theta"] == 1e6 and cfg["attention_impl"] == "chunked"
+
+
+@pytest.mark.parametrize("param,message", [
+    ("train.stepz=3", "stepz"),
+    ("trian.steps=3", "trian"),
+    ("BATCH_SIZE=6", "BATCH_SIZE=6 is not divisible by micro_batches=4"),
+    ("PREVIOUS_STAGE='/nonexistent/stage1'", "/nonexistent/stage1"),
+    ("STEPS=0", "STEPS must be a positive integer"),
+])
+def test_config_errors_fail_fast_and_name_the_value(data_dir, tmp_path, param, message):
+    gin = ("stage2.gin",) if "PREVIOUS" in param else ("cpu_smoke.gin", "model/tiny-moe.gin")
+    extra = ["train.micro_batches=4"] if "BATCH" in param else []
+    t0 = time.time()
+    r = run(tiny_args(data_dir, tmp_path / "w", *extra, param, gin=gin))
+    assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_missing_gin_file_is_named(tmp_path):
+    r = run(["launch/train.py" if False else str(Path(__file__).resolve().parents[1] / "launch/train.py"),
+             "--gin", "stage9.gin"])
+    assert r.returncode == 2 and "stage9.gin" in r.stderr

@@ -1,0 +1,41 @@
+"""Running launch/train.py in a subprocess on the built-in corpus, for the training tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+
+
+def tiny_args(data_dir, workdir, *extra_params, gin=("cpu_smoke.gin", "model/tiny-moe.gin"), steps=12,
+              seq_len=64, batch=4, every=4):
+    args = [TRAIN, "--workdir", str(workdir)]
+    for g in gin:
+        args += ["--gin", g]
+    params = [f"STEPS={steps}", f"SEQ_LEN={seq_len}", f"BATCH_SIZE={batch}", f"CHECKPOINT_EVERY={every}",
+              f"stage_mixture.builtin_dir='{data_dir}'", "stage_mixture.spm_vocab_size=512",
+              "train.log_every=1", "train.async_checkpoint=False", *extra_params]
+    for p in params:
+        args += ["--gin_param", p]
+    return args
+
+
+def env():
+    e = dict(os.environ)
+    e.setdefault("JAX_PLATFORMS", "cpu")
+    e.pop("XLA_FLAGS", None)  # one device, like the reference runs
+    return e
+
+
+def run(args, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env(),
+                          cwd=ROOT)
+
+
+def popen(args):
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(), cwd=ROOT)
