@@ -44,6 +44,10 @@ class DatasetSpec:
     name: str | None = None
     weight: float = 1.0
     length_range: tuple[int, int] | None = None
+    # Held-out split: a fixed pseudo-random `heldout_fraction` of the documents (by index) is
+    # "heldout"; split="train" reads the rest, split="heldout" only those, None everything.
+    split: str | None = None
+    heldout_fraction: float = 0.0
 
     @property
     def key(self) -> str:
@@ -255,6 +259,24 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 32)
 
 
+def _selected(spec: DatasetSpec) -> np.ndarray | None:
+    """Boolean mask over the dataset's documents for its length range and split (None = all)."""
+    if spec.length_range is None and spec.split is None:
+        return None
+    n = doc_lengths(spec.path)
+    keep = np.ones(len(n), bool)
+    if spec.length_range is not None:
+        lo, hi = spec.length_range
+        keep &= (n > lo) & (n <= hi)
+    if spec.split is not None:
+        if spec.split not in ("train", "heldout"):
+            raise ValueError(f"{spec.key}: split={spec.split!r} is not 'train', 'heldout' or None")
+        bucket = (np.arange(len(n), dtype=np.uint64) * np.uint64(2654435761) % np.uint64(1 << 32)) / float(1 << 32)
+        heldout = bucket < spec.heldout_fraction
+        keep &= heldout if spec.split == "heldout" else ~heldout
+    return keep
+
+
 def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs, process_index, process_count,
                split_positions, read_threads, with_ids, **unused):
     """This host's documents of one dataset, shuffled per epoch → (IterDataset, mean length)."""
@@ -262,10 +284,9 @@ def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs,
     paths = [os.path.join(spec.path, s) for s in st["shards"]]
     source = grain.sources.ArrayRecordDataSource(paths)
     index_map = None
-    if spec.length_range is not None:
-        n = doc_lengths(spec.path)
-        lo, hi = spec.length_range
-        index_map = np.nonzero((n > lo) & (n <= hi))[0]
+    keep = _selected(spec)
+    if keep is not None:
+        index_map = np.nonzero(keep)[0]
         source = _Subset(source, index_map)
     if len(source) < process_count:
         raise ValueError(f"{spec.key}: {len(source)} documents cannot be shared by {process_count} hosts")

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import gin
 
-from data_pipeline.pipeline import LengthBuckets, Mixture
+from data_pipeline.pipeline import DatasetSpec, LengthBuckets, Mixture
 
 BUILTIN = "builtin:python-stdlib"
 
@@ -15,7 +15,8 @@ BUILTIN = "builtin:python-stdlib"
 @gin.configurable
 def stage_mixture(weights: Mapping[str, float] = gin.REQUIRED, root: str = BUILTIN, *,
                   tokenizer: str = "spm", builtin_dir: str = "runs/data/stdlib",
-                  spm_vocab_size: int = 4096) -> Mixture:
+                  spm_vocab_size: int = 4096, split: str | None = "train",
+                  heldout_fraction: float = 0.02) -> Mixture:
     """Named datasets with token shares, each a prepared folder `root/<name>`.
 
     root = "builtin:python-stdlib" stands in for a real corpus on any machine: the built-in
@@ -23,15 +24,24 @@ def stage_mixture(weights: Mapping[str, float] = gin.REQUIRED, root: str = BUILT
     sources and every other name its documentation, so a stage file runs unchanged on a laptop.
     tokenizer (builtin only): "spm" (a sentencepiece BPE of `spm_vocab_size` trained on the corpus)
     or "qwen3" (the real Qwen3 tokenizer, for the published presets' vocabulary).
+    split: "train" leaves out a fixed `heldout_fraction` of each dataset's documents, which
+    split="heldout" (the eval data) reads; None reads everything.
     """
     if root != BUILTIN:
-        return Mixture(weights=dict(weights), root=root)
+        paths = {name: os.path.join(root, name) for name in weights}
+    else:
+        paths = _builtin_paths(weights, tokenizer, builtin_dir, spm_vocab_size)
+    return Mixture(datasets=[DatasetSpec(path=paths[name], name=name, weight=float(w), split=split,
+                                         heldout_fraction=heldout_fraction if split else 0.0)
+                             for name, w in weights.items()])
+
+
+def _builtin_paths(weights, tokenizer, builtin_dir, spm_vocab_size) -> dict[str, str]:
     from data_pipeline.prepare import prepare_builtin
 
     sub = f"{tokenizer}{spm_vocab_size}" if tokenizer == "spm" else tokenizer
     parts = prepare_builtin(os.path.join(builtin_dir, sub), tokenizer, spm_vocab_size=spm_vocab_size)
-    paths = {name: parts["code"] if name == "code" else parts["docs"] for name in weights}
-    return Mixture(weights=dict(weights), paths=paths)
+    return {name: parts["code"] if name == "code" else parts["docs"] for name in weights}
 
 
 @gin.configurable
