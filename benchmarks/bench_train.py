@@ -1,0 +1,87 @@
+"""Train-step speed and memory on this machine: step time, tokens/s, model TFLOP/s, peak memory.
+
+  python benchmarks/bench_train.py [--steps 5] [--only smoke|slice]
+
+Rows: the cpu_smoke model (small MoE, 8 x 256 tokens) and a 4-layer slice of qwen3-0.6b at
+4,096 tokens (batch 1), each with fp32 and bf16 compute (fp32 master parameters, AdamW).
+Peak memory is XLA's compiled estimate (arguments + outputs + temporaries) and the process
+peak RSS. On a GPU/TPU the MFU column uses the device's bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+
+def peak_rss_gib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def bench(name, cfg, batch, seq_len, steps):
+    from qwen3_jax.train.metrics import flops_per_token, peak_flops
+    from qwen3_jax.train.optim import make_optimizer
+    from qwen3_jax.train.step import init_state, make_train_step
+
+    opt, sched = make_optimizer(100)
+    state = jax.jit(lambda: init_state(cfg, opt))()
+    rng = np.random.RandomState(0)
+    tok = rng.randint(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
+    b = dict(tokens=tok, targets=np.roll(tok, -1, 1), loss_mask=np.ones((batch, seq_len), np.float32),
+             segment_ids=np.ones((batch, seq_len), np.int32),
+             positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+    step = jax.jit(make_train_step(cfg, opt, schedule=sched), donate_argnums=0)
+    t0 = time.time()
+    compiled = step.lower(state, b).compile()
+    compile_s = time.time() - t0
+    mem = compiled.memory_analysis()
+    xla_gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes) / 2**30 if mem is not None else float("nan")
+    state, m = compiled(state, b)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.time()
+        state, m = compiled(state, b)
+        jax.block_until_ready(m)
+        times.append(time.time() - t)
+    dt = float(np.median(times))
+    tokens = batch * seq_len
+    tflops = flops_per_token(cfg, seq_len) * tokens / dt / 1e12
+    peak = peak_flops(jax.devices()[0].device_kind)
+    mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-"
+    print(f"| {name} | {cfg.compute_dtype} | {batch}x{seq_len} | {compile_s:.1f} | {dt:.3f} | {tokens / dt:,.0f} | "
+          f"{tflops:.3f} | {mfu} | {xla_gib:.2f} | {peak_rss_gib():.2f} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--only", choices=["smoke", "slice"], default=None)
+    p.add_argument("--slice-layers", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=4096)
+    args = p.parse_args()
+    from qwen3_jax.config import get_config
+
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
+    print("| model | compute | batch | compile s | step s | tokens/s | model TFLOP/s | MFU | XLA peak GiB | RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in ("float32", "bfloat16"):
+        if args.only in (None, "smoke"):
+            cfg = get_config("small-moe", moe_impl="dense", compute_dtype=dtype, remat="none", rope_theta=1e4)
+            bench("cpu_smoke (small-moe)", cfg, 8, 256, args.steps)
+        if args.only in (None, "slice"):
+            impl = "chunked" if jax.default_backend() == "cpu" else "reference"
+            cfg = get_config("qwen3-0.6b", num_layers=args.slice_layers, compute_dtype=dtype, remat="full",
+                             attention_impl=impl)
+            bench(f"qwen3-0.6b, {args.slice_layers} layers, {impl} attn", cfg, 1, args.seq_len, args.steps)
+
+
+if __name__ == "__main__":
+    main()
