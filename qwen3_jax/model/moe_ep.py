@@ -43,8 +43,17 @@ def _exclusive_cumsum(x):
     return jnp.cumsum(x) - x
 
 
-def _silu_glu(x, gate, up, dt):
-    return jax.nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+def _buffer(shape, dtype, like):
+    """A zero receive buffer that varies over the same mesh axes as `like`, without a gradient
+    path: left invariant, shard_map would insert a pvary whose transpose all-reduces the
+    (whole, X·N·k-row) buffer's cotangent in the backward pass."""
+    buf = jnp.zeros(shape, dtype)
+    aval = jax.typeof(like)
+    vma = getattr(aval, "vma", None) or getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+    vma = tuple(sorted(vma))
+    if vma:
+        buf = jax.lax.pcast(buf, vma, to="varying")
+    return jax.lax.stop_gradient(buf)
 
 
 def capacity_per_source(n_tokens: int, k: int, num_experts: int, capacity_factor: float | None) -> int | None:
@@ -145,7 +154,7 @@ def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes):
     recv_off = _exclusive_cumsum(recv)  # where source s lands in my buffer
     out_off = jax.lax.all_to_all(recv_off, "expert", 0, 0, tiled=True)  # where I land in device j's
     rows = X * A if cap is None else E * cap
-    buf_RD = jax.lax.ragged_all_to_all(xs_AD, jnp.zeros((rows, D), dt), in_off, send, out_off, recv,
+    buf_RD = jax.lax.ragged_all_to_all(xs_AD, _buffer((rows, D), dt, xs_AD), in_off, send, out_off, recv,
                                        axis_name="expert")
     # 3. the buffer is (source, local expert)-major: sort it by local expert, grouped matmul
     ends = jnp.cumsum(recv_XE.reshape(-1))
@@ -156,7 +165,7 @@ def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes):
     ys_RD = jnp.take(ys_RD, jnp.argsort(order_r), axis=0)
     # 4. back to the sources, into their sorted layout; un-sort and combine
     back_off = jax.lax.all_to_all(in_off, "expert", 0, 0, tiled=True)
-    ys_AD = jax.lax.ragged_all_to_all(ys_RD, jnp.zeros((A, D), dt), recv_off, recv, back_off, send,
+    ys_AD = jax.lax.ragged_all_to_all(ys_RD, _buffer((A, D), dt, ys_RD), recv_off, recv, back_off, send,
                                       axis_name="expert")
     y_NkD = jnp.take(ys_AD, jnp.argsort(order), axis=0).reshape(N, k, D)
     y_ND = jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(dt))
@@ -211,3 +220,49 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
     y_ND = fn(x_BTD.reshape(B * T, D), weights_BTk.reshape(B * T, k), ids_BTk.reshape(B * T, k),
               gate_EDF, up_EDF, down_EFD)
     return y_ND.reshape(B, T, D)
+
+
+# -- global-batch load balancing (arXiv 2501.11873) -------------------------------------------------
+# The aux loss E·Σ_e f_e·p_e is linear in p and f carries no gradient, so with f_e known up front
+# the global-batch loss splits exactly into per-micro-batch shares E·Σ_e f_e·P_e^mb / rows (P^mb
+# the micro-batch's prob sums, rows = L·global tokens), whose sum over micro-batches is the
+# global-batch loss and whose gradients sum to its gradient. Within one micro-batch the [L,B,E]
+# statistics seen inside jit are global over all data shards already. Across micro-batches f
+# must be known before the first backward: `global_router_counts` gets it with one forward-only
+# routing pass over all micro-batches (no LM head, no backward: ≈ +25% of a step with full remat,
+# paid only when micro_batches > 1).
+
+def global_router_counts(cfg, params, batch: dict, micro_batches: int):
+    """Expert assignment counts [L,E] and non-padding tokens over the whole (global) batch,
+    from a forward-only pass over the strided micro-batches the train step uses."""
+    from qwen3_jax.params import model_from_flat
+    from qwen3_jax.train.checkpoint import flatten
+
+    params = jax.lax.stop_gradient(params)
+
+    def counts(mb):
+        model = model_from_flat(cfg, flatten(params))
+        _, stats = model.hidden(mb["tokens"], mb.get("positions"), mb.get("segment_ids"))
+        return stats["counts"].sum(1), stats["tokens"].sum().astype(jnp.float32)
+
+    if micro_batches == 1:
+        return counts(batch)
+    keys = [k for k in ("tokens", "positions", "segment_ids") if k in batch]
+    mbs = {k: jnp.swapaxes(batch[k].reshape(-1, micro_batches, *batch[k].shape[1:]), 0, 1) for k in keys}
+
+    def body(acc, mb):
+        c, t = counts(mb)
+        return (acc[0] + c, acc[1] + t), None
+
+    n_moe = sum(n for moe, _, n in cfg.layer_runs() if moe)
+    zero = (jnp.zeros((n_moe, cfg.num_experts), jnp.float32), jnp.zeros((), jnp.float32))
+    return jax.lax.scan(body, zero, mbs)[0]
+
+
+def global_aux_share(global_counts_LE, global_tokens, prob_sum_LBE, num_experts: int):
+    """This micro-batch's share of the global-batch load-balancing loss (shares sum to it)."""
+    L = global_counts_LE.shape[0]
+    rows = L * jnp.maximum(global_tokens.astype(jnp.float32), 1.0)
+    f_E = jax.lax.stop_gradient(global_counts_LE).sum(0) / rows
+    p_E = prob_sum_LBE.astype(jnp.float32).sum((0, 1)) / rows
+    return num_experts * jnp.sum(f_E * p_E)

@@ -1,0 +1,126 @@
+"""Two processes x 4 fake CPU devices on localhost (jax.distributed + gloo): per-host batches,
+FSDP x EP loss and gradients equal the single-process run, and a checkpoint written by both
+processes (orbax multi-process) restores in one process onto a different 8-device mesh."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+WORKER = textwrap.dedent('''
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    import functools
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+    from data_pipeline.pipeline import to_global
+    from qwen3_jax import sharding
+    from qwen3_jax.params import param_specs
+    from qwen3_jax.train.checkpoint import nest
+    sys.path.insert(0, os.path.dirname(out))
+    from mp_common import make_case, loss_fn
+
+    cfg, flat, batch = make_case()
+    mesh = sharding.make_mesh(sharding.MeshConfig(ici_fsdp=2, ici_expert=4))
+    psh = sharding.param_shardings(param_specs(cfg), mesh)
+    B = batch["tokens"].shape[0]
+    local = {k: v[pid * B // 2:(pid + 1) * B // 2] for k, v in batch.items()}  # this host's rows
+    gbatch = to_global(local, mesh, sharding.batch_sharding(mesh).spec)
+    gflat = {k: jax.make_array_from_callback(v.shape, psh[k], lambda idx, v=v: np.asarray(v)[idx])
+             for k, v in flat.items()}
+    with sharding.use_rules(mesh, moe_exchange="gather"):
+        f = jax.jit(jax.value_and_grad(functools.partial(loss_fn, cfg)), out_shardings=(None, psh))
+        loss, grads = f(gflat, gbatch)
+    grads = multihost_utils.process_allgather(grads, tiled=True)
+    if pid == 0:
+        np.savez(out + ".npz", loss=np.asarray(loss), **{k.replace("/", "|"): v for k, v in grads.items()})
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(os.path.dirname(out), "ckpt"), nest(gflat))
+    ckpt.wait_until_finished()
+    print("done", pid, float(loss))
+''')
+
+COMMON = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np
+    from qwen3_jax.config import get_config
+    from qwen3_jax.model import create_model
+    from qwen3_jax.model import moe as moe_lib
+    from qwen3_jax.params import flat_params, model_from_flat
+
+    def make_case():
+        cfg = get_config("tiny-moe", compute_dtype="float32", moe_impl="dense")
+        flat = {k: np.asarray(v) for k, v in flat_params(create_model(cfg, 0)).items()}
+        r = np.random.default_rng(0)
+        tokens = r.integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)
+        batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
+                 "segment_ids": np.ones((8, 16), np.int32),
+                 "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy()}
+        return cfg, flat, batch
+
+    def loss_fn(cfg, flat, batch):
+        logits, st = model_from_flat(cfg, flat)(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                                return_stats=True)
+        lse = jax.nn.logsumexp(logits, -1)
+        tgt = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+        aux = moe_lib.load_balancing_loss(st["counts"], st["prob_sum"], st["tokens"], cfg.num_experts)
+        return jnp.mean(lse - tgt) + 0.01 * aux
+''')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_checkpoint_restores_on_other_mesh(tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    (tmp_path / "mp_common.py").write_text(COMMON)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), str(port), str(tmp_path / "out")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import functools
+
+        import orbax.checkpoint as ocp
+
+        from mp_common import loss_fn, make_case
+        from qwen3_jax import sharding
+        from qwen3_jax.params import param_specs
+        from qwen3_jax.train.checkpoint import flatten, nest
+    finally:
+        sys.path.remove(str(tmp_path))
+    cfg, flat, batch = make_case()
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(functools.partial(loss_fn, cfg)))(flat, batch)
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(float(got["loss"]), float(ref_loss), rtol=1e-5)
+    for k, v in ref_grads.items():
+        np.testing.assert_allclose(got[k.replace("/", "|")], np.asarray(v), rtol=1e-5, atol=1e-6, err_msg=k)
+
+    # restore in this single process onto another mesh (EP=8 instead of FSDP=2 x EP=4)
+    mesh = sharding.make_mesh(sharding.MeshConfig(ici_fsdp=1, ici_expert=4, ici_tensor=2))
+    specs = param_specs(cfg)
+    psh = sharding.param_shardings(specs, mesh)
+    target = nest({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=psh[k]) for k, s in specs.items()})
+    restored = flatten(ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target))
+    for k, v in flat.items():
+        assert restored[k].sharding == psh[k]
+        np.testing.assert_array_equal(np.asarray(restored[k]), v)
