@@ -147,7 +147,7 @@ def _flash_forward(q, k, v, seg, b, use_segments):
 def _flash_backward(b, use_segments, residuals, do):
     """FlashAttention-2 backward: one pass over key tiles, recomputing P from the saved lse.
 
-    For key tile j, query tiles i >= j accumulate dK_j, dV_j in registers of the loop and add
+    For key tile j, query tiles i >= j accumulate dK_j, dV_j in the loop carry and add
     their dQ_i contribution into a [nb,B,b,K,G,H] fp32 buffer carried through the loops.
     """
     q_t, k_t, v_t, seg_t, o_t, lse_t = residuals
