@@ -179,7 +179,18 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
     with sharding.use_rules(mesh, moe_exchange=moe_exchange, capacity_factor=capacity_factor):
         lowered = jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None),
                           donate_argnums=0).lower(abstract, batch)
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001  XLA refuses programs that exceed HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            need = re.search(r"\(([\d.]+)G\) exceeds available HBM", str(e))
+            return {"model": cfg.name, "topology": topology, "chips": topo["chips"] * num_slices,
+                    "mesh": dict(mesh.shape), "seq_len": seq_len, "global_batch": global_batch,
+                    "micro_batches": micro_batches, "tokens_per_step": global_batch * seq_len,
+                    "flops_per_chip": None, "bytes_per_chip_peak": float(need.group(1)) * 1e9 if need else None,
+                    "hbm_bytes_per_chip": topo["hbm_bytes_per_chip"], "fits": False,
+                    "error": str(e).splitlines()[0][:500]}
     text = compiled.as_text()
     if hlo_dump:
         with open(hlo_dump, "w") as f:
@@ -287,7 +298,8 @@ def main(argv=None) -> int:
                          aux_scope=args.aux_scope, moe_exchange=args.moe_exchange,
                          capacity_factor=args.capacity_factor, hlo_dump=args.hlo_dump,
                          hbm_bytes_per_chip=int(args.hbm_gib * GIB) if args.hbm_gib else None)
-    print(format_report(report))
+    print(format_report(report) if "error" not in report else
+          f"{report['model']} on {report['topology']}, mesh {report['mesh']}: DOES NOT FIT\n  {report['error']}")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)

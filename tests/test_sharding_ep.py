@@ -211,3 +211,31 @@ def test_global_aux_loss_micro_batched_sharded_equals_full_batch():
     # global one (fewer tokens per f estimate → more apparent imbalance), not equal to it
     micro = jax.jit(lambda p, b: _aux_micro_batched(cfg, p, b, 2, "micro_batch"))(flat, batch)
     assert float(micro) > float(want) + 1e-4
+
+
+def test_train_step_global_aux_micro_batched_sharded_equals_one_pass():
+    """make_train_step: 2 micro-batches on FSDP x EP give the 1-pass global aux loss and update."""
+    import optax
+
+    from qwen3_jax.train.checkpoint import flatten
+    from qwen3_jax.train.step import init_state, make_train_step
+
+    cfg = _cfg("tiny-moe", moe_impl="dense", router_aux_loss_coef=0.1)
+    opt = optax.sgd(1.0)
+    state = init_state(cfg, opt, 0)
+    batch = dict(_batch(cfg), loss_mask=(_batch(cfg)["segment_ids"] > 0).astype(jnp.int32))
+    ref_state, ref_m = jax.jit(make_train_step(cfg, opt, micro_batches=1))(state, batch)
+    mesh = sharding.make_mesh(MOE_MESHES["ep4_fsdp2"])
+    ssh = sharding.tree_shardings(state, param_specs(cfg), mesh)
+    bsh = sharding.batch_sharding(mesh)
+    with sharding.use_rules(mesh, moe_exchange="gather"):
+        step = jax.jit(make_train_step(cfg, opt, micro_batches=2), in_shardings=(ssh, bsh), out_shardings=(ssh, None))
+        new_state, m = step(state, batch)
+        _, m_micro = jax.jit(make_train_step(cfg, opt, micro_batches=2, aux_scope="micro_batch"),
+                             in_shardings=(ssh, bsh), out_shardings=(ssh, None))(state, batch)
+    np.testing.assert_allclose(float(m["aux_loss"]), float(ref_m["aux_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+    got, want = flatten(new_state.params), flatten(ref_state.params)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert float(m_micro["aux_loss"]) > float(ref_m["aux_loss"]) + 1e-4

@@ -19,6 +19,7 @@ import optax
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model import create_model
 from qwen3_jax.model.moe import load_balancing_loss
+from qwen3_jax.model.moe_ep import global_router_counts
 from qwen3_jax.params import flat_params, model_from_flat
 from qwen3_jax.train.checkpoint import flatten, nest
 
@@ -96,8 +97,8 @@ def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float 
             else:
                 scope = "sequence" if aux_scope == "sequence" else "batch"
                 aux = load_balancing_loss(stats["counts"], stats["prob_sum"], stats["tokens"], cfg.num_experts,
-                                          scope=scope)
-            aux = aux / micro_batches
+                                          scope=scope) / micro_batches
+            # (with global counts the shares of the micro-batches already sum to the global loss)
         return lm + zl + coef * aux, (lm, zl, aux, stats)
 
     return loss_fn
@@ -118,6 +119,12 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             counts = stats.get("counts")
         else:
             mbs = split_micro_batches(batch, micro_batches)
+            if cfg.is_moe and aux_scope == "global" and (cfg.router_aux_loss_coef if aux_loss_coef is None
+                                                         else aux_loss_coef):
+                # f_e over the whole global batch before any backward: a forward-only routing pass
+                g_counts, g_tokens = global_router_counts(cfg, state.params, batch, micro_batches)
+                mbs["global_counts"] = jnp.broadcast_to(g_counts, (micro_batches, *g_counts.shape))
+                mbs["global_tokens"] = jnp.broadcast_to(g_tokens, (micro_batches,))
 
             def body(carry, mb):
                 g_acc, sums = carry
