@@ -7,7 +7,7 @@
 2. stage 1 (256 tokens, RoPE base 10k) -> stage 2 (256 tokens, reasoning mix, fast decay, from
    stage 1) -> stage 3 (2,048 tokens, RoPE base 1M, chunked attention, 75/25 long/medium documents,
    from stage 2), each with `launch/train.py` and the real stage configs scaled down;
-3. exports stage 3 to a Hugging Face folder and prints a greedy sample from it, loaded by
+3. exports stage 3 to a Hugging Face folder and prints a sample from it, loaded by
    transformers (or by our own model when transformers is not installed).
 Rerunning resumes (finished stages are skipped). About ten minutes on 2 CPU cores.
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "def "
+PROMPT = "import os\n\n\ndef "
 
 
 def sh(args: list[str]) -> None:
@@ -52,8 +52,10 @@ def sample(hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
         import torch
         from transformers import AutoModelForCausalLM
 
+        torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False)[0].tolist()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=True, temperature=0.7,
+                             top_k=40, repetition_penalty=1.2)[0].tolist()
         who = "transformers"
     except ImportError:
         import jax.numpy as jnp
@@ -62,7 +64,7 @@ def sample(hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
         model = qwen3_jax.load_hf(hf_dir)
         out = list(ids)
         for _ in range(n_new):
-            out.append(int(jnp.argmax(model(jnp.asarray([out]))[0, -1])))
+            out.append(int(jnp.argmax(model(jnp.asarray([out]))[0, -1])))  # greedy
         who = "qwen3_jax (transformers not installed)"
     return f"[{who}] " + tok.decode(out)
 
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     hf_dir = work / "hf"
     sh(["launch/convert_hf.py", "export", "--checkpoint", str(work / "stage3"), "--out", str(hf_dir),
         "--dtype", "float32", "--tokenizer", str(spm_model), "--overwrite"])
-    print(f"\n=== sample (greedy, prompt {PROMPT!r}) ===", flush=True)
+    print(f"\n=== sample (temperature 0.7, top-k 40, prompt {PROMPT!r}) ===", flush=True)
     print(sample(hf_dir, spm_model), flush=True)
     print(f"\ndemo finished in {time.time() - t0:.0f}s: runs in {work}/stage{{1,2,3}} (metrics.jsonl, tensorboard/), "
           f"Hugging Face folder {hf_dir}", flush=True)

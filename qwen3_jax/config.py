@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any
 
-ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn")
+ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
 MOE_IMPLS = ("ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
