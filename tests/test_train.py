@@ -151,6 +151,24 @@ def test_sigkill_and_sigterm_resume_bit_identical(data_dir, tmp_path):
     assert step == 12 and all(np.array_equal(params[k], ref_params[k]) for k in ref_params)
 
 
+def test_sharded_run_and_resume_on_another_mesh_match_one_device(data_dir, tmp_path):
+    """6 steps on 4 devices (fsdp 2 x expert 2, expert parallelism), then 6 more on 1 device,
+    against 12 steps on 1 device."""
+    ref = run(tiny_args(data_dir, tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    _, ref_params = _final_params(tmp_path / "ref")
+    work = tmp_path / "sharded"
+    r = run(tiny_args(data_dir, work, "MeshConfig.ici_expert=2", "train.stop_after=6"), devices=4)
+    assert r.returncode == 0 and "'fsdp': 2, 'expert': 2" in r.stdout, r.stdout + r.stderr
+    assert checkpoint.latest_step(work / "checkpoints") == 6
+    r = run(tiny_args(data_dir, work))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    step, params = _final_params(work)
+    assert step == 12
+    for k in ref_params:
+        np.testing.assert_allclose(params[k], ref_params[k], rtol=0, atol=2e-5, err_msg=k)
+
+
 def test_stage_handoff_1_2_3(data_dir, tmp_path):
     common = ["model_config.preset='tiny-moe'"]
     s1 = run(tiny_args(data_dir, tmp_path / "s1", *common, gin=("stage1.gin", "model/tiny-moe.gin"), steps=20,

@@ -24,16 +24,16 @@ def tiny_args(data_dir, workdir, *extra_params, gin=("cpu_smoke.gin", "model/tin
     return args
 
 
-def env():
+def env(devices: int = 1):
     e = dict(os.environ)
-    e.setdefault("JAX_PLATFORMS", "cpu")
-    e.pop("XLA_FLAGS", None)  # one device, like the reference runs
+    e["JAX_PLATFORMS"] = "cpu"
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return e
 
 
-def run(args, timeout=600):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env(),
-                          cwd=ROOT)
+def run(args, timeout=600, devices: int = 1):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env(devices), cwd=ROOT)
 
 
 def popen(args):

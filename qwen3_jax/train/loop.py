@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig, get_config
+from qwen3_jax.params import param_specs
 from qwen3_jax.train import checkpoint as ckpt
 from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
 from qwen3_jax.train.optim import make_optimizer
@@ -91,19 +91,7 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old or signal.SIG_DFL)
 
 
-def _default_mesh() -> jax.sharding.Mesh:
-    n = jax.device_count()
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def _state_shardings(abstract: TrainState, mesh) -> Any:
-    """Data parallel: the state is replicated; `qwen3_jax.sharding` refines this for FSDP/TP/EP."""
-    rep = NamedSharding(mesh, P())
-    return jax.tree.map(lambda _: rep, abstract)
-
-
-def _batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp", "expert")) or None))
+gin.external_configurable(sharding.MeshConfig, "MeshConfig")
 
 
 def validate(*, steps, seq_len, batch_size, micro_batches, checkpoint_every, cfg: ModelConfig, init_from, mesh):
@@ -114,7 +102,7 @@ def validate(*, steps, seq_len, batch_size, micro_batches, checkpoint_every, cfg
             raise TrainingError(f"{name} must be a positive integer, got {v!r}")
     if batch_size % micro_batches:
         raise TrainingError(f"BATCH_SIZE={batch_size} is not divisible by micro_batches={micro_batches}")
-    shards = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a in ("data", "fsdp", "expert")]))
+    shards = sharding.batch_shards(mesh)
     if (batch_size // micro_batches) % shards:
         raise TrainingError(f"BATCH_SIZE={batch_size} / micro_batches={micro_batches} is not divisible by the "
                             f"{shards} batch shards of the mesh {dict(mesh.shape)}")
@@ -190,18 +178,27 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
           eval_batches: int = 4, micro_batches: int = 1, z_loss: float = 0.0, aux_loss_coef: float | None = None,
           aux_scope: str = "global", seed: int = 0, init_from: str | None = None, keep_last: int = 3,
           keep_every: int | None = None, log_every: int = 10, max_nonfinite_in_a_row: int = 5,
-          async_checkpoint: bool = True, mesh_fn=None, stop_after: int | None = None) -> dict:
+          async_checkpoint: bool = True, mesh: sharding.MeshConfig | None = None, moe_exchange: str = "auto",
+          capacity_factor: float | None = None, stop_after: int | None = None) -> dict:
     """Trains to `steps` optimizer steps (resuming from `workdir` when it has a checkpoint).
 
     make_data(seq_len=, global_batch_size=, seed=) -> per-host batch iterator with get_state/set_state.
     init_from: a previous stage's workdir or checkpoint; its parameters start this run when the
       workdir has no checkpoint yet (optimizer and data start fresh).
+    mesh: ICI/DCN sizes of the data, fsdp, expert, tensor axes (default: FSDP over all devices);
+      parameters, optimizer state and activations follow `qwen3_jax.sharding`'s rules.
+    moe_exchange / capacity_factor: expert-parallel token exchange and optional capacity (dropless).
     stop_after: stop (with a checkpoint) after this many steps of this invocation — for tests.
     Returns a summary dict (final step, last metrics).
     """
     workdir_p = Path(workdir)
     cfg = model_config()
-    mesh = mesh_fn() if mesh_fn is not None else _default_mesh()
+    try:
+        mesh_cfg = mesh or sharding.MeshConfig()
+        mesh = sharding.make_mesh(mesh_cfg)
+        sharding.check_shardable(param_specs(cfg), mesh)
+    except ValueError as e:
+        raise TrainingError(f"mesh: {e}") from None
     validate(steps=steps, seq_len=seq_len, batch_size=batch_size, micro_batches=micro_batches,
              checkpoint_every=checkpoint_every, cfg=cfg, init_from=init_from, mesh=mesh)
     primary = jax.process_index() == 0
@@ -212,14 +209,15 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
     optimizer, schedule = make_optimizer(steps)
     data_it = make_data(seq_len=seq_len, global_batch_size=batch_size, seed=seed)
     abstract = jax.eval_shape(lambda: init_state(cfg, optimizer, seed))
-    state_sh = _state_shardings(abstract, mesh)
+    state_sh = sharding.tree_shardings(abstract, param_specs(cfg), mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    batch_sh = _batch_sharding(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    rules = dict(moe_exchange=moe_exchange, capacity_factor=capacity_factor)
 
     mgr = ckpt.manager(workdir_p / "checkpoints", max_to_keep=keep_last, keep_period=keep_every,
                        enable_async=async_checkpoint)
     start = mgr.latest_step()
-    with sharding.use_rules(mesh):
+    with sharding.use_rules(mesh, **rules):
         if start is not None:
             state = _restore(mgr, start, abstract, data_it)
             print(f"resumed from {workdir_p / 'checkpoints' / str(start)}", flush=True)
@@ -254,7 +252,7 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
     with _Preemption() as preempt:
         while step < steps:
             batch = next(data_it)
-            with sharding.use_rules(mesh):
+            with sharding.use_rules(mesh, **rules):
                 gbatch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
                           for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
                 state, metrics = step_fn(state, gbatch)
@@ -277,8 +275,10 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
                                     f"(loss {metrics['loss']}, grad norm {metrics['grad_norm']}); stopped. "
                                     f"The last good checkpoint is step {mgr.latest_step()}")
             if eval_fn is not None and eval_every and step % eval_every == 0:
-                writer.write(step, _evaluate(eval_fn, state.params, make_eval_data, seq_len, batch_size, seed,
-                                             eval_batches, batch_sh), prefix="eval")
+                with sharding.use_rules(mesh, **rules):
+                    ev = _evaluate(eval_fn, state.params, make_eval_data, seq_len, batch_size, seed, eval_batches,
+                                   batch_sh)
+                writer.write(step, ev, prefix="eval")
             stopping = preempt.requested or step == steps or (stop_after is not None and step - start >= stop_after)
             if step % checkpoint_every == 0 or stopping:
                 _save(mgr, step, state, data_it, cfg, meta)
