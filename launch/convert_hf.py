@@ -43,6 +43,10 @@ def cmd_import(args) -> None:
     cfg = hf.from_hf_config(hf.read_config(src), source=str(src / "config.json"), param_dtype=args.dtype)
     hf_dtype = hf.SafetensorsFolder(src).dtype()
     flat = hf.read_hf_params(src, cfg, dtype=args.dtype)
+    import jax
+
+    for k in list(flat):  # hand each array to jax now, one at a time, so orbax does not copy them all at once
+        flat[k] = jax.device_put(flat[k])
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         checkpoint.save_params(tmp, 0, flat, cfg, meta={"source": str(src.absolute()), "hf_dtype": hf_dtype})
     n = sum(x.size for x in flat.values())
