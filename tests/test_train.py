@@ -211,3 +211,13 @@ def test_missing_gin_file_is_named(tmp_path):
     r = run(["launch/train.py" if False else str(Path(__file__).resolve().parents[1] / "launch/train.py"),
              "--gin", "stage9.gin"])
     assert r.returncode == 2 and "stage9.gin" in r.stderr
+
+
+def test_stops_after_n_nonfinite_steps_in_a_row(data_dir, tmp_path):
+    # An absurd learning rate: the first update is finite, every later loss is not.
+    r = run(tiny_args(data_dir, tmp_path / "w", "lr_schedule.peak_lr=1e30", "lr_schedule.warmup_steps=0",
+                      "make_optimizer.clip_norm=None", "train.max_nonfinite_in_a_row=3", steps=20, every=100))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "3 non-finite steps in a row" in r.stderr and "last good checkpoint" in r.stderr
+    lines = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["finite"] for l in lines][-3:] == [0.0, 0.0, 0.0] and len(lines) < 20
