@@ -43,15 +43,8 @@ def bench(name, cfg, batch, seq_len, steps):
     mem = compiled.memory_analysis()
     xla_gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                - mem.alias_size_in_bytes) / 2**30 if mem is not None else float("nan")
-    state, m = compiled(state, b)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.time()
-        state, m = compiled(state, b)
-        jax.block_until_ready(m)
-        times.append(time.time() - t)
-    dt = float(np.median(times))
+    state, _ = timed(compiled, state, b, 1)
+    state, dt = timed(compiled, state, b, steps)
     tokens = batch * seq_len
     tflops = flops_per_token(cfg, seq_len) * tokens / dt / 1e12
     peak = peak_flops(jax.devices()[0].device_kind)
@@ -60,13 +53,66 @@ def bench(name, cfg, batch, seq_len, steps):
           f"{tflops:.3f} | {mfu} | {xla_gib:.2f} | {peak_rss_gib():.2f} |", flush=True)
 
 
+def sweep(steps: int, max_run_t: int):
+    """Stage-3 memory: the small-MoE train step at growing T, reference vs chunked attention."""
+    from qwen3_jax.config import get_config
+
+    print("\n| T | attention | XLA peak GiB | step s | tokens/s |")
+    print("|---|---|---|---|---|")
+    for T in (4096, 8192, 16384, 32768):
+        for impl in ("reference", "chunked"):
+            cfg = get_config("small-moe", moe_impl="dense", compute_dtype="float32", remat="full",
+                             attention_impl=impl, attention_block=256)
+            gib, dt = measure(cfg, 1, T, steps if (impl == "chunked" and T <= max_run_t) or T <= 4096 else 0)
+            run = f"{dt:.2f} | {T / dt:,.0f}" if dt else "not run | -"
+            print(f"| {T} | {impl} | {gib:.2f} | {run} |", flush=True)
+
+
+def measure(cfg, batch, seq_len, steps):
+    from qwen3_jax.train.optim import make_optimizer
+    from qwen3_jax.train.step import init_state, make_train_step
+
+    opt, sched = make_optimizer(100)
+    state = jax.eval_shape(lambda: init_state(cfg, opt)) if not steps else jax.jit(lambda: init_state(cfg, opt))()
+    b = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp_dtype)
+         for k, jnp_dtype in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
+                              ("segment_ids", np.int32), ("positions", np.int32))}
+    compiled = jax.jit(make_train_step(cfg, opt, schedule=sched), donate_argnums=0).lower(state, b).compile()
+    mem = compiled.memory_analysis()
+    gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+           - mem.alias_size_in_bytes) / 2**30
+    if not steps:
+        return gib, 0.0
+    tok = np.zeros((batch, seq_len), np.int32)
+    real = dict(tokens=tok, targets=tok, loss_mask=np.ones((batch, seq_len), np.float32),
+                segment_ids=np.ones((batch, seq_len), np.int32),
+                positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+    return gib, timed(compiled, state, real, steps)[1]
+
+
+def timed(compiled, state, batch, steps):
+    """(state, median seconds per step) over `steps` calls."""
+    times = []
+    for _ in range(steps):
+        t = time.time()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.time() - t)
+    return state, float(np.median(times))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--only", choices=["smoke", "slice"], default=None)
     p.add_argument("--slice-layers", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--sweep", action="store_true", help="stage-3 memory sweep T=4K..32K instead")
+    p.add_argument("--max-run-t", type=int, default=32768, help="sweep: run steps only up to this T")
     args = p.parse_args()
+    if args.sweep:
+        sweep(args.steps, args.max_run_t)
+        return
     from qwen3_jax.config import get_config
 
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
