@@ -24,6 +24,8 @@ import re
 import sys
 from collections import defaultdict
 
+import numpy as np
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles (or tests) at once
@@ -78,13 +80,11 @@ def topology_devices(topo: dict, num_slices: int = 1):
 
 
 def model_flops_per_token(cfg, seq_len: int) -> float:
-    """6 × matmul params touched per token + causal attention (6·L·T·N·H), for one train step."""
-    from qwen3_jax.params import count_params
+    """The model's own count (`qwen3_jax.train.metrics.flops_per_token`: 6 × matmul params
+    touched per token + causal attention), for one train step."""
+    from qwen3_jax.train.metrics import flops_per_token
 
-    active = count_params(cfg)["active_params"]
-    if not cfg.tie_embeddings:
-        active -= cfg.vocab_size * cfg.d_model  # the input embedding is a lookup, not a matmul
-    return 6.0 * active + 6.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+    return flops_per_token(cfg, seq_len)
 
 
 def _trip_count(while_line: str, comps: dict) -> float:
@@ -99,9 +99,7 @@ def _trip_count(while_line: str, comps: dict) -> float:
     return float(max(consts)) if consts else 1.0
 
 
-def collective_summary(hlo_text: str) -> dict:
-    """Per collective kind: instructions executed per step and bytes moved (output sizes),
-    with ops inside while loops (the layer scan, micro-batches) multiplied by the trip count."""
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     comps: dict[str, list[str]] = {}
     entry, cur = None, None
     for line in hlo_text.splitlines():
@@ -113,21 +111,56 @@ def collective_summary(hlo_text: str) -> dict:
                 entry = cur
         elif cur is not None:
             comps[cur].append(line)
-    mult = defaultdict(float)
+    return comps, entry
+
+
+def _multipliers(comps: dict, entry: str) -> dict[str, float]:
+    """How often each computation runs per step: while bodies × their trip counts, nested."""
+    edges: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for c, lines in comps.items():
+        for line in lines:
+            callees = re.findall(r"(?:body|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)", line)
+            for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", line):
+                callees += re.findall(r"%?([\w.\-]+)", group)
+            trip = _trip_count(line, comps) if " while(" in line else 1.0
+            for callee in callees:
+                if callee in comps and callee != c:
+                    edges[c].append((callee, trip))
+    indeg: dict[str, int] = defaultdict(int)
+    seen, stack = {entry}, [entry]
+    while stack:  # the computations reachable from the entry, and their callers' count
+        for callee, _ in edges[stack.pop()]:
+            indeg[callee] += 1
+            if callee not in seen:
+                seen.add(callee)
+                stack.append(callee)
+    mult = defaultdict(float, {entry: 1.0})
+    ready = [entry]
+    while ready:  # topological order: a computation's count is final before it is propagated
+        c = ready.pop()
+        for callee, trip in edges[c]:
+            mult[callee] += mult[c] * trip
+            indeg[callee] -= 1
+            if indeg[callee] == 0:
+                ready.append(callee)
+    return mult
+
+
+def _nbytes(type_text: str) -> int:
+    return sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_text))
+
+
+def collective_summary(hlo_text: str, ragged_rows: float | None = None) -> dict:
+    """Per collective kind: instructions executed per step and bytes moved (output sizes),
+    with ops inside while loops (the layer scan, micro-batches) multiplied by the trip count.
+
+    ragged-all-to-all outputs are worst-case buffers (dropless: every token of the expert group
+    could pick this device); `bytes_expected` counts `ragged_rows` rows of them instead."""
+    comps, entry = _computations(hlo_text)
     if entry is None:
         return {}
-    mult[entry] = 1.0
-    stack = [entry]
-    while stack:
-        c = stack.pop()
-        for line in comps.get(c, []):
-            for callee in re.findall(r"(?:body|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)", line):
-                trip = 1.0
-                if " while(" in line and "body=" in line:
-                    trip = _trip_count(line, comps)
-                if callee in comps and callee != c:
-                    mult[callee] += mult[c] * trip
-                    stack.append(callee)
+    mult = _multipliers(comps, entry)
     out = {k: {"count": 0, "bytes": 0.0} for k in COLLECTIVES}
     for c, lines in comps.items():
         if not mult.get(c):
@@ -137,11 +170,134 @@ def collective_summary(hlo_text: str) -> dict:
                           r"collective-permute)(-start)?\(", line)
             if not m:
                 continue
-            nbytes = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                         for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)))
-            out[m.group(2)]["count"] += mult[c]
-            out[m.group(2)]["bytes"] += mult[c] * nbytes
+            nbytes = _nbytes(m.group(1))
+            kind = out[m.group(2)]
+            kind["count"] += mult[c]
+            kind["bytes"] += mult[c] * nbytes
+            if m.group(2) == "ragged-all-to-all" and ragged_rows:
+                rows = _shapes(m.group(1))[0][1][0]
+                kind["bytes_expected"] = kind.get("bytes_expected", 0.0) + \
+                    mult[c] * nbytes * min(1.0, ragged_rows / rows)
     return {k: v for k, v in out.items() if v["count"]}
+
+
+# -- FLOPs from the compiled HLO ---------------------------------------------------------------------
+
+def _shapes(type_text: str) -> list[tuple[str, list[int]]]:
+    return [(dt, [int(d) for d in dims.split(",") if d]) for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_text)]
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+
+
+def _conv_macs(line: str, out_dims: list[int], lhs_dims: list[int], rhs_dims: list[int]) -> float:
+    """Multiply-adds of an XLA convolution, counting only window taps that land on real (not
+    padding or dilation-hole) input: XLA:TPU writes batched matmuls as convolutions whose
+    windows slide over a padded batch dimension with one valid tap per output."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
+    if not labels:
+        return 2.0 * math.prod(out_dims)
+    lhs_l, rhs_l, out_l = labels.groups()
+    win = re.search(r"window=\{([^}]*)\}", line)
+    attrs = dict(kv.split("=") for kv in win.group(1).split()) if win else {}
+    nsp = sum(ch.isdigit() for ch in out_l)
+    field = lambda k, d: [int(x) for x in attrs[k].split("x")] if k in attrs else [d] * nsp  # noqa: E731
+    size, stride = field("size", 1), field("stride", 1)
+    lhs_dil, rhs_dil = field("lhs_dilate", 1), field("rhs_dilate", 1)
+    pads = [tuple(int(x) for x in p.split("_")) for p in attrs["pad"].split("x")] if "pad" in attrs \
+        else [(0, 0)] * nsp
+    taps = 1.0
+    for d in range(nsp):
+        i_size = lhs_dims[lhs_l.index(str(d))]
+        o_size = out_dims[out_l.index(str(d))]
+        dilated = (i_size - 1) * lhs_dil[d] + 1
+        o = np.arange(o_size)
+        valid = 0
+        for t in range(size[d]):
+            pos = o * stride[d] + t * rhs_dil[d] - pads[d][0]
+            valid += int(np.count_nonzero((pos >= 0) & (pos < dilated) & (pos % lhs_dil[d] == 0)))
+        taps *= valid
+    non_spatial = math.prod(n for n, ch in zip(out_dims, out_l) if not ch.isdigit())
+    return non_spatial * rhs_dims[rhs_l.index("i")] * taps
+
+
+# splash kernels: matmul FLOPs per (q row, k row, head dim) with a causal mask's half of the blocks
+_SPLASH_FLOPS = {"fwd": 4.0, "dkv": 8.0, "dq": 6.0, "bwd": 10.0}
+
+
+def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = True) -> dict:
+    """Matmul FLOPs per device of one step from the compiled HLO text.
+
+    dot and convolution: 2·(output elements)·(contracted size) (convolutions: real window taps
+    only). Each computation counts × the trip counts of the while loops around it (the layer
+    scan, micro-batches), which XLA's cost_analysis counts once. Kernels (custom calls) that
+    cost_analysis does not see: ragged_dot / megablox gmm and tgmm count 2·rows·K·N with
+    `ragged_rows` rows (the assignments this device really receives) instead of their buffer's
+    worst case; splash attention 4 (forward), 8 (dK,dV) or 6 (dQ) ·B·N·T·S·H, halved when causal
+    (its backward recomputes the scores: 1.5x the model's attention count, 2x with full remat).
+    Elementwise work (norms, softmax, SwiGLU gating) is not counted: it is < 1% here.
+    """
+    comps, entry = _computations(hlo_text)
+    if entry is None:
+        return {}
+    mult = _multipliers(comps, entry)
+    shapes: dict[str, list[int]] = {}
+    parsed = []
+    for c, lines in comps.items():
+        for line in lines:
+            m = _INSTR.match(line)
+            if m:
+                name, typ, op, rest = m.groups()
+                sh = _shapes(typ)
+                if len(sh) == 1:
+                    shapes[name] = sh[0][1]
+                if mult.get(c) and op in ("dot", "convolution", "custom-call"):
+                    parsed.append((c, name, typ, op, rest))
+    out = defaultdict(float)
+    for c, name, typ, op, rest in parsed:
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        odims = _shapes(typ)[0][1] if _shapes(typ) else []
+        if op == "dot":
+            lhs = shapes.get(operands[0], [])
+            cdims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+            contracted = math.prod(lhs[int(i)] for i in cdims.group(1).split(",") if i) if cdims and lhs else 1
+            out["dot"] += mult[c] * 2.0 * math.prod(odims) * contracted
+        elif op == "convolution":
+            lhs, rhs = shapes.get(operands[0]), shapes.get(operands[1])
+            if lhs is None or rhs is None:
+                continue
+            out["convolution"] += mult[c] * 2.0 * _conv_macs(rest, odims, lhs, rhs)
+        else:
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            tag = name + " " + (meta.group(1) if meta else "")
+            cons = _shapes(re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", rest).group(1)) \
+                if "operand_layout_constraints" in rest else []
+            if "splash" in tag:
+                kind = next((k for k in ("fwd", "dkv", "dq", "bwd") if f"_{k}" in name), None)
+                qk = [d for dt, d in cons if len(d) >= 3 and dt in ("bf16", "f32", "f16")]
+                if kind and len(qk) >= 2:  # q [(B,) N, T, H], k [(B,) K, S, H]
+                    T, H = qk[0][-2:]
+                    S = qk[1][-2]
+                    out["attention_kernel"] += mult[c] * _SPLASH_FLOPS[kind] * math.prod(qk[0][:-2]) * T * S * H \
+                        * (0.5 if causal else 1.0)
+            elif re.search(r"ragged.dot|gmm", tag) and "metadata" not in tag:
+                mats = [d for dt, d in cons if len(d) in (2, 3) and dt in ("bf16", "f32", "f16")]
+                two = [d for d in mats if len(d) == 2]
+                three = [d for d in mats if len(d) == 3]
+                if len(odims) == 2 and two and three:  # [M,K] x [G,K,N] -> [M,N]
+                    M, K = two[0]
+                    N = odims[1]
+                elif len(odims) == 3 and len(two) >= 2:  # [K,M] x [M,N] -> [G,K,N] (weight gradient)
+                    G, K, N = odims
+                    M = next((d[0] for d in two if d[1] == N and d[0] != K), max(two[0]))
+                else:
+                    continue
+                rows = min(M, ragged_rows) if ragged_rows else M
+                out["grouped_matmul"] += mult[c] * 2.0 * rows * K * N
+                out["grouped_matmul_buffer"] += mult[c] * 2.0 * M * K * N
+    res = dict(out)
+    res["total"] = sum(v for k, v in out.items() if k != "grouped_matmul_buffer")
+    return res
 
 
 def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: int, topology: str,
@@ -203,7 +359,11 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
                mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     tokens = global_batch * seq_len
     model_flops = model_flops_per_token(cfg, seq_len) * tokens / len(devices)
-    flops = float(cost.get("flops", 0.0))
+    ragged_rows = None
+    if cfg.num_experts and mesh.shape.get("expert", 1) > 1:  # rows one device's experts get per micro-batch
+        ragged_rows = tokens * cfg.num_experts_per_tok / (sharding.batch_shards(mesh) * micro_batches)
+    counted = hlo_flops(text, ragged_rows=ragged_rows, causal=True)
+    flops = counted.get("total", 0.0)
     return {
         "model": cfg.name, "topology": topology, "libtpu_topology": topo["libtpu_name"], "num_slices": num_slices,
         "chips": chips, "devices": len(devices), "device_kind": devices[0].device_kind,
@@ -212,13 +372,16 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
         "moe_exchange": moe_exchange, "capacity_factor": capacity_factor,
         "flops_per_chip": flops * per_chip, "model_flops_per_chip": model_flops * per_chip,
         "flops_ratio_compiled_to_model": flops / model_flops if model_flops else None,
+        "flops_breakdown_per_chip": {k: v * per_chip for k, v in counted.items()},
+        "xla_cost_analysis_flops_per_chip": float(cost.get("flops", 0.0)) * per_chip,
+        "expected_expert_rows_per_device": ragged_rows,
         "bytes_per_chip_arguments": mem.argument_size_in_bytes * per_chip,
         "bytes_per_chip_output": mem.output_size_in_bytes * per_chip,
         "bytes_per_chip_alias": mem.alias_size_in_bytes * per_chip,
         "bytes_per_chip_temp": mem.temp_size_in_bytes * per_chip,
         "bytes_per_chip_peak": peak * per_chip, "hbm_bytes_per_chip": hbm * per_chip,
         "fits": peak <= hbm, "sharding_fallbacks": fallbacks,
-        "collectives": collective_summary(text),
+        "collectives": collective_summary(text, ragged_rows),
     }
 
 
@@ -233,12 +396,15 @@ def format_report(r: dict) -> str:
              f"            peak {g(r['bytes_per_chip_peak'])} of {g(r['hbm_bytes_per_chip'])} HBM -> "
              f"{'FITS' if r['fits'] else 'DOES NOT FIT'}",
              f"  FLOPs per chip: compiled {r['flops_per_chip']:.3e}, model {r['model_flops_per_chip']:.3e} "
-             f"(ratio {r['flops_ratio_compiled_to_model']:.2f}; full remat adds one forward: ~1.33)"]
+             f"(ratio {r['flops_ratio_compiled_to_model']:.2f}; full remat adds one forward: ~1.33)",
+             "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in
+                                                 r.get("flops_breakdown_per_chip", {}).items() if k != "total")]
     for note in r["sharding_fallbacks"]:
         lines.append(f"  fallback (replicated): {note}")
     lines.append("  collectives per step (count, bytes per chip):")
     for k, v in r["collectives"].items():
-        lines.append(f"    {k:<20} {v['count']:8.0f}  {v['bytes'] / GIB:10.2f} GiB")
+        extra = f"  (expected rows: {v['bytes_expected'] / GIB:.2f} GiB)" if "bytes_expected" in v else ""
+        lines.append(f"    {k:<20} {v['count']:8.0f}  {v['bytes'] / GIB:10.2f} GiB{extra}")
     return "\n".join(lines)
 
 
@@ -266,9 +432,9 @@ def main(argv=None) -> int:
     p.add_argument("--micro_batches", type=int, default=None)
     p.add_argument("--attention_impl", default=None)
     p.add_argument("--remat", default=None)
-    p.add_argument("--moe_exchange", default="auto")
-    p.add_argument("--capacity_factor", type=float, default=None)
-    p.add_argument("--aux_scope", default="global")
+    p.add_argument("--moe_exchange", default=None, help="auto (default) | ragged | gather")
+    p.add_argument("--capacity_factor", type=float, default=None, help="default: dropless")
+    p.add_argument("--aux_scope", default=None, help="global (default) | micro_batch")
     p.add_argument("--hbm_gib", type=float, default=None, help="what-if: HBM per chip instead of the chip's")
     p.add_argument("--report", default=None, help="write the report as JSON here")
     p.add_argument("--hlo_dump", default=None, help="write the compiled HLO text here")
@@ -294,9 +460,11 @@ def main(argv=None) -> int:
     micro = args.micro_batches or settings.get("micro_batches") or 1
     if not seq_len or not batch:
         p.error("--seq_len and --global_batch are needed (or a gin file that sets them)")
+    pick = lambda k, d: getattr(args, k) if getattr(args, k) is not None else settings.get(k, d)  # noqa: E731
     report = aot_compile(cfg, mesh_cfg, seq_len, batch, micro, args.topology, args.num_slices,
-                         aux_scope=args.aux_scope, moe_exchange=args.moe_exchange,
-                         capacity_factor=args.capacity_factor, hlo_dump=args.hlo_dump,
+                         aux_scope=pick("aux_scope", "global"), moe_exchange=pick("moe_exchange", "auto"),
+                         capacity_factor=pick("capacity_factor", None), z_loss=settings.get("z_loss", 0.0),
+                         hlo_dump=args.hlo_dump,
                          hbm_bytes_per_chip=int(args.hbm_gib * GIB) if args.hbm_gib else None)
     print(format_report(report) if "error" not in report else
           f"{report['model']} on {report['topology']}, mesh {report['mesh']}: DOES NOT FIT\n  {report['error']}")
@@ -307,30 +475,31 @@ def main(argv=None) -> int:
 
 
 def gin_settings(files, bindings) -> dict:
-    """Model config, mesh, seq_len, batch and micro-batches from the training gin files."""
+    """What the training gin files say: the model (as `train` builds it, for TPU), SEQ_LEN,
+    BATCH_SIZE, micro-batches, the mesh (`train.mesh = @MeshConfig()`), the MoE exchange and
+    capacity, aux scope and z-loss. Parsed by launch/train.py's own `parse_gin`."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gin
     from train import parse_gin  # launch/train.py
 
+    from qwen3_jax.train.loop import model_config
+
     parse_gin(files, bindings)
-    out = {"seq_len": gin.query_parameter("train.seq_len"), "global_batch": gin.query_parameter("train.batch_size")}
-    for key, name in (("micro_batches", "train.micro_batches"),):
+
+    def query(name, default=None):
         try:
-            out[key] = gin.query_parameter(name)
+            return gin.query_parameter(name)
         except ValueError:
-            pass
-    try:
-        from qwen3_jax.train.loop import model_config  # gin-configurable model config, when it exists
+            return default
 
-        out["cfg"] = model_config()
-    except (ImportError, TypeError):
-        pass
-    try:
-        from qwen3_jax.sharding import MeshConfig
-
-        out["mesh_cfg"] = gin.get_configurable(MeshConfig)() if gin else None
-    except Exception:  # noqa: BLE001  (mesh not gin-registered yet)
-        pass
+    out = {"cfg": model_config(backend="tpu"), "seq_len": query("%SEQ_LEN"), "global_batch": query("%BATCH_SIZE")}
+    for key in ("micro_batches", "moe_exchange", "capacity_factor", "aux_scope", "z_loss"):
+        v = query(f"train.{key}")
+        if v is not None:
+            out[key] = v
+    ref = query("train.mesh")
+    if ref is not None:
+        out["mesh_cfg"] = ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
     return out
 
 

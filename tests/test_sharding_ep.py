@@ -239,3 +239,30 @@ def test_train_step_global_aux_micro_batched_sharded_equals_one_pass():
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-6, err_msg=k)
     assert float(m_micro["aux_loss"]) > float(ref_m["aux_loss"]) + 1e-4
+
+
+def test_megablox_grouped_matmuls_match_ragged_dot():
+    """The TPU kernel path (megablox gmm/tgmm, here in Pallas interpret mode on CPU): values and
+    gradients equal lax.ragged_dot's, with rows past the groups' sum (the dropless buffer's empty
+    tail) giving 0 and no gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen3_jax.model import moe_ep
+
+    R, D, F, G = 256, 128, 128, 2
+    ks = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(ks[0], (R, D), jnp.float32)
+    gate, up = (jax.random.normal(k, (G, D, F), jnp.float32) / D ** 0.5 for k in ks[1:3])
+    down = jax.random.normal(ks[3], (G, F, D), jnp.float32) / F ** 0.5
+    sizes = jnp.array([100, 60], jnp.int32)  # 96 empty rows at the end
+
+    def loss(kernel, *w):
+        return jnp.sum(moe_ep._grouped(x, sizes, *w, kernel) ** 2)
+
+    ref, ref_g = jax.value_and_grad(lambda *w: loss("ragged_dot", *w), argnums=(0, 1, 2))(gate, up, down)
+    got, got_g = jax.value_and_grad(lambda *w: loss("megablox_interpret", *w), argnums=(0, 1, 2))(gate, up, down)
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    for a, b in zip(got_g, ref_g):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    assert bool(jnp.all(moe_ep._grouped(x, sizes, gate, up, down, "megablox_interpret")[160:] == 0))

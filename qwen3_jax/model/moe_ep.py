@@ -10,7 +10,10 @@ Exchange strategies (`sharding.use_rules(..., moe_exchange=...)`):
   ragged  sort the N·k assignments by expert, `jax.lax.ragged_all_to_all` each device's slice to
           the device owning those experts, grouped matmul (`jax.lax.ragged_dot`) over the
           received rows, ragged_all_to_all back, un-sort, combine with the router weights.
-          Communication and compute ∝ tokens·k. For TPU/GPU (XLA:CPU cannot run it).
+          Communication and compute ∝ tokens·k. For TPU/GPU (XLA:CPU cannot run it). On TPU
+          the grouped matmuls are megablox's (Pallas gmm/tgmm, which skip the buffer's empty
+          tiles): XLA:TPU turns the weight gradient of `lax.ragged_dot` into a masked dense
+          matmul over every local expert × every buffer row (20x the model's FLOPs at 30b-a3b).
   gather  all-gather the tokens of the expert axis, each device runs its own experts on the
           assignments that chose them, reduce-scatter the partial outputs back. Exact, runs on
           XLA:CPU: the reference for testing the same numerics on fake devices.
@@ -76,9 +79,44 @@ def apply_capacity(ids_Nk, weights_Nk, num_experts: int, cap: int | None):
 
 # -- local expert computation --------------------------------------------------------------------
 
-def _grouped(xs_RD, group_sizes, gate, up, down):
-    """Rows sorted by local expert, `group_sizes` [E_loc]; rows past their sum give 0."""
+def _tile(n: int, pref: int) -> int:
+    t = min(pref, n)
+    while n % t:
+        t //= 2
+    return max(t, 1)
+
+
+def _gmm(x_RK, w_GKN, group_sizes, dt, interpret=False):
+    """Megablox grouped matmul (Pallas, TPU): forward and both gradients visit only the tiles the
+    groups cover, so the work follows the rows really received, not the buffer. (XLA:TPU lowers
+    the weight gradient of `lax.ragged_dot` to a masked dense matmul over every local expert ×
+    every buffer row: E_loc × the worst case.)"""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    R, K = x_RK.shape
+    N = w_GKN.shape[2]
+    t = min(512, K, N)  # the backward swaps K and N under the same tiling: one size for both
+    return gmm(x_RK, w_GKN.astype(dt), group_sizes, dt, (_tile(R, 512), t, t), None, None, False, interpret)
+
+
+def megablox_ok(d_model: int, ffn_local: int) -> bool:
+    """Megablox tiles need 128-multiples in both matmul dims (the tiny test presets are smaller)."""
+    return d_model % 128 == 0 and ffn_local % 128 == 0
+
+
+def _grouped(xs_RD, group_sizes, gate, up, down, kernel: str = "ragged_dot"):
+    """Rows sorted by local expert, `group_sizes` [E_loc]; rows past their sum give 0.
+    kernel: `ragged_dot` (jax.lax, any backend), `megablox` (TPU) or `megablox_interpret` (tests)."""
     dt = xs_RD.dtype
+    if kernel.startswith("megablox"):
+        interp = kernel.endswith("interpret")
+        # gmm leaves the rows past the groups unwritten (garbage): zero them, so that neither
+        # values nor (0 * NaN) gradients leak from the empty tail
+        live_R1 = (jnp.arange(xs_RD.shape[0]) < jnp.sum(group_sizes))[:, None]
+        g = _gmm(xs_RD, gate, group_sizes, dt, interp)
+        u = _gmm(xs_RD, up, group_sizes, dt, interp)
+        h = jnp.where(live_R1, jax.nn.silu(g) * u, 0)
+        return jnp.where(live_R1, _gmm(h, down, group_sizes, dt, interp), 0)
     g = jax.lax.ragged_dot(xs_RD, gate.astype(dt), group_sizes)
     u = jax.lax.ragged_dot(xs_RD, up.astype(dt), group_sizes)
     return jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dt), group_sizes)
@@ -133,7 +171,7 @@ def _gather_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, form, cap, tensor_axes):
     return jax.lax.psum(y_ND, tensor_axes) if tensor_axes else y_ND
 
 
-def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes):
+def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel="ragged_dot"):
     X = jax.lax.axis_size("expert")
     E_loc = gate.shape[0]
     E = X * E_loc
@@ -161,7 +199,7 @@ def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes):
     seg = jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")
     local = jnp.where(seg < X * E_loc, seg % E_loc, E_loc)
     order_r = jnp.argsort(local, stable=True)
-    ys_RD = _grouped(jnp.take(buf_RD, order_r, axis=0), recv_XE.sum(0), gate, up, down)
+    ys_RD = _grouped(jnp.take(buf_RD, order_r, axis=0), recv_XE.sum(0), gate, up, down, kernel)
     ys_RD = jnp.take(ys_RD, jnp.argsort(order_r), axis=0)
     # 4. back to the sources, into their sorted layout; un-sort and combine
     back_off = jax.lax.all_to_all(in_off, "expert", 0, 0, tiled=True)
@@ -204,10 +242,14 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
         tp = tp[0]
     cap = capacity_per_source((B * T) // shards, k, E, ctx.capacity_factor)
     exchange = resolve_exchange(ctx)
+    kernel = "ragged_dot"
     if exchange == "gather":
         body = lambda *a: _gather_body(*a, form=form, cap=cap, tensor_axes=tensor_axes)  # noqa: E731
     else:
-        body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes)  # noqa: E731
+        tp_size = math.prod(mesh.shape[a] for a in tensor_axes)
+        if ctx.mesh.devices.flat[0].platform == "tpu" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
+            kernel = "megablox"
+        body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, kernel=kernel)  # noqa: E731
 
     def per_device(x_ND, w_Nk, ids_Nk, gate, up, down):
         ids_Nk, w_Nk = apply_capacity(ids_Nk, w_Nk, E, cap)
@@ -216,7 +258,10 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
     tok = P(batch_axes, None)
     fn = jax.shard_map(per_device, mesh=mesh,
                        in_specs=(tok, tok, tok, P("expert", None, tp), P("expert", None, tp), P("expert", tp, None)),
-                       out_specs=tok)
+                       out_specs=tok,
+                       # Pallas outputs carry no varying-axes type; unchecked, shard_map's transpose
+                       # still psums the weights' cotangents over the axes their specs omit
+                       check_vma=kernel != "megablox")
     y_ND = fn(x_BTD.reshape(B * T, D), weights_BTk.reshape(B * T, k), ids_BTk.reshape(B * T, k),
               gate_EDF, up_EDF, down_EFD)
     return y_ND.reshape(B, T, D)

@@ -1,0 +1,88 @@
+"""AOT-compile the train step for the TPU slices we plan on, and print one table.
+
+  python benchmarks/bench_aot.py                 # compile every case (minutes each, CPU + libtpu)
+  python benchmarks/bench_aot.py --only 30b,8b   # a subset
+  python benchmarks/bench_aot.py --from_json     # just print the saved reports (benchmarks/aot_reports/)
+
+Columns: mesh, batch, per-chip peak memory vs HBM, FLOPs per chip counted from the compiled HLO
+vs the model's own count (qwen3_jax.train.metrics.flops_per_token) and their ratio, and bytes
+per chip per step by collective kind (ragged all-to-all: the rows really sent, not the worst-case
+buffer). Each compile runs `launch/aot_compile.py` in a subprocess and saves its JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "benchmarks" / "aot_reports"
+GIB = 1024 ** 3
+
+# name -> aot_compile.py arguments (the chosen configuration per preset / stage)
+CASES = {
+    "235b_s1": ["--preset", "qwen3-235b-a22b", "--topology", "v5p-1024", "--mesh", "fsdp=64,expert=8",
+                "--seq_len", "4096", "--global_batch", "1024"],
+    "235b_s3": ["--preset", "qwen3-235b-a22b", "--topology", "v5p-1024", "--mesh", "fsdp=128,expert=4",
+                "--seq_len", "32768", "--global_batch", "512"],
+    "30b": ["--preset", "qwen3-30b-a3b", "--topology", "v5p-128", "--mesh", "fsdp=8,expert=8",
+            "--seq_len", "4096", "--global_batch", "256"],
+    "8b": ["--preset", "qwen3-8b", "--topology", "v5p-128", "--mesh", "fsdp=64",
+           "--seq_len", "4096", "--global_batch", "256"],
+}
+SHORT = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS", "all-to-all": "A2A",
+         "ragged-all-to-all": "rA2A", "collective-permute": "CP"}
+
+
+def compile_case(name: str) -> dict:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    out = REPORTS / f"{name}.json"
+    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "aot_compile.py"), *CASES[name], "--report", str(out)],
+                       env=env, capture_output=True, text=True)
+    if not out.exists():
+        raise RuntimeError(f"{name}: aot_compile failed\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def row(name: str, r: dict) -> str:
+    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1)
+    peak = r.get("bytes_per_chip_peak") or 0
+    mem = f"{peak / GIB:6.1f}/{r['hbm_bytes_per_chip'] / GIB:.0f} GiB {'ok ' if r['fits'] else 'OOM'}"
+    if r.get("flops_per_chip") is None:
+        return f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} {mem}"
+    fl = f"{r['flops_per_chip']:.2e} {r['model_flops_per_chip']:.2e} {r['flops_ratio_compiled_to_model']:5.2f}"
+    coll = " ".join(f"{SHORT.get(k, k)} {v.get('bytes_expected', v['bytes']) / GIB:.0f}"
+                    for k, v in r["collectives"].items())
+    return (f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
+            f"{mem}  {fl}  {coll}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from_json", action="store_true", help="print the saved reports, compile nothing")
+    p.add_argument("--only", default=None, help="comma-separated case names: " + ",".join(CASES))
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else list(CASES)
+    print(f"{'case':<10} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12}  peak/HBM per chip     "
+          f"FLOPs/chip: HLO     model  ratio  collectives GiB/chip/step")
+    for name in names:
+        path = REPORTS / f"{name}.json"
+        if args.from_json:
+            if not path.exists():
+                print(f"{name:<10} (no saved report)")
+                continue
+            r = json.loads(path.read_text())
+        else:
+            r = compile_case(name)
+        print(row(name, r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
