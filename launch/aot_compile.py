@@ -303,7 +303,7 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
 def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: int, topology: str,
                 num_slices: int = 1, *, aux_scope: str = "global", moe_exchange: str = "auto",
                 capacity_factor: float | None = None, z_loss: float = 0.0, hlo_dump: str | None = None,
-                hbm_bytes_per_chip: int | None = None) -> dict:
+                hbm_bytes_per_chip: int | None = None, loss_chunk: int | None = 2048) -> dict:
     """Compiles the train step for `topology` (× `num_slices`) and returns the report dict."""
     import jax
     import jax.numpy as jnp
@@ -331,7 +331,8 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
     bsh = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=bsh)
              for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
-    step = make_train_step(cfg, optimizer, micro_batches=micro_batches, aux_scope=aux_scope, z_loss=z_loss)
+    step = make_train_step(cfg, optimizer, micro_batches=micro_batches, aux_scope=aux_scope, z_loss=z_loss,
+                           loss_chunk=loss_chunk)
     with sharding.use_rules(mesh, moe_exchange=moe_exchange, capacity_factor=capacity_factor):
         lowered = jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None),
                           donate_argnums=0).lower(abstract, batch)
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
     report = aot_compile(cfg, mesh_cfg, seq_len, batch, micro, args.topology, args.num_slices,
                          aux_scope=pick("aux_scope", "global"), moe_exchange=pick("moe_exchange", "auto"),
                          capacity_factor=pick("capacity_factor", None), z_loss=settings.get("z_loss", 0.0),
-                         hlo_dump=args.hlo_dump,
+                         hlo_dump=args.hlo_dump, loss_chunk=settings.get("loss_chunk", 2048),
                          hbm_bytes_per_chip=int(args.hbm_gib * GIB) if args.hbm_gib else None)
     print(format_report(report) if "error" not in report else
           f"{report['model']} on {report['topology']}, mesh {report['mesh']}: DOES NOT FIT\n  {report['error']}")
@@ -493,7 +494,7 @@ def gin_settings(files, bindings) -> dict:
             return default
 
     out = {"cfg": model_config(backend="tpu"), "seq_len": query("%SEQ_LEN"), "global_batch": query("%BATCH_SIZE")}
-    for key in ("micro_batches", "moe_exchange", "capacity_factor", "aux_scope", "z_loss"):
+    for key in ("micro_batches", "moe_exchange", "capacity_factor", "aux_scope", "z_loss", "loss_chunk"):
         v = query(f"train.{key}")
         if v is not None:
             out[key] = v

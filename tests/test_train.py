@@ -221,3 +221,19 @@ def test_stops_after_n_nonfinite_steps_in_a_row(data_dir, tmp_path):
     assert "3 non-finite steps in a row" in r.stderr and "last good checkpoint" in r.stderr
     lines = [json.loads(l) for l in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [l["finite"] for l in lines][-3:] == [0.0, 0.0, 0.0] and len(lines) < 20
+
+
+def test_chunked_output_head_loss_equals_full_logits():
+    cfg = get_config("tiny-moe", compute_dtype="float32", moe_impl="dense", remat="none", tie_embeddings=True)
+    opt, _ = make_optimizer(10)
+    state = init_state(cfg, opt)
+    batch = _batch(B=2, T=64)
+    from qwen3_jax.train.step import make_loss_fn
+
+    full = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
+    chunked = jax.value_and_grad(make_loss_fn(cfg, loss_chunk=16), has_aux=True)
+    (la, _), ga = jax.jit(full)(state.params, batch, 100.0)
+    (lb, _), gb = jax.jit(chunked)(state.params, batch, 100.0)
+    np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)

@@ -179,7 +179,8 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
           aux_scope: str = "global", seed: int = 0, init_from: str | None = None, keep_last: int = 3,
           keep_every: int | None = None, log_every: int = 10, max_nonfinite_in_a_row: int = 5,
           async_checkpoint: bool = True, mesh: sharding.MeshConfig | None = None, moe_exchange: str = "auto",
-          capacity_factor: float | None = None, stop_after: int | None = None) -> dict:
+          capacity_factor: float | None = None, loss_chunk: int | None = 2048,
+          stop_after: int | None = None) -> dict:
     """Trains to `steps` optimizer steps (resuming from `workdir` when it has a checkpoint).
 
     make_data(seq_len=, global_batch_size=, seed=) -> per-host batch iterator with get_state/set_state.
@@ -188,6 +189,8 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
     mesh: ICI/DCN sizes of the data, fsdp, expert, tensor axes (default: FSDP over all devices);
       parameters, optimizer state and activations follow `qwen3_jax.sharding`'s rules.
     moe_exchange / capacity_factor: expert-parallel token exchange and optional capacity (dropless).
+    loss_chunk: positions per piece of the output-head + cross-entropy computation (the full
+      [B,T,V] logits are never materialised); None = all at once.
     stop_after: stop (with a checkpoint) after this many steps of this invocation — for tests.
     Returns a summary dict (final step, last metrics).
     """
@@ -228,9 +231,11 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
                 if params is not None else jax.jit(lambda: init_state(cfg, optimizer, seed), out_shardings=state_sh)
             state = init(params) if params is not None else init()
         step_fn = jax.jit(make_train_step(cfg, optimizer, micro_batches=micro_batches, z_loss=z_loss,
+                                          loss_chunk=loss_chunk,
                                           aux_loss_coef=aux_loss_coef, aux_scope=aux_scope, schedule=schedule),
                           in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-        eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(state_sh.params, batch_sh)) if make_eval_data else None
+        eval_fn = (jax.jit(make_eval_step(cfg, loss_chunk), in_shardings=(state_sh.params, batch_sh))
+                   if make_eval_data else None)
 
     if start >= steps:
         print(f"nothing to do: checkpoint step {start} >= STEPS={steps}", flush=True)

@@ -65,13 +65,34 @@ def expert_load(counts_LBE):
             "expert_load_cv": f_LE.std(-1) / jnp.maximum(f_LE.mean(-1), 1e-9)}
 
 
-def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float):
+def token_lse_and_target(model, h_BTD, targets_BT, chunk: int | None = None):
+    """log-sum-exp and target logit per token [B,T] (fp32).
+
+    With `chunk`, the sequence is cut into pieces of `chunk` positions and each piece's [B,chunk,V]
+    logits are made, reduced and dropped (and remade in the backward pass), so the full [B,T,V]
+    logits — 18 GiB per chip at 32K tokens and a 152K vocabulary — never exist at once.
+    """
+    B, T, D = h_BTD.shape
+
+    def piece(h, t):
+        logits = model.logits(h)
+        return jax.nn.logsumexp(logits, axis=-1), jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+
+    if not chunk or T <= chunk or T % chunk:
+        return piece(h_BTD, targets_BT)
+    n = T // chunk
+    h_nBcD = jnp.moveaxis(h_BTD.reshape(B, n, chunk, D), 1, 0)
+    t_nBc = jnp.moveaxis(targets_BT.reshape(B, n, chunk), 1, 0)
+    lse, tgt = jax.lax.map(lambda a: jax.checkpoint(piece)(*a), (h_nBcD, t_nBc))
+    return jnp.moveaxis(lse, 0, 1).reshape(B, T), jnp.moveaxis(tgt, 0, 1).reshape(B, T)
+
+
+def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float,
+                loss_chunk: int | None = None):
     """Sums over this (micro-)batch, normalised by the global token count; plus router stats."""
     model = model_from_flat(cfg, flatten(params))
     h_BTD, stats = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
-    logits_BTV = model.logits(h_BTD)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    lse_BT, target_BT = token_lse_and_target(model, h_BTD, batch["targets"], loss_chunk)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     lm = jnp.sum((lse_BT - target_BT) * mask_BT) / total_tokens
     zl = z_loss * jnp.sum(jnp.square(lse_BT) * mask_BT) / total_tokens
@@ -79,6 +100,7 @@ def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float)
 
 
 def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float | None = None,
+                 loss_chunk: int | None = None,
                  aux_scope: str = "global", micro_batches: int = 1) -> Callable:
     """loss(params, micro_batch, total_tokens) -> (loss, (lm, z, aux, stats))."""
     if aux_scope not in AUX_SCOPES:
@@ -86,7 +108,7 @@ def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float 
     coef = cfg.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
 
     def loss_fn(params, batch, total_tokens):
-        lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss)
+        lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss, loss_chunk=loss_chunk)
         aux = jnp.zeros((), jnp.float32)
         if cfg.is_moe and coef:
             # One micro-batch's share; "global" uses the global-batch counts when they are given.
@@ -105,11 +127,12 @@ def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float 
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
+                    loss_chunk: int | None = None,
                     z_loss: float = 0.0, aux_loss_coef: float | None = None, aux_scope: str = "global",
                     schedule: optax.Schedule | None = None) -> Callable:
     """step(state, batch) -> (state, metrics). Non-finite loss or gradients skip the update."""
     loss_fn = make_loss_fn(cfg, z_loss=z_loss, aux_loss_coef=aux_loss_coef, aux_scope=aux_scope,
-                           micro_batches=micro_batches)
+                           loss_chunk=loss_chunk, micro_batches=micro_batches)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: dict):
@@ -165,9 +188,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
     return step
 
 
-def make_eval_step(cfg: ModelConfig) -> Callable:
+def make_eval_step(cfg: ModelConfig, loss_chunk: int | None = None) -> Callable:
     """eval(params, batch) -> {"nll_sum", "tokens"} (sum, so several batches can be pooled)."""
     def eval_step(params, batch):
-        lm, _, _ = _loss_terms(cfg, params, batch, 1.0, z_loss=0.0)
+        lm, _, _ = _loss_terms(cfg, params, batch, 1.0, z_loss=0.0, loss_chunk=loss_chunk)
         return {"nll_sum": lm, "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
     return eval_step
