@@ -24,7 +24,7 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def bench(name, cfg, batch, seq_len, steps):
+def bench(name, cfg, batch, seq_len, steps, loss_chunk=None):
     from qwen3_jax.train.metrics import flops_per_token, peak_flops
     from qwen3_jax.train.optim import make_optimizer
     from qwen3_jax.train.step import init_state, make_train_step
@@ -36,7 +36,7 @@ def bench(name, cfg, batch, seq_len, steps):
     b = dict(tokens=tok, targets=np.roll(tok, -1, 1), loss_mask=np.ones((batch, seq_len), np.float32),
              segment_ids=np.ones((batch, seq_len), np.int32),
              positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
-    step = jax.jit(make_train_step(cfg, opt, schedule=sched), donate_argnums=0)
+    step = jax.jit(make_train_step(cfg, opt, schedule=sched, loss_chunk=loss_chunk), donate_argnums=0)
     t0 = time.time()
     compiled = step.lower(state, b).compile()
     compile_s = time.time() - t0
@@ -49,6 +49,7 @@ def bench(name, cfg, batch, seq_len, steps):
     tflops = flops_per_token(cfg, seq_len) * tokens / dt / 1e12
     peak = peak_flops(jax.devices()[0].device_kind)
     mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-"
+    name += f", loss chunk {loss_chunk}" if loss_chunk else ""
     print(f"| {name} | {cfg.compute_dtype} | {batch}x{seq_len} | {compile_s:.1f} | {dt:.3f} | {tokens / dt:,.0f} | "
           f"{tflops:.3f} | {mfu} | {xla_gib:.2f} | {peak_rss_gib():.2f} |", flush=True)
 
@@ -107,6 +108,7 @@ def main():
     p.add_argument("--only", choices=["smoke", "slice"], default=None)
     p.add_argument("--slice-layers", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--loss-chunk", type=int, default=2048, help="0: full logits at once")
     p.add_argument("--sweep", action="store_true", help="stage-3 memory sweep T=4K..32K instead")
     p.add_argument("--max-run-t", type=int, default=32768, help="sweep: run steps only up to this T")
     args = p.parse_args()
@@ -126,7 +128,8 @@ def main():
             impl = "chunked" if jax.default_backend() == "cpu" else "reference"
             cfg = get_config("qwen3-0.6b", num_layers=args.slice_layers, compute_dtype=dtype, remat="full",
                              attention_impl=impl)
-            bench(f"qwen3-0.6b, {args.slice_layers} layers, {impl} attn", cfg, 1, args.seq_len, args.steps)
+            bench(f"qwen3-0.6b, {args.slice_layers} layers, {impl} attn", cfg, 1, args.seq_len, args.steps,
+                  args.loss_chunk or None)
 
 
 if __name__ == "__main__":
