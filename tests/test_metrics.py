@@ -63,7 +63,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, capsys):
 
     class Data:
         def get_state(self):
-            return {"pos": 1}
+            return b"{\"pos\": 1}"  # what a non-grain iterator hands to grain's checkpoint handler
 
     mgr = ckpt.manager(tmp_path / "checkpoints")
     assert _save(mgr, 1, state, Data(), cfg, {})

@@ -237,3 +237,15 @@ def test_chunked_output_head_loss_equals_full_logits():
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_with_a_changed_data_pipeline_errors_or_restarts(data_dir, tmp_path):
+    work = tmp_path / "w"
+    r = run(tiny_args(data_dir, work, "train.stop_after=4"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    changed = tiny_args(data_dir, work, "make_dataset.packing='first_fit'")
+    r = run(changed)
+    assert r.returncode == 1 and "data_state_mismatch='restart'" in r.stderr and "Traceback" not in r.stderr
+    r = run(changed + ["--gin_param", "train.data_state_mismatch='restart'"])
+    assert r.returncode == 0 and "reshuffled" in r.stderr, r.stdout + r.stderr
+    assert _final_params(work)[0] == 12

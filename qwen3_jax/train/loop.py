@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gin
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,7 +132,7 @@ def _save(mgr, step: int, state: TrainState, data_it, cfg: ModelConfig, meta: di
             TRAIN_STATE: ocp.args.StandardSave({"step": state.step, "rng": state.rng,
                                                 "nonfinite_in_a_row": state.nonfinite_in_a_row,
                                                 "nonfinite_total": state.nonfinite_total}),
-            DATA: ocp.args.JsonSave(data_it.get_state()),
+            DATA: grain.checkpoint.CheckpointSave(data_it),  # one small JSON file per process
             ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
             ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
         }), force=True)
@@ -143,19 +144,32 @@ def _save(mgr, step: int, state: TrainState, data_it, cfg: ModelConfig, meta: di
         return False
 
 
-def _restore(mgr, step: int, abstract: TrainState, data_it) -> TrainState:
+def _restore(mgr, step: int, abstract: TrainState) -> TrainState:
     counters = {"step": abstract.step, "rng": abstract.rng, "nonfinite_in_a_row": abstract.nonfinite_in_a_row,
                 "nonfinite_total": abstract.nonfinite_total}
     got = mgr.restore(step, args=ocp.args.Composite(**{
         ckpt.PARAMS: ocp.args.StandardRestore(abstract.params),
         OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
         TRAIN_STATE: ocp.args.StandardRestore(counters),
-        DATA: ocp.args.JsonRestore(),
     }))
-    data_it.set_state(got[DATA])
     t = got[TRAIN_STATE]
     return TrainState(params=got[ckpt.PARAMS], opt_state=got[OPT_STATE], step=t["step"], rng=t["rng"],
                       nonfinite_in_a_row=t["nonfinite_in_a_row"], nonfinite_total=t["nonfinite_total"])
+
+
+def _restore_data(mgr, step: int, data_it, on_mismatch: str, remake):
+    """The data iterator at the checkpoint's position; see `train(data_state_mismatch=...)`."""
+    try:
+        mgr.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_it)}))
+        return data_it
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        if on_mismatch != "restart":
+            raise TrainingError(f"the data position saved at step {step} does not fit this data pipeline ({e}). "
+                                f"If the data, batch size or process count changed on purpose, set "
+                                f"train.data_state_mismatch='restart' to continue with freshly shuffled data") from None
+        print(f"WARNING: data position of step {step} not restorable ({e}); continuing with data reshuffled "
+              f"(seed offset {step})", file=sys.stderr, flush=True)
+        return remake(step)
 
 
 def _params_from(path: str, cfg: ModelConfig, abstract_params) -> Any:
@@ -179,7 +193,7 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
           aux_scope: str = "global", seed: int = 0, init_from: str | None = None, keep_last: int = 3,
           keep_every: int | None = None, log_every: int = 10, max_nonfinite_in_a_row: int = 5,
           async_checkpoint: bool = True, mesh: sharding.MeshConfig | None = None, moe_exchange: str = "auto",
-          capacity_factor: float | None = None, loss_chunk: int | None = 2048,
+          capacity_factor: float | None = None, loss_chunk: int | None = 2048, data_state_mismatch: str = "error",
           stop_after: int | None = None) -> dict:
     """Trains to `steps` optimizer steps (resuming from `workdir` when it has a checkpoint).
 
@@ -191,6 +205,8 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
     moe_exchange / capacity_factor: expert-parallel token exchange and optional capacity (dropless).
     loss_chunk: positions per piece of the output-head + cross-entropy computation (the full
       [B,T,V] logits are never materialised); None = all at once.
+    data_state_mismatch: "error" (default) when a checkpoint's data position does not fit the
+      pipeline (other data, batch size or process count); "restart": warn and reshuffle instead.
     stop_after: stop (with a checkpoint) after this many steps of this invocation — for tests.
     Returns a summary dict (final step, last metrics).
     """
@@ -222,7 +238,10 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
     start = mgr.latest_step()
     with sharding.use_rules(mesh, **rules):
         if start is not None:
-            state = _restore(mgr, start, abstract, data_it)
+            state = _restore(mgr, start, abstract)
+            data_it = _restore_data(mgr, start, data_it, data_state_mismatch,
+                                    lambda off: make_data(seq_len=seq_len, global_batch_size=batch_size,
+                                                          seed=seed + off))
             print(f"resumed from {workdir_p / 'checkpoints' / str(start)}", flush=True)
         else:
             start = 0
