@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     args = p.parse_args(argv)
+    # A CPU demo: keep an installed libtpu (the AOT compiler) from probing for TPUs in every process.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     work = (ROOT / args.workdir).resolve() if not os.path.isabs(args.workdir) else Path(args.workdir)
     t0 = time.time()
     n = lambda k: max(2, int(k * args.scale))  # noqa: E731
@@ -86,9 +88,9 @@ def main(argv=None) -> int:
     spm_model = work / "data" / "spm4096" / "spm4096" / "spm.model"
     print({k: str(v) for k, v in parts.items()}, flush=True)
 
-    stage("stage1", work, n(150), 256, 8, "lr_schedule.peak_lr=2e-3", "lr_schedule.warmup_steps=10")
-    stage("stage2", work, n(50), 256, 8, f"PREVIOUS_STAGE='{work / 'stage1'}'", "lr_schedule.peak_lr=1e-3")
-    stage("stage3", work, n(20), 2048, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "lr_schedule.peak_lr=3e-4",
+    stage("stage1", work, n(400), 256, 8, "lr_schedule.peak_lr=2e-3", "lr_schedule.warmup_steps=10")
+    stage("stage2", work, n(120), 256, 8, f"PREVIOUS_STAGE='{work / 'stage1'}'", "lr_schedule.peak_lr=1e-3")
+    stage("stage3", work, n(40), 2048, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "lr_schedule.peak_lr=3e-4",
           "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)", "model_config.attention_impl='chunked'")
 
     print("\n=== export stage 3 to Hugging Face ===", flush=True)
