@@ -9,7 +9,7 @@
    from stage 2), each with `launch/train.py` and the real stage configs scaled down;
 3. exports stage 3 to a Hugging Face folder and prints a sample from it, loaded by
    transformers (or by our own model when transformers is not installed).
-Rerunning resumes (finished stages are skipped). About ten minutes on 2 CPU cores.
+Rerunning resumes (finished stages are skipped). About six minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
