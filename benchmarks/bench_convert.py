@@ -54,8 +54,8 @@ def main():
     t_imp, rss_imp = run([convert, "import", "--hf", str(work / "hf"), "--out", str(work / "ckpt2")])
     fp32, bf16 = n * 4 / 2**30, n * 2 / 2**30
     print(f"\n{args.model}: {n:,} parameters; fp32 copy {fp32:.2f} GiB, bf16 copy {bf16:.2f} GiB\n")
-    print(f"| direction | reads | writes | wall s | peak RSS GiB | RSS / fp32 copy |")
-    print(f"|---|---|---|---|---|---|")
+    print("| direction | reads | writes | wall s | peak RSS GiB | RSS / fp32 copy |")
+    print("|---|---|---|---|---|---|")
     print(f"| export | fp32 checkpoint | bf16 safetensors | {t_exp:.1f} | {rss_exp:.2f} | {rss_exp / fp32:.2f} |")
     print(f"| import | bf16 safetensors | fp32 checkpoint | {t_imp:.1f} | {rss_imp:.2f} | {rss_imp / fp32:.2f} |")
     shutil.rmtree(work, ignore_errors=True)

@@ -12,12 +12,10 @@ one step folder. Both stream tensor by tensor and write to a temporary folder re
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def _rss_gib() -> float:

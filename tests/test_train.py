@@ -1,10 +1,8 @@
 """Training: learning, exact resume after SIGKILL/SIGTERM, stage handoff, config errors."""
 
 import json
-import math
 import random
 import signal
-import time
 from pathlib import Path
 
 import jax
@@ -44,7 +42,6 @@ def _batch(B=4, T=32, V=512, seed=0):
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_overfits_one_batch(preset):
     cfg = get_config(preset, compute_dtype="float32", moe_impl="dense", remat="none")
-    opt, sched = make_optimizer(80, peak_lr=3e-3, warmup_steps=5, weight_decay=0.0) if False else make_optimizer(80)
     import gin
 
     with gin.unlock_config():
@@ -200,7 +197,6 @@ def test_stage_handoff_1_2_3(data_dir, tmp_path):
 def test_config_errors_fail_fast_and_name_the_value(data_dir, tmp_path, param, message):
     gin = ("stage2.gin",) if "PREVIOUS" in param else ("cpu_smoke.gin", "model/tiny-moe.gin")
     extra = ["train.micro_batches=4"] if "BATCH" in param else []
-    t0 = time.time()
     r = run(tiny_args(data_dir, tmp_path / "w", *extra, param, gin=gin))
     assert r.returncode != 0 and message in r.stderr, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
@@ -208,8 +204,7 @@ def test_config_errors_fail_fast_and_name_the_value(data_dir, tmp_path, param, m
 
 
 def test_missing_gin_file_is_named(tmp_path):
-    r = run(["launch/train.py" if False else str(Path(__file__).resolve().parents[1] / "launch/train.py"),
-             "--gin", "stage9.gin"])
+    r = run([str(Path(__file__).resolve().parents[1] / "launch/train.py"), "--gin", "stage9.gin"])
     assert r.returncode == 2 and "stage9.gin" in r.stderr
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.attention import Attention
-from qwen3_jax.model.layers import MLP, Embed, RMSNorm, cdtype, param, rope_cos_sin
+from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param, rope_cos_sin
 from qwen3_jax.model.moe import MoE
 
 _REMAT = {
@@ -136,7 +136,3 @@ def create_model(cfg: ModelConfig, seed: int = 0) -> Qwen3:
 def abstract_model(cfg: ModelConfig) -> Qwen3:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes and axes, nothing allocated."""
     return nnx.eval_shape(lambda: Qwen3(cfg, nnx.Rngs(0)))
-
-
-def compute_dtype(cfg: ModelConfig):
-    return cdtype(cfg)

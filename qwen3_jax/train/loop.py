@@ -8,7 +8,6 @@ the model config — is written together in one orbax checkpoint (layout: qwen3_
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -19,7 +18,6 @@ from typing import Any
 import gin
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -29,7 +27,7 @@ from qwen3_jax.params import param_specs
 from qwen3_jax.train import checkpoint as ckpt
 from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
 from qwen3_jax.train.optim import make_optimizer
-from qwen3_jax.train.step import TrainState, init_params, init_state, make_eval_step, make_train_step
+from qwen3_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("qwen3_jax.train")
 
