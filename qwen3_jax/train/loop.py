@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipeline.pipeline import BATCH_KEYS, to_global
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig, get_config
 from qwen3_jax.params import param_specs
@@ -275,9 +276,7 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
         while step < steps:
             batch = next(data_it)
             with sharding.use_rules(mesh, **rules):
-                gbatch = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
-                          for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-                state, metrics = step_fn(state, gbatch)
+                state, metrics = step_fn(state, _global_batch(batch, batch_sh))
             step += 1
             metrics = jax.device_get(metrics)
             now = time.time()
@@ -318,6 +317,11 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
     return {"step": step, "metrics": last}
 
 
+def _global_batch(batch, batch_sh) -> dict:
+    """This host's numpy batch -> the step's global arrays (the keys the step reads)."""
+    return to_global({k: batch[k] for k in BATCH_KEYS}, batch_sh.mesh, batch_sh.spec)
+
+
 def _evaluate(eval_fn, params, make_eval_data, seq_len, batch_size, seed, n_batches, batch_sh) -> dict:
     """Mean loss over the first `n_batches` of the held-out data (the same batches every time)."""
     it = make_eval_data(seq_len=seq_len, global_batch_size=batch_size, seed=seed)
@@ -327,9 +331,7 @@ def _evaluate(eval_fn, params, make_eval_data, seq_len, batch_size, seed, n_batc
             batch = next(it)
         except StopIteration:
             break
-        g = {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
-             for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-        out = jax.device_get(eval_fn(params, g))
+        out = jax.device_get(eval_fn(params, _global_batch(batch, batch_sh)))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
