@@ -5,6 +5,7 @@ Modules
                  (`python -m data_pipeline.tokenizers train-spm --out DIR --vocab-size 4096`)
   corpus.py      input formats (jsonl[.gz|.zst], parquet, txt) and the built-in corpus
                  builtin:python-stdlib (= -code: the stdlib's .py sources, + -docs: pydoc topics and docstrings)
+  checkpointing.py  DataSave / DataRestore: the data position in an orbax checkpoint, per data shard
   prepare.py     `python data_pipeline/prepare.py --input … --tokenizer … --out DIR [--shards N] [--workers N]
                  [--strict] [--text-key text]`; prepare(...); prepare_builtin(out_dir, tokenizer="qwen3")
   pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)
@@ -28,10 +29,11 @@ Contract with the training code
   With with_ids=True two more keys: doc_ids [B_host,T] and dataset_ids [B_host,T] (-1 = padding).
 
   State: it.get_state() → small JSON-serialisable dict; it.set_state(state) (on an iterator built with
-  the same configuration; a mismatch raises) reproduces exactly the batches that followed. The
-  iterator is a grain DatasetIterator, so for orbax use
-  `args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it))` and restore with
-  `grain.checkpoint.CheckpointRestore(it)` (one JSON file per process).
+  the same configuration; a mismatch raises) reproduces exactly the batches that followed. For
+  orbax use `args.Composite(state=..., data=checkpointing.DataSave(it))` and restore with
+  `checkpointing.DataRestore(it)`: one JSON file per data shard (make_dataset's data_shards,
+  default one per process), so with data_shards fixed the batches and the saved position do not
+  depend on the process count.
 
   Global arrays: to_global(batch, mesh, PartitionSpec(("data",), None)) → {key: jax.Array} through
   jax.make_array_from_process_local_data (spec for [B,T]; cut to rank for lower-rank arrays, or a

@@ -5,15 +5,22 @@ Per dataset (one `DatasetSpec`: a folder written by prepare.py, optionally a doc
   ArrayRecordDataSource (+ length-range subset from the shards' lengths.npy)
     → parse (uint16/uint32 bytes → int32 tokens)            grain map_with_index
     → shuffle(seed), reshuffled every epoch                 grain MapDataset.shuffle
-    → this host's share: shuffled[process_index::count]     grain slice (a host reads only its records)
+    → one data shard's share: shuffled[shard::data_shards]  grain slice (a host reads only its shards' records)
     → repeat(num_epochs)                                    grain repeat (None = forever)
     → read-ahead threads                                    grain to_iter_dataset(ReadOptions)
     → pack to seq_len with segment ids + positions          grain ConcatThenSplit / FirstFit / BestFit
                                                             (longer documents are split, never dropped)
 Then datasets are mixed by weight *as packed rows*, so a weight is a fraction of the token budget
-(grain IterDataset.mix: a deterministic interleave, exact proportions), batched to the per-host
-batch size, and turned into the training batch (targets, loss mask) in numpy. A thread prefetches
-the next batches. `DataIterator.get_state()` is grain's iterator state (small, JSON).
+(grain IterDataset.mix: a deterministic interleave, exact proportions), batched to the shard's
+rows, and turned into the training batch (targets, loss mask) in numpy.
+
+Data shards: the global batch is `data_shards` independent pipelines (default: one per process),
+each giving global_batch_size / data_shards rows; a process runs the shards it owns
+(shard s belongs to process s * process_count // data_shards) and concatenates their rows. The
+global batch is therefore the same for any process count that divides `data_shards`, and so is
+the saved position: `DataIterator.get_state()` holds each owned shard's grain state (small, JSON),
+and `data_pipeline.checkpointing` writes one file per shard, so a run checkpointed on 2 hosts can
+resume on 1 or 4 (with data_shards=4). A thread prefetches the next batches.
 """
 from __future__ import annotations
 
@@ -237,22 +244,73 @@ class DataIterator(grain.DatasetIterator):
     """
 
     def __init__(self, inner: grain.DatasetIterator, fingerprint: str, specs: list[DatasetSpec],
-                 batch_size: int, seq_len: int):
+                 batch_size: int, seq_len: int, shard_ids: Sequence[int], data_shards: int):
         super().__init__(inner)
         self.fingerprint, self.specs = fingerprint, specs
         self.per_host_batch_size, self.seq_len = batch_size, seq_len
+        self.shard_ids, self.data_shards = list(shard_ids), data_shards
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._parent)
 
     def get_state(self) -> dict:
-        return {"fingerprint": self.fingerprint, "grain": json.loads(json.dumps(self._parent.get_state()))}
+        """{"fingerprint", "data_shards", "shards": {"<shard id>": grain state}} for the owned shards."""
+        return {"fingerprint": self.fingerprint, "data_shards": self.data_shards,
+                "shards": json.loads(json.dumps(self._parent.get_state()))}
 
     def set_state(self, state: dict) -> None:
+        """Resumes from get_state() of an identically configured pipeline; the state may come from
+        another process count (it must hold this process's shards, e.g. merged shard files)."""
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError("data state was saved by a differently configured pipeline "
                              f"({state.get('fingerprint')} != {self.fingerprint})")
-        self._parent.set_state(_fix_json_state(state["grain"]))
+        shards = state.get("shards", {})
+        missing = [s for s in self.shard_ids if str(s) not in shards]
+        if missing:
+            raise ValueError(f"data state has no position for data shard(s) {missing} of {self.data_shards}")
+        self._parent.set_state({str(s): _fix_json_state(shards[str(s)]) for s in self.shard_ids})
+
+
+class _ConcatShards(grain.IterDataset):
+    """Several data shards' batches → one batch (rows concatenated in shard order)."""
+
+    def __init__(self, parents: Sequence[grain.IterDataset], shard_ids: Sequence[int]):
+        super().__init__(list(parents))
+        self._ids = [str(s) for s in shard_ids]
+
+    def __iter__(self):
+        return _ConcatShardsIterator([p.__iter__() for p in self.parents], self._ids)
+
+
+class _ConcatShardsIterator(grain.DatasetIterator):
+    def __init__(self, parents, ids):
+        super().__init__(parents)
+        self._ids = ids
+        self._empty = None  # a padding batch for a shard that ran out (finite epochs)
+
+    def __next__(self):
+        out, live = [], False
+        for p in self._parents:
+            try:
+                b = next(p)
+                live = True
+                if self._empty is None:
+                    self._empty = {k: np.full_like(v, -1 if k in ("doc_ids", "dataset_ids") else 0)
+                                   for k, v in b.items()}
+            except StopIteration:
+                b = None
+            out.append(b)
+        if not live:
+            raise StopIteration
+        out = [self._empty if b is None else b for b in out]
+        return out[0] if len(out) == 1 else {k: np.concatenate([b[k] for b in out]) for k in out[0]}
+
+    def get_state(self):
+        return {i: p.get_state() for i, p in zip(self._ids, self._parents)}
+
+    def set_state(self, state):
+        for i, p in zip(self._ids, self._parents):
+            p.set_state(state[i])
 
 
 def _seed_for(seed: int, name: str) -> int:
@@ -277,9 +335,9 @@ def _selected(spec: DatasetSpec) -> np.ndarray | None:
     return keep
 
 
-def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs, process_index, process_count,
+def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs, shard, data_shards,
                split_positions, read_threads, with_ids, **unused):
-    """This host's documents of one dataset, shuffled per epoch → (IterDataset, mean length)."""
+    """One data shard's documents of one dataset, shuffled per epoch → (IterDataset, mean length)."""
     st = load_stats(spec.path)
     paths = [os.path.join(spec.path, s) for s in st["shards"]]
     source = grain.sources.ArrayRecordDataSource(paths)
@@ -288,21 +346,22 @@ def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs,
     if keep is not None:
         index_map = np.nonzero(keep)[0]
         source = _Subset(source, index_map)
-    if len(source) < process_count:
-        raise ValueError(f"{spec.key}: {len(source)} documents cannot be shared by {process_count} hosts")
+    if len(source) < data_shards:
+        raise ValueError(f"{spec.key}: {len(source)} documents cannot be shared by {data_shards} data shards")
     continue_pos = split_positions == "continue"
     mean_len = float(np.mean(doc_lengths(spec.path)[index_map] if index_map is not None else doc_lengths(spec.path)))
     ds = grain.MapDataset.source(source).map_with_index(
         _Parse(st["dtype"], len(source), index_map, continue_pos, with_ids, dataset_id))
     if shuffle:
         ds = ds.shuffle(seed=_seed_for(seed, spec.key))
-    ds = ds[process_index::process_count]
+    ds = ds[shard::data_shards]
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)), mean_len
 
 
-def _pack(it, *, seq_len, seed, shuffle, packing, split_positions, num_packing_bins, with_ids, key, **unused):
+def _pack(it, *, seq_len, seed, shuffle, packing, split_positions, num_packing_bins, with_ids, key, shard,
+          **unused):
     """Documents → rows of seq_len tokens with segment ids and positions (grain packers)."""
     continue_pos = split_positions == "continue"
     feats = ["tokens"] + ["pos"] * continue_pos + ["doc", "src"] * with_ids
@@ -314,7 +373,7 @@ def _pack(it, *, seq_len, seed, shuffle, packing, split_positions, num_packing_b
         cls = (grain.experimental.FirstFitPackIterDataset if packing == "first_fit"
                else grain.experimental.BestFitPackIterDataset)
         packed = cls(it, length_struct=lengths, num_packing_bins=num_packing_bins,
-                     seed=_seed_for(seed + 1, key), shuffle_bins=shuffle)
+                     seed=_seed_for(seed + 1, f"{key}#{shard}"), shuffle_bins=shuffle)
     return packed.map(_Row(continue_pos, with_ids))
 
 
@@ -322,8 +381,8 @@ def _pack(it, *, seq_len, seed, shuffle, packing, split_positions, num_packing_b
 def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
                  seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
                  packing: str = "concat_split", split_positions: str = "restart", num_packing_bins: int = 0,
-                 process_index: int | None = None, process_count: int | None = None, read_threads: int = 2,
-                 prefetch_batches: int = 2, worker_count: int = 0, with_ids: bool = False,
+                 process_index: int | None = None, process_count: int | None = None, data_shards: int | None = None,
+                 read_threads: int = 2, prefetch_batches: int = 2, worker_count: int = 0, with_ids: bool = False,
                  mix: str = "auto") -> DataIterator:
     """Builds this host's batch iterator (see data_pipeline's docstring for the batch format).
 
@@ -332,10 +391,13 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
       padded with empty rows (every token exactly once). Each epoch is shuffled differently.
     packing: "concat_split" (grain ConcatThenSplit: ~100% full rows, documents cross row ends) or
       "first_fit" / "best_fit" (grain bin packers, documents stay whole unless longer than seq_len;
-      num_packing_bins defaults to 4 × per-host batch).
+      num_packing_bins defaults to 4 × the shard's rows).
     split_positions: pieces of a split document "restart" at position 0 or "continue" counting.
     process_index/process_count: default jax.process_index()/process_count().
-    worker_count: grain mp_prefetch processes (0 = none; on 2 cores none is fastest).
+    data_shards: independent pipelines making up the global batch (default: process_count). The
+      batches, and a checkpointed position, do not depend on the process count as long as it
+      divides data_shards: set it to a multiple of every host count a run may resume on.
+    worker_count: grain mp_prefetch processes per shard (0 = none; on 2 cores none is fastest).
     with_ids: also emit doc_ids [B,T] (document index in its dataset, -1 = padding) and
       dataset_ids [B,T] (index into the iterator's .specs, -1 = padding) for tests and inspection.
     mix: how weights act. "rows": each dataset is packed alone and packed rows are interleaved in
@@ -349,9 +411,13 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} not divisible by {process_count} hosts")
-    batch = global_batch_size // process_count
+    shards = data_shards or process_count
+    if shards % process_count:
+        raise ValueError(f"data_shards={shards} is not a multiple of the {process_count} processes")
+    if global_batch_size % shards:
+        raise ValueError(f"global_batch_size {global_batch_size} not divisible by {shards} data shards "
+                         f"(make_dataset.data_shards, default: one per process)")
+    rows = global_batch_size // shards
     specs = resolve(data)
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys) or any(s.weight <= 0 for s in specs):
@@ -360,10 +426,22 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
         raise ValueError("a mixture needs num_epochs=None (a component running dry would stop it)")
     if mix not in ("auto", "rows", "documents"):
         raise ValueError(f"mix ∈ auto, rows, documents: {mix}")
-    kw = dict(seq_len=seq_len, seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-              process_count=process_count, packing=packing, split_positions=split_positions,
-              num_packing_bins=num_packing_bins or 4 * batch, read_threads=read_threads, with_ids=with_ids)
+    kw = dict(seq_len=seq_len, seed=seed, shuffle=shuffle, num_epochs=num_epochs, data_shards=shards,
+              packing=packing, split_positions=split_positions, num_packing_bins=num_packing_bins or 4 * rows,
+              read_threads=read_threads, with_ids=with_ids)
     mix = ("rows" if packing == "concat_split" else "documents") if mix == "auto" else mix
+    owned = range(process_index * shards // process_count, (process_index + 1) * shards // process_count)
+    ds = _ConcatShards([_shard(specs, mix, rows, worker_count, shard=s, **kw) for s in owned], owned)
+    if prefetch_batches:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
+    cfg = dict(kw, mix=mix, specs=[dataclasses.asdict(s) for s in specs], rows=rows, worker_count=worker_count)
+    fingerprint = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return DataIterator(ds.__iter__(), fingerprint, specs, rows * len(owned), seq_len, owned, shards)
+
+
+def _shard(specs: list[DatasetSpec], mix: str, rows: int, worker_count: int, **kw) -> grain.IterDataset:
+    """One data shard: its documents of every dataset → packed, mixed rows → batches of `rows`."""
+    keys = [s.key for s in specs]
     docs = {s.key: _documents(s, i, **kw) for i, s in enumerate(specs)}
     if len(specs) == 1:
         ds = _pack(docs[keys[0]][0], key=keys[0], **kw)
@@ -373,17 +451,13 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
     else:  # weight / mean document length = share of documents → expected share of tokens
         ds = _pack(grain.IterDataset.mix({k: d for k, (d, _) in docs.items()},
                                          {s.key: s.weight / docs[s.key][1] for s in specs}), key="+".join(keys), **kw)
-    ds = ds.batch(batch, drop_remainder=False).map(_Finish(batch))
+    ds = ds.batch(rows, drop_remainder=False).map(_Finish(rows))
     if worker_count:
         from absl import flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    if prefetch_batches:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
-    cfg = dict(kw, mix=mix, specs=[dataclasses.asdict(s) for s in specs], batch=batch, worker_count=worker_count)
-    fingerprint = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return DataIterator(ds.__iter__(), fingerprint, specs, batch, seq_len)
+    return ds
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh, partition_spec) -> dict:

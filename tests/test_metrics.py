@@ -61,9 +61,9 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, capsys):
     opt, _ = make_optimizer(10)
     state = init_state(cfg, opt)
 
-    class Data:
+    class Data:  # what the data checkpoint handler needs of an iterator
         def get_state(self):
-            return b"{\"pos\": 1}"  # what a non-grain iterator hands to grain's checkpoint handler
+            return {"fingerprint": "x", "data_shards": 1, "shards": {"0": {"pos": 1}}}
 
     mgr = ckpt.manager(tmp_path / "checkpoints")
     assert _save(mgr, 1, state, Data(), cfg, {})

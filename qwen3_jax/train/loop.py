@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import gin
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipeline.checkpointing import DataRestore, DataSave
 from data_pipeline.pipeline import BATCH_KEYS, to_global
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig, get_config
@@ -131,7 +131,7 @@ def _save(mgr, step: int, state: TrainState, data_it, cfg: ModelConfig, meta: di
             TRAIN_STATE: ocp.args.StandardSave({"step": state.step, "rng": state.rng,
                                                 "nonfinite_in_a_row": state.nonfinite_in_a_row,
                                                 "nonfinite_total": state.nonfinite_total}),
-            DATA: grain.checkpoint.CheckpointSave(data_it),  # one small JSON file per process
+            DATA: DataSave(data_it),  # one small JSON file per data shard
             ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
             ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
         }), force=True)
@@ -159,12 +159,12 @@ def _restore(mgr, step: int, abstract: TrainState) -> TrainState:
 def _restore_data(mgr, step: int, data_it, on_mismatch: str, remake):
     """The data iterator at the checkpoint's position; see `train(data_state_mismatch=...)`."""
     try:
-        mgr.restore(step, args=ocp.args.Composite(**{DATA: grain.checkpoint.CheckpointRestore(data_it)}))
+        mgr.restore(step, args=ocp.args.Composite(**{DATA: DataRestore(data_it)}))
         return data_it
     except (ValueError, KeyError, FileNotFoundError) as e:
         if on_mismatch != "restart":
             raise TrainingError(f"the data position saved at step {step} does not fit this data pipeline ({e}). "
-                                f"If the data, batch size or process count changed on purpose, set "
+                                f"If the data, batch size or make_dataset.data_shards changed on purpose, set "
                                 f"train.data_state_mismatch='restart' to continue with freshly shuffled data") from None
         print(f"WARNING: data position of step {step} not restorable ({e}); continuing with data reshuffled "
               f"(seed offset {step})", file=sys.stderr, flush=True)
@@ -205,7 +205,9 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
     loss_chunk: positions per piece of the output-head + cross-entropy computation (the full
       [B,T,V] logits are never materialised); None = all at once.
     data_state_mismatch: "error" (default) when a checkpoint's data position does not fit the
-      pipeline (other data, batch size or process count); "restart": warn and reshuffle instead.
+      pipeline (other data, batch size or data shards); "restart": warn and reshuffle instead.
+      The position carries over to another process count when make_dataset.data_shards is set
+      to a multiple of both (the default, one shard per process, ties it to the process count).
     stop_after: stop (with a checkpoint) after this many steps of this invocation — for tests.
     Returns a summary dict (final step, last metrics).
     """
@@ -225,7 +227,10 @@ def train(workdir: str, *, steps: int = gin.REQUIRED, seq_len: int = gin.REQUIRE
         (workdir_p / "model_config.json").write_text(cfg.to_json())
 
     optimizer, schedule = make_optimizer(steps)
-    data_it = make_data(seq_len=seq_len, global_batch_size=batch_size, seed=seed)
+    try:
+        data_it = make_data(seq_len=seq_len, global_batch_size=batch_size, seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(f"data: {e}") from None
     abstract = jax.eval_shape(lambda: init_state(cfg, optimizer, seed))
     state_sh = sharding.tree_shardings(abstract, param_specs(cfg), mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)

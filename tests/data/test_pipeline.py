@@ -130,20 +130,77 @@ def test_resume_mixture(stdlib_data, packing):
 
 
 def test_resume_stage3_length_buckets(stdlib_data, tmp_path):
-    import grain
     from etils import epath
     buckets = LengthBuckets(source=Mixture(weights={"code": 0.8, "docs": 0.2}, paths=stdlib_data))
     make = lambda: make_dataset(buckets, seq_len=32768, global_batch_size=2, packing="first_fit",  # noqa: E731
                                 process_index=0, process_count=1, with_ids=True)
     _resume_equal(make, 3, 3)
-    # the orbax path: grain's CheckpointHandler writes the state as JSON per process, and restores it
+    # the orbax path: our handler writes one JSON file per data shard, and restores it
+    from data_pipeline.checkpointing import DataRestore, DataSave, DataStateHandler
     it = make()
     for _ in range(2):
         next(it)
-    grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), item=it)
+    DataStateHandler().save(epath.Path(tmp_path), DataSave(it))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_00000-of-00001.json"]
     want = next(it)
-    it2 = grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), item=make())
+    it2 = DataStateHandler().restore(epath.Path(tmp_path), DataRestore(make()))
     assert all(np.array_equal(want[k], v) for k, v in next(it2).items())
+
+
+@pytest.mark.parametrize("packing", ["concat_split", "first_fit"])
+def test_data_shards_make_the_batch_independent_of_process_count(stdlib_data, tmp_path, packing):
+    """With data_shards=4 the global batch is the same on 1, 2 or 4 processes, and a position saved
+    by 2 processes restores on 1 or 4 (one state file per shard)."""
+    from etils import epath
+
+    from data_pipeline.checkpointing import DataRestore, DataSave, DataStateHandler
+    mix = Mixture(weights={"code": 0.7, "docs": 0.3}, paths=stdlib_data)
+
+    def make(p, n):
+        return make_dataset(mix, seq_len=512, global_batch_size=8, packing=packing, seed=5, process_index=p,
+                            process_count=n, data_shards=4, with_ids=True)
+
+    def global_batches(n, k, its=None):
+        its = its or [make(p, n) for p in range(n)]
+        out = [{key: np.concatenate([b[key] for b in bs]) for key in bs[0]}
+               for bs in ([next(it) for it in its] for _ in range(k))]
+        return out, its
+
+    want, _ = global_batches(1, 6)
+    for n in (2, 4):
+        got, _ = global_batches(n, 6)
+        for a, b in zip(want, got):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+    # 2 processes run 3 steps and save; 1 and 4 processes resume from the same files
+    _, its = global_batches(2, 3)
+    for it in its:
+        DataStateHandler().save(epath.Path(tmp_path), DataSave(it))
+    assert len(list(tmp_path.glob("shard_*-of-00004.json"))) == 4
+    for n in (1, 4):
+        its = [DataStateHandler().restore(epath.Path(tmp_path), DataRestore(make(p, n))) for p in range(n)]
+        got, _ = global_batches(n, 3, its)
+        for a, b in zip(want[3:], got):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+    # shards are disjoint: no document appears in two shards' rows of one batch
+    b = want[0]
+    rows = 8 // 4
+    docs = [set(b["doc_ids"][s * rows:(s + 1) * rows][b["dataset_ids"][s * rows:(s + 1) * rows] == 0].tolist())
+            for s in range(4)]
+    assert all(not (docs[i] & docs[j]) for i in range(4) for j in range(i + 1, 4))
+    # another shard count is refused with the file it looked for
+    other = make_dataset(mix, seq_len=512, global_batch_size=8, packing=packing, seed=5, process_index=0,
+                         process_count=1, data_shards=2, with_ids=True)
+    with pytest.raises(ValueError, match="shard_00000-of-00002.json does not exist"):
+        DataStateHandler().restore(epath.Path(tmp_path), DataRestore(other))
+
+
+def test_data_shards_errors(stdlib_data):
+    with pytest.raises(ValueError, match="data_shards=3 is not a multiple of the 2 processes"):
+        make_dataset(stdlib_data["code"], seq_len=64, global_batch_size=6, process_index=0, process_count=2,
+                     data_shards=3)
+    with pytest.raises(ValueError, match="not divisible by 4 data shards"):
+        make_dataset(stdlib_data["code"], seq_len=64, global_batch_size=6, process_index=0, process_count=1,
+                     data_shards=4)
 
 
 def test_mixture_proportions(stdlib_data):
