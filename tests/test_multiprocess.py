@@ -2,6 +2,7 @@
 FSDP x EP loss and gradients equal the single-process run, and a checkpoint written by both
 processes (orbax multi-process) restores in one process onto a different 8-device mesh."""
 
+import json
 import os
 import socket
 import subprocess
@@ -124,3 +125,51 @@ def test_two_processes_match_one_and_checkpoint_restores_on_other_mesh(tmp_path)
     for k, v in flat.items():
         assert restored[k].sharding == psh[k]
         np.testing.assert_array_equal(np.asarray(restored[k]), v)
+
+
+@pytest.mark.slow
+def test_train_two_processes_then_resume_in_one_matches_one_process(tmp_path):
+    """launch/train.py on 2 processes x 4 devices (jax.distributed on localhost) trains 6 steps and
+    checkpoints; 1 process x 8 devices on another mesh resumes to step 12. Loss curve and final
+    parameters equal an uninterrupted 1-process run: with data_shards=2 the global batches and the
+    saved data position do not depend on the process count."""
+    from data_pipeline.prepare import prepare_builtin
+    from train_utils import ROOT, env, run, tiny_args
+
+    from qwen3_jax.train import checkpoint
+
+    prepare_builtin(str(tmp_path / "data" / "spm512"), "spm", spm_vocab_size=512)
+    common = ("make_dataset.data_shards=2", "train.eval_every=0")
+    args = lambda work, *extra: tiny_args(tmp_path / "data", work, *common, *extra, batch=8)  # noqa: E731
+
+    ref = run(args(tmp_path / "ref", "MeshConfig.ici_fsdp=2", "MeshConfig.ici_expert=4"), devices=8)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+
+    work, port = tmp_path / "mp", _free_port()
+    procs = [subprocess.Popen([sys.executable, *args(work, "MeshConfig.ici_fsdp=2", "MeshConfig.ici_expert=4",
+                                                     "train.stop_after=6"),
+                               "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+                              env=env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+    assert "on 8 cpu device(s)" in logs[0]
+    assert checkpoint.latest_step(work / "checkpoints") == 6
+    data_files = sorted(p.name for p in (work / "checkpoints" / "6" / "data").glob("shard_*"))
+    assert data_files == ["shard_00000-of-00002.json", "shard_00001-of-00002.json"]  # one per shard, by 2 processes
+
+    r = run(args(work, "MeshConfig.ici_fsdp=4", "MeshConfig.ici_expert=2"), devices=8)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+
+    def losses(w):
+        rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["lm_loss"] for r in rows if "lm_loss" in r}
+
+    want, got = losses(tmp_path / "ref"), losses(work)
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=1e-5)
+    _, ref_params, ref_step, _ = checkpoint.restore_params_numpy(tmp_path / "ref")
+    _, params, step, _ = checkpoint.restore_params_numpy(work)
+    assert step == ref_step == 12
+    for k in ref_params:
+        np.testing.assert_allclose(params[k], ref_params[k], rtol=0, atol=2e-5, err_msg=k)

@@ -37,10 +37,18 @@ def stage_mixture(weights: Mapping[str, float] = gin.REQUIRED, root: str = BUILT
 
 
 def _builtin_paths(weights, tokenizer, builtin_dir, spm_vocab_size) -> dict[str, str]:
+    import jax
+    from jax.experimental import multihost_utils
+
     from data_pipeline.prepare import prepare_builtin
 
     sub = f"{tokenizer}{spm_vocab_size}" if tokenizer == "spm" else tokenizer
-    parts = prepare_builtin(os.path.join(builtin_dir, sub), tokenizer, spm_vocab_size=spm_vocab_size)
+    out = os.path.join(builtin_dir, sub)
+    if jax.process_count() > 1:  # process 0 prepares first, so processes sharing a disk never race
+        if jax.process_index() == 0:
+            prepare_builtin(out, tokenizer, spm_vocab_size=spm_vocab_size)
+        multihost_utils.sync_global_devices(f"builtin corpus {out}")
+    parts = prepare_builtin(out, tokenizer, spm_vocab_size=spm_vocab_size)  # a no-op once prepared
     return {name: parts["code"] if name == "code" else parts["docs"] for name in weights}
 
 
