@@ -10,6 +10,19 @@ compiles the step exactly as it would on the slice. Prints per-chip memory (argu
 temporaries, output, peak) against the chip's HBM, FLOPs per chip vs the model's own count,
 tokens per step and the collectives; exits 1 when the step does not fit.
 
+Memory (`compiled.memory_analysis()`, XLA's CompiledMemoryStats; see MEMORY_FIELDS): `fits` compares
+`peak_memory_in_bytes` with HBM. That is the heap-simulated peak over the compiled schedule,
+arguments and outputs included. XLA:TPU refuses a program itself ("the total memory required for
+HLO temporaries (X G) exceeds available HBM (95.74G)", G = GiB), and that check does not use
+`temp_size_in_bytes`: the 8b step compiles for v5e-64 (15.75 GiB usable) with a peak of 14.75 GiB
+although arguments + temp_size_in_bytes come to 19.6 GiB. `temp_size_in_bytes` is not a
+liveness-aware temporaries figure on TPU. On CPU and GPU it is the
+size of the preallocated temp allocation, which the heap simulator packs (xla/pjrt
+PopulateBufferStatsFromAllocations). libtpu reports more than that allocation: with the layer
+scan it exceeds the temp allocation of the buffer-assignment dump by about the size of the scan's
+stacked per-layer buffers. Measured: +128 MiB for 4 layers and +256 MiB for 8 layers of 32 MiB
+residuals; +4.75 GiB for the 8b step, whose stacked residuals are 4.5 GiB.
+
 Accelerator names: v5p-N, v4-N (N TensorCores, 2 per chip), v5e-N / v5litepod-N, v6e-N (N chips),
 or libtpu's own form `v5p:8x8x8`.
 """
@@ -43,6 +56,18 @@ CHIPS = {
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8192: "16x16x32"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+# report key -> meaning of the memory numbers (written into the JSON report)
+MEMORY_FIELDS = {
+    "bytes_per_chip_peak": "XLA peak_memory_in_bytes: heap-simulated peak of HBM over the compiled schedule, "
+                           "arguments and outputs included; what XLA:TPU checks against HBM; `fits` uses it",
+    "bytes_per_chip_arguments": "argument_size_in_bytes: train state + batch, resident for the whole step",
+    "bytes_per_chip_output": "output_size_in_bytes: new train state + metrics",
+    "bytes_per_chip_alias": "alias_size_in_bytes: outputs written into donated argument buffers (the state)",
+    "bytes_per_chip_temp_at_peak": "peak - arguments - (output - alias): temporaries live at the peak",
+    "bytes_per_chip_temp": "XLA temp_size_in_bytes as libtpu reports it: larger than the temp allocation "
+                           "(it counts the layer scan's stacked buffers a second time), so arguments + temp "
+                           "overstate what the step needs; not used for `fits`",
+}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
@@ -345,7 +370,8 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
             return {"model": cfg.name, "topology": topology, "chips": topo["chips"] * num_slices,
                     "mesh": dict(mesh.shape), "seq_len": seq_len, "global_batch": global_batch,
                     "micro_batches": micro_batches, "tokens_per_step": global_batch * seq_len,
-                    "flops_per_chip": None, "bytes_per_chip_peak": float(need.group(1)) * 1e9 if need else None,
+                    "flops_per_chip": None, "bytes_per_chip_peak": float(need.group(1)) * GIB if need else None,
+                    "peak_source": "XLA:TPU's RESOURCE_EXHAUSTED message (HLO temporaries, GiB)",
                     "hbm_bytes_per_chip": topo["hbm_bytes_per_chip"], "fits": False,
                     "error": str(e).splitlines()[0][:500]}
     text = compiled.as_text()
@@ -356,8 +382,11 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hbm = topo["hbm_bytes_per_chip"] // per_chip
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or
-               mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    peak_source = "xla peak_memory_in_bytes"
+    if not peak:  # a jaxlib without the field: arguments + outputs + temp, an upper bound (see MEMORY_FIELDS)
+        peak, peak_source = live_io + mem.temp_size_in_bytes, "upper bound: arguments + output - alias + temp"
     tokens = global_batch * seq_len
     model_flops = model_flops_per_token(cfg, seq_len) * tokens / len(devices)
     ragged_rows = None
@@ -380,8 +409,9 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
         "bytes_per_chip_output": mem.output_size_in_bytes * per_chip,
         "bytes_per_chip_alias": mem.alias_size_in_bytes * per_chip,
         "bytes_per_chip_temp": mem.temp_size_in_bytes * per_chip,
-        "bytes_per_chip_peak": peak * per_chip, "hbm_bytes_per_chip": hbm * per_chip,
-        "fits": peak <= hbm, "sharding_fallbacks": fallbacks,
+        "bytes_per_chip_temp_at_peak": max(peak - live_io, 0) * per_chip,
+        "bytes_per_chip_peak": peak * per_chip, "peak_source": peak_source, "hbm_bytes_per_chip": hbm * per_chip,
+        "fits": peak <= hbm, "memory_fields": MEMORY_FIELDS, "sharding_fallbacks": fallbacks,
         "collectives": collective_summary(text, ragged_rows),
     }
 
@@ -392,10 +422,14 @@ def format_report(r: dict) -> str:
              f"{r['chips']} chips, {r['device_kind']}), mesh {r['mesh']}",
              f"  batch {r['global_batch']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step, "
              f"micro_batches {r['micro_batches']}, attention {r['attention_impl']}, remat {r['remat']}",
-             f"  per chip: arguments {g(r['bytes_per_chip_arguments'])}, temporaries {g(r['bytes_per_chip_temp'])}, "
-             f"output {g(r['bytes_per_chip_output'])}",
-             f"            peak {g(r['bytes_per_chip_peak'])} of {g(r['hbm_bytes_per_chip'])} HBM -> "
-             f"{'FITS' if r['fits'] else 'DOES NOT FIT'}",
+             f"  per chip: peak {g(r['bytes_per_chip_peak'])} of {g(r['hbm_bytes_per_chip'])} HBM -> "
+             f"{'FITS' if r['fits'] else 'DOES NOT FIT'}  ({r.get('peak_source', 'xla peak_memory_in_bytes')}: "
+             f"heap-simulated, arguments included)",
+             f"            = arguments {g(r['bytes_per_chip_arguments'])} + output - alias "
+             f"{g(r['bytes_per_chip_output'] - r['bytes_per_chip_alias'])} + temporaries at the peak "
+             f"{g(r.get('bytes_per_chip_temp_at_peak', 0))}",
+             f"            (XLA temp_size_in_bytes {g(r['bytes_per_chip_temp'])}: counts the layer scan's stacked "
+             f"buffers twice on TPU, not a requirement)",
              f"  FLOPs per chip: compiled {r['flops_per_chip']:.3e}, model {r['model_flops_per_chip']:.3e} "
              f"(ratio {r['flops_ratio_compiled_to_model']:.2f}; full remat adds one forward: ~1.33)",
              "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in

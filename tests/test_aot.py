@@ -86,6 +86,10 @@ def test_aot_small_moe_from_gin_expert_parallel(tmp_path):
     assert fl["grouped_matmul"] > 0 and fl["attention_kernel"] > 0
     assert fl["grouped_matmul"] < fl["grouped_matmul_buffer"]  # real rows, not the dropless buffer
     assert "FITS" in r.stdout
+    # memory: the fits number is XLA's heap-simulated peak, arguments included
+    assert rep["peak_source"] == "xla peak_memory_in_bytes" and set(aot_compile.MEMORY_FIELDS) <= set(rep)
+    live_io = rep["bytes_per_chip_arguments"] + rep["bytes_per_chip_output"] - rep["bytes_per_chip_alias"]
+    assert rep["bytes_per_chip_peak"] == live_io + rep["bytes_per_chip_temp_at_peak"]
 
 
 @needs_libtpu
