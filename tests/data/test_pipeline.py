@@ -50,16 +50,17 @@ def _check_batch(b, B, T, split_positions="restart"):
     assert (b["loss_mask"][pad] == 0).all() and (tok[pad] == 0).all() and (b["doc_ids"][pad] == -1).all()
 
 
-@pytest.mark.parametrize("packing,split_positions,hosts", [
-    ("concat_split", "restart", 1), ("concat_split", "restart", 2), ("concat_split", "continue", 4),
-    ("first_fit", "continue", 1), ("first_fit", "continue", 2), ("best_fit", "restart", 4)])
-def test_one_epoch_every_token_exactly_once(stdlib_data, packing, split_positions, hosts):
-    path, T, B = stdlib_data["docs"], 512, 4 * hosts
+@pytest.mark.parametrize("packing,split_positions,hosts,shards", [
+    ("concat_split", "restart", 1, None), ("concat_split", "restart", 2, None), ("concat_split", "continue", 4, None),
+    ("first_fit", "continue", 1, None), ("first_fit", "continue", 2, None), ("best_fit", "restart", 4, None),
+    ("concat_split", "continue", 1, 3), ("first_fit", "restart", 2, 4)])  # several shards per host
+def test_one_epoch_every_token_exactly_once(stdlib_data, packing, split_positions, hosts, shards):
+    path, T, B = stdlib_data["docs"], 512, 4 * hosts * (shards or 1)
     docs = _docs(path)
     seen = {}  # doc → list of (host, order, position offset, tokens)
     split_starts = []
     for h in range(hosts):
-        it = make_dataset(path, seq_len=T, global_batch_size=B, num_epochs=1, packing=packing,
+        it = make_dataset(path, seq_len=T, global_batch_size=B, num_epochs=1, packing=packing, data_shards=shards,
                           split_positions=split_positions, process_index=h, process_count=hosts, with_ids=True)
         n = 0
         for b in it:
