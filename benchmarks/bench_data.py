@@ -4,7 +4,8 @@
 
 Prints a table: tokenization MB/s and tokens/s (Qwen3 tokenizer, built-in corpus) in one process and
 with all CPUs; packed tokens/s per host and packing efficiency (non-padding fraction) at 4,096 and
-32,768 tokens for each packer.
+32,768 tokens for each packer; and the cost of running several data shards on one host (what a
+host does when a run resumes on fewer hosts than DATA_SHARDS).
 """
 import argparse
 import os
@@ -29,9 +30,9 @@ def bench_prepare(work: str, workers: int, corpus: str = "builtin:python-stdlib"
     return out, st, dt
 
 
-def bench_pipeline(path: str, seq_len: int, batch: int, packing: str, batches: int):
+def bench_pipeline(path: str, seq_len: int, batch: int, packing: str, batches: int, data_shards: int = 1):
     it = make_dataset(path, seq_len=seq_len, global_batch_size=batch, packing=packing, process_index=0,
-                      process_count=1)
+                      process_count=1, data_shards=data_shards)
     for _ in range(3):  # warm up (threads, first reads)
         next(it)
     real = total = 0
@@ -70,6 +71,15 @@ def main():
             n = a.batches if seq_len == 4096 else max(a.batches // 4, 10)
             tps, eff = bench_pipeline(path, seq_len, batch, packing, n)
             print(f"| {packing} | {seq_len:,} | {batch} | {tps / 1e6:.1f} | {eff:.1%} |")
+    print("\n| data shards on this host (4,096 x 32 rows) | concat_split M tokens/s | efficiency | "
+          "first_fit M tokens/s | efficiency |")
+    print("|---|---|---|---|---|")
+    for shards in (1, 4, 16):
+        cells = []
+        for packing in ("concat_split", "first_fit"):
+            tps, eff = bench_pipeline(path, 4096, 32, packing, max(a.batches // 4, 10), data_shards=shards)
+            cells += [f"{tps / 1e6:.1f}", f"{eff:.1%}"]
+        print(f"| {shards} | " + " | ".join(cells) + " |")
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
