@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
 
 
@@ -55,12 +57,66 @@ class Embed(nnx.Module):
         self.dtype = cdtype(cfg)
 
     def __call__(self, tokens_BT):
-        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+        return embed_lookup(self.embedding[...], tokens_BT, self.dtype)
 
     def attend(self, x_BTD):
         """Tied output head: logits in fp32."""
         return jnp.einsum("btd,vd->btv", x_BTD, self.embedding[...].astype(x_BTD.dtype),
                           preferred_element_type=jnp.float32)
+
+
+def embed_lookup(table_VD, tokens_BT, dtype):
+    """table[tokens] cast to `dtype`: [B,T,D], batch-sharded like the tokens under sharding rules.
+
+    Without rules a plain `jnp.take`. With rules the table is sharded (vocab, embed) and the tokens
+    (batch, seq); when a mesh axis splits both the table's D and the batch (FSDP: `embed` and
+    `batch` both on fsdp), GSPMD cannot move the gathered rows (or their cotangent, in the
+    backward) between the two layouts and replicates them in full ("involuntary full
+    rematerialization"), or builds a full-size [V,D] table gradient and all-reduces it. Here each
+    device instead gathers the tokens of the devices that share its table shard (int32, small),
+    looks them up in its own [V/v, D/d] shard, and an all-to-all hands every device its own rows
+    with the whole D; vocab shards are masked and summed (one non-zero term: exact). The backward
+    is the transpose: all-to-all back and a scatter-add into the local shard. Same values as
+    `jnp.take`: the rows are cast after the gather, as before.
+    """
+    ctx = sharding.active()
+    if ctx is None:
+        return jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
+    mesh, rules = ctx.mesh, ctx.rules
+    t_spec = sharding.logical_to_spec(("vocab", "embed"), rules, mesh, table_VD.shape)
+    x_spec = sharding.logical_to_spec(("batch", "seq"), rules, mesh, tokens_BT.shape)
+    axes = lambda entry: () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)  # noqa: E731
+    v_axes, d_axes = axes(t_spec[0]), axes(t_spec[1])
+    b_axes = axes(x_spec[0])
+    if not v_axes and not d_axes:
+        return jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
+    gather_axes = tuple(a for a in b_axes if a in v_axes + d_axes)  # batch order
+    V_loc = table_VD.shape[0] // math.prod(mesh.shape[a] for a in v_axes)
+
+    def local(table_vd, tok_bt):
+        for a in gather_axes:  # after the loop dim 0 is [last axis][...][first axis][own rows]
+            tok_bt = jax.lax.all_gather(tok_bt, a, axis=0, tiled=True)
+        if v_axes:
+            shard = 0
+            for a in v_axes:  # the table's vocab shard index (major axis first, as the spec)
+                shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+            idx = tok_bt - shard * V_loc
+            hit = (idx >= 0) & (idx < V_loc)
+            rows = jnp.take(table_vd, jnp.where(hit, idx, 0), axis=0)
+            rows = jnp.where(hit[..., None], rows, jnp.zeros((), rows.dtype)).astype(dtype)
+        else:
+            rows = jnp.take(table_vd, tok_bt, axis=0).astype(dtype)
+        for a in reversed(gather_axes):  # undo the gathers, major axis first
+            if a in d_axes:  # rows of device j go back to j, which gets every D slice of them
+                rows = jax.lax.all_to_all(rows, a, 0, 2, tiled=True)
+            else:  # a vocab axis: sum the masked lookups, each device keeping its own rows
+                rows = jax.lax.psum_scatter(rows, a, scatter_dimension=0, tiled=True)
+        rest_v = tuple(a for a in v_axes if a not in gather_axes)
+        return jax.lax.psum(rows, rest_v) if rest_v else rows
+
+    d_rest = tuple(a for a in d_axes if a not in gather_axes)
+    out_spec = P(x_spec[0], x_spec[1], None if not d_rest else d_rest[0] if len(d_rest) == 1 else d_rest)
+    return jax.shard_map(local, mesh=mesh, in_specs=(t_spec, x_spec), out_specs=out_spec)(table_VD, tokens_BT)
 
 
 class MLP(nnx.Module):
