@@ -7,7 +7,9 @@
 Columns: mesh, batch, per-chip peak memory vs HBM, FLOPs per chip counted from the compiled HLO
 vs the model's own count (qwen3_jax.train.metrics.flops_per_token) and their ratio, and bytes
 per chip per step by collective kind (ragged all-to-all: the rows really sent, not the worst-case
-buffer). Each compile runs `launch/aot_compile.py` in a subprocess and saves its JSON report.
+buffer; "AR 47 (as AG 32, RS 12)": all-reduces that libtpu uses for FSDP's all-gathers and
+gradient reduce-scatters, see aot_compile.collective_summary). Each compile runs
+`launch/aot_compile.py` in a subprocess and saves its JSON report.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ def row(name: str, r: dict) -> str:
     if r.get("flops_per_chip") is None:
         return f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} {mem}"
     fl = f"{r['flops_per_chip']:.2e} {r['model_flops_per_chip']:.2e} {r['flops_ratio_compiled_to_model']:5.2f}"
-    coll = " ".join(f"{SHORT.get(k, k)} {v.get('bytes_expected', v['bytes']) / GIB:.0f}"
-                    for k, v in r["collectives"].items())
+    def one(k, v):
+        text = f"{SHORT.get(k, k)} {v.get('bytes_expected', v['bytes']) / GIB:.0f}"
+        roles = [f"{tag} {v[role]['bytes'] / GIB:.0f}" for role, tag in (("as_all_gather", "AG"),
+                                                                       ("as_reduce_scatter", "RS")) if role in v]
+        return text + (f" (as {', '.join(roles)})" if roles else "")
+
+    coll = " ".join(one(k, v) for k, v in r["collectives"].items())
     return (f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
             f"{mem}  {fl}  {coll}")
 

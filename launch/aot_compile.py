@@ -176,9 +176,97 @@ def _nbytes(type_text: str) -> int:
                for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_text))
 
 
+def _group_size(line: str, num_partitions: int) -> int:
+    """Devices per replica group of a collective: `mesh['a'=8,'b'=8] {'b'}`, `{{0,1,..},..}`,
+    `[groups,size]<=[..]`, or `{}` (all partitions)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if m:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)) if a in sizes)
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    return num_partitions
+
+
+def _instructions(comps: dict) -> tuple[dict, dict, dict]:
+    """name -> (computation, op, operand names, called computations, line); name -> users;
+    computation -> its ROOT instruction's name."""
+    defs, users, roots = {}, defaultdict(list), {}
+    for c, lines in comps.items():
+        for line in lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            name, _, op, rest = m.groups()
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            called = re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", rest)
+            defs[name] = (c, op, operands, called, line)
+            if line.lstrip().startswith("ROOT"):
+                roots[c] = name
+            for o in operands:
+                users[o].append(name)
+    return defs, users, roots
+
+
+_PASS = ("bitcast", "copy", "get-tuple-element", "reshape", "convert")
+
+
+def _is_padded_gather(name: str, defs: dict, roots: dict, depth: int = 0) -> bool:
+    """The value is a dynamic-update-slice (one shard written into a buffer): an all-reduce of it
+    is an all-gather done as an all-reduce (libtpu's all-gather decomposer)."""
+    d = defs.get(name)
+    if d is None or depth > 6:
+        return False
+    _, op, operands, called, _ = d
+    if op == "dynamic-update-slice":
+        return True
+    if op in _PASS and operands:
+        return _is_padded_gather(operands[0], defs, roots, depth + 1)
+    if op == "fusion" and called:
+        return _is_padded_gather(roots.get(called[0], ""), defs, roots, depth + 1)
+    return False
+
+
+def _only_sliced(name: str, defs: dict, users: dict, depth: int = 0) -> bool:
+    """Every use of the value reads a dynamic-slice of it: an all-reduce of it is a reduce-scatter
+    done as an all-reduce (each device keeps its shard of the sum)."""
+    us = users.get(name, [])
+    if not us or depth > 6:
+        return False
+    for u in us:
+        _, op, operands, called, _ = defs[u]
+        if op == "dynamic-slice" and operands and operands[0] == name:
+            continue
+        if op in _PASS and _only_sliced(u, defs, users, depth + 1):
+            continue
+        if op == "fusion" and called:
+            params = {int(m.group(2)): m.group(1) for n2, d2 in defs.items() if d2[0] == called[0]
+                      for m in [re.match(r".*?%([\w.\-]+)\s*=.*\sparameter\((\d+)\)", d2[4])] if m}
+            idx = [i for i, o in enumerate(operands) if o == name]
+            if idx and all(i in params and _only_sliced(params[i], defs, users, depth + 1) for i in idx):
+                continue
+        return False
+    return True
+
+
 def collective_summary(hlo_text: str, ragged_rows: float | None = None) -> dict:
-    """Per collective kind: instructions executed per step and bytes moved (output sizes),
-    with ops inside while loops (the layer scan, micro-batches) multiplied by the trip count.
+    """Per collective kind: instructions executed per step, bytes (output sizes) and wire bytes
+    per device, with ops inside while loops (the layer scan, micro-batches) multiplied by the trip
+    count.
+
+    wire_bytes: what one device sends with ring algorithms over its replica group of n devices:
+    all-gather and all-to-all (n-1)/n x output, reduce-scatter (n-1) x output, all-reduce
+    2(n-1)/n x output, collective-permute the output.
+
+    all-reduce also reports `as_all_gather` and `as_reduce_scatter`: libtpu lowers FSDP's
+    all-gathers over whole-torus groups (v5p 4x4x4, 4x4x8) as an all-reduce of a buffer that holds
+    the device's shard and zeros elsewhere, and leaves the gradient's all-reduce + dynamic-slice
+    as it is instead of forming a reduce-scatter; their bytes are the full tensors, as an
+    all-gather's output. An all-reduce of such a buffer moves 2x an all-gather's wire bytes.
 
     ragged-all-to-all outputs are worst-case buffers (dropless: every token of the expert group
     could pick this device); `bytes_expected` counts `ragged_rows` rows of them instead."""
@@ -186,23 +274,41 @@ def collective_summary(hlo_text: str, ragged_rows: float | None = None) -> dict:
     if entry is None:
         return {}
     mult = _multipliers(comps, entry)
-    out = {k: {"count": 0, "bytes": 0.0} for k in COLLECTIVES}
+    defs, users, roots = _instructions(comps)
+    parts = re.search(r"num_partitions=(\d+)", hlo_text)
+    num_partitions = int(parts.group(1)) if parts else 1
+    out = {k: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for k in COLLECTIVES}
     for c, lines in comps.items():
         if not mult.get(c):
             continue
         for line in lines:
-            m = re.search(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|ragged-all-to-all|"
-                          r"collective-permute)(-start)?\(", line)
+            m = re.search(r"%([\w.\-]+)\s*=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                          r"ragged-all-to-all|collective-permute)(-start)?\(", line)
             if not m:
                 continue
-            nbytes = _nbytes(m.group(1))
-            kind = out[m.group(2)]
+            name, typ, op, start = m.groups()
+            if start and typ.startswith("(") and op in ("all-gather", "collective-permute"):
+                typ = ", ".join(f"{dt}[{','.join(map(str, dims))}]" for dt, dims in _shapes(typ)[1:2])
+            nbytes = _nbytes(typ)
+            n = max(_group_size(line, num_partitions), 1)
+            wire = {"all-gather": (n - 1) / n, "all-to-all": (n - 1) / n, "ragged-all-to-all": (n - 1) / n,
+                    "reduce-scatter": n - 1, "all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}[op]
+            kind = out[op]
             kind["count"] += mult[c]
             kind["bytes"] += mult[c] * nbytes
-            if m.group(2) == "ragged-all-to-all" and ragged_rows:
-                rows = _shapes(m.group(1))[0][1][0]
+            kind["wire_bytes"] += mult[c] * nbytes * wire
+            if op == "ragged-all-to-all" and ragged_rows:
+                rows = _shapes(typ)[0][1][0]
                 kind["bytes_expected"] = kind.get("bytes_expected", 0.0) + \
                     mult[c] * nbytes * min(1.0, ragged_rows / rows)
+            if op == "all-reduce":
+                operands = defs[name][2] if name in defs else []
+                role = ("as_all_gather" if operands and all(_is_padded_gather(o, defs, roots) for o in operands)
+                        else "as_reduce_scatter" if _only_sliced(name, defs, users) else None)
+                if role:
+                    sub = kind.setdefault(role, {"count": 0, "bytes": 0.0})
+                    sub["count"] += mult[c]
+                    sub["bytes"] += mult[c] * nbytes
     return {k: v for k, v in out.items() if v["count"]}
 
 
@@ -436,10 +542,15 @@ def format_report(r: dict) -> str:
                                                  r.get("flops_breakdown_per_chip", {}).items() if k != "total")]
     for note in r["sharding_fallbacks"]:
         lines.append(f"  fallback (replicated): {note}")
-    lines.append("  collectives per step (count, bytes per chip):")
+    lines.append("  collectives per step (count, bytes per chip = output sizes, wire = sent per chip by a ring):")
     for k, v in r["collectives"].items():
         extra = f"  (expected rows: {v['bytes_expected'] / GIB:.2f} GiB)" if "bytes_expected" in v else ""
-        lines.append(f"    {k:<20} {v['count']:8.0f}  {v['bytes'] / GIB:10.2f} GiB{extra}")
+        wire = f"  wire {v['wire_bytes'] / GIB:8.2f} GiB" if "wire_bytes" in v else ""
+        lines.append(f"    {k:<20} {v['count']:8.0f}  {v['bytes'] / GIB:10.2f} GiB{wire}{extra}")
+        for role in ("as_all_gather", "as_reduce_scatter"):
+            if role in v:
+                lines.append(f"      {role.replace('_', ' '):<18} {v[role]['count']:8.0f}  "
+                             f"{v[role]['bytes'] / GIB:10.2f} GiB  (libtpu's lowering of FSDP gathers / grad sums)")
     return "\n".join(lines)
 
 

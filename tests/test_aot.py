@@ -65,6 +65,34 @@ def test_conv_macs_counts_only_real_window_taps():
 
 
 @needs_libtpu
+def test_collective_summary_names_libtpu_all_reduces_by_role():
+    """FSDP over a whole v5p 4x4x4 torus (64 chips): libtpu writes the weight's all-gather as an
+    all-reduce of a shard-padded buffer and the weight gradient's reduce-scatter as an all-reduce
+    + dynamic-slice; the summary names both, at the full tensor's bytes."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from qwen3_jax import sharding
+
+    devices = topologies.get_topology_desc(topology_name="v5p:4x4x4", platform="tpu").devices
+    mesh = sharding.make_mesh(sharding.MeshConfig(), devices)
+    w = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+    x = jax.ShapeDtypeStruct((64, 128, 1024), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None, None)))
+
+    def loss(w, x):
+        return jnp.mean(jnp.einsum("btd,df->btf", x, w.astype(x.dtype)).astype(jnp.float32) ** 2)
+
+    text = jax.jit(jax.grad(loss), out_shardings=w.sharding).lower(w, x).compile().as_text()
+    ar = aot_compile.collective_summary(text)["all-reduce"]
+    full = 1024 * 512 * 2  # the bf16 weight
+    assert ar["as_all_gather"] == {"count": 1, "bytes": full}
+    assert ar["as_reduce_scatter"] == {"count": 1, "bytes": full}
+    assert ar["wire_bytes"] == 2 * full * 2 * 63 / 64
+
+
+@needs_libtpu
 def test_aot_small_moe_from_gin_expert_parallel(tmp_path):
     """The stage-1 gin files + bindings compile the real step with the ragged_all_to_all exchange and
     megablox grouped matmuls (EP=4 x FSDP=2). Compiled FLOPs counted from the HLO stay near the
