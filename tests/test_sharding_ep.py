@@ -1,11 +1,21 @@
 """Sharded loss and gradients equal the single-device run (fp32, 8 fake CPU devices), dropless
-expert parallelism under any routing skew, and the global-batch load-balancing loss."""
+expert parallelism under any routing skew, and the global-batch load-balancing loss.
+
+Nearly all the time here is XLA compiling, so each program is compiled once and shared: one
+single-device reference per model (value and grads in one program, router statistics as its
+aux output), one sharded program per (model, mesh) and one per train-step variant. They are
+traced and lowered in the main thread and compiled ahead on two worker threads (`_Programs`;
+XLA releases the GIL), overlapping each other and the cheap tests that run first.
+"""
 
 import functools
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from qwen3_jax import sharding
@@ -15,62 +25,19 @@ from qwen3_jax.model import moe as moe_lib
 from qwen3_jax.model import moe_ep
 from qwen3_jax.params import flat_params, model_from_flat, param_specs
 from qwen3_jax.sharding import MeshConfig
+from qwen3_jax.train.checkpoint import flatten
+from qwen3_jax.train.step import init_state, make_train_step
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32: only the summation order differs
 B, T = 8, 16
+AUX_COEF = 0.1  # large enough that a wrong load-balancing gradient shows at RTOL/ATOL
+MICRO = 2  # micro-batches of the train-step tests
+# LLVM -O0 for these tiny programs: about half the compile time. The HLO passes (SPMD
+# partitioner, shard_map's collectives) that these tests are about run as at the default level.
+XLA_OPTS = {"xla_backend_optimization_level": 0}
+COMPILE_THREADS = 2
 
-
-def _cfg(name, **kw):
-    return get_config(name, compute_dtype="float32", **kw)
-
-
-def _batch(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-    seg = jnp.asarray(np.where(np.arange(T) < T - 3, 1, 0)[None].repeat(B, 0), jnp.int32)  # some padding
-    return {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "segment_ids": seg,
-            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))}
-
-
-def _loss(cfg, flat, batch):
-    logits, stats = model_from_flat(cfg, flat)(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                               return_stats=True)
-    lse = jax.nn.logsumexp(logits, -1)
-    tgt = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    mask = (batch["segment_ids"] > 0).astype(jnp.float32)
-    ce = jnp.sum((lse - tgt) * mask) / jnp.sum(mask)
-    if cfg.is_moe:
-        ce = ce + 0.01 * moe_lib.load_balancing_loss(stats["counts"], stats["prob_sum"], stats["tokens"],
-                                                     cfg.num_experts)
-    return ce
-
-
-@functools.lru_cache(maxsize=None)
-def _reference(name, impl):
-    cfg = _cfg(name, moe_impl=impl)
-    flat = flat_params(create_model(cfg, 0))
-    batch = _batch(cfg)
-    loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg)))(flat, batch)
-    return cfg, flat, batch, loss, grads
-
-
-def _sharded(cfg, flat, batch, mesh_cfg, **ctx):
-    mesh = sharding.make_mesh(mesh_cfg)
-    psh = sharding.param_shardings(param_specs(cfg), mesh)
-    bsh = sharding.batch_sharding(mesh)
-    with sharding.use_rules(mesh, **ctx):
-        fn = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg)), in_shardings=(psh, bsh),
-                     out_shardings=(None, psh))
-        return fn(flat, batch)
-
-
-def _assert_close(loss, grads, ref_loss, ref_grads):
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=RTOL)
-    for k in ref_grads:
-        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(ref_grads[k]), rtol=RTOL, atol=ATOL, err_msg=k)
-
-
-MOE_MESHES = {
+MESHES = {
     "fsdp8": MeshConfig(ici_fsdp=8),
     "fsdp4_tp2": MeshConfig(ici_fsdp=4, ici_tensor=2),
     "ep2_fsdp4": MeshConfig(ici_fsdp=4, ici_expert=2),
@@ -79,29 +46,140 @@ MOE_MESHES = {
     "tp2_ep4": MeshConfig(ici_fsdp=1, ici_expert=4, ici_tensor=2),
     "data2_ep2_tp2": MeshConfig(ici_data=2, ici_fsdp=1, ici_expert=2, ici_tensor=2),
 }
+# tiny-moe: mesh -> local expert form (ModelConfig.moe_impl). Without an `expert` axis the experts
+# run as one GSPMD einsum; with one, inside moe_ep's shard_map. ep4_fsdp2 runs the sort +
+# ragged_dot form (against the same dense single-device reference: both forms are exact).
+MOE_CASES = {"fsdp8": "dense", "fsdp4_tp2": "dense", "ep2_fsdp4": "dense", "ep4_fsdp2": "ragged",
+             "ep8": "dense", "tp2_ep4": "dense", "data2_ep2_tp2": "dense"}
+# tiny-dense: FSDP x TP splits every dense-MLP/attention dim; data x expert x tensor makes the
+# expert axis a pure batch axis for a model without experts. (Pure FSDP: fsdp8 above.)
+DENSE_MESHES = ("fsdp4_tp2", "data2_ep2_tp2")
+STEP_MESH = "ep4_fsdp2"  # FSDP x EP for the micro-batched train step
 
 
-@pytest.mark.parametrize("mesh_name", list(MOE_MESHES))
-def test_moe_loss_and_grads_match_single_device(mesh_name):
-    cfg, flat, batch, ref_loss, ref_grads = _reference("tiny-moe", "dense")
-    loss, grads = _sharded(cfg, flat, batch, MOE_MESHES[mesh_name], moe_exchange="gather")
-    _assert_close(loss, grads, ref_loss, ref_grads)
+def _cfg(name, impl="dense"):
+    return get_config(name, compute_dtype="float32", moe_impl=impl, router_aux_loss_coef=AUX_COEF)
 
 
-def test_moe_ragged_local_matmul_matches():
-    cfg, flat, batch, ref_loss, ref_grads = _reference("tiny-moe", "ragged")
-    loss, grads = _sharded(cfg, flat, batch, MOE_MESHES["ep4_fsdp2"], moe_exchange="gather")
-    _assert_close(loss, grads, ref_loss, ref_grads)
+def _batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    seg = np.where(np.arange(T) < T - 3, 1, 0)[None].repeat(B, 0)
+    seg[1, 4:] = 0  # rows with different token counts: per-micro-batch f differs from the global one
+    seg = jnp.asarray(seg, jnp.int32)
+    return {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "segment_ids": seg,
+            "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+            "loss_mask": (seg > 0).astype(jnp.int32)}
 
 
-@pytest.mark.parametrize("mesh_name", ["fsdp8", "fsdp4_tp2", "data2_ep2_tp2"])
-def test_dense_loss_and_grads_match_single_device(mesh_name):
-    cfg, flat, batch, ref_loss, ref_grads = _reference("tiny-dense", "dense")
-    loss, grads = _sharded(cfg, flat, batch, MOE_MESHES[mesh_name])
-    _assert_close(loss, grads, ref_loss, ref_grads)
+def _loss(cfg, flat, batch):
+    """Masked mean CE + coef · full-batch load-balancing loss; aux output: that aux loss and the
+    router statistics per sequence."""
+    logits, stats = model_from_flat(cfg, flat)(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                               return_stats=True)
+    lse = jax.nn.logsumexp(logits, -1)
+    tgt = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = jnp.sum((lse - tgt) * mask) / jnp.sum(mask)
+    if not cfg.is_moe:
+        return ce, {}
+    aux = moe_lib.load_balancing_loss(stats["counts"], stats["prob_sum"], stats["tokens"], cfg.num_experts)
+    return ce + cfg.router_aux_loss_coef * aux, dict(stats, aux=aux)
 
 
-# -- dropless under skew, capacity mode ---------------------------------------------------------------
+def _value_and_grad(cfg):
+    return jax.value_and_grad(functools.partial(_loss, cfg), has_aux=True)
+
+
+# -- programs: lowered here, compiled ahead on two threads ------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _inputs(name):
+    cfg = _cfg(name)
+    return cfg, flat_params(create_model(cfg, 0)), _batch(cfg)
+
+
+def _lower(key):
+    kind, arg = key
+    if kind == "ref":  # single device, no sharding rules
+        cfg, flat, batch = _inputs(arg)
+        return jax.jit(_value_and_grad(cfg)).lower(flat, batch)
+    mesh = sharding.make_mesh(MESHES[STEP_MESH if kind == "step" else arg])
+    bsh = sharding.batch_sharding(mesh)
+    if kind == "step":  # arg: aux scope
+        cfg, _, batch = _inputs("tiny-moe")
+        opt = optax.sgd(1.0)
+        state = init_state(cfg, opt, 0)
+        ssh = sharding.tree_shardings(state, param_specs(cfg), mesh)
+        with sharding.use_rules(mesh, moe_exchange="gather"):
+            step = make_train_step(cfg, opt, micro_batches=MICRO, aux_scope=arg)
+            return jax.jit(step, in_shardings=(ssh, bsh), out_shardings=(ssh, None)).lower(state, batch)
+    cfg, flat, batch = _inputs("tiny-moe" if kind == "moe" else "tiny-dense")
+    if kind == "moe":
+        cfg = cfg.replace(moe_impl=MOE_CASES[arg])
+    psh = sharding.param_shardings(param_specs(cfg), mesh)
+    with sharding.use_rules(mesh, moe_exchange="gather"):
+        fn = jax.jit(_value_and_grad(cfg), in_shardings=(psh, bsh), out_shardings=(None, psh))
+        return fn.lower(flat, batch)
+
+
+def _keys_for(item):
+    """The programs one collected test of this module runs."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    name = item.originalname
+    if name == "test_moe_loss_and_grads_match_single_device":
+        return [("ref", "tiny-moe"), ("moe", params["mesh_name"])]
+    if name == "test_dense_loss_and_grads_match_single_device":
+        return [("ref", "tiny-dense"), ("dense", params["mesh_name"])]
+    if name == "test_zero_router_sends_every_token_to_two_experts_no_loss":
+        return [("ref", "tiny-moe"), ("moe", "ep8")]
+    if name == "test_train_step_global_aux_micro_batched_sharded_equals_one_pass":
+        return [("ref", "tiny-moe"), ("step", "global"), ("step", "micro_batch")]
+    return []
+
+
+class _Programs:
+    def __init__(self, keys):
+        self.pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="xla-compile")
+        self.futures = {}
+        for key in keys:
+            self._submit(key)
+
+    def _submit(self, key):
+        if key not in self.futures:
+            self.futures[key] = self.pool.submit(_lower(key).compile, XLA_OPTS)
+
+    def run(self, key, *args):
+        self._submit(key)
+        compiled = self.futures[key].result()
+        args = jax.device_put(args, compiled.input_shardings[0])
+        return compiled(*args)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def programs(request):
+    """Starts compiling every program the selected tests of this module need, in test order."""
+    me = sys.modules[__name__]
+    keys = [k for item in request.session.items if getattr(item, "module", None) is me for k in _keys_for(item)]
+    progs = _Programs(dict.fromkeys(keys))
+    yield progs
+    progs.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _reference(programs, name):
+    cfg, flat, batch = _inputs(name)
+    (loss, extra), grads = programs.run(("ref", name), flat, batch)
+    return cfg, flat, batch, loss, extra, grads
+
+
+def _assert_close(loss, grads, ref_loss, ref_grads):
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=RTOL)
+    assert set(grads) == set(ref_grads)
+    for k in ref_grads:
+        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(ref_grads[k]), rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+# -- dropless under skew, capacity mode (small direct calls of moe_ep.experts_parallel) ---------------
 
 def _expert_inputs(E=8, D=16, F=8, N=64, k=2, seed=0):
     r = np.random.default_rng(seed)
@@ -112,34 +190,40 @@ def _expert_inputs(E=8, D=16, F=8, N=64, k=2, seed=0):
     return x, w, gate, up, down
 
 
-def _run_ep(mesh_cfg, x, w, ids, gate, up, down, form="dense", capacity_factor=None):
-    mesh = sharding.make_mesh(mesh_cfg)
+@functools.lru_cache(maxsize=None)
+def _ep_fn(mesh_name, form="dense", capacity_factor=None):
+    """One jitted expert-parallel call per (mesh, form, capacity); the routing is an input."""
+    mesh = sharding.make_mesh(MESHES[mesh_name])
     with sharding.use_rules(mesh, moe_exchange="gather", capacity_factor=capacity_factor):
         ctx = sharding.expert_parallel()
-        return jax.jit(lambda *a: moe_ep.experts_parallel(*a, ctx=ctx, form=form))(
-            x[None], w[None], ids[None], gate, up, down)[0]
+    assert ctx is not None
+    return jax.jit(lambda x, w, ids, *p: moe_ep.experts_parallel(x[None], w[None], ids[None], *p,
+                                                                 ctx=ctx, form=form)[0],
+                   compiler_options=XLA_OPTS)
 
 
-@pytest.mark.parametrize("skew", ["one_expert", "one_device", "random"])
 @pytest.mark.parametrize("form", ["dense", "ragged"])
-def test_dropless_for_any_skew(skew, form):
+def test_dropless_for_any_skew(form):
+    """EP=8 and FSDP x EP=4: every assignment reaches its expert, whatever the routing: all to one
+    expert, all to one device's experts, random."""
     x, w, gate, up, down = _expert_inputs()
     N, k = w.shape
-    ids = {"one_expert": np.zeros((N, k)) + np.arange(k) * 0,  # every assignment to expert 0
-           "one_device": np.stack([np.zeros(N), np.ones(N)], 1),  # experts 0 and 1 (device 0 at EP=4)
-           "random": np.random.default_rng(1).integers(0, 8, (N, k))}[skew]
-    ids = jnp.asarray(ids, jnp.int32)
-    want = moe_lib.experts_dense(x[None], w[None], ids[None], gate, up, down)[0]
-    for mesh_cfg in (MeshConfig(ici_fsdp=1, ici_expert=8), MeshConfig(ici_fsdp=2, ici_expert=4)):
-        got = _run_ep(mesh_cfg, x, w, ids, gate, up, down, form=form)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    skews = {"one_expert": np.zeros((N, k)),  # every assignment to expert 0
+             "one_device": np.stack([np.zeros(N), np.ones(N)], 1),  # experts 0 and 1 (device 0 at EP=4)
+             "random": np.random.default_rng(1).integers(0, 8, (N, k))}
+    for skew, ids in skews.items():
+        ids = jnp.asarray(ids, jnp.int32)
+        want = moe_lib.experts_dense(x[None], w[None], ids[None], gate, up, down)[0]
+        for mesh_name in ("ep8", "ep4_fsdp2"):
+            got = _ep_fn(mesh_name, form)(x, w, ids, gate, up, down)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{skew} {mesh_name}")
 
 
 def test_capacity_factor_drops_overflow_in_token_order():
     x, w, gate, up, down = _expert_inputs()
     N, k = w.shape
     ids = jnp.asarray(np.stack([np.zeros(N), np.random.default_rng(2).integers(1, 8, N)], 1), jnp.int32)
-    mesh_cfg = MeshConfig(ici_fsdp=2, ici_expert=4)
     per_dev = N // 8
     cap = moe_ep.capacity_per_source(per_dev, k, 8, 2.0)
     # reference: drop on each device's token block exactly as documented, then dense experts
@@ -152,104 +236,16 @@ def test_capacity_factor_drops_overflow_in_token_order():
     assert int(jnp.sum(ids_ref == 8)) > 0  # expert 0 overflowed
     ids_safe = jnp.where(ids_ref == 8, 0, ids_ref)
     want = moe_lib.experts_dense(x[None], w_ref[None], ids_safe[None], gate, up, down)[0]
-    got = _run_ep(mesh_cfg, x, w, ids, gate, up, down, capacity_factor=2.0)
+    got = _ep_fn("ep4_fsdp2", "dense", 2.0)(x, w, ids, gate, up, down)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    dropless = _run_ep(mesh_cfg, x, w, ids, gate, up, down)
+    dropless = _ep_fn("ep4_fsdp2", "dense")(x, w, ids, gate, up, down)
     assert not np.allclose(np.asarray(dropless), np.asarray(got))
-
-
-def test_zero_router_sends_every_token_to_two_experts_no_loss():
-    cfg, flat, batch, _, _ = _reference("tiny-moe", "dense")
-    flat = {k: (jnp.zeros_like(v) if k.endswith("mlp/router") else v) for k, v in flat.items()}
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg)))(flat, batch)
-    loss, grads = _sharded(cfg, flat, batch, MOE_MESHES["ep8"], moe_exchange="gather")
-    _assert_close(loss, grads, ref_loss, ref_grads)
-
-
-# -- global-batch load balancing --------------------------------------------------------------------
-
-def _aux_micro_batched(cfg, flat, batch, n, scope):
-    """Sum of per-micro-batch aux terms as a train step with n strided micro-batches sees them."""
-    from qwen3_jax.train.checkpoint import nest
-
-    params = nest(flat)
-    mbs = {k: jnp.swapaxes(v.reshape(-1, n, *v.shape[1:]), 0, 1) for k, v in batch.items()}
-    if scope == "global":
-        counts, tokens = moe_ep.global_router_counts(cfg, params, batch, n)
-    total = 0.0
-    for i in range(n):
-        mb = {k: v[i] for k, v in mbs.items()}
-        _, st = model_from_flat(cfg, flat)(mb["tokens"], mb["positions"], mb["segment_ids"], return_stats=True)
-        if scope == "global":
-            total = total + moe_ep.global_aux_share(counts, tokens, st["prob_sum"], cfg.num_experts)
-        else:
-            total = total + moe_lib.load_balancing_loss(st["counts"], st["prob_sum"], st["tokens"],
-                                                        cfg.num_experts) / n
-    return total
-
-
-def _aux_full(cfg, flat, batch):
-    _, st = model_from_flat(cfg, flat)(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                       return_stats=True)
-    return moe_lib.load_balancing_loss(st["counts"], st["prob_sum"], st["tokens"], cfg.num_experts)
-
-
-def test_global_aux_loss_micro_batched_sharded_equals_full_batch():
-    cfg, flat, batch, _, _ = _reference("tiny-moe", "dense")
-    want, want_g = jax.jit(jax.value_and_grad(functools.partial(_aux_full, cfg)))(flat, batch)
-    mesh = sharding.make_mesh(MOE_MESHES["ep4_fsdp2"])
-    psh = sharding.param_shardings(param_specs(cfg), mesh)
-    bsh = sharding.batch_sharding(mesh)
-    with sharding.use_rules(mesh, moe_exchange="gather"):
-        f = jax.jit(jax.value_and_grad(lambda p, b: _aux_micro_batched(cfg, p, b, 2, "global")),
-                    in_shardings=(psh, bsh), out_shardings=(None, psh))
-        got, got_g = f(flat, batch)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
-    for k in want_g:
-        np.testing.assert_allclose(np.asarray(got_g[k]), np.asarray(want_g[k]), rtol=1e-5, atol=1e-8, err_msg=k)
-    # micro-batch scope: the mean of per-micro-batch losses, each with its own f: larger than the
-    # global one (fewer tokens per f estimate → more apparent imbalance), not equal to it
-    micro = jax.jit(lambda p, b: _aux_micro_batched(cfg, p, b, 2, "micro_batch"))(flat, batch)
-    assert float(micro) > float(want) + 1e-4
-
-
-def test_train_step_global_aux_micro_batched_sharded_equals_one_pass():
-    """make_train_step: 2 micro-batches on FSDP x EP give the 1-pass global aux loss and update."""
-    import optax
-
-    from qwen3_jax.train.checkpoint import flatten
-    from qwen3_jax.train.step import init_state, make_train_step
-
-    cfg = _cfg("tiny-moe", moe_impl="dense", router_aux_loss_coef=0.1)
-    opt = optax.sgd(1.0)
-    state = init_state(cfg, opt, 0)
-    batch = dict(_batch(cfg), loss_mask=(_batch(cfg)["segment_ids"] > 0).astype(jnp.int32))
-    ref_state, ref_m = jax.jit(make_train_step(cfg, opt, micro_batches=1))(state, batch)
-    mesh = sharding.make_mesh(MOE_MESHES["ep4_fsdp2"])
-    ssh = sharding.tree_shardings(state, param_specs(cfg), mesh)
-    bsh = sharding.batch_sharding(mesh)
-    with sharding.use_rules(mesh, moe_exchange="gather"):
-        step = jax.jit(make_train_step(cfg, opt, micro_batches=2), in_shardings=(ssh, bsh), out_shardings=(ssh, None))
-        new_state, m = step(state, batch)
-        _, m_micro = jax.jit(make_train_step(cfg, opt, micro_batches=2, aux_scope="micro_batch"),
-                             in_shardings=(ssh, bsh), out_shardings=(ssh, None))(state, batch)
-    np.testing.assert_allclose(float(m["aux_loss"]), float(ref_m["aux_loss"]), rtol=1e-6)
-    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
-    got, want = flatten(new_state.params), flatten(ref_state.params)
-    for k in want:
-        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-6, err_msg=k)
-    assert float(m_micro["aux_loss"]) > float(ref_m["aux_loss"]) + 1e-4
 
 
 def test_megablox_grouped_matmuls_match_ragged_dot():
     """The TPU kernel path (megablox gmm/tgmm, here in Pallas interpret mode on CPU): values and
     gradients equal lax.ragged_dot's, with rows past the groups' sum (the dropless buffer's empty
     tail) giving 0 and no gradient."""
-    import jax
-    import jax.numpy as jnp
-
-    from qwen3_jax.model import moe_ep
-
     R, D, F, G = 256, 128, 128, 2
     ks = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(ks[0], (R, D), jnp.float32)
@@ -257,12 +253,74 @@ def test_megablox_grouped_matmuls_match_ragged_dot():
     down = jax.random.normal(ks[3], (G, F, D), jnp.float32) / F ** 0.5
     sizes = jnp.array([100, 60], jnp.int32)  # 96 empty rows at the end
 
-    def loss(kernel, *w):
-        return jnp.sum(moe_ep._grouped(x, sizes, *w, kernel) ** 2)
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=XLA_OPTS)
+    def value_and_grad(kernel, *w):
+        def loss(*w):
+            y = moe_ep._grouped(x, sizes, *w, kernel)
+            return jnp.sum(y ** 2), y
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*w)
 
-    ref, ref_g = jax.value_and_grad(lambda *w: loss("ragged_dot", *w), argnums=(0, 1, 2))(gate, up, down)
-    got, got_g = jax.value_and_grad(lambda *w: loss("megablox_interpret", *w), argnums=(0, 1, 2))(gate, up, down)
+    (ref, _), ref_g = value_and_grad("ragged_dot", gate, up, down)
+    (got, y), got_g = value_and_grad("megablox_interpret", gate, up, down)
     np.testing.assert_allclose(got, ref, rtol=2e-5)
     for a, b in zip(got_g, ref_g):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-    assert bool(jnp.all(moe_ep._grouped(x, sizes, gate, up, down, "megablox_interpret")[160:] == 0))
+    assert bool(jnp.all(y[160:] == 0))
+
+
+# -- whole model: sharded loss and gradients equal the single-device run ------------------------------
+
+@pytest.mark.parametrize("mesh_name", list(MOE_CASES))
+def test_moe_loss_and_grads_match_single_device(programs, mesh_name):
+    cfg, flat, batch, ref_loss, _, ref_grads = _reference(programs, "tiny-moe")
+    (loss, _), grads = programs.run(("moe", mesh_name), flat, batch)
+    _assert_close(loss, grads, ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize("mesh_name", DENSE_MESHES)
+def test_dense_loss_and_grads_match_single_device(programs, mesh_name):
+    cfg, flat, batch, ref_loss, _, ref_grads = _reference(programs, "tiny-dense")
+    (loss, _), grads = programs.run(("dense", mesh_name), flat, batch)
+    _assert_close(loss, grads, ref_loss, ref_grads)
+
+
+def test_zero_router_sends_every_token_to_two_experts_no_loss(programs):
+    """Router weights 0: the top-2 ties send every token to experts 0 and 1, i.e. at EP=8 all of
+    the batch's tokens to two of the eight devices, and none is lost (the programs of the ep8
+    case and of the reference, run on other parameters)."""
+    cfg, flat, batch, _, _, _ = _reference(programs, "tiny-moe")
+    flat = {k: (jnp.zeros_like(v) if k.endswith("mlp/router") else v) for k, v in flat.items()}
+    (ref_loss, ref_extra), ref_grads = programs.run(("ref", "tiny-moe"), flat, batch)
+    counts = np.asarray(ref_extra["counts"]).sum((0, 1))
+    assert counts[2:].sum() == 0 and counts[0] == counts[1] > 0
+    (loss, _), grads = programs.run(("moe", "ep8"), flat, batch)
+    _assert_close(loss, grads, ref_loss, ref_grads)
+
+
+# -- global-batch load balancing --------------------------------------------------------------------
+
+def test_train_step_global_aux_micro_batched_sharded_equals_one_pass(programs):
+    """make_train_step with 2 micro-batches on FSDP x EP: the global-batch aux loss, the loss and
+    the SGD update equal the single-device one-pass values (loss = CE + 0.1·aux on the full
+    batch at once); with aux_scope="micro_batch" the aux loss is the mean of the micro-batches'
+    own losses, which differs, and so does the router update (the comparison can fail)."""
+    cfg, flat, batch, ref_loss, ref_extra, ref_grads = _reference(programs, "tiny-moe")
+    state = init_state(cfg, optax.sgd(1.0), 0)
+    new_state, m = programs.run(("step", "global"), state, batch)
+    np.testing.assert_allclose(float(m["aux_loss"]), float(ref_extra["aux"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss"]), float(ref_loss), rtol=RTOL)
+    got = flatten(new_state.params)
+    assert set(got) == set(flat)
+    for k in flat:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(flat[k] - ref_grads[k]), rtol=RTOL, atol=ATOL,
+                                   err_msg=k)
+
+    micro_state, m_micro = programs.run(("step", "micro_batch"), state, batch)
+    c, p, n = (np.asarray(ref_extra[k]) for k in ("counts", "prob_sum", "tokens"))
+    want_micro = np.mean([moe_lib.load_balancing_loss(c[:, i::MICRO], p[:, i::MICRO], n[i::MICRO], cfg.num_experts)
+                          for i in range(MICRO)])  # strided micro-batches, as split_micro_batches
+    np.testing.assert_allclose(float(m_micro["aux_loss"]), want_micro, rtol=1e-6)
+    assert float(m_micro["aux_loss"]) > float(ref_extra["aux"]) + 1e-4
+    micro = flatten(micro_state.params)
+    routers = [k for k in flat if k.endswith("mlp/router")]
+    assert routers and not all(np.allclose(micro[k], got[k], rtol=RTOL, atol=ATOL) for k in routers)
