@@ -62,7 +62,8 @@ def row(name: str, r: dict) -> str:
     def one(k, v):
         text = f"{SHORT.get(k, k)} {v.get('bytes_expected', v['bytes']) / GIB:.0f}"
         roles = [f"{tag} {v[role]['bytes'] / GIB:.0f}" for role, tag in (("as_all_gather", "AG"),
-                                                                       ("as_reduce_scatter", "RS")) if role in v]
+                                                                       ("as_reduce_scatter", "RS"))
+                 if v.get(role, {}).get("bytes", 0) >= 0.5 * GIB]
         return text + (f" (as {', '.join(roles)})" if roles else "")
 
     coll = " ".join(one(k, v) for k, v in r["collectives"].items())
