@@ -91,6 +91,12 @@ def embed_lookup(table_VD, tokens_BT, dtype):
     if not v_axes and not d_axes:
         return jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
     gather_axes = tuple(a for a in b_axes if a in v_axes + d_axes)  # batch order
+    d_gathered = tuple(a for a in gather_axes if a in d_axes)
+    if d_gathered != d_axes[len(d_axes) - len(d_gathered):]:
+        # The all-to-alls below hand back whole D blocks only when the gathered D axes are the
+        # minor ones of the table's D sharding, in the same order (e.g. D over (fsdp, expert)
+        # with a batch too small to split over expert); otherwise let GSPMD do the gather.
+        return jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
     V_loc = table_VD.shape[0] // math.prod(mesh.shape[a] for a in v_axes)
 
     def local(table_vd, tok_bt):
