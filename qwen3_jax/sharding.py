@@ -36,7 +36,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("seq", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),  # expert weights take "expert" first (experts dim), keeping fsdp here
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

@@ -41,6 +41,11 @@ def test_logical_to_spec_drops_size_one_and_reused_axes():
     assert sharding.logical_to_spec(("embed", "heads", "head_dim"), mesh=mesh) == P("fsdp", "tensor", None)
     assert sharding.logical_to_spec(("layers", "experts", "embed", "expert_mlp"), mesh=mesh) == \
         P(None, None, "fsdp", "tensor")
+    # under fsdp x expert, non-expert weights use both axes; expert weights give "expert" to the experts dim
+    mesh = sharding.make_mesh(MeshConfig(ici_fsdp=2, ici_expert=4))
+    assert sharding.logical_to_spec(("embed", "heads", "head_dim"), mesh=mesh) == P(("fsdp", "expert"), None, None)
+    assert sharding.logical_to_spec(("layers", "experts", "embed", "expert_mlp"), mesh=mesh) == \
+        P(None, "expert", "fsdp", None)
 
 
 def test_indivisible_kv_heads_fall_back_to_replication_other_dims_raise():
@@ -51,7 +56,7 @@ def test_indivisible_kv_heads_fall_back_to_replication_other_dims_raise():
     assert notes and all("kv_heads" in n for n in notes)
     shs = sharding.param_shardings(specs, mesh)
     k_proj = next(k for k in specs if k.endswith("attn/k_proj"))
-    assert shs[k_proj].spec == P(None, None, None, None)  # layers, embed(fsdp=1), kv_heads (replicated), head_dim
+    assert shs[k_proj].spec == P(None, "expert", None, None)  # layers, embed (fsdp=1 x expert), kv_heads (replicated), head_dim
     mesh = sharding.make_mesh(MeshConfig(ici_fsdp=1, ici_tensor=8))
     with pytest.raises(ValueError, match="heads=4\\) is not divisible by mesh axis tensor=8"):
         sharding.check_shardable(specs, mesh)
@@ -89,22 +94,24 @@ def test_constrain_is_identity_without_rules():
     assert sharding.constrain(x, ("batch", "embed")) is x
 
 
-@pytest.mark.parametrize("mesh_kw,rules", [
-    ({"ici_fsdp": 8}, sharding.DEFAULT_RULES),
-    ({"ici_fsdp": 2, "ici_expert": 4}, sharding.DEFAULT_RULES),
-    ({"ici_fsdp": 4, "ici_tensor": 2}, sharding.DEFAULT_RULES),  # vocab over tensor: masked + psum
-    ({"ici_data": 2, "ici_fsdp": 2, "ici_tensor": 2}, sharding.DEFAULT_RULES),
+@pytest.mark.parametrize("mesh_kw,rules,B", [
+    ({"ici_fsdp": 8}, sharding.DEFAULT_RULES, 8),
+    ({"ici_fsdp": 2, "ici_expert": 4}, sharding.DEFAULT_RULES, 8),
+    # 4 rows split over fsdp only while D is over (fsdp, expert): not a whole-block layout, GSPMD's take
+    ({"ici_fsdp": 2, "ici_expert": 4}, sharding.DEFAULT_RULES, 4),
+    ({"ici_fsdp": 4, "ici_tensor": 2}, sharding.DEFAULT_RULES, 8),  # vocab over tensor: masked + psum
+    ({"ici_data": 2, "ici_fsdp": 2, "ici_tensor": 2}, sharding.DEFAULT_RULES, 8),
     # vocab on a batch axis (psum_scatter path), embed on tensor (output stays D-sharded)
-    ({"ici_fsdp": 4, "ici_tensor": 2}, (("batch", ("data", "fsdp")), ("vocab", "fsdp"), ("embed", "tensor"))),
+    ({"ici_fsdp": 4, "ici_tensor": 2}, (("batch", ("data", "fsdp")), ("vocab", "fsdp"), ("embed", "tensor")), 8),
 ])
-def test_embed_lookup_sharded_equals_take(mesh_kw, rules):
+def test_embed_lookup_sharded_equals_take(mesh_kw, rules, B):
     """The shard_map lookup gives jnp.take's rows and table gradient (a gather moves values; only
     the scatter-add's summation order for repeated tokens may differ)."""
     import jax.numpy as jnp
 
     from qwen3_jax.model.layers import embed_lookup
 
-    V, D, B, T = 64, 16, 8, 4
+    V, D, T = 64, 16, 4
     mesh = sharding.make_mesh(MeshConfig(**{"ici_fsdp": 1, **mesh_kw}))
     table = jax.random.normal(jax.random.key(0), (V, D), jnp.float32)
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, V).at[0, :].set(5)  # repeated rows too
