@@ -11,8 +11,8 @@ megablox MoE, splash attention, loss in 2048-position pieces) in a subprocess of
 interpreter. A small driver around its `main` keeps the compiled step, so the report holds
 MaxText's printed memory analysis plus the peak, XLA's cost analysis, MaxText's own FLOP
 calculator (`calculate_tflops_training_per_device`: 6·N + causal attention, no remat), and, from the
-compiled HLO, FLOPs and collectives counted by launch/aot_compile.py as for our own step (MaxText's
-async ragged all-to-alls read by their output buffer). `--hlo_dir D` keeps the HLO texts, and
+compiled HLO, FLOPs and collectives counted by launch/aot_compile.py as for our own step (async
+collectives such as MaxText's ragged all-to-alls read by their output buffer). `--hlo_dir D` keeps the HLO texts, and
 `--from_hlo D` recounts the saved reports from them after that counter changes.
 Saved: benchmarks/aot_reports/maxtext/<case>.json and <case>.log (the filtered tail of its log).
 """
@@ -172,27 +172,10 @@ def _filtered_log(text: str) -> str:
     return out[-LOG_LIMIT:]
 
 
-def _async_ragged_as_output(hlo_text: str) -> str:
-    """Rewrites each `ragged-all-to-all-start` result type, a tuple of (operands), output buffer
-    and two u32 scalars, to its output buffer, so launch/aot_compile.py's collective_summary
-    counts it like a synchronous ragged all-to-all (MaxText's are async, ours are not; that
-    counter reads an async all-gather or collective-permute by its output but not this one)."""
-    topo = _our_hlo_tools()
-
-    def fix(m):
-        arrays = [(dt, dims) for dt, dims in topo._shapes(m.group(2)) if len(dims) >= 2]
-        if not arrays:
-            return m.group(0)
-        dt, dims = arrays[-1]
-        return f"{m.group(1)}{dt}[{','.join(map(str, dims))}] ragged-all-to-all-start("
-
-    return re.sub(r"(%[\w.\-]+\s*=\s*)(\(.*?\))\s+ragged-all-to-all-start\(", fix, hlo_text)
-
-
 def collective_bytes(hlo_text: str, ragged_rows: float | None = None) -> dict:
-    """launch/aot_compile.py's collective_summary (the one our reports use) of the HLO text, with
-    async ragged all-to-alls read by their output buffer."""
-    return _our_hlo_tools().collective_summary(_async_ragged_as_output(hlo_text), ragged_rows)
+    """launch/aot_compile.py's collective_summary (the one our reports use) of the HLO text; it reads
+    async collectives (`-start` tuples, e.g. MaxText's ragged all-to-alls) by their output."""
+    return _our_hlo_tools().collective_summary(hlo_text, ragged_rows)
 
 
 def _oom_bytes(error: str) -> float | None:
@@ -311,7 +294,7 @@ def compile_ours_with(name: str, python: str, timeout_s: int, hlo_dir: str | Non
 
 def _recount_ours(rep: dict, hlo: str) -> None:
     """Collectives of our step's HLO by collective_bytes (newer libtpu makes our ragged
-    all-to-alls async too, which aot_compile.py's counter reads by their whole -start tuple)."""
+    all-to-alls async too)."""
     rep["collectives_as_aot_compile_counted"] = rep.get("collectives")
     rep["collectives"] = collective_bytes(hlo, rep.get("expected_expert_rows_per_device"))
 

@@ -287,8 +287,8 @@ def collective_summary(hlo_text: str, ragged_rows: float | None = None) -> dict:
             if not m:
                 continue
             name, typ, op, start = m.groups()
-            if start and typ.startswith("(") and op in ("all-gather", "collective-permute"):
-                typ = ", ".join(f"{dt}[{','.join(map(str, dims))}]" for dt, dims in _shapes(typ)[1:2])
+            if start and typ.startswith("("):
+                typ = _async_output(typ)
             nbytes = _nbytes(typ)
             n = max(_group_size(line, num_partitions), 1)
             wire = {"all-gather": (n - 1) / n, "all-to-all": (n - 1) / n, "ragged-all-to-all": (n - 1) / n,
@@ -313,6 +313,28 @@ def collective_summary(hlo_text: str, ragged_rows: float | None = None) -> dict:
 
 
 # -- FLOPs from the compiled HLO ---------------------------------------------------------------------
+
+def _tuple_elements(type_text: str) -> list[str]:
+    """The top-level elements of a tuple type `(a, (b, c), d)`: ['a', '(b, c)', 'd']."""
+    inner = type_text.strip()[1:-1]
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(inner):
+        depth += ch in "({["
+        depth -= ch in ")}]"
+        if ch == "," and depth == 0:
+            parts.append(inner[start:i].strip())
+            start = i + 1
+    parts.append(inner[start:].strip())
+    return [re.sub(r"^/\*index=\d+\*/", "", p) for p in parts if p]
+
+
+def _async_output(type_text: str) -> str:
+    """The output of an async collective's `-start` from its tuple type: element 1 of
+    (operand(s), output(s), context...), e.g. all-gather-start `(bf16[a], bf16[b])`,
+    ragged-all-to-all-start `((input, output, 4 x s32 offsets), bf16[out], u32[], u32[])`."""
+    parts = _tuple_elements(type_text)
+    return parts[1] if len(parts) > 1 else type_text
+
 
 def _shapes(type_text: str) -> list[tuple[str, list[int]]]:
     return [(dt, [int(d) for d in dims.split(",") if d]) for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_text)]
