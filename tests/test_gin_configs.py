@@ -1,5 +1,6 @@
 """Every stage file combines with every model file (and the slice files), and names real values."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -47,3 +48,9 @@ def test_slice_files_parse(slice_file):
     parse_gin([f"{stage}.gin", f"model/{model}.gin", f"slices/{slice_file}"], [])
     assert model_config(backend="tpu").name == model
     assert gin.query_parameter("%BATCH_SIZE") >= 256
+    # one data shard per host (v5p: 4 chips a host), each with a whole number of rows, so the
+    # batches and the saved data position do not change when the run resumes on fewer hosts
+    import aot_compile
+    hosts = aot_compile.parse_topology(re.search(r"v5p-\d+", slice_file).group(0))["chips"] // 4
+    shards = gin.query_parameter("%DATA_SHARDS")
+    assert shards == hosts and gin.query_parameter("%BATCH_SIZE") % shards == 0
