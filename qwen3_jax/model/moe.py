@@ -88,6 +88,9 @@ class MoE(nnx.Module):
         params = (self.gate[...], self.up[...], self.down[...])
         ep = sharding.expert_parallel()
         if ep is not None:  # experts split over the `expert` mesh axis
+            # cast before the shard_map: the weights' all-gather over fsdp and their gradients'
+            # reduction then move compute-dtype bytes, as GSPMD does for the dense layers
+            params = tuple(p.astype(x_BTD.dtype) for p in params)
             y_BTD = moe_ep.experts_parallel(x_BTD, weights, ids, *params, ctx=ep, form=self.impl)
         elif self.impl == "dense":
             y_BTD = experts_dense(x_BTD, weights, ids, *params)
