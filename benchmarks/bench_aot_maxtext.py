@@ -286,17 +286,8 @@ def compile_ours_with(name: str, python: str, timeout_s: int, hlo_dir: str | Non
         raise RuntimeError(f"{name}: aot_compile under {python} failed\n{tail}")
     rep = json.loads(out.read_text())
     rep.update(versions=_versions(python), subprocess_wall_s=time.time() - t0)
-    if hlo_dir:
-        _recount_ours(rep, (Path(hlo_dir) / f"ours_{name}.hlo").read_text())
     out.write_text(json.dumps(rep, indent=1) + "\n")
     return rep
-
-
-def _recount_ours(rep: dict, hlo: str) -> None:
-    """Collectives of our step's HLO by collective_bytes (newer libtpu makes our ragged
-    all-to-alls async too)."""
-    rep["collectives_as_aot_compile_counted"] = rep.get("collectives")
-    rep["collectives"] = collective_bytes(hlo, rep.get("expected_expert_rows_per_device"))
 
 
 # -- table -----------------------------------------------------------------------------------------
@@ -411,9 +402,8 @@ def main(argv=None) -> int:
             hlo_p, rep_p = Path(args.from_hlo) / f"ours_{name}.hlo", OURS_SAME_JAX / f"{name}.json"
             if hlo_p.exists() and rep_p.exists():
                 rep = json.loads(rep_p.read_text())
-                if "collectives_as_aot_compile_counted" in rep:
-                    rep["collectives"] = rep.pop("collectives_as_aot_compile_counted")
-                _recount_ours(rep, hlo_p.read_text())
+                rep.pop("collectives_as_aot_compile_counted", None)
+                rep["collectives"] = collective_bytes(hlo_p.read_text(), rep.get("expected_expert_rows_per_device"))
                 rep_p.write_text(json.dumps(rep, indent=1) + "\n")
         args.from_json = True
     if not args.from_json and args.maxtext_python:

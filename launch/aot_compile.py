@@ -94,13 +94,30 @@ def parse_topology(name: str) -> dict:
         if chips not in table:
             raise ValueError(f"{name}: no standard {gen} slice with {chips} chips; known: {sorted(table)}")
         shape = table[chips]
-    return {"accelerator": name, "libtpu_name": f"{lib}:{shape}", "chips": chips, "hbm_bytes_per_chip": hbm}
+    return {"accelerator": name, "libtpu_name": f"{lib}:{shape}", "chips": chips, "hbm_bytes_per_chip": hbm,
+            "wrap": torus_wrap(shape, is3d)}
+
+
+def torus_wrap(shape: str, is3d: bool) -> tuple[bool, bool, bool]:
+    """Which axes of the slice have wraparound links, as the hardware has them: v4 / v5p slices
+    built of whole 4x4x4 cubes (v5p-128 and up) are tori in every axis, smaller ones are open
+    meshes; v5e / v6e wrap an axis that spans the whole 16-chip pod edge (16x16: both, 8x16: one).
+
+    libtpu's topology description has no wraparound unless told (`wrap`), and on a mesh without
+    it XLA:TPU's all-gather decomposer rewrites every FSDP all-gather over the slice into an
+    all-reduce of a shard-padded buffer (2x the wire bytes). The slice itself reports its links,
+    so only the AOT description needs this."""
+    dims = [int(s) for s in shape.split("x")]
+    if is3d:
+        return (all(d % 4 == 0 for d in dims),) * 3
+    return tuple(d == 16 for d in dims) + (False,) * (3 - len(dims))
 
 
 def topology_devices(topo: dict, num_slices: int = 1):
     from jax.experimental import topologies
 
-    desc = topologies.get_topology_desc(topology_name=topo["libtpu_name"], platform="tpu", num_slices=num_slices)
+    desc = topologies.get_topology_desc(topology_name=topo["libtpu_name"], platform="tpu", num_slices=num_slices,
+                                        wrap=topo.get("wrap", (False, False, False)))
     return list(desc.devices)
 
 
@@ -262,11 +279,12 @@ def collective_summary(hlo_text: str, ragged_rows: float | None = None) -> dict:
     all-gather and all-to-all (n-1)/n x output, reduce-scatter (n-1) x output, all-reduce
     2(n-1)/n x output, collective-permute the output.
 
-    all-reduce also reports `as_all_gather` and `as_reduce_scatter`: libtpu lowers FSDP's
-    all-gathers over whole-torus groups (v5p 4x4x4, 4x4x8) as an all-reduce of a buffer that holds
-    the device's shard and zeros elsewhere, and leaves the gradient's all-reduce + dynamic-slice
-    as it is instead of forming a reduce-scatter; their bytes are the full tensors, as an
-    all-gather's output. An all-reduce of such a buffer moves 2x an all-gather's wire bytes.
+    all-reduce also reports `as_all_gather` and `as_reduce_scatter`: on a slice described without
+    wraparound links (see `torus_wrap`) libtpu lowers FSDP's all-gathers over the whole slice as an
+    all-reduce of a buffer that holds the device's shard and zeros elsewhere; on tori as on open
+    meshes it leaves the gradient's all-reduce + dynamic-slice as it is instead of forming a
+    reduce-scatter. Their bytes are the full tensors, as an all-gather's output. An all-reduce of
+    such a buffer moves 2x an all-gather's wire bytes.
 
     ragged-all-to-all outputs are worst-case buffers (dropless: every token of the expert group
     could pick this device); `bytes_expected` counts `ragged_rows` rows of them instead."""
@@ -386,8 +404,9 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
     scan, micro-batches), which XLA's cost_analysis counts once. Kernels (custom calls) that
     cost_analysis does not see: ragged_dot / megablox gmm and tgmm count 2·rows·K·N with
     `ragged_rows` rows (the assignments this device really receives) instead of their buffer's
-    worst case; splash attention 4 (forward), 8 (dK,dV) or 6 (dQ) ·B·N·T·S·H, halved when causal
-    (its backward recomputes the scores: 1.5x the model's attention count, 2x with full remat).
+    worst case; splash attention 4 (forward), 8 (dK,dV), 6 (dQ) or 10 (fused dK,dV,dQ) ·B·N·T·S·H,
+    halved when causal (the two-kernel backward recomputes the scores twice: 1.83x the model's
+    attention count with full remat; the fused one once: 1.5x).
     Elementwise work (norms, softmax, SwiGLU gating) is not counted: it is < 1% here.
     """
     comps, entry = _computations(hlo_text)
@@ -428,6 +447,9 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
             if "splash" in tag:
                 kind = next((k for k in ("fwd", "dkv", "dq", "bwd") if f"_{k}" in name), None)
                 qk = [d for dt, d in cons if len(d) >= 3 and dt in ("bf16", "f32", "f16")]
+                if kind == "dkv" and any(len(d) == len(qk[0]) + 1 and d[-3:] == qk[0][-3:]
+                                         for _, d in _shapes(typ) if qk):
+                    kind = "bwd"  # the fused backward: dK, dV and per-kv-block dQ copies [(B,) n, N, T, H]
                 if kind and len(qk) >= 2:  # q [(B,) N, T, H], k [(B,) K, S, H]
                     T, H = qk[0][-2:]
                     S = qk[1][-2]
@@ -539,7 +561,8 @@ def aot_compile(cfg, mesh_cfg, seq_len: int, global_batch: int, micro_batches: i
         "model": cfg.name, "topology": topology, "libtpu_topology": topo["libtpu_name"], "num_slices": num_slices,
         "chips": chips, "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape), "seq_len": seq_len, "global_batch": global_batch, "micro_batches": micro_batches,
-        "tokens_per_step": tokens, "attention_impl": cfg.attention_impl, "remat": cfg.remat,
+        "tokens_per_step": tokens, "attention_impl": cfg.attention_impl,
+        "splash_fused_bwd": cfg.splash_fused_bwd, "remat": cfg.remat,
         "moe_exchange": moe_exchange, "capacity_factor": capacity_factor,
         "flops_per_chip": flops * per_chip, "model_flops_per_chip": model_flops * per_chip,
         "flops_ratio_compiled_to_model": flops / model_flops if model_flops else None,
@@ -563,7 +586,9 @@ def format_report(r: dict) -> str:
     lines = [f"{r['model']} on {r['topology']} ({r['libtpu_topology']} x{r['num_slices']} slice(s), "
              f"{r['chips']} chips, {r['device_kind']}), mesh {r['mesh']}",
              f"  batch {r['global_batch']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step, "
-             f"micro_batches {r['micro_batches']}, attention {r['attention_impl']}, remat {r['remat']}",
+             f"micro_batches {r['micro_batches']}, attention {r['attention_impl']}"
+             f"{' (fused backward)' if r.get('splash_fused_bwd') and r['attention_impl'] == 'splash' else ''}, "
+             f"remat {r['remat']}",
              f"  per chip: peak {g(r['bytes_per_chip_peak'])} of {g(r['hbm_bytes_per_chip'])} HBM -> "
              f"{'FITS' if r['fits'] else 'DOES NOT FIT'}  ({r.get('peak_source', 'xla peak_memory_in_bytes')}: "
              f"heap-simulated, arguments included)",
@@ -619,6 +644,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro_batches", type=int, default=None)
     p.add_argument("--attention_impl", default=None)
     p.add_argument("--remat", default=None)
+    p.add_argument("--splash_fused_bwd", default=None, choices=["true", "false"],
+                   help="splash's one-kernel backward (ModelConfig.splash_fused_bwd; default: the gin/preset's)")
     p.add_argument("--moe_exchange", default=None, help="auto (default) | ragged | gather")
     p.add_argument("--capacity_factor", type=float, default=None, help="default: dropless")
     p.add_argument("--aux_scope", default=None, help="global (default) | micro_batch")
@@ -638,6 +665,8 @@ def main(argv=None) -> int:
     if cfg is None:
         p.error("give --preset or --gin")
     overrides = {k: v for k, v in (("attention_impl", args.attention_impl), ("remat", args.remat)) if v}
+    if args.splash_fused_bwd is not None:
+        overrides["splash_fused_bwd"] = args.splash_fused_bwd == "true"
     if "attention_impl" not in overrides and cfg.attention_impl == "reference":
         overrides["attention_impl"] = "splash"  # the TPU kernel; reference attention is O(T^2) memory
     cfg = cfg.replace(**overrides)

@@ -69,6 +69,11 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: str = "reference"
     attention_block: int = 512
+    # splash only: one backward kernel for dK, dV and dQ (scores recomputed once, not twice:
+    # attention FLOPs with full remat 1.5x instead of 1.83x the model's count), at the cost of
+    # up to 16 unreduced dQ copies of the layer's queries alive in its backward pass (AOT:
+    # 235b-a22b at 32K on v5p-1024 1.60x -> 1.42x the model's FLOPs, same peak memory)
+    splash_fused_bwd: bool = True
     moe_impl: str = "ragged"
     remat: str = "full"
     scan_layers: bool = True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -197,12 +199,15 @@ def test_cudnn_segment_runs():
     np.testing.assert_array_equal(fits, [True, True, False])
 
 
-def test_splash_interpret_matches_reference():
-    """The Pallas kernel itself, run by the Pallas interpreter on CPU (forward and gradients)."""
+@pytest.mark.parametrize("fused_bwd", [False, True])
+def test_splash_interpret_matches_reference(fused_bwd):
+    """The Pallas kernel itself, run by the Pallas interpreter on CPU (forward and gradients;
+    the two-kernel backward and the fused one)."""
     B, T, N, K, H = 1, 200, 4, 2, 128  # T pads to 256 = two 128-token tiles
     q, k, v = _qkv(B, T, N, K, H, seed=9)
     seg = _packed(B, T, seed=10)
-    splash = lambda q, k, v, s: ops.splash_attention(q, k, v, s, block=128, interpret=True)
+    splash = lambda q, k, v, s: ops.splash_attention(q, k, v, s, block=128, interpret=True,  # noqa: E731
+                                                     fused_bwd=fused_bwd)
     np.testing.assert_allclose(splash(q, k, v, seg), ops.reference_attention(q, k, v, seg), atol=2e-5)
     g_ref = jax.grad(_loss(ops.reference_attention, seg), argnums=(0, 1, 2))(q, k, v)
     g_spl = jax.grad(_loss(splash, seg), argnums=(0, 1, 2))(q, k, v)
@@ -210,9 +215,19 @@ def test_splash_interpret_matches_reference():
         np.testing.assert_allclose(a, b, atol=2e-4 * float(jnp.abs(b).max()))
 
 
+def test_fused_bwd_kv_block_caps_the_unreduced_dq_copies():
+    assert ops._fused_bwd_kv_block(4096, 512) == 512  # 8 copies
+    assert ops._fused_bwd_kv_block(32768, 512) == 2048  # 16 copies, not 64
+    assert ops._fused_bwd_kv_block(512 * 24, 512) == 1024  # 12 copies: 24 blocks, 2 per kv block
+    assert ops._fused_bwd_kv_block(512 * 17, 512) == 512 * 17  # a prime count of blocks: one kv block
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
-def test_splash_compiles_for_tpu_sharded(monkeypatch):
-    """Ahead-of-time compile of forward + backward for a v5e 2x2 slice, batch and heads sharded."""
+@pytest.mark.parametrize("fused_bwd", [False, True])
+def test_splash_compiles_for_tpu_sharded(monkeypatch, fused_bwd):
+    """Ahead-of-time compile of forward + backward for a v5e 2x2 slice, batch and heads sharded;
+    the AOT tool's FLOP counter reads the kernels: forward 4, backward 8 (dK,dV) + 6 (dQ), or 10
+    fused, per causal half of B·N·T·S·H."""
     # libtpu takes a machine-wide lock file by default; other processes compiling for TPU at the
     # same time (parallel test runs) would make this fail.
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -228,7 +243,8 @@ def test_splash_compiles_for_tpu_sharded(monkeypatch):
 
     def loss(q, k, v, seg):
         with sharding.use_rules(mesh):
-            return ops.attention(q, k, v, seg, impl="splash", block=512).astype(jnp.float32).sum()
+            return ops.attention(q, k, v, seg, impl="splash", block=512,
+                                 fused_bwd=fused_bwd).astype(jnp.float32).sum()
 
     qkv = NamedSharding(mesh, P("data", None, "tensor", None))
     args = [jax.ShapeDtypeStruct((B, T, n, H), jnp.bfloat16, sharding=qkv) for n in (N, K, K)]
@@ -238,3 +254,8 @@ def test_splash_compiles_for_tpu_sharded(monkeypatch):
     assert "tpu_custom_call" in hlo  # the Pallas kernels, not an XLA fallback
     assert "all-gather" not in hlo  # each device works on its own rows and heads
     assert compiled.memory_analysis().temp_size_in_bytes < B * T * T * N * 2 // 4
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import aot_compile
+
+    per_device = (B // 2) * (N // 2) * T * T * H * 0.5
+    assert aot_compile.hlo_flops(hlo)["attention_kernel"] == (14 if fused_bwd else 18) * per_device

@@ -20,7 +20,7 @@ class Attention(nnx.Module):
         self.o_proj = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), cfg)
         self.q_norm = RMSNorm(H, cfg, axis_name="head_dim")
         self.k_norm = RMSNorm(H, cfg, axis_name="head_dim")
-        self.impl, self.block = cfg.attention_impl, cfg.attention_block
+        self.impl, self.block, self.fused_bwd = cfg.attention_impl, cfg.attention_block, cfg.splash_fused_bwd
 
     def __call__(self, x_BTD, cos, sin, segment_ids_BT=None):
         dt = x_BTD.dtype
@@ -32,5 +32,6 @@ class Attention(nnx.Module):
         q_BTNH = sharding.constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
         k_BTKH = sharding.constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
         v_BTKH = sharding.constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
-        o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block)
+        o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block,
+                           fused_bwd=self.fused_bwd)
         return jnp.einsum("btnh,nhd->btd", o_BTNH, self.o_proj[...].astype(dt))

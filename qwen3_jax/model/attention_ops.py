@@ -240,14 +240,25 @@ def chunked_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, block: int
 
 # -- splash: Pallas TPU kernel -------------------------------------------------------------------
 
-def _splash_kernel(num_heads, seq_len, block, interpret):
+def _fused_bwd_kv_block(seq_len: int, block: int, max_partials: int = 16) -> int:
+    """The kv block of the fused backward kernel: it leaves seq_len / that block unreduced dQ
+    copies, so the smallest multiple of `block` dividing seq_len with at most `max_partials`."""
+    n = seq_len // block
+    return block * next(d for d in range(1, n + 1) if n % d == 0 and n // d <= max_partials)
+
+
+def _splash_kernel(num_heads, seq_len, block, interpret, fused_bwd=False):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len))] * num_heads)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                          block_q_dq=block, block_kv_dq=block)
+    if fused_bwd:
+        bwd = dict(block_q_dkv=block, block_kv_dkv=_fused_bwd_kv_block(seq_len, block),
+                   block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+    else:
+        bwd = dict(block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                   block_q_dq=block, block_kv_dq=block)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, **bwd)
     return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                               interpret=interpret)
 
@@ -261,9 +272,10 @@ def _target_platform():
 
 
 def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, block: int = 512,
-                     interpret: bool = False):
+                     interpret: bool = False, fused_bwd: bool = False):
     """Pallas splash attention (TPU). `interpret=True` runs the kernel in the Pallas interpreter
-    on any backend (slow; for tests). Under `sharding.use_rules` the kernel runs per device in a
+    on any backend (slow; for tests). `fused_bwd`: one backward kernel for dQ, dK and dV
+    (ModelConfig.splash_fused_bwd). Under `sharding.use_rules` the kernel runs per device in a
     `shard_map` over the batch and head axes (the sequence must not be sharded)."""
     _check_self_attention(q_BTNH, k_BSKH, v_BSKH)
     platform = _target_platform()
@@ -280,7 +292,7 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, block: int 
     k, v, seg = _pad_seq(k_BSKH, Tp), _pad_seq(v_BSKH, Tp), _pad_seq(seg, Tp, value=-1)
 
     def local(q_BTNH, k_BSKH, v_BSKH, seg_BT):
-        kernel = _splash_kernel(q_BTNH.shape[2], Tp, b, interpret)
+        kernel = _splash_kernel(q_BTNH.shape[2], Tp, b, interpret, fused_bwd)
 
         def one_row(q_TNH, k_SKH, v_SKH, seg_T):
             o_NTH = kernel(q_TNH.swapaxes(0, 1), k_SKH.swapaxes(0, 1), v_SKH.swapaxes(0, 1),
@@ -363,14 +375,15 @@ def resolve_impl(impl: str, seq_len: int, dtype) -> str:
     return "reference" if seq_len <= AUTO_REFERENCE_MAX_T else "chunked"
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, impl: str = "reference", block: int = 512):
+def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, impl: str = "reference", block: int = 512,
+              fused_bwd: bool = False):
     impl = resolve_impl(impl, q_BTNH.shape[1], q_BTNH.dtype)
     if impl == "reference":
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     if impl == "chunked":
         return chunked_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block=block)
     if impl == "splash":
-        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block=block)
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block=block, fused_bwd=fused_bwd)
     if impl == "cudnn":
         return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     raise ValueError(f"unknown attention impl {impl!r}; known: {', '.join(IMPLS)}")

@@ -62,7 +62,8 @@ def model_config(preset: str = gin.REQUIRED, *, rope_theta: float | None = None,
 
 # Fields a later stage may change when it starts from an earlier stage's parameters.
 STAGE_MUTABLE = {"name", "rope_theta", "rope_scaling", "max_position_embeddings", "param_dtype", "compute_dtype",
-                 "attention_impl", "attention_block", "moe_impl", "remat", "scan_layers", "router_aux_loss_coef"}
+                 "attention_impl", "attention_block", "splash_fused_bwd", "moe_impl", "remat", "scan_layers",
+                 "router_aux_loss_coef"}
 
 
 def _check_same_architecture(prev: ModelConfig, cfg: ModelConfig, where: str) -> None:
