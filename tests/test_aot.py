@@ -27,6 +27,16 @@ def test_parse_topology(name, libtpu_name, chips):
     assert (t["libtpu_name"], t["chips"]) == (libtpu_name, chips)
 
 
+@pytest.mark.parametrize("name,wrap", [
+    ("v5p-8", (False,) * 3), ("v5p-64", (False,) * 3), ("v5p-128", (True,) * 3), ("v5p-1024", (True,) * 3),
+    ("v4-128", (True,) * 3), ("v5p:4x4x8", (True,) * 3), ("v5e-128", (False, True, False)),
+    ("v6e-256", (True, True, False)), ("v6e-8", (False,) * 3),
+])
+def test_parse_topology_wraparound(name, wrap):
+    """Wraparound links as the slices have them (whole 4x4x4 cubes; 2D: the 16-chip pod edge)."""
+    assert aot_compile.parse_topology(name)["wrap"] == wrap
+
+
 @pytest.mark.parametrize("bad", ["v5p-7", "v7x-64", "tpu", "v5e-3"])
 def test_parse_topology_rejects(bad):
     with pytest.raises(ValueError):
@@ -107,19 +117,14 @@ def test_collective_summary_reads_async_starts_by_their_output():
         "f32[2]{0}", "(s32[1], u8[3]{0:T(128)})", "u32[]"]
 
 
-@needs_libtpu
-def test_collective_summary_names_libtpu_all_reduces_by_role():
-    """FSDP over a whole v5p 4x4x4 torus (64 chips): libtpu writes the weight's all-gather as an
-    all-reduce of a shard-padded buffer and the weight gradient's reduce-scatter as an all-reduce
-    + dynamic-slice; the summary names both, at the full tensor's bytes."""
+def _fsdp_grad_collectives(devices) -> dict:
+    """collective_summary of one FSDP weight's gradient (fp32 master, bf16 matmul) over all devices."""
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from qwen3_jax import sharding
 
-    devices = topologies.get_topology_desc(topology_name="v5p:4x4x4", platform="tpu").devices
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices)
     w = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
     x = jax.ShapeDtypeStruct((64, 128, 1024), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None, None)))
@@ -128,11 +133,39 @@ def test_collective_summary_names_libtpu_all_reduces_by_role():
         return jnp.mean(jnp.einsum("btd,df->btf", x, w.astype(x.dtype)).astype(jnp.float32) ** 2)
 
     text = jax.jit(jax.grad(loss), out_shardings=w.sharding).lower(w, x).compile().as_text()
-    ar = aot_compile.collective_summary(text)["all-reduce"]
+    return aot_compile.collective_summary(text)
+
+
+@needs_libtpu
+def test_collective_summary_names_libtpu_all_reduces_by_role():
+    """FSDP over a v5p 4x4x4 described without wraparound links (libtpu's default description, an
+    open mesh): libtpu writes the weight's all-gather as an all-reduce of a shard-padded buffer and
+    the weight gradient's reduce-scatter as an all-reduce + dynamic-slice; the summary names both,
+    at the full tensor's bytes."""
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name="v5p:4x4x4", platform="tpu").devices
+    s = _fsdp_grad_collectives(devices)
+    ar = s["all-reduce"]
     full = 1024 * 512 * 2  # the bf16 weight
+    assert "all-gather" not in s
     assert ar["as_all_gather"] == {"count": 1, "bytes": full}
     assert ar["as_reduce_scatter"] == {"count": 1, "bytes": full}
     assert ar["wire_bytes"] == 2 * full * 2 * 63 / 64
+
+
+@needs_libtpu
+def test_topology_devices_are_a_torus_so_fsdp_all_gathers_stay_all_gathers():
+    """v5p-128 is a 4x4x4 torus: topology_devices describes its wraparound links, and the FSDP
+    weight's all-gather compiles to a real all-gather ((n-1)/n of the tensor on the wire, half of
+    the all-reduce libtpu writes for an open mesh). The gradient stays an all-reduce + slice, as it
+    does for MaxText's step."""
+    devices = aot_compile.topology_devices(aot_compile.parse_topology("v5p-128"))
+    s = _fsdp_grad_collectives(devices)
+    full = 1024 * 512 * 2
+    assert s["all-gather"] == {"count": 1, "bytes": full, "wire_bytes": full * 63 / 64}
+    assert "as_all_gather" not in s["all-reduce"]
+    assert s["all-reduce"]["as_reduce_scatter"] == {"count": 1, "bytes": full}
 
 
 @needs_libtpu
