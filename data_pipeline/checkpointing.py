@@ -32,7 +32,7 @@ class DataStateHandler(ocp.CheckpointHandler):
         state = args.item.get_state()
         for shard, grain_state in state["shards"].items():
             body = {"fingerprint": state["fingerprint"], "data_shards": state["data_shards"], "shard": int(shard),
-                    "grain": grain_state}
+                    "settings": state.get("settings"), "grain": grain_state}
             (directory / shard_file(int(shard), state["data_shards"])).write_text(json.dumps(body, indent=1))
 
     def restore(self, directory: epath.Path, args: "DataRestore"):
@@ -46,10 +46,10 @@ class DataStateHandler(ocp.CheckpointHandler):
                                  f"checkpoint holds {saved[:3]}{' …' if len(saved) > 3 else ''}")
             body = json.loads(f.read_text())
             if body["fingerprint"] != it.fingerprint:
-                raise ValueError(f"{f}: data state was saved by a differently configured pipeline "
-                                 f"({body['fingerprint']} != {it.fingerprint})")
+                raise ValueError(f"{f}: {it.mismatch(body['fingerprint'], body.get('settings'))}")
             shards[str(s)] = body["grain"]
-        it.set_state({"fingerprint": it.fingerprint, "data_shards": it.data_shards, "shards": shards})
+        it.set_state({"fingerprint": it.fingerprint, "data_shards": it.data_shards, "settings": it.settings,
+                      "shards": shards})
         return it
 
     def structure(self, directory: epath.Path) -> Any:

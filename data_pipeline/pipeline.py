@@ -244,9 +244,10 @@ class DataIterator(grain.DatasetIterator):
     """
 
     def __init__(self, inner: grain.DatasetIterator, fingerprint: str, specs: list[DatasetSpec],
-                 batch_size: int, seq_len: int, shard_ids: Sequence[int], data_shards: int):
+                 batch_size: int, seq_len: int, shard_ids: Sequence[int], data_shards: int,
+                 settings: dict | None = None):
         super().__init__(inner)
-        self.fingerprint, self.specs = fingerprint, specs
+        self.fingerprint, self.specs, self.settings = fingerprint, specs, settings or {}
         self.per_host_batch_size, self.seq_len = batch_size, seq_len
         self.shard_ids, self.data_shards = list(shard_ids), data_shards
 
@@ -255,15 +256,23 @@ class DataIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict:
         """{"fingerprint", "data_shards", "shards": {"<shard id>": grain state}} for the owned shards."""
-        return {"fingerprint": self.fingerprint, "data_shards": self.data_shards,
+        return {"fingerprint": self.fingerprint, "data_shards": self.data_shards, "settings": self.settings,
                 "shards": json.loads(json.dumps(self._parent.get_state()))}
+
+    def mismatch(self, fingerprint: str | None, settings: dict | None) -> str:
+        """The error for a saved position of another pipeline, naming the settings that differ
+        (saved -> now) when the position recorded them."""
+        diff = [f"{k}: {settings.get(k)!r} -> {self.settings.get(k)!r}"
+                for k in sorted(set(settings or {}) | set(self.settings))
+                if settings and settings.get(k) != self.settings.get(k)]
+        return (f"data state was saved by a differently configured pipeline ({fingerprint} != {self.fingerprint}"
+                + (f"; {', '.join(diff)}" if diff else "") + ")")
 
     def set_state(self, state: dict) -> None:
         """Resumes from get_state() of an identically configured pipeline; the state may come from
         another process count (it must hold this process's shards, e.g. merged shard files)."""
         if state.get("fingerprint") != self.fingerprint:
-            raise ValueError("data state was saved by a differently configured pipeline "
-                             f"({state.get('fingerprint')} != {self.fingerprint})")
+            raise ValueError(self.mismatch(state.get("fingerprint"), state.get("settings")))
         shards = state.get("shards", {})
         missing = [s for s in self.shard_ids if str(s) not in shards]
         if missing:
@@ -436,7 +445,9 @@ def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
     cfg = dict(kw, mix=mix, specs=[dataclasses.asdict(s) for s in specs], rows=rows, worker_count=worker_count)
     fingerprint = hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return DataIterator(ds.__iter__(), fingerprint, specs, rows * len(owned), seq_len, owned, shards)
+    settings = {k: v for k, v in cfg.items() if k != "specs"}  # names what differs on a refused resume
+    settings["datasets"] = {s.key: s.weight for s in specs}
+    return DataIterator(ds.__iter__(), fingerprint, specs, rows * len(owned), seq_len, owned, shards, settings)
 
 
 def _shard(specs: list[DatasetSpec], mix: str, rows: int, worker_count: int, **kw) -> grain.IterDataset:

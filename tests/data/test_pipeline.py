@@ -50,18 +50,21 @@ def _check_batch(b, B, T, split_positions="restart"):
     assert (b["loss_mask"][pad] == 0).all() and (tok[pad] == 0).all() and (b["doc_ids"][pad] == -1).all()
 
 
-@pytest.mark.parametrize("packing,split_positions,hosts,shards", [
-    ("concat_split", "restart", 1, None), ("concat_split", "restart", 2, None), ("concat_split", "continue", 4, None),
-    ("first_fit", "continue", 1, None), ("first_fit", "continue", 2, None), ("best_fit", "restart", 4, None),
-    ("concat_split", "continue", 1, 3), ("first_fit", "restart", 2, 4)])  # several shards per host
-def test_one_epoch_every_token_exactly_once(stdlib_data, packing, split_positions, hosts, shards):
+@pytest.mark.parametrize("packing,split_positions,hosts,shards,workers", [
+    ("concat_split", "restart", 1, None, 0), ("concat_split", "restart", 2, None, 0),
+    ("concat_split", "continue", 4, None, 0), ("first_fit", "continue", 1, None, 0),
+    ("first_fit", "continue", 2, None, 0), ("best_fit", "restart", 4, None, 0),
+    ("concat_split", "continue", 1, 3, 0), ("first_fit", "restart", 2, 4, 0),  # several shards per host
+    ("first_fit", "continue", 2, 2, 2)])  # grain worker processes (mp_prefetch) per shard
+def test_one_epoch_every_token_exactly_once(stdlib_data, packing, split_positions, hosts, shards, workers):
     path, T, B = stdlib_data["docs"], 512, 4 * hosts * (shards or 1)
     docs = _docs(path)
     seen = {}  # doc → list of (host, order, position offset, tokens)
     split_starts = []
     for h in range(hosts):
         it = make_dataset(path, seq_len=T, global_batch_size=B, num_epochs=1, packing=packing, data_shards=shards,
-                          split_positions=split_positions, process_index=h, process_count=hosts, with_ids=True)
+                          split_positions=split_positions, process_index=h, process_count=hosts, with_ids=True,
+                          worker_count=workers)
         n = 0
         for b in it:
             _check_batch(b, B // hosts, T, split_positions)
@@ -125,9 +128,21 @@ def test_resume_mixture(stdlib_data, packing):
     make = lambda: make_dataset(mix, seq_len=1024, global_batch_size=8, packing=packing, seed=3,  # noqa: E731
                                 process_index=1, process_count=2, with_ids=True)
     _resume_equal(make, 7, 5)
-    with pytest.raises(ValueError, match="differently configured"):
+    with pytest.raises(ValueError, match="differently configured .*seed: 3 -> 4"):
         make_dataset(mix, seq_len=1024, global_batch_size=8, packing=packing, seed=4, process_index=1,
                      process_count=2, with_ids=True).set_state(make().get_state())
+
+
+def test_resume_with_worker_processes(stdlib_data):
+    """grain mp_prefetch workers (each packs its own slice of the shard's documents, so the
+    batches differ from worker_count=0): the position resumes exactly with the same worker
+    count, and a resume with another one is refused rather than replaying other batches."""
+    mix = Mixture(weights={"code": 0.7, "docs": 0.3}, paths=stdlib_data)
+    make = lambda w=2: make_dataset(mix, seq_len=1024, global_batch_size=8, packing="first_fit",  # noqa: E731
+                                    seed=3, data_shards=2, worker_count=w, with_ids=True)
+    _resume_equal(make, 5, 4)
+    with pytest.raises(ValueError, match=r"differently configured .*worker_count: 2 -> 0"):
+        make(0).set_state(make().get_state())
 
 
 def test_resume_stage3_length_buckets(stdlib_data, tmp_path):
@@ -146,6 +161,9 @@ def test_resume_stage3_length_buckets(stdlib_data, tmp_path):
     want = next(it)
     it2 = DataStateHandler().restore(epath.Path(tmp_path), DataRestore(make()))
     assert all(np.array_equal(want[k], v) for k, v in next(it2).items())
+    other = make_dataset(buckets, seq_len=16384, global_batch_size=2, packing="first_fit", with_ids=True)
+    with pytest.raises(ValueError, match=r"shard_00000-of-00001.json: .*seq_len: 32768 -> 16384"):
+        DataStateHandler().restore(epath.Path(tmp_path), DataRestore(other))
 
 
 @pytest.mark.parametrize("packing", ["concat_split", "first_fit"])
