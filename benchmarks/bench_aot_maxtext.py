@@ -402,7 +402,6 @@ def main(argv=None) -> int:
             hlo_p, rep_p = Path(args.from_hlo) / f"ours_{name}.hlo", OURS_SAME_JAX / f"{name}.json"
             if hlo_p.exists() and rep_p.exists():
                 rep = json.loads(rep_p.read_text())
-                rep.pop("collectives_as_aot_compile_counted", None)
                 rep["collectives"] = collective_bytes(hlo_p.read_text(), rep.get("expected_expert_rows_per_device"))
                 rep_p.write_text(json.dumps(rep, indent=1) + "\n")
         args.from_json = True

@@ -262,9 +262,9 @@ class DataIterator(grain.DatasetIterator):
     def mismatch(self, fingerprint: str | None, settings: dict | None) -> str:
         """The error for a saved position of another pipeline, naming the settings that differ
         (saved -> now) when the position recorded them."""
-        diff = [f"{k}: {settings.get(k)!r} -> {self.settings.get(k)!r}"
-                for k in sorted(set(settings or {}) | set(self.settings))
-                if settings and settings.get(k) != self.settings.get(k)]
+        saved = settings or {}  # positions saved before settings were recorded name nothing
+        diff = [f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in sorted(set(saved) | set(self.settings))
+                if saved and saved.get(k) != self.settings.get(k)]
         return (f"data state was saved by a differently configured pipeline ({fingerprint} != {self.fingerprint}"
                 + (f"; {', '.join(diff)}" if diff else "") + ")")
 
