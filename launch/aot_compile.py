@@ -129,16 +129,43 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
     return flops_per_token(cfg, seq_len)
 
 
-def _trip_count(while_line: str, comps: dict) -> float:
-    """Trip count of a scan's while loop: XLA's known_trip_count, else the bound its condition
-    compares the counter with (scans count 0..n-1)."""
+def _trip_count(while_line: str, comps: dict, defs: dict) -> float:
+    """Trip count of a scan's while loop: XLA's known_trip_count, else `bound - start` of the
+    counter its condition compares (`counter < bound`), the start read from the loop's initial
+    tuple: XLA peels a scan's first iteration out of the loop and starts the counter at 1."""
     t = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
     if t:
         return float(t.group(1))
     cond = re.search(r"condition=%?([\w.\-]+)", while_line)
-    consts = [int(c) for line in comps.get(cond.group(1) if cond else "", [])
-              for c in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", line)]
+    lines = comps.get(cond.group(1) if cond else "", [])
+    for line in lines:
+        m = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT", line)
+        counter = defs.get(m.group(1)) if m else None
+        bound = _constant(m.group(2), defs) if m else None
+        index = re.search(r"get-tuple-element\(.*index=(\d+)", counter[4]) if counter else None
+        if bound is None or index is None:
+            continue
+        init = re.search(r"while\(%([\w.\-]+)\)", while_line)
+        start = defs.get(init.group(1)) if init else None
+        first = start[2][int(index.group(1))] if start and start[1] == "tuple" else None
+        return float(max(bound - (_constant(first, defs) or 0 if first else 0), 0))
+    consts = [int(c) for line in lines for c in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", line)]
     return float(max(consts)) if consts else 1.0
+
+
+def _constant(name: str, defs: dict) -> int | None:
+    """The integer constant behind `name`, through copies and conversions; None if it is not one."""
+    for _ in range(8):
+        d = defs.get(name)
+        if d is None:
+            return None
+        if d[1] == "constant":
+            c = re.search(r"constant\((-?\d+)\)", d[4])
+            return int(c.group(1)) if c else None
+        if d[1] not in _PASS or not d[2]:
+            return None
+        name = d[2][0]
+    return None
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -159,12 +186,13 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
 def _multipliers(comps: dict, entry: str) -> dict[str, float]:
     """How often each computation runs per step: while bodies × their trip counts, nested."""
     edges: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    defs = _instructions(comps)[0]
     for c, lines in comps.items():
         for line in lines:
             callees = re.findall(r"(?:body|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)", line)
             for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", line):
                 callees += re.findall(r"%?([\w.\-]+)", group)
-            trip = _trip_count(line, comps) if " while(" in line else 1.0
+            trip = _trip_count(line, comps, defs) if " while(" in line else 1.0
             for callee in callees:
                 if callee in comps and callee != c:
                     edges[c].append((callee, trip))
@@ -601,7 +629,9 @@ def format_report(r: dict) -> str:
              f"(ratio {r['flops_ratio_compiled_to_model']:.2f}; full remat adds one forward: ~1.33)",
              *([f"    matmuls {r['flops_ratio_matmul']:.2f}x the model's, attention kernels "
                 f"{r['flops_ratio_attention']:.2f}x ({r['model_attention_share']:.0%} of the model's count; "
-                f"splash: forward 4 + remat forward 4 + dK,dV 8 + dQ 6 = 22 vs 3 x 4 per causal T·S·H)"]
+                f"splash: forward 4 + remat forward 4 + "
+                f"{'fused dK,dV,dQ 10 = 18' if r.get('splash_fused_bwd') else 'dK,dV 8 + dQ 6 = 22'} "
+                f"vs 3 x 4 per causal T·S·H)"]
                if "flops_ratio_attention" in r else []),
              "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in
                                                  r.get("flops_breakdown_per_chip", {}).items() if k != "total")]
