@@ -148,7 +148,8 @@ def _trip_count(while_line: str, comps: dict, defs: dict) -> float:
         init = re.search(r"while\(%([\w.\-]+)\)", while_line)
         start = defs.get(init.group(1)) if init else None
         first = start[2][int(index.group(1))] if start and start[1] == "tuple" else None
-        return float(max(bound - (_constant(first, defs) or 0 if first else 0), 0))
+        begin = _constant(first, defs) if first else None
+        return float(max(bound - (begin or 0), 0))
     consts = [int(c) for line in lines for c in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", line)]
     return float(max(consts)) if consts else 1.0
 
@@ -183,10 +184,11 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return comps, entry
 
 
-def _multipliers(comps: dict, entry: str) -> dict[str, float]:
-    """How often each computation runs per step: while bodies × their trip counts, nested."""
+def _multipliers(comps: dict, entry: str, defs: dict | None = None) -> dict[str, float]:
+    """How often each computation runs per step: while bodies × their trip counts, nested.
+    `defs`: _instructions(comps)[0] when the caller has it already."""
     edges: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    defs = _instructions(comps)[0]
+    defs = _instructions(comps)[0] if defs is None else defs
     for c, lines in comps.items():
         for line in lines:
             callees = re.findall(r"(?:body|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)", line)
@@ -319,8 +321,8 @@ def collective_summary(hlo_text: str, ragged_rows: float | None = None) -> dict:
     comps, entry = _computations(hlo_text)
     if entry is None:
         return {}
-    mult = _multipliers(comps, entry)
     defs, users, roots = _instructions(comps)
+    mult = _multipliers(comps, entry, defs)
     parts = re.search(r"num_partitions=(\d+)", hlo_text)
     num_partitions = int(parts.group(1)) if parts else 1
     out = {k: {"count": 0, "bytes": 0.0, "wire_bytes": 0.0} for k in COLLECTIVES}
