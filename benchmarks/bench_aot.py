@@ -8,7 +8,7 @@ Columns: mesh, batch, per-chip peak memory vs HBM, FLOPs per chip counted from t
 vs the model's own count (qwen3_jax.train.metrics.flops_per_token) and their ratio, and bytes
 per chip per step by collective kind (ragged all-to-all: the rows really sent, not the worst-case
 buffer; "AR 47 (as AG 32, RS 12)": all-reduces that libtpu uses for FSDP's all-gathers and
-gradient reduce-scatters, see aot_compile.collective_summary). Each compile runs
+gradient reduce-scatters, see qwen3_jax.hlo_stats.collective_summary). Each compile runs
 `launch/aot_compile.py` in a subprocess and saves its JSON report.
 """
 

@@ -11,7 +11,7 @@ megablox MoE, splash attention, loss in 2048-position pieces) in a subprocess of
 interpreter. A small driver around its `main` keeps the compiled step, so the report holds
 MaxText's printed memory analysis plus the peak, XLA's cost analysis, MaxText's own FLOP
 calculator (`calculate_tflops_training_per_device`: 6·N + causal attention, no remat), and, from the
-compiled HLO, FLOPs and collectives counted by launch/aot_compile.py as for our own step (async
+compiled HLO, FLOPs and collectives counted by qwen3_jax/hlo_stats.py as for our own step (async
 collectives such as MaxText's ragged all-to-alls read by their output buffer). `--hlo_dir D` keeps the HLO texts, and
 `--from_hlo D` recounts the saved reports from them after that counter changes.
 Saved: benchmarks/aot_reports/maxtext/<case>.json and <case>.log (the filtered tail of its log).
@@ -173,9 +173,11 @@ def _filtered_log(text: str) -> str:
 
 
 def collective_bytes(hlo_text: str, ragged_rows: float | None = None) -> dict:
-    """launch/aot_compile.py's collective_summary (the one our reports use) of the HLO text; it reads
+    """qwen3_jax.hlo_stats.collective_summary (the one our reports use) of the HLO text; it reads
     async collectives (`-start` tuples, e.g. MaxText's ragged all-to-alls) by their output."""
-    return _our_hlo_tools().collective_summary(hlo_text, ragged_rows)
+    from qwen3_jax import hlo_stats  # here: the --_driver subprocess runs this file under MaxText's python
+
+    return hlo_stats.collective_summary(hlo_text, ragged_rows)
 
 
 def _oom_bytes(error: str) -> float | None:
@@ -187,9 +189,11 @@ def _oom_bytes(error: str) -> float | None:
 
 
 def hlo_fields(case: dict, hlo: str) -> dict:
-    """FLOPs (launch/aot_compile.py's counter) and collectives from a compiled step's HLO text."""
+    """FLOPs (qwen3_jax.hlo_stats.hlo_flops) and collectives from a compiled step's HLO text."""
+    from qwen3_jax import hlo_stats
+
     rows = (case["global_batch"] * case["seq_len"] * TOP_K / case["chips"]) if case["model"] in MOE else None
-    counted = _our_hlo_tools().hlo_flops(hlo, ragged_rows=rows, causal=True)
+    counted = hlo_stats.hlo_flops(hlo, ragged_rows=rows, causal=True)
     return {"expected_expert_rows_per_device": rows, "flops_per_chip": counted.get("total"),
             "flops_breakdown_per_chip": counted, "collectives": collective_bytes(hlo, rows),
             "hlo_custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
@@ -365,11 +369,11 @@ def table(names: list[str]) -> str:
                  "with MaxText's jax/libtpu (aot_reports/maxtext/ours_same_jax/, --ours_python); maxtext: "
                  "aot_reports/maxtext/<case>.json.")
     lines.append("args/temp/peak: per-chip bytes from the compiled memory analysis (peak = XLA's peak, or "
-                 "args+out-alias+temp). HLO FLOPs: counted from each compiled HLO by launch/aot_compile.py "
+                 "args+out-alias+temp). HLO FLOPs: counted from each compiled HLO by qwen3_jax/hlo_stats.py "
                  "(matmuls + splash/megablox kernels, MoE rows at balanced routing). model FL: ours = "
                  "qwen3_jax.train.metrics, MaxText = its calculate_tflops_training_per_device. XLA cost: "
                  "cost_analysis()['flops'] (no Pallas kernels, loop bodies once). collectives: "
-                 "launch/aot_compile.py's collective_summary, output bytes per chip per step (rA2A: rows a "
+                 "qwen3_jax.hlo_stats.collective_summary, output bytes per chip per step (rA2A: rows a "
                  "device really gets); for maxtext and ours* async ragged all-to-alls are read by their output.")
     return "\n".join(lines)
 

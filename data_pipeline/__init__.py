@@ -1,15 +1,15 @@
 """qwen3-jax data pipeline: raw text → tokenized ArrayRecord shards → packed per-host batches (grain).
 
 Modules
-  tokenizers.py  load_tokenizer("qwen3" | HF folder / tokenizer.json | spm .model); train_sentencepiece()
-                 (`python -m data_pipeline.tokenizers train-spm --out DIR --vocab-size 4096`)
+  text_tokenizer.py  load_tokenizer("qwen3" | HF folder / tokenizer.json | spm .model); train_sentencepiece()
+                 (`python -m data_pipeline.text_tokenizer train-spm --out DIR --vocab-size 4096`)
   corpus.py      input formats (jsonl[.gz|.zst], parquet, txt) and the built-in corpus
                  builtin:python-stdlib (= -code: the stdlib's .py sources, + -docs: pydoc topics and docstrings)
   checkpointing.py  DataSave / DataRestore: the data position in an orbax checkpoint, per data shard
   prepare.py     `python data_pipeline/prepare.py --input … --tokenizer … --out DIR [--shards N] [--workers N]
                  [--strict] [--text-key text]`; prepare(...); prepare_builtin(out_dir, tokenizer="qwen3")
   pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)
-  inspect.py     `python data_pipeline/inspect.py DIR… --tokenizer qwen3` (stats + decoded packed rows)
+  inspect_data.py  `python data_pipeline/inspect_data.py DIR… --tokenizer qwen3` (stats + decoded packed rows)
 
 Contract with the training code
   it = make_dataset(data, seq_len=T, global_batch_size=B, seed=0)   # gin: make_dataset.*

@@ -32,17 +32,18 @@ import os
 import zlib
 from typing import Any, Mapping, Sequence
 
-import gin
 import grain
 import numpy as np
 
 PACKERS = ("concat_split", "first_fit", "best_fit")
 SPLIT_POSITIONS = ("restart", "continue")
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+# The arrays of a training batch, all [B, T], and their dtypes.
+BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
+                "loss_mask": np.float32}
+BATCH_KEYS = tuple(BATCH_DTYPES)
 
 
 # --- what to read --------------------------------------------------------------------------
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """A prepared dataset folder; weight = share of packed tokens; length_range = (lo, hi]: keep
@@ -61,7 +62,6 @@ class DatasetSpec:
         return self.name or os.path.basename(os.path.normpath(self.path))
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Mixture:
     """Named datasets with weights (fractions of packed tokens; normalised).
@@ -84,7 +84,6 @@ class Mixture:
         return out
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LengthBuckets:
     """Views of `source` by document length with token shares, e.g. Qwen3 stage 3:
@@ -218,7 +217,7 @@ class _Finish(grain.transforms.Map):
         valid = np.zeros(tok.shape, bool)
         valid[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
         out = {"tokens": np.where(seg > 0, tok, 0), "targets": np.where(valid, targets, 0),
-               "segment_ids": seg, "positions": pos, "loss_mask": valid.astype(np.float32)}
+               "segment_ids": seg, "positions": pos, "loss_mask": valid.astype(BATCH_DTYPES["loss_mask"])}
         if "doc" in rows:
             out["doc_ids"] = np.where(seg > 0, rows["doc"], -1).astype(np.int32)
             out["dataset_ids"] = np.where(seg > 0, rows["src"], -1).astype(np.int32)
@@ -386,8 +385,7 @@ def _pack(it, *, seq_len, seed, shuffle, packing, split_positions, num_packing_b
     return packed.map(_Row(continue_pos, with_ids))
 
 
-@gin.configurable
-def make_dataset(data=gin.REQUIRED, *, seq_len: int = gin.REQUIRED, global_batch_size: int = gin.REQUIRED,
+def make_dataset(data, *, seq_len: int, global_batch_size: int,
                  seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
                  packing: str = "concat_split", split_positions: str = "restart", num_packing_bins: int = 0,
                  process_index: int | None = None, process_count: int | None = None, data_shards: int | None = None,

@@ -22,13 +22,6 @@ empty documents) are skipped and counted; with --strict the first one stops the 
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python data_pipeline/prepare.py`: this folder must not shadow `tokenizers`.
-    import os as _os
-    import sys as _sys
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
-
 import argparse
 import collections
 import concurrent.futures as cf
@@ -42,7 +35,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from data_pipeline import corpus
-from data_pipeline.tokenizers import load_tokenizer, train_sentencepiece
+from data_pipeline.text_tokenizer import load_tokenizer, train_sentencepiece
 
 PLAN_VERSION = 1
 HIST_BUCKETS = 32  # document-length histogram: bucket k holds lengths in [2**k, 2**(k+1))

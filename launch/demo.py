@@ -44,7 +44,7 @@ def stage(name: str, workdir: Path, steps: int, seq_len: int, batch: int, *param
 
 def sample(hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
     sys.path.insert(0, str(ROOT))
-    from data_pipeline.tokenizers import load_tokenizer
+    from data_pipeline.text_tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(spm_model))
     ids = tok.encode(PROMPT)

@@ -15,37 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_gin_file(name: str) -> str:
-    p = Path(name)
-    if p.exists():
-        return str(p)
-    for cand in (CONFIGS / name, CONFIGS / f"{name}.gin"):
-        if cand.exists():
-            return str(cand)
-    raise FileNotFoundError(f"gin file {name!r} not found (looked in . and {CONFIGS})")
-
-
-def parse_gin(files: list[str], bindings: list[str]) -> None:
-    import gin
-
-    import qwen3_jax.train.data  # noqa: F401  (registers configurables)
-    import qwen3_jax.train.loop  # noqa: F401
-    import data_pipeline.pipeline  # noqa: F401
-
-    import logging
-
-    gin.add_config_file_search_path(str(CONFIGS))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)  # gin logs every include it first tries relative to the cwd
-    try:
-        gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], bindings, finalize_config=True)
-    finally:
-        root.setLevel(level)
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,23 +39,29 @@ def main(argv=None) -> int:
 
     import gin
 
-    from qwen3_jax.train.loop import TrainingError, train
+    from qwen3_jax import configurables
+    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.train.loop import train
 
     try:
-        parse_gin(args.gin, args.gin_param)
+        configurables.parse_gin(args.gin, args.gin_param)
+        model, tc = configurables.run_config()
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: bad configuration: {e}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, TypeError, SyntaxError) as e:
         msg = str(e).strip().splitlines()
         print("error: bad gin configuration: " + " ".join(msg[:3]), file=sys.stderr)
         return 2
-    workdir = args.workdir or gin.query_parameter("%WORKDIR")
+    workdir = args.workdir or configurables.query("%WORKDIR")
     try:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             (Path(workdir) / "config.gin").write_text(gin.config_str())
-        summary = train(workdir)
+        summary = train(workdir, model, tc)
         if jax.process_index() == 0:
             (Path(workdir) / "operative_config.gin").write_text(gin.operative_config_str())
     except TrainingError as e:

@@ -67,7 +67,9 @@ class ModelConfig:
     # Numerics and implementation choices (not part of the architecture).
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    attention_impl: str = "reference"
+    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), reference up to 1,024 tokens, chunked beyond,
+    # resolved for the mesh the step is traced for (qwen3_jax.model.attention_ops.resolve_impl)
+    attention_impl: str = "auto"
     attention_block: int = 512
     # splash only: one backward kernel for dK, dV and dQ (scores recomputed once, not twice:
     # attention FLOPs with full remat 1.5x instead of 1.83x the model's count), at the cost of
@@ -125,6 +127,10 @@ class ModelConfig:
             and i not in self.mlp_only_layers
             and (i + 1) % self.decoder_sparse_step == 0
         )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(n for moe, _, n in self.layer_runs() if moe)
 
     def layer_runs(self) -> list[tuple[bool, int, int]]:
         """Consecutive layers of one kind, as (is_moe, first_layer, count).

@@ -1,7 +1,9 @@
 """Parameters as a flat dict `'/'-joined path -> array`, and counts from the model's own shapes.
 
 The flat dict is the exchange format between the model, checkpoints and Hugging Face
-conversion: `flat_params(model)`, `model_from_flat(cfg, flat)`, `param_specs(cfg)`.
+conversion: `flat_params(model)`, `model_from_flat(cfg, flat)`, `param_specs(cfg)`. The train
+state and checkpoints hold the same parameters as a nested dict (`nest` / `flatten`), e.g.
+params["stacks"]["0"]["layer"]["attn"]["q_proj"] for the flat key "stacks/0/layer/attn/q_proj".
 """
 
 from __future__ import annotations
@@ -27,6 +29,30 @@ class ParamSpec:
 
 def path_str(path) -> str:
     return "/".join(str(p) for p in path)
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{'a/b': x} -> {'a': {'b': x}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a/b': x} (the inverse of `nest`)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
 
 
 def _flat_vars(model: Qwen3):

@@ -117,35 +117,39 @@ def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None
 
 # -- rules ------------------------------------------------------------------------------------------
 
-# (mesh, {logical name: mesh axes}) while `use_rules` is active; other modules read it as a pair.
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("qwen3_jax_sharding_rules", default=None)
-_MOE: contextvars.ContextVar = contextvars.ContextVar("qwen3_jax_moe_exchange", default=("auto", None))
-
-
 @dataclasses.dataclass(frozen=True)
 class Context:
+    """What the model reads while a step is traced: the mesh, the logical-axis rules and the MoE
+    token exchange. The one sharding context; `active()` reads it."""
+
     mesh: jax.sharding.Mesh
     rules: Mapping[str, Any]
     moe_exchange: str = "auto"  # auto | gather | ragged (see qwen3_jax.model.moe_ep)
     capacity_factor: float | None = None  # None: dropless
+
+    @property
+    def platform(self) -> str:
+        """The backend the step is traced for (the mesh's devices: "tpu" in an AOT compile)."""
+        return self.mesh.devices.flat[0].platform
+
+
+_CONTEXT: contextvars.ContextVar[Context | None] = contextvars.ContextVar("qwen3_jax_sharding", default=None)
 
 
 @contextlib.contextmanager
 def use_rules(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, moe_exchange: str = "auto",
               capacity_factor: float | None = None) -> Iterator[None]:
     """Activates `rules` on `mesh` for `constrain` and expert parallelism traced inside the block."""
-    token = _ACTIVE.set((mesh, dict(rules)))
-    token_moe = _MOE.set((moe_exchange, capacity_factor))
+    token = _CONTEXT.set(Context(mesh, dict(rules), moe_exchange, capacity_factor))
     try:
         yield
     finally:
-        _MOE.reset(token_moe)
-        _ACTIVE.reset(token)
+        _CONTEXT.reset(token)
 
 
 def active() -> Context | None:
-    pair = _ACTIVE.get()
-    return None if pair is None else Context(pair[0], pair[1], *_MOE.get())
+    """The sharding context of the step being traced, or None (one device, no rules)."""
+    return _CONTEXT.get()
 
 
 def expert_parallel() -> Context | None:
@@ -187,11 +191,11 @@ def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES, mesh: jax.s
 
 
 def constrain(x, axes: Sequence[str | None]):
-    pair = _ACTIVE.get()
-    if pair is None:
+    ctx = _CONTEXT.get()
+    if ctx is None:
         return x
-    mesh, rules = pair
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape=x.shape)))
+    spec = logical_to_spec(axes, ctx.rules, ctx.mesh, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
 
 
 # -- parameters and train state -----------------------------------------------------------------------

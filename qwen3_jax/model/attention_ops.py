@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax import sharding
-
-IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
+from qwen3_jax.config import ATTENTION_IMPLS
 AUTO_REFERENCE_MAX_T = 1024
 # Masked scores: finite, so `s - max` never computes inf - inf; exp() of it underflows to 0.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -265,10 +264,8 @@ def _splash_kernel(num_heads, seq_len, block, interpret, fused_bwd=False):
 
 def _target_platform():
     """The platform attention is traced for: the active mesh's devices, else the default backend."""
-    active = sharding._ACTIVE.get()
-    if active is not None:
-        return active[0].devices.flat[0].platform
-    return jax.default_backend()
+    ctx = sharding.active()
+    return ctx.platform if ctx is not None else jax.default_backend()
 
 
 def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, block: int = 512,
@@ -301,10 +298,10 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, block: int 
 
         return jax.vmap(one_row)(q_BTNH, k_BSKH, v_BSKH, seg_BT)
 
-    active = sharding._ACTIVE.get()
-    if active is not None:
-        mesh, rules = active
-        spec = functools.partial(sharding.logical_to_spec, rules=tuple(rules.items()), mesh=mesh)
+    ctx = sharding.active()
+    if ctx is not None:
+        mesh = ctx.mesh
+        spec = functools.partial(sharding.logical_to_spec, rules=ctx.rules, mesh=mesh)
         q_spec = spec(("batch", "seq", "heads", "head_dim"))
         kv_spec = spec(("batch", "seq", "kv_heads", "head_dim"))
         local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec(("batch", "seq"))),
@@ -363,11 +360,12 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, max_segments
 
 # -- dispatcher -----------------------------------------------------------------------------------
 
-def resolve_impl(impl: str, seq_len: int, dtype) -> str:
-    """The concrete implementation `auto` picks for this backend, length and dtype."""
+def resolve_impl(impl: str, seq_len: int, dtype, platform: str | None = None) -> str:
+    """The concrete implementation `auto` picks for the target backend (default: the one the step
+    is traced for), sequence length and compute dtype."""
     if impl != "auto":
         return impl
-    platform = _target_platform()
+    platform = platform or _target_platform()
     if platform == "tpu":
         return "splash"
     if platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -386,4 +384,4 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, impl: str = "refer
         return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, block=block, fused_bwd=fused_bwd)
     if impl == "cudnn":
         return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
-    raise ValueError(f"unknown attention impl {impl!r}; known: {', '.join(IMPLS)}")
+    raise ValueError(f"unknown attention impl {impl!r}; known: {', '.join(ATTENTION_IMPLS)}")

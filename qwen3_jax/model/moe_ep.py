@@ -217,7 +217,7 @@ def resolve_exchange(ctx: sharding.Context) -> str:
         raise ValueError(f"moe_exchange={ctx.moe_exchange!r} is not one of {EXCHANGES}")
     if ctx.moe_exchange != "auto":
         return ctx.moe_exchange
-    return "gather" if ctx.mesh.devices.flat[0].platform == "cpu" else "ragged"
+    return "gather" if ctx.platform == "cpu" else "ragged"
 
 
 def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
@@ -247,7 +247,7 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
         body = lambda *a: _gather_body(*a, form=form, cap=cap, tensor_axes=tensor_axes)  # noqa: E731
     else:
         tp_size = math.prod(mesh.shape[a] for a in tensor_axes)
-        if ctx.mesh.devices.flat[0].platform == "tpu" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
+        if ctx.platform == "tpu" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
             kernel = "megablox"
         body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, kernel=kernel)  # noqa: E731
 
@@ -265,49 +265,3 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
     y_ND = fn(x_BTD.reshape(B * T, D), weights_BTk.reshape(B * T, k), ids_BTk.reshape(B * T, k),
               gate_EDF, up_EDF, down_EFD)
     return y_ND.reshape(B, T, D)
-
-
-# -- global-batch load balancing (arXiv 2501.11873) -------------------------------------------------
-# The aux loss E·Σ_e f_e·p_e is linear in p and f carries no gradient, so with f_e known up front
-# the global-batch loss splits exactly into per-micro-batch shares E·Σ_e f_e·P_e^mb / rows (P^mb
-# the micro-batch's prob sums, rows = L·global tokens), whose sum over micro-batches is the
-# global-batch loss and whose gradients sum to its gradient. Within one micro-batch the [L,B,E]
-# statistics seen inside jit are global over all data shards already. Across micro-batches f
-# must be known before the first backward: `global_router_counts` gets it with one forward-only
-# routing pass over all micro-batches (no LM head, no backward: ≈ +25% of a step with full remat,
-# paid only when micro_batches > 1).
-
-def global_router_counts(cfg, params, batch: dict, micro_batches: int):
-    """Expert assignment counts [L,E] and non-padding tokens over the whole (global) batch,
-    from a forward-only pass over the strided micro-batches the train step uses."""
-    from qwen3_jax.params import model_from_flat
-    from qwen3_jax.train.checkpoint import flatten
-
-    params = jax.lax.stop_gradient(params)
-
-    def counts(mb):
-        model = model_from_flat(cfg, flatten(params))
-        _, stats = model.hidden(mb["tokens"], mb.get("positions"), mb.get("segment_ids"))
-        return stats["counts"].sum(1), stats["tokens"].sum().astype(jnp.float32)
-
-    if micro_batches == 1:
-        return counts(batch)
-    keys = [k for k in ("tokens", "positions", "segment_ids") if k in batch]
-    mbs = {k: jnp.swapaxes(batch[k].reshape(-1, micro_batches, *batch[k].shape[1:]), 0, 1) for k in keys}
-
-    def body(acc, mb):
-        c, t = counts(mb)
-        return (acc[0] + c, acc[1] + t), None
-
-    n_moe = sum(n for moe, _, n in cfg.layer_runs() if moe)
-    zero = (jnp.zeros((n_moe, cfg.num_experts), jnp.float32), jnp.zeros((), jnp.float32))
-    return jax.lax.scan(body, zero, mbs)[0]
-
-
-def global_aux_share(global_counts_LE, global_tokens, prob_sum_LBE, num_experts: int):
-    """This micro-batch's share of the global-batch load-balancing loss (shares sum to it)."""
-    L = global_counts_LE.shape[0]
-    rows = L * jnp.maximum(global_tokens.astype(jnp.float32), 1.0)
-    f_E = jax.lax.stop_gradient(global_counts_LE).sum(0) / rows
-    p_E = prob_sum_LBE.astype(jnp.float32).sum((0, 1)) / rows
-    return num_experts * jnp.sum(f_E * p_E)

@@ -3,8 +3,8 @@
 A training workdir holds `checkpoints/`, an orbax `CheckpointManager` root with one folder per
 step. Each step folder holds these items:
 
-  params        the model parameters: a nested dict mirroring the flat '/'-joined paths of
-                `qwen3_jax.params` (e.g. params["stacks"]["0"]["layer"]["attn"]["q_proj"])
+  params        the model parameters as a nested dict (`qwen3_jax.params.nest` of the flat
+                '/'-joined paths, e.g. params["stacks"]["0"]["layer"]["attn"]["q_proj"])
   model_config  JSON: `ModelConfig.to_dict()`
   meta          JSON: step, and whatever the writer adds (e.g. the source dtype of an import)
   opt_state, train_state, data   written by training only (optimizer, RNG/counters, data iterator)
@@ -25,29 +25,11 @@ import orbax.checkpoint as ocp
 
 from qwen3_jax.config import ModelConfig
 
+from qwen3_jax.params import flatten, nest, param_specs
+
+# The items of one checkpoint step (see the module docstring); training writes all six.
 PARAMS, MODEL_CONFIG, META = "params", "model_config", "meta"
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(flatten(value, path))
-        else:
-            out[path] = value
-    return out
+OPT_STATE, TRAIN_STATE, DATA = "opt_state", "train_state", "data"
 
 
 def checkpoint_root(path: str | os.PathLike) -> tuple[Path, int | None]:
@@ -112,8 +94,6 @@ def restore_params_numpy(path: str | os.PathLike, step: int | None = None
     if not (root / str(step) / PARAMS).is_dir():
         raise FileNotFoundError(f"{root}: no checkpoint for step {step} (with {PARAMS}/)")
     cfg = read_model_config(root, step)
-    from qwen3_jax.params import param_specs
-
     specs = param_specs(cfg)
     restore_args = nest({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in specs})
     with manager(root, create=False) as mgr:

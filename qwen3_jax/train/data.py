@@ -1,19 +1,19 @@
-"""Gin glue between the training loop and data_pipeline: which prepared datasets a stage reads."""
+"""Which prepared datasets a stage reads: named mixtures and stage 3's length buckets.
+
+`qwen3_jax.configurables` registers these for the stage files (`stage_mixture.*`,
+`long_context_mix.*`)."""
 
 from __future__ import annotations
 
 import os
 from typing import Mapping, Sequence
 
-import gin
-
 from data_pipeline.pipeline import DatasetSpec, LengthBuckets, Mixture
 
 BUILTIN = "builtin:python-stdlib"
 
 
-@gin.configurable
-def stage_mixture(weights: Mapping[str, float] = gin.REQUIRED, root: str = BUILTIN, *,
+def stage_mixture(weights: Mapping[str, float], root: str = BUILTIN, *,
                   tokenizer: str = "spm", builtin_dir: str = "runs/data/stdlib",
                   spm_vocab_size: int = 4096, split: str | None = "train",
                   heldout_fraction: float = 0.02) -> Mixture:
@@ -52,7 +52,6 @@ def _builtin_paths(weights, tokenizer, builtin_dir, spm_vocab_size) -> dict[str,
     return {name: parts["code"] if name == "code" else parts["docs"] for name in weights}
 
 
-@gin.configurable
-def long_context_mix(source=gin.REQUIRED, *, buckets: Sequence[tuple[int, int, float]] = gin.REQUIRED) -> LengthBuckets:
+def long_context_mix(source, *, buckets: Sequence[tuple[int, int, float]]) -> LengthBuckets:
     """Stage 3's length-bucketed view of `source` (lo < document length <= hi, token share)."""
     return LengthBuckets(source=source, buckets=tuple(tuple(b) for b in buckets))

@@ -19,16 +19,13 @@ import optax
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model import create_model
 from qwen3_jax.model.moe import load_balancing_loss
-from qwen3_jax.model.moe_ep import global_router_counts
-from qwen3_jax.params import flat_params, model_from_flat
-from qwen3_jax.train.checkpoint import flatten, nest
-
-AUX_SCOPES = ("global", "micro_batch", "sequence")
+from qwen3_jax.params import flat_params, flatten, model_from_flat, nest
+from qwen3_jax.train.config import AUX_SCOPES
 
 
 @flax.struct.dataclass
 class TrainState:
-    params: Any  # nested dict of arrays (see qwen3_jax.train.checkpoint)
+    params: Any  # nested dict of arrays (qwen3_jax.params.nest of the flat parameters)
     opt_state: Any
     step: jax.Array  # int32: optimizer updates applied or skipped so far
     rng: jax.Array  # uint32 [2]
@@ -63,6 +60,39 @@ def expert_load(counts_LBE):
     E = c_LE.shape[-1]
     return {"expert_load_max": f_LE.max(-1) * E, "expert_load_min": f_LE.min(-1) * E,
             "expert_load_cv": f_LE.std(-1) / jnp.maximum(f_LE.mean(-1), 1e-9)}
+
+
+# -- global-batch load balancing (arXiv 2501.11873) -------------------------------------------------
+# The aux loss E·Σ_e f_e·p_e is linear in p and f carries no gradient, so with f_e known up front
+# the global-batch loss splits exactly into per-micro-batch shares E·Σ_e f_e·P_e^mb / rows (P^mb
+# the micro-batch's prob sums, rows = L·global tokens), whose sum over micro-batches is the
+# global-batch loss and whose gradients sum to its gradient. Within one micro-batch the [L,B,E]
+# statistics seen inside jit are global over all data shards already. Across micro-batches f
+# must be known before the first backward: `global_router_counts` gets it with one forward-only
+# routing pass over all micro-batches (no LM head, no backward: ≈ +25% of a step with full remat,
+# paid only when micro_batches > 1).
+
+def global_router_counts(cfg, params, batch: dict, micro_batches: int):
+    """Expert assignment counts [L,E] and non-padding tokens over the whole (global) batch,
+    from a forward-only pass over the strided micro-batches the train step uses."""
+    params = jax.lax.stop_gradient(params)
+
+    def counts(mb):
+        model = model_from_flat(cfg, flatten(params))
+        _, stats = model.hidden(mb["tokens"], mb.get("positions"), mb.get("segment_ids"))
+        return stats["counts"].sum(1), stats["tokens"].sum().astype(jnp.float32)
+
+    if micro_batches == 1:
+        return counts(batch)
+    mbs = split_micro_batches({k: batch[k] for k in ("tokens", "positions", "segment_ids") if k in batch},
+                              micro_batches)
+
+    def body(acc, mb):
+        c, t = counts(mb)
+        return (acc[0] + c, acc[1] + t), None
+
+    zero = (jnp.zeros((cfg.num_moe_layers, cfg.num_experts), jnp.float32), jnp.zeros((), jnp.float32))
+    return jax.lax.scan(body, zero, mbs)[0]
 
 
 def token_lse_and_target(model, h_BTD, targets_BT, chunk: int | None = None):
@@ -161,8 +191,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             zeros_s = {"loss": 0.0, "lm": 0.0, "z": 0.0, "aux": 0.0}
             if cfg.is_moe:
-                n_moe = sum(n for moe, _, n in cfg.layer_runs() if moe)
-                zeros_s["counts"] = jnp.zeros((n_moe, cfg.num_experts), jnp.float32)
+                zeros_s["counts"] = jnp.zeros((cfg.num_moe_layers, cfg.num_experts), jnp.float32)
             zeros_s = jax.tree.map(jnp.asarray, zeros_s)
             (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), mbs)
             loss, lm, zl, aux = sums["loss"], sums["lm"], sums["z"], sums["aux"]

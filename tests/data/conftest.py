@@ -1,10 +1,5 @@
 """Shared fixtures of the data-pipeline tests: the built-in corpus prepared once per session."""
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 
 from data_pipeline import corpus
 from data_pipeline.prepare import CRASH_ENV, PrepareError, prepare
-from data_pipeline.tokenizers import load_tokenizer
+from data_pipeline.text_tokenizer import load_tokenizer
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 GOOD = ["first document", "second one\nwith two lines", "ünïcödé 日本 🎉", "x" * 50]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from data_pipeline.tokenizers import SPECIAL_TOKENS, load_tokenizer, qwen3_tokenizer_dir, train_sentencepiece
+from data_pipeline.text_tokenizer import SPECIAL_TOKENS, load_tokenizer, qwen3_tokenizer_dir, train_sentencepiece
 
 KNOWN = {  # Qwen3 ids (cross-checked with transformers' AutoTokenizer on the same files)
     "Hello world": [9707, 1879],

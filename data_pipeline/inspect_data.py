@@ -1,18 +1,10 @@
 """Look at the data before spending a pod on it: stats + a few packed batches decoded to text.
 
-    python data_pipeline/inspect.py runs/data/code --tokenizer qwen3 --seq-len 4096 --batches 1
-    python data_pipeline/inspect.py --gin configs/data/stage3_cpu.gin --tokenizer qwen3
+    python data_pipeline/inspect_data.py runs/data/code --tokenizer qwen3 --seq-len 4096 --batches 1
 
 Document boundaries inside a row are marked ⟦doc D of dataset, pos P⟧ … ⟦/⟧, padding as ⟦pad ×N⟧.
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # `python data_pipeline/inspect.py`: this folder must not shadow stdlib `inspect`.
-    import os as _os
-    import sys as _sys
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
 
 import argparse
 import sys
@@ -70,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     import gin
     from data_pipeline.pipeline import Mixture, make_dataset, resolve
-    from data_pipeline.tokenizers import load_tokenizer
+    from data_pipeline.text_tokenizer import load_tokenizer
     tok = load_tokenizer(a.tokenizer)
     kw = dict(process_index=0, process_count=1, with_ids=True)
     if a.gin or a.gin_param:
@@ -97,5 +89,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from data_pipeline.inspect import main as _main
-    sys.exit(_main())
+    sys.exit(main())

@@ -16,16 +16,9 @@ tokens, which the Qwen3 tokenizer always matches, exactly as transformers does.)
 Train a small sentencepiece BPE (byte fallback, identity normalisation so code
 keeps its whitespace, the same special tokens) on the built-in corpus:
 
-    python -m data_pipeline.tokenizers train-spm --out runs/spm4k --vocab-size 4096
+    python -m data_pipeline.text_tokenizer train-spm --out runs/spm4k --vocab-size 4096
 """
 from __future__ import annotations
-
-if __name__ == "__main__":  # `python data_pipeline/tokenizers.py`: this folder must not shadow `tokenizers`.
-    import os as _os
-    import sys as _sys
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
-    _sys.path.insert(0, _os.path.dirname(_here))
 
 import argparse
 import importlib.util

@@ -1,0 +1,263 @@
+"""Ahead-of-time compile of the train step for a TPU slice (or this host): fits? FLOPs? collectives?
+
+`launch/aot_compile.py` is the command; this module holds the slice descriptions and the report.
+Nothing is allocated: parameters, optimizer state and batch are `ShapeDtypeStruct`s sharded over
+the devices of libtpu's topology description (`jax.experimental.topologies`), and XLA:TPU
+compiles the step `qwen3_jax.train.build` makes, the one the training loop runs.
+
+Memory (`compiled.memory_analysis()`, XLA's CompiledMemoryStats; see MEMORY_FIELDS): `fits` compares
+`peak_memory_in_bytes` with HBM. That is the heap-simulated peak over the compiled schedule,
+arguments and outputs included. XLA:TPU refuses a program itself ("the total memory required for
+HLO temporaries (X G) exceeds available HBM (95.74G)", G = GiB), and that check does not use
+`temp_size_in_bytes`: the 8b step compiles for v5e-64 (15.75 GiB usable) with a peak of 14.75 GiB
+although arguments + temp_size_in_bytes come to 19.6 GiB. `temp_size_in_bytes` is not a
+liveness-aware temporaries figure on TPU. On CPU and GPU it is the size of the preallocated temp
+allocation, which the heap simulator packs (xla/pjrt PopulateBufferStatsFromAllocations). libtpu
+reports more than that allocation: with the layer scan it exceeds the temp allocation of the
+buffer-assignment dump by about the size of the scan's stacked per-layer buffers. Measured:
++128 MiB for 4 layers and +256 MiB for 8 layers of 32 MiB residuals; +4.75 GiB for the 8b step,
+whose stacked residuals are 4.5 GiB.
+
+Accelerator names: v5p-N, v4-N (N TensorCores, 2 per chip), v5e-N / v5litepod-N, v6e-N (N chips),
+libtpu's own form `v5p:8x8x8`, or `cpu` (this host's devices, against its RAM).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from qwen3_jax.hlo_stats import collective_summary, hlo_flops
+from qwen3_jax.train.metrics import flops_per_token
+
+GIB = 1024 ** 3
+# generation -> (libtpu name, HBM bytes per chip, cores per chip in the accelerator name, 3D torus)
+CHIPS = {
+    "v4": ("v4", 32 * GIB, 2, True),
+    "v5p": ("v5p", 95 * GIB, 2, True),
+    "v5e": ("v5e", 16 * GIB, 1, False),
+    "v5litepod": ("v5e", 16 * GIB, 1, False),
+    "v6e": ("v6e", 32 * GIB, 1, False),
+}
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8192: "16x16x32"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+# report key -> meaning of the memory numbers (written into the JSON report)
+MEMORY_FIELDS = {
+    "bytes_per_chip_peak": "XLA peak_memory_in_bytes: heap-simulated peak of HBM over the compiled schedule, "
+                           "arguments and outputs included; what XLA:TPU checks against HBM; `fits` uses it",
+    "bytes_per_chip_arguments": "argument_size_in_bytes: train state + batch, resident for the whole step",
+    "bytes_per_chip_output": "output_size_in_bytes: new train state + metrics",
+    "bytes_per_chip_alias": "alias_size_in_bytes: outputs written into donated argument buffers (the state)",
+    "bytes_per_chip_temp_at_peak": "peak - arguments - (output - alias): temporaries live at the peak",
+    "bytes_per_chip_temp": "XLA temp_size_in_bytes as libtpu reports it: larger than the temp allocation "
+                           "(it counts the layer scan's stacked buffers a second time), so arguments + temp "
+                           "overstate what the step needs; not used for `fits`",
+}
+
+
+def parse_topology(name: str, num_slices: int = 1) -> dict:
+    """'v5p-1024' / 'v6e-256' / 'v5p:8x8x8' -> {name (libtpu), chips, hbm_bytes_per_chip}; 'cpu':
+    this host's devices, each with an equal share of its RAM."""
+    if name.strip().lower() == "cpu":
+        import jax
+
+        n = len(jax.devices("cpu"))
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return {"accelerator": "cpu", "libtpu_name": f"host ({n} cpu devices)", "chips": n, "num_slices": 1,
+                "hbm_bytes_per_chip": ram // n, "wrap": (False, False, False)}
+    m = re.fullmatch(r"(v\d+[a-z]*|v5litepod)[-:](.+)", name.strip().lower())
+    if not m or m.group(1) not in CHIPS:
+        raise ValueError(f"unknown TPU accelerator {name!r}; use e.g. v5p-1024, v6e-256, v5e-256, v4-128 "
+                         f"or v5p:8x8x8")
+    gen, rest = m.groups()
+    lib, hbm, cores, is3d = CHIPS[gen]
+    if "x" in rest:
+        shape = rest
+        chips = math.prod(int(s) for s in rest.split("x"))
+    else:
+        n = int(rest)
+        if n % cores:
+            raise ValueError(f"{name}: {gen} names count TensorCores ({cores} per chip); {n} is not a multiple")
+        chips = n // cores
+        table = _SHAPES_3D if is3d else _SHAPES_2D
+        if chips not in table:
+            raise ValueError(f"{name}: no standard {gen} slice with {chips} chips; known: {sorted(table)}")
+        shape = table[chips]
+    return {"accelerator": name, "libtpu_name": f"{lib}:{shape}", "chips": chips, "num_slices": num_slices,
+            "hbm_bytes_per_chip": hbm, "wrap": torus_wrap(shape, is3d)}
+
+
+def torus_wrap(shape: str, is3d: bool) -> tuple[bool, bool, bool]:
+    """Which axes of the slice have wraparound links, as the hardware has them: v4 / v5p slices
+    built of whole 4x4x4 cubes (v5p-128 and up) are tori in every axis, smaller ones are open
+    meshes; v5e / v6e wrap an axis that spans the whole 16-chip pod edge (16x16: both, 8x16: one).
+
+    libtpu's topology description has no wraparound unless told (`wrap`), and on a mesh without
+    it XLA:TPU's all-gather decomposer rewrites every FSDP all-gather over the slice into an
+    all-reduce of a shard-padded buffer (2x the wire bytes). The slice itself reports its links,
+    so only the AOT description needs this."""
+    dims = [int(s) for s in shape.split("x")]
+    if is3d:
+        return (all(d % 4 == 0 for d in dims),) * 3
+    return tuple(d == 16 for d in dims) + (False,) * (3 - len(dims))
+
+
+def topology_devices(topo: dict) -> list:
+    """The devices of the slice(s) `topo` describes (libtpu's description; nothing to run on)."""
+    import jax
+    from jax.experimental import topologies
+
+    if topo["accelerator"] == "cpu":
+        return list(jax.devices("cpu"))
+    desc = topologies.get_topology_desc(topology_name=topo["libtpu_name"], platform="tpu",
+                                        num_slices=topo.get("num_slices", 1),
+                                        wrap=topo.get("wrap", (False, False, False)))
+    return list(desc.devices)
+
+
+def _flops_split(cfg, seq_len: int, tokens_per_device: float, counted: dict) -> dict:
+    """Compiled vs model FLOPs for the attention kernels and for the rest (matmuls), when the
+    attention ran as a kernel (splash) whose FLOPs the HLO count can tell apart. The model's
+    attention share is its count at seq_len minus its count at length 0 (matmuls only)."""
+    if not counted.get("attention_kernel"):
+        return {}
+    matmul = flops_per_token(cfg, 0) * tokens_per_device
+    attention = flops_per_token(cfg, seq_len) * tokens_per_device - matmul
+    return {"flops_ratio_matmul": (counted["total"] - counted["attention_kernel"]) / matmul,
+            "flops_ratio_attention": counted["attention_kernel"] / attention,
+            "model_attention_share": attention / (attention + matmul)}
+
+
+def compile_report(program, topo: dict, hlo_dump: str | None = None) -> dict:
+    """Compiles `program` (from `qwen3_jax.train.build.build` on `topo`'s devices) and returns the
+    report: per-chip memory against HBM, FLOPs counted from the HLO vs the model's own count,
+    collectives. `topo`: `parse_topology(...)` (its `hbm_bytes_per_chip` may be a what-if)."""
+    from qwen3_jax import sharding
+    from qwen3_jax.train.build import program_fingerprint
+
+    cfg, tc, mesh = program.model, program.train, program.mesh
+    devices = list(mesh.devices.flat)
+    chips = topo["chips"] * topo.get("num_slices", 1) if topo["accelerator"] != "cpu" else len(devices)
+    per_chip = max(len(devices) // chips, 1)
+    tokens = tc.batch_size * tc.seq_len
+    lowered = program.lower()
+    head = {"model": cfg.name, "topology": topo["accelerator"], "libtpu_topology": topo["libtpu_name"],
+            "num_slices": topo.get("num_slices", 1), "chips": chips, "devices": len(devices),
+            "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "seq_len": tc.seq_len,
+            "global_batch": tc.batch_size, "micro_batches": tc.micro_batches, "tokens_per_step": tokens,
+            "attention_impl": program.attention, "attention_impl_config": cfg.attention_impl,
+            "splash_fused_bwd": cfg.splash_fused_bwd, "remat": cfg.remat, "loss_chunk": tc.loss_chunk,
+            "aux_scope": tc.aux_scope, "moe_exchange": tc.moe_exchange, "capacity_factor": tc.capacity_factor,
+            "step_program": program_fingerprint(lowered), "notes": notes(program),
+            "hbm_bytes_per_chip": topo["hbm_bytes_per_chip"]}
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001  XLA refuses programs that exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = re.search(r"\(([\d.]+)G\) exceeds available HBM", str(e))
+        return {**head, "flops_per_chip": None, "bytes_per_chip_peak": float(need.group(1)) * GIB if need else None,
+                "peak_source": "XLA:TPU's RESOURCE_EXHAUSTED message (HLO temporaries, GiB)", "fits": False,
+                "error": str(e).splitlines()[0][:500]}
+    text = compiled.as_text()
+    if hlo_dump:
+        with open(hlo_dump, "w") as f:
+            f.write(text)
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    hbm = topo["hbm_bytes_per_chip"] // per_chip
+    live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    peak_source = "xla peak_memory_in_bytes"
+    if not peak:  # a jaxlib without the field: arguments + outputs + temp, an upper bound (see MEMORY_FIELDS)
+        peak, peak_source = live_io + mem.temp_size_in_bytes, "upper bound: arguments + output - alias + temp"
+    model_flops = flops_per_token(cfg, tc.seq_len) * tokens / len(devices)
+    ragged_rows = None
+    if cfg.num_experts and mesh.shape.get("expert", 1) > 1:  # rows one device's experts get per micro-batch
+        ragged_rows = tokens * cfg.num_experts_per_tok / (sharding.batch_shards(mesh) * tc.micro_batches)
+    counted = hlo_flops(text, ragged_rows=ragged_rows, causal=True)
+    flops = counted.get("total", 0.0)
+    return {
+        **head,
+        "flops_per_chip": flops * per_chip, "model_flops_per_chip": model_flops * per_chip,
+        "flops_ratio_compiled_to_model": flops / model_flops if model_flops else None,
+        **_flops_split(cfg, tc.seq_len, tokens / len(devices), counted),
+        "flops_breakdown_per_chip": {k: v * per_chip for k, v in counted.items()},
+        "xla_cost_analysis_flops_per_chip": float(cost.get("flops", 0.0)) * per_chip,
+        "expected_expert_rows_per_device": ragged_rows,
+        "bytes_per_chip_arguments": mem.argument_size_in_bytes * per_chip,
+        "bytes_per_chip_output": mem.output_size_in_bytes * per_chip,
+        "bytes_per_chip_alias": mem.alias_size_in_bytes * per_chip,
+        "bytes_per_chip_temp": mem.temp_size_in_bytes * per_chip,
+        "bytes_per_chip_temp_at_peak": max(peak - live_io, 0) * per_chip,
+        "bytes_per_chip_peak": peak * per_chip, "peak_source": peak_source, "hbm_bytes_per_chip": hbm * per_chip,
+        "fits": peak <= hbm, "memory_fields": MEMORY_FIELDS, "sharding_fallbacks": program.sharding_fallbacks,
+        "collectives": collective_summary(text, ragged_rows),
+    }
+
+
+def notes(program) -> list[str]:
+    """Settings that work but cost memory or time on the target: said in the report, not changed."""
+    cfg, platform = program.model, program.mesh.devices.flat[0].platform
+    out = []
+    if program.attention == "reference" and program.train.seq_len > 1024:
+        out.append(f"attention_impl={cfg.attention_impl!r} materialises the [B,N,T,T] scores (O(T^2) memory) at "
+                   f"SEQ_LEN={program.train.seq_len}; 'auto' picks the memory-efficient kernel for {platform}")
+    if platform == "tpu" and cfg.compute_dtype == "float32":
+        out.append("compute_dtype='float32' on TPU: matmuls run at a fraction of the bf16 rate")
+    if platform == "tpu" and cfg.is_moe and cfg.moe_impl == "dense" and program.mesh.shape.get("expert", 1) == 1:
+        out.append(f"moe_impl='dense' runs all {cfg.num_experts} experts on every token "
+                   f"({cfg.num_experts / cfg.num_experts_per_tok:.0f}x the expert FLOPs); 'ragged' runs the chosen ones")
+    if platform == "tpu" and cfg.remat == "none":
+        out.append("remat='none' keeps every layer's activations: fewest FLOPs, most memory (see the peak)")
+    return out
+
+
+def format_report(r: dict) -> str:
+    g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    lines = [f"{r['model']} on {r['topology']} ({r['libtpu_topology']} x{r['num_slices']} slice(s), "
+             f"{r['chips']} chips, {r['device_kind']}), mesh {r['mesh']}",
+             f"  batch {r['global_batch']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step, "
+             f"micro_batches {r['micro_batches']}, attention {r['attention_impl']}"
+             f"{' (fused backward)' if r.get('splash_fused_bwd') and r['attention_impl'] == 'splash' else ''}"
+             f"{' = ' + r['attention_impl_config'] if r.get('attention_impl_config') == 'auto' else ''}, "
+             f"remat {r['remat']}, loss chunk {r.get('loss_chunk')}",
+             f"  step program {r.get('step_program')} (launch/train.py prints the same fingerprint for this "
+             f"config on these devices)",
+             *[f"  NOTE: {n}" for n in r.get("notes", [])],
+             f"  per chip: peak {g(r['bytes_per_chip_peak'])} of {g(r['hbm_bytes_per_chip'])} HBM -> "
+             f"{'FITS' if r['fits'] else 'DOES NOT FIT'}  ({r.get('peak_source', 'xla peak_memory_in_bytes')}: "
+             f"heap-simulated, arguments included)",
+             f"            = arguments {g(r['bytes_per_chip_arguments'])} + output - alias "
+             f"{g(r['bytes_per_chip_output'] - r['bytes_per_chip_alias'])} + temporaries at the peak "
+             f"{g(r.get('bytes_per_chip_temp_at_peak', 0))}",
+             f"            (XLA temp_size_in_bytes {g(r['bytes_per_chip_temp'])}: counts the layer scan's stacked "
+             f"buffers twice on TPU, not a requirement)",
+             f"  FLOPs per chip: compiled {r['flops_per_chip']:.3e}, model {r['model_flops_per_chip']:.3e} "
+             f"(ratio {r['flops_ratio_compiled_to_model']:.2f}; full remat adds one forward: ~1.33)",
+             *([f"    matmuls {r['flops_ratio_matmul']:.2f}x the model's, attention kernels "
+                f"{r['flops_ratio_attention']:.2f}x ({r['model_attention_share']:.0%} of the model's count; "
+                f"splash: forward 4 + remat forward 4 + "
+                f"{'fused dK,dV,dQ 10 = 18' if r.get('splash_fused_bwd') else 'dK,dV 8 + dQ 6 = 22'} "
+                f"vs 3 x 4 per causal T·S·H)"]
+               if "flops_ratio_attention" in r else []),
+             "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in
+                                                 r.get("flops_breakdown_per_chip", {}).items() if k != "total")]
+    for note in r["sharding_fallbacks"]:
+        lines.append(f"  fallback (replicated): {note}")
+    lines.append("  collectives per step (count, bytes per chip = output sizes, wire = sent per chip by a ring):")
+    for k, v in r["collectives"].items():
+        extra = f"  (expected rows: {v['bytes_expected'] / GIB:.2f} GiB)" if "bytes_expected" in v else ""
+        wire = f"  wire {v['wire_bytes'] / GIB:8.2f} GiB" if "wire_bytes" in v else ""
+        lines.append(f"    {k:<20} {v['count']:8.0f}  {v['bytes'] / GIB:10.2f} GiB{wire}{extra}")
+        for role, what in (("as_all_gather", "all-gathers done as all-reduces of a shard-padded buffer"),
+                           ("as_reduce_scatter", "reduce-scatters left as all-reduce + dynamic-slice")):
+            if role in v and v[role]["bytes"] >= 0.01 * v["bytes"]:
+                lines.append(f"      {role.replace('_', ' '):<18} {v[role]['count']:8.0f}  "
+                             f"{v[role]['bytes'] / GIB:10.2f} GiB  ({what})")
+    return "\n".join(lines)
+
+

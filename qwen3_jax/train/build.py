@@ -1,0 +1,121 @@
+"""One builder from (model config, train config, devices) to the compiled train step.
+
+`build()` returns a `Program`: the mesh, the abstract train state with its shardings, the batch
+spec, the jitted train and eval steps. The training loop runs `program.lower().compile()`; the
+AOT tool (`launch/aot_compile.py`) compiles the same `program.lower()` for a TPU slice's devices.
+Nothing here reads gin or files, so what the AOT report describes is the program train.py runs
+on that topology: attention resolved for the target backend, remat, loss chunk, micro-batches,
+expert exchange all come from the two configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+
+from data_pipeline.pipeline import BATCH_DTYPES
+from qwen3_jax import sharding
+from qwen3_jax.config import ModelConfig
+from qwen3_jax.model.attention_ops import resolve_impl
+from qwen3_jax.params import param_specs
+from qwen3_jax.train.config import TrainConfig, TrainingError
+from qwen3_jax.train.optim import make_optimizer
+from qwen3_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Program:
+    model: ModelConfig
+    train: TrainConfig
+    mesh: jax.sharding.Mesh
+    attention: str  # the attention implementation the step runs (`auto` resolved for the mesh)
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]  # the global [B,T] arrays the step reads
+    step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+    eval_step: Callable  # jitted (params, batch) -> {"nll_sum", "tokens"}
+    sharding_fallbacks: list[str]  # parameter dims replicated because the mesh does not divide them
+
+    def lower(self) -> jax.stages.Lowered:
+        return self.step.lower(self.abstract_state, self.abstract_batch)
+
+    def init_state(self, params=None) -> TrainState:
+        """A fresh train state on the mesh (`params`: start from these, e.g. a previous stage's)."""
+        cfg, tc, opt = self.model, self.train, self.optimizer
+        init = self._under_rules(lambda p: init_state(cfg, opt, tc.seed, params=p))
+        return jax.jit(init, out_shardings=self.state_shardings)(params)
+
+    def _under_rules(self, fn: Callable) -> Callable:
+        return _under_rules(fn, self.mesh, self.train)
+
+
+def _under_rules(fn: Callable, mesh, tc: TrainConfig) -> Callable:
+    """`fn` traced with the sharding rules active (constraints, expert parallelism, kernels)."""
+    def traced(*args):
+        with sharding.use_rules(mesh, moe_exchange=tc.moe_exchange, capacity_factor=tc.capacity_factor):
+            return fn(*args)
+    return traced
+
+
+def program_fingerprint(lowered: jax.stages.Lowered) -> str:
+    """A short hash of the lowered step (StableHLO text): equal for the loop and the AOT tool
+    when they build the same program for the same devices."""
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
+
+
+def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = None,
+          num_slices: int | None = None, process_count: int | None = None) -> Program:
+    """The train step of `model` under `tc` on `devices` (default: all of this job's devices).
+
+    Raises TrainingError naming the setting for anything that cannot work: bad values, a mesh
+    the devices or the parameters do not divide, a batch the data shards do not divide, a
+    sequence length the model or the attention kernel cannot take."""
+    tc.validate()
+    try:
+        mesh = sharding.make_mesh(tc.mesh, devices, num_slices)
+        fallbacks = sharding.check_shardable(param_specs(model), mesh)
+        sharding.check_batch(tc.batch_size, tc.micro_batches, mesh)
+    except ValueError as e:
+        raise TrainingError(f"mesh: {e}") from None
+    procs = jax.process_count() if process_count is None else process_count
+    if tc.batch_size % procs:
+        raise TrainingError(f"BATCH_SIZE={tc.batch_size} is not divisible by {procs} processes")
+    if tc.seq_len > model.max_position_embeddings and model.rope_scaling is None:
+        raise TrainingError(f"SEQ_LEN={tc.seq_len} exceeds the model's max_position_embeddings="
+                            f"{model.max_position_embeddings}")
+    platform = mesh.devices.flat[0].platform
+    attention = resolve_impl(model.attention_impl, tc.seq_len, model.compute_dtype, platform)
+    if attention == "splash" and tc.seq_len % 128:
+        raise TrainingError(f"SEQ_LEN={tc.seq_len} must be a multiple of 128 for splash attention "
+                            f"(attention_impl={model.attention_impl!r} on {platform})")
+    if attention == "splash" and platform != "tpu":
+        raise TrainingError(f"attention_impl='splash' is a TPU kernel; these devices are {platform!r} "
+                            f"(use 'auto' or 'chunked')")
+    if attention == "cudnn" and platform not in ("gpu", "cuda"):
+        raise TrainingError(f"attention_impl='cudnn' needs an NVIDIA GPU; these devices are {platform!r}")
+
+    optimizer, schedule = make_optimizer(tc.optim, tc.steps)
+    specs = param_specs(model)
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, tc.seed))
+    state_sh = sharding.tree_shardings(abstract, specs, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), dt, sharding=batch_sh)
+             for k, dt in BATCH_DTYPES.items()}
+    step = make_train_step(model, optimizer, micro_batches=tc.micro_batches, loss_chunk=tc.loss_chunk,
+                           z_loss=tc.z_loss, aux_loss_coef=tc.aux_loss_coef, aux_scope=tc.aux_scope,
+                           schedule=schedule)
+    step_fn = jax.jit(_under_rules(step, mesh, tc), in_shardings=(state_sh, batch_sh),
+                      out_shardings=(state_sh, None), donate_argnums=0)
+    eval_fn = jax.jit(_under_rules(make_eval_step(model, tc.loss_chunk), mesh, tc),
+                      in_shardings=(state_sh.params, batch_sh))
+    return Program(model=model, train=tc, mesh=mesh, attention=attention, optimizer=optimizer, schedule=schedule,
+                   state_shardings=state_sh, batch_sharding=batch_sh, abstract_state=abstract, abstract_batch=batch,
+                   step=step_fn, eval_step=eval_fn, sharding_fallbacks=fallbacks)

@@ -1,0 +1,125 @@
+"""What a training run is, apart from the model: plain frozen dataclasses, usable without gin.
+
+`launch/train.py` fills them from the gin files (`qwen3_jax.configurables` registers them under
+the names the stage files use: `train.*`, `make_optimizer.*`, `lr_schedule.*`, `MeshConfig.*`);
+tests and scripts build them directly. `qwen3_jax.train.build` turns (ModelConfig, TrainConfig,
+devices) into the compiled step; the loop and the AOT tool both go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from qwen3_jax.sharding import MeshConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+AUX_SCOPES = ("global", "micro_batch", "sequence")
+MOE_EXCHANGES = ("auto", "gather", "ragged")
+DATA_STATE_MISMATCH = ("error", "restart")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or cannot go on; the message names the setting or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning rate per step (gin: `lr_schedule.*`).
+
+    cosine: linear warmup to peak, cosine to min_lr_ratio * peak at the last step.
+    wsd:    warmup, constant peak, then linear decay to min_lr_ratio * peak over the last
+            `decay_fraction` of the steps (decay_fraction 0: constant after warmup).
+    constant: warmup, then the peak.
+    """
+
+    kind: str = "cosine"
+    peak_lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (no decay on norm scales) after global-norm clipping (gin: `make_optimizer.*`)."""
+
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float | None = 1.0
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One run's settings (gin: `train.*`; the stage macros STEPS, SEQ_LEN, BATCH_SIZE, ...).
+
+    make_data(seq_len=, global_batch_size=, seed=) -> this host's batch iterator with
+      get_state/set_state (data_pipeline.pipeline.make_dataset); make_eval_data the same for the
+      held-out documents (None: no eval loss). Not needed to build or compile the step.
+    micro_batches: the global batch is split into this many strided micro-batches whose
+      gradients are summed (same loss and gradients as one pass).
+    loss_chunk: positions per piece of the output head + cross-entropy (the [B,T,V] logits are
+      never materialised); None = all at once.
+    aux_loss_coef: None = the model's router_aux_loss_coef. aux_scope: which tokens the MoE
+      load-balancing statistics count: "global" (the whole global batch), "micro_batch",
+      "sequence".
+    moe_exchange / capacity_factor: expert-parallel token exchange and capacity (None: dropless).
+    mesh: ICI/DCN sizes of the data, fsdp, expert, tensor axes; parameters, optimizer state and
+      activations follow `qwen3_jax.sharding`'s rules.
+    init_from: a previous stage's workdir or checkpoint; its parameters start this run when the
+      workdir has no checkpoint yet (optimizer and data start fresh).
+    data_state_mismatch: "error" when a checkpoint's data position does not fit the pipeline,
+      "restart": warn and reshuffle instead.
+    stop_after: stop (with a checkpoint) after this many steps of this invocation.
+    """
+
+    steps: int
+    seq_len: int
+    batch_size: int
+    checkpoint_every: int
+    make_data: Callable[..., Any] | None = None
+    make_eval_data: Callable[..., Any] | None = None
+    eval_every: int = 0
+    eval_batches: int = 4
+    micro_batches: int = 1
+    loss_chunk: int | None = 2048
+    z_loss: float = 0.0
+    aux_loss_coef: float | None = None
+    aux_scope: str = "global"
+    moe_exchange: str = "auto"
+    capacity_factor: float | None = None
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    seed: int = 0
+    init_from: str | None = None
+    keep_last: int = 3
+    keep_every: int | None = None
+    log_every: int = 10
+    max_nonfinite_in_a_row: int = 5
+    async_checkpoint: bool = True
+    data_state_mismatch: str = "error"
+    stop_after: int | None = None
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Bad values fail here, before anything is built, naming the setting and the value."""
+        for name, v in (("STEPS", self.steps), ("SEQ_LEN", self.seq_len), ("BATCH_SIZE", self.batch_size),
+                        ("CHECKPOINT_EVERY", self.checkpoint_every), ("train.micro_batches", self.micro_batches)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise TrainingError(f"{name} must be a positive integer, got {v!r}")
+        if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0):
+            raise TrainingError(f"train.loss_chunk must be a positive integer or None, got {self.loss_chunk!r}")
+        for name, v, allowed in (("train.aux_scope", self.aux_scope, AUX_SCOPES),
+                                 ("train.moe_exchange", self.moe_exchange, MOE_EXCHANGES),
+                                 ("train.data_state_mismatch", self.data_state_mismatch, DATA_STATE_MISMATCH),
+                                 ("lr_schedule.kind", self.optim.schedule.kind, SCHEDULES)):
+            if v not in allowed:
+                raise TrainingError(f"{name}={v!r} is not one of {allowed}")
+        if self.batch_size % self.micro_batches:
+            raise TrainingError(f"BATCH_SIZE={self.batch_size} is not divisible by train.micro_batches="
+                                f"{self.micro_batches}")
