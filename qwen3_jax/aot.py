@@ -172,7 +172,7 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None) -> dict:
     live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
     peak_source = "xla peak_memory_in_bytes"
-    if not peak:  # a jaxlib without the field: arguments + outputs + temp, an upper bound (see MEMORY_FIELDS)
+    if not peak or devices[0].platform == "cpu":  # XLA:CPU's peak leaves out its temp allocation
         peak, peak_source = live_io + mem.temp_size_in_bytes, "upper bound: arguments + output - alias + temp"
     model_flops = flops_per_token(cfg, tc.seq_len) * tokens / len(devices)
     ragged_rows = None

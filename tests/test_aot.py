@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen3_jax import hlo_stats
+from qwen3_jax import aot, hlo_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-import aot_compile  # noqa: E402
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e .[test])")
@@ -25,7 +23,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
     ("v6e-8", "v6e:2x4", 8), ("v5p:4x4x8", "v5p:4x4x8", 128),
 ])
 def test_parse_topology(name, libtpu_name, chips):
-    t = aot_compile.parse_topology(name)
+    t = aot.parse_topology(name)
     assert (t["libtpu_name"], t["chips"]) == (libtpu_name, chips)
 
 
@@ -36,13 +34,13 @@ def test_parse_topology(name, libtpu_name, chips):
 ])
 def test_parse_topology_wraparound(name, wrap):
     """Wraparound links as the slices have them (whole 4x4x4 cubes; 2D: the 16-chip pod edge)."""
-    assert aot_compile.parse_topology(name)["wrap"] == wrap
+    assert aot.parse_topology(name)["wrap"] == wrap
 
 
 @pytest.mark.parametrize("bad", ["v5p-7", "v7x-64", "tpu", "v5e-3"])
 def test_parse_topology_rejects(bad):
     with pytest.raises(ValueError):
-        aot_compile.parse_topology(bad)
+        aot.parse_topology(bad)
 
 
 def _run(*args):
@@ -108,7 +106,7 @@ def test_topology_devices_are_a_torus_so_fsdp_all_gathers_stay_all_gathers():
     weight's all-gather compiles to a real all-gather ((n-1)/n of the tensor on the wire, half of
     the all-reduce libtpu writes for an open mesh). The gradient stays an all-reduce + slice, as it
     does for MaxText's step."""
-    devices = aot_compile.topology_devices(aot_compile.parse_topology("v5p-128"))
+    devices = aot.topology_devices(aot.parse_topology("v5p-128"))
     s = _fsdp_grad_collectives(devices)
     full = 1024 * 512 * 2
     assert s["all-gather"] == {"count": 1, "bytes": full, "wire_bytes": full * 63 / 64}
@@ -139,7 +137,7 @@ def test_aot_small_moe_from_gin_expert_parallel(tmp_path):
     assert fl["grouped_matmul"] < fl["grouped_matmul_buffer"]  # real rows, not the dropless buffer
     assert "FITS" in r.stdout
     # memory: the fits number is XLA's heap-simulated peak, arguments included
-    assert rep["peak_source"] == "xla peak_memory_in_bytes" and set(aot_compile.MEMORY_FIELDS) <= set(rep)
+    assert rep["peak_source"] == "xla peak_memory_in_bytes" and set(aot.MEMORY_FIELDS) <= set(rep)
     live_io = rep["bytes_per_chip_arguments"] + rep["bytes_per_chip_output"] - rep["bytes_per_chip_alias"]
     assert rep["bytes_per_chip_peak"] == live_io + rep["bytes_per_chip_temp_at_peak"]
 

@@ -1,15 +1,15 @@
 """Every stage file combines with every model file (and the slice files), and names real values."""
 
 import re
-import sys
 from pathlib import Path
 
 import gin
 import pytest
 
+from qwen3_jax import aot
+from qwen3_jax.configurables import model_config, parse_gin, run_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-from train import parse_gin  # noqa: E402
 
 MODELS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.gin"))
 STAGES = ["stage1", "stage2", "stage3", "cpu_smoke"]
@@ -25,32 +25,29 @@ def _clear():
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("model", MODELS)
 def test_stage_and_model_files_combine(stage, model):
-    from qwen3_jax.train.loop import model_config
-
     parse_gin([f"{stage}.gin", f"model/{model}.gin"], [])
-    cfg = model_config(backend="tpu")
+    cfg, tc = run_config()
     assert cfg.name == model
     for macro in ("STEPS", "SEQ_LEN", "BATCH_SIZE", "CHECKPOINT_EVERY", "WORKDIR"):
         assert gin.query_parameter(f"%{macro}") is not None
     assert cfg.rope_theta == (1e6 if stage == "stage3" else 1e4)
     if stage == "stage3":
-        assert cfg.attention_impl == "splash" and gin.query_parameter("%SEQ_LEN") == 32768
+        assert gin.query_parameter("%SEQ_LEN") == 32768 == tc.seq_len
+    assert cfg.attention_impl == "auto"  # every stage: splash on TPU, chunked on CPU beyond 1,024 tokens
+    assert tc.steps == gin.query_parameter("%STEPS") and tc.optim.schedule.kind in ("wsd", "cosine")
     if model.startswith("qwen3-"):
         assert cfg.compute_dtype == "bfloat16" and cfg.remat == "full"  # small-moe's CPU overrides are gone
 
 
 @pytest.mark.parametrize("slice_file", sorted(p.name for p in (ROOT / "configs" / "slices").glob("*.gin")))
 def test_slice_files_parse(slice_file):
-    from qwen3_jax.train.loop import model_config
-
     model = "qwen3-" + slice_file.split("qwen3-")[1].split("-v5p")[0]
     stage = "stage3" if "stage3" in slice_file else "stage1"
     parse_gin([f"{stage}.gin", f"model/{model}.gin", f"slices/{slice_file}"], [])
-    assert model_config(backend="tpu").name == model
+    assert model_config().name == model
     assert gin.query_parameter("%BATCH_SIZE") >= 256
     # one data shard per host (v5p: 4 chips a host), each with a whole number of rows, so the
     # batches and the saved data position do not change when the run resumes on fewer hosts
-    import aot_compile
-    hosts = aot_compile.parse_topology(re.search(r"v5p-\d+", slice_file).group(0))["chips"] // 4
+    hosts = aot.parse_topology(re.search(r"v5p-\d+", slice_file).group(0))["chips"] // 4
     shards = gin.query_parameter("%DATA_SHARDS")
     assert shards == hosts and gin.query_parameter("%BATCH_SIZE") % shards == 0

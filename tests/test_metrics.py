@@ -54,11 +54,12 @@ def test_peak_flops_table():
 def test_failed_save_keeps_previous_checkpoint(tmp_path, capsys):
     from qwen3_jax.train import checkpoint as ckpt
     from qwen3_jax.train.loop import _save
+    from qwen3_jax.train.config import OptimConfig
     from qwen3_jax.train.optim import make_optimizer
     from qwen3_jax.train.step import init_state
 
     cfg = get_config("tiny-dense")
-    opt, _ = make_optimizer(10)
+    opt, _ = make_optimizer(OptimConfig(), 10)
     state = init_state(cfg, opt)
 
     class Data:  # what the data checkpoint handler needs of an iterator

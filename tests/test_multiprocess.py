@@ -28,7 +28,7 @@ WORKER = textwrap.dedent('''
     from data_pipeline.pipeline import to_global
     from qwen3_jax import sharding
     from qwen3_jax.params import param_specs
-    from qwen3_jax.train.checkpoint import nest
+    from qwen3_jax.params import nest
     sys.path.insert(0, os.path.dirname(out))
     from mp_common import make_case, loss_fn
 
@@ -106,7 +106,7 @@ def test_two_processes_match_one_and_checkpoint_restores_on_other_mesh(tmp_path)
         from mp_common import loss_fn, make_case
         from qwen3_jax import sharding
         from qwen3_jax.params import param_specs
-        from qwen3_jax.train.checkpoint import flatten, nest
+        from qwen3_jax.params import flatten, nest
     finally:
         sys.path.remove(str(tmp_path))
     cfg, flat, batch = make_case()

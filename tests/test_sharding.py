@@ -63,7 +63,7 @@ def test_indivisible_kv_heads_fall_back_to_replication_other_dims_raise():
 
 
 def test_optimizer_state_follows_params():
-    from qwen3_jax.train.checkpoint import nest
+    from qwen3_jax.params import nest
 
     cfg = get_config("tiny-moe")
     specs = param_specs(cfg)

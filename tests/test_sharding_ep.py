@@ -24,9 +24,8 @@ from qwen3_jax.config import get_config
 from qwen3_jax.model import create_model
 from qwen3_jax.model import moe as moe_lib
 from qwen3_jax.model import moe_ep
-from qwen3_jax.params import flat_params, model_from_flat, param_specs
+from qwen3_jax.params import flat_params, flatten, model_from_flat, param_specs
 from qwen3_jax.sharding import MeshConfig
-from qwen3_jax.train.checkpoint import flatten
 from qwen3_jax.train.step import init_state, make_train_step
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32: only the summation order differs

@@ -172,11 +172,12 @@ def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
     step_fn = lowered.compile()
     tokens_per_step = tc.batch_size * tc.seq_len
     fpt = flops_per_token(model, tc.seq_len)
-    peak = peak_flops(jax.devices()[0].device_kind)
+    devs = list(program.mesh.devices.flat)
+    peak = peak_flops(devs[0].device_kind)
     writer = MetricsWriter(workdir_p, tc.steps, log_every=tc.log_every, enabled=primary)
     meta = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "model": model.name, "step_program": fingerprint}
-    print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
+    print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {len(devs)} "
+          f"{devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
           f"steps {start}->{tc.steps}, {tokens_per_step:,} tokens/step, {fpt / 1e9:.3f} GFLOP/token, "
           f"step program {fingerprint}", flush=True)
 
@@ -193,7 +194,7 @@ def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
             dt, t_prev = now - t_prev, now
             metrics["step_time_s"] = dt
             metrics["tokens_per_s"] = tokens_per_step / dt
-            metrics["tflops_per_device"] = fpt * tokens_per_step / dt / jax.device_count() / 1e12
+            metrics["tflops_per_device"] = fpt * tokens_per_step / dt / len(devs) / 1e12
             if peak:
                 metrics["mfu"] = metrics["tflops_per_device"] * 1e12 / peak
             writer.write(step, metrics)
