@@ -25,16 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "benchmarks" / "aot_reports"
 GIB = 1024 ** 3
 
-# name -> aot_compile.py arguments (the chosen configuration per preset / stage)
+# name -> aot_compile.py arguments: the training command's gin files for each slice (configs/slices/)
+def _gins(*files: str) -> list[str]:
+    return [a for f in files for a in ("--gin", f)]
+
+
 CASES = {
-    "235b_s1": ["--preset", "qwen3-235b-a22b", "--topology", "v5p-1024", "--mesh", "fsdp=64,expert=8",
-                "--seq_len", "4096", "--global_batch", "1024"],
-    "235b_s3": ["--preset", "qwen3-235b-a22b", "--topology", "v5p-1024", "--mesh", "fsdp=128,expert=4",
-                "--seq_len", "32768", "--global_batch", "512"],
-    "30b": ["--preset", "qwen3-30b-a3b", "--topology", "v5p-128", "--mesh", "fsdp=8,expert=8",
-            "--seq_len", "4096", "--global_batch", "256"],
-    "8b": ["--preset", "qwen3-8b", "--topology", "v5p-128", "--mesh", "fsdp=64",
-           "--seq_len", "4096", "--global_batch", "256"],
+    "235b_s1": [*_gins("stage1.gin", "model/qwen3-235b-a22b.gin", "slices/qwen3-235b-a22b-v5p-1024-stage1.gin"),
+                "--topology", "v5p-1024"],
+    "235b_s3": [*_gins("stage3.gin", "model/qwen3-235b-a22b.gin", "slices/qwen3-235b-a22b-v5p-1024-stage3.gin"),
+                "--topology", "v5p-1024"],
+    "30b": [*_gins("stage1.gin", "model/qwen3-30b-a3b.gin", "slices/qwen3-30b-a3b-v5p-128.gin"),
+            "--topology", "v5p-128"],
+    "8b": [*_gins("stage1.gin", "model/qwen3-8b.gin", "slices/qwen3-8b-v5p-128.gin"), "--topology", "v5p-128"],
 }
 # splash's two-kernel backward (dK,dV then dQ, each recomputing the scores), the default before
 CASES.update({f"{n}_2k": [*CASES[n], "--splash_fused_bwd", "false"] for n in ("235b_s1", "235b_s3")})

@@ -24,25 +24,41 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
+def program(cfg, batch, seq_len, loss_chunk=None):
+    """The train step launch/train.py would build for `cfg` at this shape, on one device."""
+    from qwen3_jax.train.build import build
+    from qwen3_jax.train.config import TrainConfig
+
+    tc = TrainConfig(steps=100, seq_len=seq_len, batch_size=batch, checkpoint_every=100, loss_chunk=loss_chunk)
+    return build(cfg, tc, jax.devices()[:1])
+
+
+def xla_gib(compiled) -> float:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return float("nan")
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes) / 2**30
+
+
+def random_batch(vocab, batch, seq_len):
+    rng = np.random.RandomState(0)
+    tok = rng.randint(0, vocab, (batch, seq_len)).astype(np.int32)
+    return dict(tokens=tok, targets=np.roll(tok, -1, 1), loss_mask=np.ones((batch, seq_len), np.float32),
+                segment_ids=np.ones((batch, seq_len), np.int32),
+                positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+
+
 def bench(name, cfg, batch, seq_len, steps, loss_chunk=None):
     from qwen3_jax.train.metrics import flops_per_token, peak_flops
-    from qwen3_jax.train.optim import make_optimizer
-    from qwen3_jax.train.step import init_state, make_train_step
 
-    opt, sched = make_optimizer(100)
-    state = jax.jit(lambda: init_state(cfg, opt))()
-    rng = np.random.RandomState(0)
-    tok = rng.randint(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
-    b = dict(tokens=tok, targets=np.roll(tok, -1, 1), loss_mask=np.ones((batch, seq_len), np.float32),
-             segment_ids=np.ones((batch, seq_len), np.int32),
-             positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
-    step = jax.jit(make_train_step(cfg, opt, schedule=sched, loss_chunk=loss_chunk), donate_argnums=0)
+    prog = program(cfg, batch, seq_len, loss_chunk)
+    state = prog.init_state()
+    b = random_batch(cfg.vocab_size, batch, seq_len)
     t0 = time.time()
-    compiled = step.lower(state, b).compile()
+    compiled = prog.lower().compile()
     compile_s = time.time() - t0
-    mem = compiled.memory_analysis()
-    xla_gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-               - mem.alias_size_in_bytes) / 2**30 if mem is not None else float("nan")
+    gib = xla_gib(compiled)
     state, _ = timed(compiled, state, b, 1)
     state, dt = timed(compiled, state, b, steps)
     tokens = batch * seq_len
@@ -51,7 +67,7 @@ def bench(name, cfg, batch, seq_len, steps, loss_chunk=None):
     mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-"
     name += f", loss chunk {loss_chunk}" if loss_chunk else ""
     print(f"| {name} | {cfg.compute_dtype} | {batch}x{seq_len} | {compile_s:.1f} | {dt:.3f} | {tokens / dt:,.0f} | "
-          f"{tflops:.3f} | {mfu} | {xla_gib:.2f} | {peak_rss_gib():.2f} |", flush=True)
+          f"{tflops:.3f} | {mfu} | {gib:.2f} | {peak_rss_gib():.2f} |", flush=True)
 
 
 def sweep(steps: int, max_run_t: int):
@@ -70,25 +86,11 @@ def sweep(steps: int, max_run_t: int):
 
 
 def measure(cfg, batch, seq_len, steps):
-    from qwen3_jax.train.optim import make_optimizer
-    from qwen3_jax.train.step import init_state, make_train_step
-
-    opt, sched = make_optimizer(100)
-    state = jax.eval_shape(lambda: init_state(cfg, opt)) if not steps else jax.jit(lambda: init_state(cfg, opt))()
-    b = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp_dtype)
-         for k, jnp_dtype in (("tokens", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                              ("segment_ids", np.int32), ("positions", np.int32))}
-    compiled = jax.jit(make_train_step(cfg, opt, schedule=sched), donate_argnums=0).lower(state, b).compile()
-    mem = compiled.memory_analysis()
-    gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-           - mem.alias_size_in_bytes) / 2**30
+    prog = program(cfg, batch, seq_len)
+    compiled = prog.lower().compile()
     if not steps:
-        return gib, 0.0
-    tok = np.zeros((batch, seq_len), np.int32)
-    real = dict(tokens=tok, targets=tok, loss_mask=np.ones((batch, seq_len), np.float32),
-                segment_ids=np.ones((batch, seq_len), np.int32),
-                positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
-    return gib, timed(compiled, state, real, steps)[1]
+        return xla_gib(compiled), 0.0
+    return xla_gib(compiled), timed(compiled, prog.init_state(), random_batch(cfg.vocab_size, batch, seq_len), steps)[1]
 
 
 def timed(compiled, state, batch, steps):

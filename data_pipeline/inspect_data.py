@@ -1,6 +1,10 @@
 """Look at the data before spending a pod on it: stats + a few packed batches decoded to text.
 
     python data_pipeline/inspect_data.py runs/data/code --tokenizer qwen3 --seq-len 4096 --batches 1
+    python data_pipeline/inspect_data.py --gin stage3.gin --gin_param DATA_ROOT="'data'" --tokenizer qwen3
+
+With --gin (the training command's gin files and bindings) it shows the batches that training
+run would read: the stage's mixture, length buckets, packing and SEQ_LEN.
 
 Document boundaries inside a row are marked ⟦doc D of dataset, pos P⟧ … ⟦/⟧, padding as ⟦pad ×N⟧.
 """
@@ -51,23 +55,25 @@ def format_row(batch: dict, r: int, tok, specs, max_chars: int = 600) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", nargs="*", help="prepared dataset folder(s) (mixed with equal weights)")
-    p.add_argument("--gin", action="append", default=[], help="gin file(s) binding make_dataset")
-    p.add_argument("--gin-param", action="append", default=[])
+    p.add_argument("--gin", action="append", default=[], help="the training command's gin file(s)")
+    p.add_argument("--gin_param", "--gin-param", action="append", default=[], help="gin binding NAME=VALUE")
     p.add_argument("--tokenizer", required=True, help="the tokenizer used by prepare.py, to decode")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=4096, help="without --gin (with it: SEQ_LEN)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--batches", type=int, default=1)
     p.add_argument("--packing", default="concat_split")
     p.add_argument("--max-chars", type=int, default=600, help="per document piece (middle elided)")
     a = p.parse_args(argv)
-    import gin
     from data_pipeline.pipeline import Mixture, make_dataset, resolve
     from data_pipeline.text_tokenizer import load_tokenizer
     tok = load_tokenizer(a.tokenizer)
     kw = dict(process_index=0, process_count=1, with_ids=True)
-    if a.gin or a.gin_param:
-        gin.parse_config_files_and_bindings(a.gin, a.gin_param)
-        it = make_dataset(**kw)
+    if a.gin:
+        from qwen3_jax import configurables
+
+        configurables.parse_gin(a.gin, a.gin_param)
+        _, tc = configurables.run_config()
+        it = tc.make_data(seq_len=tc.seq_len, global_batch_size=a.batch_size, seed=tc.seed, **kw)
     else:
         if not a.data:
             p.error("give dataset folders or --gin")

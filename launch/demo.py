@@ -5,7 +5,7 @@
 1. prepares the built-in corpus (the Python standard library's sources and docs) with a
    4,096-token sentencepiece BPE trained on it;
 2. stage 1 (256 tokens, RoPE base 10k) -> stage 2 (256 tokens, reasoning mix, fast decay, from
-   stage 1) -> stage 3 (2,048 tokens, RoPE base 1M, chunked attention, 75/25 long/medium documents,
+   stage 1) -> stage 3 (2,048 tokens, RoPE base 1M, attention auto = chunked on CPU, 75/25 long/medium documents,
    from stage 2), each with `launch/train.py` and the real stage configs scaled down;
 3. exports stage 3 to a Hugging Face folder and prints a sample from it, loaded by
    transformers (or by our own model when transformers is not installed).
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     stage("stage1", work, n(400), 256, 8, "lr_schedule.peak_lr=2e-3", "lr_schedule.warmup_steps=10")
     stage("stage2", work, n(120), 256, 8, f"PREVIOUS_STAGE='{work / 'stage1'}'", "lr_schedule.peak_lr=1e-3")
     stage("stage3", work, n(40), 2048, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "lr_schedule.peak_lr=3e-4",
-          "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)", "model_config.attention_impl='chunked'")
+          "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)")
 
     print("\n=== export stage 3 to Hugging Face ===", flush=True)
     hf_dir = work / "hf"

@@ -12,7 +12,7 @@ from qwen3_jax.train.metrics import flops_per_token, peak_flops
 
 
 def independent_count(name: str, T: int) -> float:
-    """Training FLOPs per token written out from the architecture table (DESIGN.md), by hand."""
+    """Training FLOPs per token written out by hand from the architecture table (the presets in qwen3_jax/config.py)."""
     c = get_config(name)
     D, L, N, K, H, V = c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
     attn_proj = D * N * H * 2 + D * K * H * 2  # q, o and k, v
