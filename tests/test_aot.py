@@ -161,7 +161,8 @@ def test_aot_two_slices_data_parallel_over_dcn(tmp_path):
 
 @needs_libtpu
 def test_aot_exits_nonzero_when_it_does_not_fit(tmp_path):
-    r = _run("--preset", "tiny-dense", "--topology", "v5e-4", "--mesh", "fsdp=4", "--seq_len", "64",
+    r = _run("--gin", "stage1.gin", "--gin_param", "model_config.preset='tiny-dense'", "--topology", "v5e-4",
+             "--mesh", "fsdp=4", "--seq_len", "64",
              "--global_batch", "4", "--attention_impl", "reference", "--hbm_gib", "0.000001",
              "--report", str(tmp_path / "r.json"))
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]

@@ -6,8 +6,6 @@ import sys
 import gin
 import numpy as np
 
-from data_pipeline.pipeline import make_dataset
-
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 SCRIPT = r"""
@@ -35,20 +33,28 @@ def test_to_global_on_mesh(stdlib_data):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-def test_gin_configs(stdlib_data):
-    root = os.path.dirname(stdlib_data["code"])
-    for stage in ("stage1", "stage2", "stage3"):
-        gin.clear_config()
-        gin.parse_config_file(os.path.join(REPO, "configs", "data", f"{stage}.gin"))
-        assert "make_dataset.seq_len" in gin.config_str()
-    for name in ("cpu_demo", "cpu_demo_stage3"):
-        gin.clear_config()
-        gin.parse_config_files_and_bindings([os.path.join(REPO, "configs", "data", f"{name}.gin")],
-                                            [f"Mixture.root = '{root}'", "make_dataset.global_batch_size = 4"])
-        it = make_dataset(process_index=0, process_count=1, with_ids=True)
+def test_stage_files_read_their_mixtures(stdlib_data, tmp_path):
+    """The stage files (the one home of the stage mixtures and buckets) build the data a training
+    run reads from a DATA_ROOT of prepared folders: every mixture name, stage 3's length buckets
+    scaled down by bindings as the demo does."""
+    from qwen3_jax import configurables
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("web", "math", "multilingual", "reasoning"):
+        os.symlink(stdlib_data["docs"], root / name)
+    os.symlink(stdlib_data["code"], root / "code")
+    small3 = ["SEQ_LEN=2048", "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)"]
+    for stage, extra in (("stage1", ["SEQ_LEN=512"]), ("stage2", ["SEQ_LEN=512"]), ("stage3", small3)):
+        configurables.parse_gin([f"{stage}.gin"], [f"DATA_ROOT='{root}'", *extra])
+        _, tc = configurables.run_config()
+        weights = configurables.query("stage_mixture.weights")
+        it = tc.make_data(seq_len=tc.seq_len, global_batch_size=4, seed=0, process_index=0, process_count=1,
+                          with_ids=True)
         b = next(it)
-        assert b["tokens"].shape == (4, it.seq_len) and {s.key.split("[")[0] for s in it.specs} == {"code", "docs"}
-        assert (b["segment_ids"] > 0).mean() > 0.5
-        if name == "cpu_demo_stage3":
-            assert all(s.length_range in ((1024, 2048), (256, 1024)) for s in it.specs)
+        assert b["tokens"].shape == (4, tc.seq_len) and (b["segment_ids"] > 0).mean() > 0.5
+        assert {s.key.split("[")[0] for s in it.specs} == set(weights), stage
+        if stage == "stage3":
+            assert {s.length_range for s in it.specs} == {(1024, 2048), (256, 1024)}
+        it.close()
     gin.clear_config()
