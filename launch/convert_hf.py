@@ -65,6 +65,9 @@ def cmd_export(args) -> None:
     n = sum(x.size for x in flat.values())
     print(f"exported {args.checkpoint} (step {step}) -> {args.out}: {n:,} parameters as {dtype}, "
           f"{time.time() - t0:.1f}s, peak RSS {_rss_gib():.2f} GiB")
+    if meta.get("router_bias"):
+        print("note: this run's aux-loss-free routing bias (train.router_bias_rate) is training state and is not "
+              "exported: Qwen3 has no router bias, so the exported model routes by its router weights alone")
 
 
 def main(argv=None) -> int:

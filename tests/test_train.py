@@ -18,15 +18,6 @@ from qwen3_jax.train.step import init_state, make_train_step
 from train_utils import popen, run, tiny_args
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    from data_pipeline.prepare import prepare_builtin
-
-    d = tmp_path_factory.mktemp("builtin")
-    prepare_builtin(str(d / "spm512"), "spm", spm_vocab_size=512)
-    return d
-
-
 def _batch(B=4, T=32, V=512, seed=0):
     rng = np.random.RandomState(seed)
     tok = rng.randint(0, V, (B, T)).astype(np.int32)

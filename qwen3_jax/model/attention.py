@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -23,6 +24,13 @@ class Attention(nnx.Module):
         self.impl, self.block, self.fused_bwd = cfg.attention_impl, cfg.attention_block, cfg.splash_fused_bwd
 
     def __call__(self, x_BTD, cos, sin, segment_ids_BT=None):
+        q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, cos, sin)
+        o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block,
+                           fused_bwd=self.fused_bwd)
+        return self.out(o_BTNH)
+
+    def qkv(self, x_BTD, cos, sin):
+        """Projected queries [B,T,N,H] and keys, values [B,T,K,H]: QK-norm, then RoPE on q and k."""
         dt = x_BTD.dtype
         q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_proj[...].astype(dt))
         k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_proj[...].astype(dt))
@@ -32,6 +40,46 @@ class Attention(nnx.Module):
         q_BTNH = sharding.constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))
         k_BTKH = sharding.constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
         v_BTKH = sharding.constrain(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
-        o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block,
-                           fused_bwd=self.fused_bwd)
-        return jnp.einsum("btnh,nhd->btd", o_BTNH, self.o_proj[...].astype(dt))
+        return q_BTNH, k_BTKH, v_BTKH
+
+    def out(self, o_BTNH):
+        return jnp.einsum("btnh,nhd->btd", o_BTNH, self.o_proj[...].astype(o_BTNH.dtype))
+
+    def extend(self, x_BTD, cos, sin, k_BSKH, v_BSKH, index, mask_BTS=None, segment_ids_BT=None):
+        """Attention for T new tokens whose keys and values go into a KV cache at slots
+        `index`..`index`+T-1. The cache holds the K kv heads (GQA: never the N query heads).
+
+        Prefill (`segment_ids_BT` given; the cache is empty and `index` is 0): the new tokens attend
+        among themselves through the training kernel (`ModelConfig.attention_impl`). Decode
+        (`mask_BTS` [B,T,S] given): each query attends to the cache slots its mask row allows.
+        Returns the output [B,T,D] and the updated caches."""
+        q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, cos, sin)
+        k_BSKH = jax.lax.dynamic_update_slice_in_dim(k_BSKH, k_BTKH.astype(k_BSKH.dtype), index, axis=1)
+        v_BSKH = jax.lax.dynamic_update_slice_in_dim(v_BSKH, v_BTKH.astype(v_BSKH.dtype), index, axis=1)
+        k_BSKH = sharding.constrain(k_BSKH, CACHE_AXES)
+        v_BSKH = sharding.constrain(v_BSKH, CACHE_AXES)
+        if segment_ids_BT is not None:
+            o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block,
+                               fused_bwd=self.fused_bwd)
+        else:
+            o_BTNH = cached_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask_BTS)
+        return self.out(o_BTNH), k_BSKH, v_BSKH
+
+
+# Logical axes of one layer's KV cache [B,S,K,H] (the stacked cache adds a leading "layers").
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def cached_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """T queries against S cached keys where `mask_BTS` is True (decode). The scores of
+    `attention_ops.reference_attention` (fp32, scale head_dim ** -0.5, G = N // K query heads per
+    kv head, K/V not repeated) with an explicit mask instead of the causal/segment one."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    s_BKGTS = s_BKGTS * (H ** -0.5)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+    return o_BTKGH.reshape(B, T, N, H)

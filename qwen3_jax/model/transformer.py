@@ -16,6 +16,8 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param, rope_cos_sin
 from qwen3_jax.model.moe import MoE
+from qwen3_jax.model import moe as moe_lib
+from qwen3_jax.model import moe_ep
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -32,16 +34,43 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
         self.moe = moe
 
-    def __call__(self, x_BTD, cos, sin, segment_ids_BT, token_mask_BT):
+    def __call__(self, x_BTD, cos, sin, segment_ids_BT, token_mask_BT, router_bias_E=None):
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), cos, sin, segment_ids_BT)
         h_BTD = self.post_attn_norm(x_BTD)
         stats = None
         if self.moe:
-            y_BTD, stats = self.mlp(h_BTD, token_mask_BT)
+            y_BTD, stats = self.mlp(h_BTD, token_mask_BT, router_bias_E)
         else:
             y_BTD = self.mlp(h_BTD)
         x_BTD = sharding.constrain(x_BTD + y_BTD, ("batch", "seq", "embed"))
         return x_BTD, stats
+
+    def extend(self, x_BTD, cos, sin, k_BSKH, v_BSKH, index, mask_BTS=None, segment_ids_BT=None):
+        """`__call__` for T new tokens against this layer's KV cache (`Attention.extend`), the MoE
+        block without router statistics. Returns x [B,T,D] and the updated k, v caches."""
+        a_BTD, k_BSKH, v_BSKH = self.attn.extend(self.input_norm(x_BTD), cos, sin, k_BSKH, v_BSKH, index,
+                                                 mask_BTS, segment_ids_BT)
+        x_BTD = x_BTD + a_BTD
+        h_BTD = self.post_attn_norm(x_BTD)
+        y_BTD = moe_output(self.mlp, h_BTD) if self.moe else self.mlp(h_BTD)
+        return sharding.constrain(x_BTD + y_BTD, ("batch", "seq", "embed")), k_BSKH, v_BSKH
+
+
+def moe_output(moe: MoE, x_BTD):
+    """The MoE block's output without the training-only router statistics (inference): the
+    block's routing (`moe.route`) and expert computation (single-device or expert-parallel)."""
+    B, T, D = x_BTD.shape
+    _, weights, ids = moe_lib.route(x_BTD, moe.router[...], moe.k, moe.norm_topk_prob)
+    weights = weights.astype(x_BTD.dtype)
+    params = (moe.gate[...], moe.up[...], moe.down[...])
+    ep = sharding.expert_parallel()
+    if ep is not None:
+        params = tuple(p.astype(x_BTD.dtype) for p in params)
+        return moe_ep.experts_parallel(x_BTD, weights, ids, *params, ctx=ep, form=moe.impl)
+    if moe.impl == "dense":
+        return moe_lib.experts_dense(x_BTD, weights, ids, *params)
+    return moe_lib.experts_ragged(x_BTD.reshape(B * T, D), weights.reshape(B * T, -1), ids.reshape(B * T, -1),
+                                  *params).reshape(B, T, D)
 
 
 class LayerStack(nnx.Module):
@@ -60,23 +89,45 @@ class LayerStack(nnx.Module):
         self.count, self.moe = count, moe
         self.remat, self.scan = cfg.remat, cfg.scan_layers
 
-    def __call__(self, x_BTD, cos, sin, segment_ids_BT, token_mask_BT):
+    def __call__(self, x_BTD, cos, sin, segment_ids_BT, token_mask_BT, router_bias_LE=None):
         graphdef, state = nnx.split(self.layer)
 
-        def body(x, layer_state):
+        def body(x, per_layer):
+            layer_state, bias_E = per_layer
             layer = nnx.merge(graphdef, layer_state)
-            x, stats = layer(x, cos, sin, segment_ids_BT, token_mask_BT)
+            x, stats = layer(x, cos, sin, segment_ids_BT, token_mask_BT, bias_E)
             return x, stats
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[self.remat], prevent_cse=not self.scan)
         if self.scan:
-            return jax.lax.scan(body, x_BTD, state)
+            return jax.lax.scan(body, x_BTD, (state, router_bias_LE))
         stats = []
         for i in range(self.count):
-            x_BTD, s = body(x_BTD, jax.tree.map(lambda a: a[i], state))
+            x_BTD, s = body(x_BTD, jax.tree.map(lambda a: a[i], (state, router_bias_LE)))
             stats.append(s)
         return x_BTD, (None if not self.moe else jax.tree.map(lambda *a: jnp.stack(a), *stats))
+
+    def extend(self, x_BTD, cos, sin, k_LBSKH, v_LBSKH, index, mask_BTS=None, segment_ids_BT=None):
+        """`__call__` for T new tokens against this stack's KV cache [layers,B,S,K,H]
+        (`DecoderLayer.extend`; no remat). Returns x and the updated k, v caches."""
+        graphdef, state = nnx.split(self.layer)
+
+        def body(x, per_layer):
+            layer_state, k_BSKH, v_BSKH = per_layer
+            layer = nnx.merge(graphdef, layer_state)
+            x, k_BSKH, v_BSKH = layer.extend(x, cos, sin, k_BSKH, v_BSKH, index, mask_BTS, segment_ids_BT)
+            return x, (k_BSKH, v_BSKH)
+
+        if self.scan:
+            x_BTD, (k_LBSKH, v_LBSKH) = jax.lax.scan(body, x_BTD, (state, k_LBSKH, v_LBSKH))
+            return x_BTD, k_LBSKH, v_LBSKH
+        ks, vs = [], []
+        for i in range(self.count):
+            x_BTD, (k_BSKH, v_BSKH) = body(x_BTD, jax.tree.map(lambda a: a[i], (state, k_LBSKH, v_LBSKH)))
+            ks.append(k_BSKH)
+            vs.append(v_BSKH)
+        return x_BTD, jnp.stack(ks), jnp.stack(vs)
 
 
 class Qwen3(nnx.Module):
@@ -84,7 +135,7 @@ class Qwen3(nnx.Module):
 
     `model(tokens)` → logits [B,T,V] (fp32). With `return_stats=True` → (logits, stats) where
     stats holds the MoE router statistics stacked over MoE layers ([L,B,E] `counts` and
-    `prob_sum`) and `tokens` [B] (non-padding tokens per row); empty for dense models.
+    `prob_sum`, [L,B] `z_sum`; see qwen3_jax.model.moe) and `tokens` [B] (non-padding tokens per row); empty for dense models.
     Packed rows: `segment_ids` [B,T] (1, 2, ... per document, 0 = padding) keep attention inside
     each document, `positions` [B,T] restart per document.
     """
@@ -97,24 +148,26 @@ class Qwen3(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-    def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-        """Final-norm hidden states [B,T,D] in the compute dtype, and router statistics."""
+    def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, router_bias=None):
+        """Final-norm hidden states [B,T,D] in the compute dtype, and router statistics.
+        `router_bias` [MoE layers, E]: aux-loss-free balancing's selection bias (training only)."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         token_mask_BT = jnp.ones((B, T), bool) if segment_ids_BT is None else segment_ids_BT > 0
         cos, sin = rope_cos_sin(positions_BT, self.cfg)
         x_BTD = sharding.constrain(self.embed(tokens_BT), ("batch", "seq", "embed"))
-        counts, prob_sums = [], []
+        moe_stats, first = [], 0
         for stack in self.stacks:
-            x_BTD, stats = stack(x_BTD, cos, sin, segment_ids_BT, token_mask_BT)
+            bias_LE = None
+            if stack.moe and router_bias is not None:
+                bias_LE, first = router_bias[first:first + stack.count], first + stack.count
+            x_BTD, stats = stack(x_BTD, cos, sin, segment_ids_BT, token_mask_BT, bias_LE)
             if stats is not None:
-                counts.append(stats["counts"])
-                prob_sums.append(stats["prob_sum"])
+                moe_stats.append(stats)
         stats = {"tokens": token_mask_BT.sum(-1)}
-        if counts:
-            stats["counts"] = jnp.concatenate(counts, 0)
-            stats["prob_sum"] = jnp.concatenate(prob_sums, 0)
+        if moe_stats:  # each [layers of the stack, B, ...] -> [MoE layers, B, ...]
+            stats.update(jax.tree.map(lambda *a: jnp.concatenate(a, 0), *moe_stats))
         return self.final_norm(x_BTD), stats
 
     def logits(self, h_BTD):
@@ -122,6 +175,21 @@ class Qwen3(nnx.Module):
             return self.embed.attend(h_BTD)
         return jnp.einsum("btd,dv->btv", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
                           preferred_element_type=jnp.float32)
+
+    def extend(self, tokens_BT, positions_BT, cache, index, mask_BTS=None, segment_ids_BT=None):
+        """T new tokens per row against a KV cache (inference; `qwen3_jax.inference`): final-norm
+        hidden states [B,T,D] and the updated cache. `cache` holds one (k, v) pair of
+        [layers,B,S,K,H] arrays per layer stack (`cfg.layer_runs()`); the new keys and values go to
+        slots `index`..`index`+T-1. Prefill: `segment_ids_BT` (0 = padding), an empty cache and
+        index 0. Decode: `mask_BTS`, the cache slots each new token sees. No router statistics."""
+        cos, sin = rope_cos_sin(positions_BT, self.cfg)
+        x_BTD = sharding.constrain(self.embed(tokens_BT), ("batch", "seq", "embed"))
+        new_cache = []
+        for stack, (k_LBSKH, v_LBSKH) in zip(self.stacks, cache):
+            x_BTD, k_LBSKH, v_LBSKH = stack.extend(x_BTD, cos, sin, k_LBSKH, v_LBSKH, index, mask_BTS,
+                                                   segment_ids_BT)
+            new_cache.append((k_LBSKH, v_LBSKH))
+        return self.final_norm(x_BTD), tuple(new_cache)
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, return_stats: bool = False):
         h_BTD, stats = self.hidden(tokens_BT, positions_BT, segment_ids_BT)

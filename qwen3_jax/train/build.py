@@ -111,7 +111,8 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
              for k, dt in BATCH_DTYPES.items()}
     step = make_train_step(model, optimizer, micro_batches=tc.micro_batches, loss_chunk=tc.loss_chunk,
                            z_loss=tc.z_loss, aux_loss_coef=tc.aux_loss_coef, aux_scope=tc.aux_scope,
-                           schedule=schedule)
+                           aux_layer_reduce=tc.aux_layer_reduce, aux_global_counts=tc.aux_global_counts,
+                           router_z_loss=tc.router_z_loss, router_bias_rate=tc.router_bias_rate, schedule=schedule)
     step_fn = jax.jit(_under_rules(step, mesh, tc), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, None), donate_argnums=0)
     eval_fn = jax.jit(_under_rules(make_eval_step(model, tc.loss_chunk), mesh, tc),

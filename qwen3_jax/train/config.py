@@ -15,6 +15,8 @@ from qwen3_jax.sharding import MeshConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 AUX_SCOPES = ("global", "micro_batch", "sequence")
+AUX_LAYER_REDUCE = ("mean", "sum")
+AUX_GLOBAL_COUNTS = ("exact", "running", "previous_step")
 MOE_EXCHANGES = ("auto", "gather", "ragged")
 DATA_STATE_MISMATCH = ("error", "restart")
 
@@ -63,9 +65,15 @@ class TrainConfig:
       gradients are summed (same loss and gradients as one pass).
     loss_chunk: positions per piece of the output head + cross-entropy (the [B,T,V] logits are
       never materialised); None = all at once.
-    aux_loss_coef: None = the model's router_aux_loss_coef. aux_scope: which tokens the MoE
-      load-balancing statistics count: "global" (the whole global batch), "micro_batch",
-      "sequence".
+    MoE balancing (qwen3_jax.train.moe_balance has the formulas and the costs):
+    aux_loss_coef: None = the model's router_aux_loss_coef. aux_scope: which tokens the per-layer
+      load-balancing f counts: "global" (the whole global batch; Qwen3), "micro_batch", "sequence".
+      aux_layer_reduce: "mean" over MoE layers (default) or "sum" (Megatron-LM).
+      aux_global_counts (global scope, micro_batches > 1): "exact" (an extra forward-only routing
+      pass), "running" (micro-batches 1..m, Megatron-LM) or "previous_step".
+    router_z_loss: coefficient of ST-MoE's router z-loss (0 = off).
+    router_bias_rate: aux-loss-free balancing (DeepSeek-V3): the per-expert selection bias moves by
+      this much per step toward balance (0 = off); combinable with the loss.
     moe_exchange / capacity_factor: expert-parallel token exchange and capacity (None: dropless).
     mesh: ICI/DCN sizes of the data, fsdp, expert, tensor axes; parameters, optimizer state and
       activations follow `qwen3_jax.sharding`'s rules.
@@ -89,6 +97,10 @@ class TrainConfig:
     z_loss: float = 0.0
     aux_loss_coef: float | None = None
     aux_scope: str = "global"
+    aux_layer_reduce: str = "mean"
+    aux_global_counts: str = "exact"
+    router_z_loss: float = 0.0
+    router_bias_rate: float = 0.0
     moe_exchange: str = "auto"
     capacity_factor: float | None = None
     mesh: MeshConfig = MeshConfig()
@@ -115,6 +127,8 @@ class TrainConfig:
         if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0):
             raise TrainingError(f"train.loss_chunk must be a positive integer or None, got {self.loss_chunk!r}")
         for name, v, allowed in (("train.aux_scope", self.aux_scope, AUX_SCOPES),
+                                 ("train.aux_layer_reduce", self.aux_layer_reduce, AUX_LAYER_REDUCE),
+                                 ("train.aux_global_counts", self.aux_global_counts, AUX_GLOBAL_COUNTS),
                                  ("train.moe_exchange", self.moe_exchange, MOE_EXCHANGES),
                                  ("train.data_state_mismatch", self.data_state_mismatch, DATA_STATE_MISMATCH),
                                  ("lr_schedule.kind", self.optim.schedule.kind, SCHEDULES)):

@@ -67,9 +67,7 @@ def _save(mgr, step: int, state: TrainState, data_it, cfg: ModelConfig, meta: di
         mgr.save(step, args=ocp.args.Composite(**{
             ckpt.PARAMS: ocp.args.StandardSave(state.params),
             ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
-            ckpt.TRAIN_STATE: ocp.args.StandardSave({"step": state.step, "rng": state.rng,
-                                                "nonfinite_in_a_row": state.nonfinite_in_a_row,
-                                                "nonfinite_total": state.nonfinite_total}),
+            ckpt.TRAIN_STATE: ocp.args.StandardSave(_counters(state)),
             ckpt.DATA: DataSave(data_it),  # one small JSON file per data shard
             ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
             ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
@@ -83,8 +81,7 @@ def _save(mgr, step: int, state: TrainState, data_it, cfg: ModelConfig, meta: di
 
 
 def _restore(mgr, step: int, abstract: TrainState) -> TrainState:
-    counters = {"step": abstract.step, "rng": abstract.rng, "nonfinite_in_a_row": abstract.nonfinite_in_a_row,
-                "nonfinite_total": abstract.nonfinite_total}
+    counters = _counters(abstract)
     got = mgr.restore(step, args=ocp.args.Composite(**{
         ckpt.PARAMS: ocp.args.StandardRestore(abstract.params),
         ckpt.OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
@@ -92,7 +89,17 @@ def _restore(mgr, step: int, abstract: TrainState) -> TrainState:
     }))
     t = got[ckpt.TRAIN_STATE]
     return TrainState(params=got[ckpt.PARAMS], opt_state=got[ckpt.OPT_STATE], step=t["step"], rng=t["rng"],
-                      nonfinite_in_a_row=t["nonfinite_in_a_row"], nonfinite_total=t["nonfinite_total"])
+                      nonfinite_in_a_row=t["nonfinite_in_a_row"], nonfinite_total=t["nonfinite_total"],
+                      moe=t.get("moe", {}))
+
+
+def _counters(state: TrainState) -> dict:
+    """The train_state item: counters, RNG and the MoE balancing state (counts, routing bias)."""
+    out = {"step": state.step, "rng": state.rng, "nonfinite_in_a_row": state.nonfinite_in_a_row,
+           "nonfinite_total": state.nonfinite_total}
+    if state.moe:
+        out["moe"] = state.moe
+    return out
 
 
 def _restore_data(mgr, step: int, data_it, on_mismatch: str, remake):
@@ -175,7 +182,8 @@ def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
     devs = list(program.mesh.devices.flat)
     peak = peak_flops(devs[0].device_kind)
     writer = MetricsWriter(workdir_p, tc.steps, log_every=tc.log_every, enabled=primary)
-    meta = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "model": model.name, "step_program": fingerprint}
+    meta = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "model": model.name, "step_program": fingerprint,
+            "router_bias": bool(model.is_moe and tc.router_bias_rate)}
     print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {len(devs)} "
           f"{devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
           f"steps {start}->{tc.steps}, {tokens_per_step:,} tokens/step, {fpt / 1e9:.3f} GFLOP/token, "

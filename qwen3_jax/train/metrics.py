@@ -72,18 +72,21 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str = "train") -> None:
         flat: dict[str, float] = {}
+        tables: dict[str, list] = {}
         for k, v in metrics.items():
             a = np.asarray(v)
             if a.ndim == 0:
                 flat[k] = float(a)
+            elif a.ndim == 2:  # [layers, experts] counts: whole in metrics.jsonl (launch/expert_report.py)
+                tables[k] = a.tolist()
             else:  # per-layer series (expert load): the worst layer, and each layer on TensorBoard
-                agg = a.min() if k.endswith("_min") else a.max()
+                agg = a.min() if k.endswith(("_min", "_entropy")) else a.max()
                 flat[k] = float(agg)
                 if self._tb is not None:
                     for i, x in enumerate(a.reshape(-1)):
                         self._tb.add_scalar(f"{prefix}/{k}/layer{i:03d}", float(x), step)
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat}) + "\n")
+            self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat, **tables}) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             for k, x in flat.items():

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import gin
-import numpy as np
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 

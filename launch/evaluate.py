@@ -1,0 +1,169 @@
+"""Evaluate a checkpoint: held-out loss, perplexity and bits per byte per dataset; multiple choice.
+
+  python launch/evaluate.py --checkpoint runs/stage1 --data code=data/code --data docs=data/docs \
+      [--tokenizer T] [--seq_len 1024] [--batch_size 8] [--max_batches N] [--mc tiny|FILE.jsonl] [--json OUT]
+  python launch/evaluate.py --hf hf/qwen3-0.6b --data web=data/web --mc tiny
+
+--checkpoint takes a training workdir (its latest step), a checkpoint root or one step folder
+(--step picks another); --hf a Hugging Face folder. The tokenizer defaults to the HF folder's,
+else the one the first dataset was prepared with (its stats.json). Held-out documents are the 2%
+training never saw (--heldout_fraction must match training's); --split all reads whole folders.
+Bits per byte: qwen3_jax/evaluate.py's docstring says exactly what is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parse_data(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--data {v!r}: expected NAME=DIR")
+        if name in out:
+            raise ValueError(f"--data {v!r}: dataset name {name!r} given twice")
+        if not os.path.isdir(path):
+            raise ValueError(f"--data {v!r}: folder {path} does not exist")
+        if not os.path.exists(os.path.join(path, "stats.json")):
+            raise ValueError(f"--data {v!r}: {path} is not a prepared dataset (no stats.json)")
+        out[name] = path
+    return out
+
+
+def _default_tokenizer(args, data: dict[str, str]) -> str:
+    if args.tokenizer:
+        return args.tokenizer
+    if args.hf and any(os.path.exists(os.path.join(args.hf, f)) for f in ("tokenizer.json", "vocab.json")):
+        return args.hf
+    for path in data.values():
+        with open(os.path.join(path, "stats.json")) as f:
+            name = json.load(f).get("tokenizer", "")
+        kind, _, tok = name.partition(":")
+        if kind in ("spm", "hf") and os.path.exists(tok):
+            return tok
+    raise ValueError("no tokenizer: pass --tokenizer (a .model, 'qwen3', or a tokenizer.json / HF folder)")
+
+
+def _check_args(args) -> tuple[dict[str, str], str | None]:
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: does not exist")
+    if args.hf and not os.path.isfile(os.path.join(args.hf, "config.json")):
+        raise ValueError(f"--hf {args.hf}: not a Hugging Face folder (no config.json)")
+    if not args.data and not args.mc:
+        raise ValueError("nothing to evaluate: give --data NAME=DIR and/or --mc")
+    for flag in ("seq_len", "batch_size", "max_batches"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{flag} {v}: must be > 0")
+    data = _parse_data(args.data)
+    mc = None
+    if args.mc:
+        from qwen3_jax.evaluate import mc_path
+        mc = mc_path(args.mc)
+        if not os.path.isfile(mc):
+            raise ValueError(f"--mc {args.mc}: file {mc} does not exist")
+    return data, mc
+
+
+def _progress(every: float):
+    last = {"t": time.perf_counter()}
+
+    def report(p: dict) -> None:
+        now = time.perf_counter()
+        if now - last["t"] >= every:
+            last["t"] = now
+            print(f"  {p['dataset']}: {p['batches']} batches, {p['tokens']:,} tokens, "
+                  f"{p['tokens'] / max(p['seconds'], 1e-9):,.0f} tokens/s", file=sys.stderr, flush=True)
+    return report
+
+
+def _table(held: dict, mc: dict | None, mc_name: str | None) -> str:
+    lines = []
+    if held:
+        lines.append(f"{'dataset':<16} {'tokens':>12} {'bytes':>12} {'loss':>8} {'ppl':>10} {'bits/byte':>10}")
+        for name, r in held.items():
+            lines.append(f"{name:<16} {r['tokens']:>12,} {r['bytes']:>12,} {r['loss']:>8.4f} "
+                         f"{r['perplexity']:>10.2f} {r['bits_per_byte']:>10.4f}")
+    if mc is not None:
+        lines.append(f"multiple choice {mc_name} ({mc['examples']} examples): accuracy {mc['accuracy']:.3f} "
+                     f"(mean log-prob per token), {mc['accuracy_unnormalized']:.3f} (sum), chance {mc['chance']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="training workdir, checkpoint root or step folder")
+    src.add_argument("--hf", help="Hugging Face model folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", default="float32", help="--hf: parameter and compute dtype")
+    p.add_argument("--compute_dtype", default=None, help="override the model's compute dtype (e.g. float32)")
+    p.add_argument("--tokenizer", default=None, help="a .model, 'qwen3', or a tokenizer.json / HF folder")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=DIR", help="prepared dataset (repeatable)")
+    p.add_argument("--split", choices=("heldout", "all"), default="heldout")
+    p.add_argument("--heldout_fraction", type=float, default=0.02)
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_batches", type=int, default=None, help="per dataset (default: all)")
+    p.add_argument("--loss_chunk", type=int, default=None, help="positions per logits chunk (large vocabularies)")
+    p.add_argument("--mc", default=None, help="multiple-choice JSONL file, or 'tiny' (bundled)")
+    p.add_argument("--mc_batch_size", type=int, default=16)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--log_every", type=float, default=10.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    try:
+        data, mc_file = _check_args(args)
+        tok_path = _default_tokenizer(args, data)
+    except ValueError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+
+    from data_pipeline.text_tokenizer import load_tokenizer
+    from qwen3_jax import evaluate as ev
+
+    t0 = time.time()
+    try:
+        tok = load_tokenizer(tok_path)
+        if args.checkpoint:
+            cfg, flat, step, _ = ev.load_checkpoint(args.checkpoint, args.step)
+            source = {"checkpoint": os.path.abspath(args.checkpoint), "step": step}
+        else:
+            cfg, flat = ev.load_hf_params(args.hf, args.dtype)
+            source = {"hf": os.path.abspath(args.hf)}
+        if args.compute_dtype:
+            cfg = cfg.replace(compute_dtype=args.compute_dtype)
+        examples = ev.load_multiple_choice(mc_file) if mc_file else None
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"model {cfg.name} ({cfg.num_layers} layers, vocab {cfg.vocab_size}) from {source}, tokenizer {tok.name}, "
+          f"loaded in {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+    try:
+        held = ev.heldout_metrics(cfg, flat, data, args.seq_len, args.batch_size, args.max_batches, tok,
+                                  split=None if args.split == "all" else "heldout",
+                                  heldout_fraction=args.heldout_fraction, loss_chunk=args.loss_chunk,
+                                  progress=_progress(args.log_every)) if data else {}
+        mc = ev.multiple_choice(cfg, flat, tok, examples, batch_size=args.mc_batch_size) if examples else None
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    print(_table(held, mc, args.mc))
+    if args.json:
+        out = {"model": cfg.name, **source, "tokenizer": tok.name, "seq_len": args.seq_len,
+               "batch_size": args.batch_size, "split": args.split, "heldout": held}
+        if mc is not None:
+            out["multiple_choice"] = {"set": args.mc, **mc}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

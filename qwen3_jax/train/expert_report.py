@@ -1,0 +1,299 @@
+"""Where an MoE model's tokens go: expert-load heatmaps and per-domain expert specialization.
+
+Two views of one training run (a workdir written by `qwen3_jax.train.loop.train`):
+
+  load        from metrics.jsonl: `expert_counts` ([MoE layers][experts] assignments of each
+              step), summed over the last N logged steps and normalised per layer. A layer's load
+              is its largest expert share × E (1 = uniform, E = everything on one expert).
+  domains     from the checkpoint: the model runs forward only (jitted, one device) on held-out
+              tokens of each dataset and counts each layer's top-k assignments; per layer, each
+              domain's routing distribution over experts and the Jensen-Shannon divergence
+              between domains' distributions (base 2, in [0, 1]: 0 = same routing, 1 = disjoint
+              experts). The specialization score is its mean over layers (for more than two
+              domains: the mean over layers of the mean over domain pairs).
+
+arXiv 2501.11873's headline is that balancing over the global batch instead of each micro-batch
+lets experts specialise by domain; the score measures that. Routing uses the aux-loss-free
+selection bias when the run trained with one (it lives in the checkpoint's train state), so the
+counts are the ones training saw.
+
+    steps, counts_NLE = read_expert_counts("runs/x/metrics.jsonl", last=50)
+    plot_load_heatmap(shares(counts_NLE.sum(0)), "load.png", title="...")
+    cfg, flat, step, meta = restore_params_numpy("runs/x")
+    per_domain = {name: routing_counts(cfg, flat, path, max_tokens=32768) for name, path in data.items()}
+    report = specialization(per_domain, moe_layer_ids(cfg))
+    print(format_table(report))
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from qwen3_jax.config import ModelConfig
+
+
+class ReportError(ValueError):
+    """A missing or malformed input; the message names the file or the value."""
+
+
+# -- load over training steps (metrics.jsonl) -------------------------------------------------------
+
+def read_expert_counts(metrics_path: str | os.PathLike, last: int | None = None) -> tuple[list[int], np.ndarray]:
+    """(steps, counts [N, MoE layers, experts]) of the last `last` logged train steps (all when
+    None) that carry `expert_counts`. A step logged twice (a resumed run) keeps its last line."""
+    path = Path(metrics_path)
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file (a training workdir has metrics.jsonl)")
+    by_step: dict[int, list] = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # the last line cut short by a crash: skip it
+                continue
+            raise ReportError(f"{path}:{n}: not JSON ({e})") from None
+        if rec.get("split", "train") == "train" and "expert_counts" in rec:
+            by_step[int(rec["step"])] = rec["expert_counts"]
+    if not by_step:
+        raise ReportError(f"{path}: no train step with expert_counts (not an MoE run, or written before "
+                          f"expert counts were logged)")
+    if last is not None and last <= 0:
+        raise ReportError(f"--last {last}: must be > 0")
+    steps = sorted(by_step)[-last:] if last else sorted(by_step)
+    try:
+        counts = np.asarray([by_step[s] for s in steps], np.float64)
+    except ValueError:
+        raise ReportError(f"{path}: expert_counts have different shapes across steps") from None
+    if counts.ndim != 3:
+        raise ReportError(f"{path}: expert_counts should be [MoE layers][experts], got shape {counts.shape[1:]}")
+    return steps, counts
+
+
+def shares(counts_LE: np.ndarray) -> np.ndarray:
+    """Per-layer share of assignments [L,E] (rows sum to 1; an empty row stays 0)."""
+    c = np.asarray(counts_LE, np.float64)
+    return c / np.maximum(c.sum(-1, keepdims=True), 1e-30)
+
+
+def layer_loads(shares_LE: np.ndarray) -> np.ndarray:
+    """Each layer's load: largest expert share × E (1 = uniform)."""
+    return shares_LE.max(-1) * shares_LE.shape[-1]
+
+
+HEATMAP_DPI = 100
+
+
+def heatmap_inches(num_layers: int, num_experts: int) -> tuple[float, float]:
+    """The heatmap's figure size (width, height) in inches; pixels = inches × HEATMAP_DPI."""
+    return min(max(7.0, 2.5 + 0.5 * num_experts), 24.0), min(2.4 + 0.45 * num_layers, 30.0)
+
+
+def plot_load_heatmap(shares_LE: np.ndarray, out: str | os.PathLike, *, title: str = "",
+                      layer_labels: Sequence[str] | None = None) -> str:
+    """PNG heatmap of [MoE layers, experts] shares; cells annotated when the grid is small."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, E = shares_LE.shape
+    labels = list(layer_labels) if layer_labels is not None else [f"MoE {i}" for i in range(L)]
+    fig, ax = plt.subplots(figsize=heatmap_inches(L, E), dpi=HEATMAP_DPI)
+    vmax = max(float(shares_LE.max()), 1e-9)
+    im = ax.imshow(shares_LE, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    if E <= 64:
+        ax.set_xticks(range(E))
+    if L <= 64:
+        ax.set_yticks(range(L), labels)
+    if E <= 16 and L <= 32:
+        for i, j in itertools.product(range(L), range(E)):
+            v = shares_LE[i, j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if v > 0.6 * vmax else "white")
+    fig.colorbar(im, ax=ax, label="share of assignments")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return str(out)
+
+
+# -- routing per domain (forward pass on held-out tokens) -------------------------------------------
+
+def moe_layer_ids(cfg: ModelConfig) -> list[int]:
+    """The model layer index of each MoE layer (the rows of every [L, E] array here)."""
+    return [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+
+
+def read_router_bias(workdir: str | os.PathLike, step: int) -> np.ndarray | None:
+    """The aux-loss-free routing bias [MoE layers, E] a training checkpoint holds, else None."""
+    import orbax.checkpoint as ocp
+
+    from qwen3_jax.train import checkpoint as ckpt
+
+    root, _ = ckpt.checkpoint_root(workdir)
+    if not (root / str(step) / ckpt.TRAIN_STATE).is_dir():
+        return None
+    absl_log = logging.getLogger("absl")  # orbax warns about every item not asked for
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), ckpt.manager(root, create=False) as mgr:
+            warnings.simplefilter("ignore", UserWarning)
+            t = mgr.restore(step, args=ocp.args.Composite(**{ckpt.TRAIN_STATE: ocp.args.PyTreeRestore()}))
+    finally:
+        absl_log.setLevel(level)
+    bias = (t[ckpt.TRAIN_STATE].get("moe") or {}).get("bias")
+    return None if bias is None else np.asarray(bias, np.float32)
+
+
+_COUNT_FNS: dict[Any, Any] = {}
+
+
+def _count_fn(cfg: ModelConfig):
+    """jit((params, tokens, positions, segment_ids, bias) -> (counts [L,E], tokens)), one per config."""
+    if cfg not in _COUNT_FNS:
+        import jax
+
+        from qwen3_jax.params import flatten, model_from_flat
+
+        def count(params, tokens_BT, positions_BT, segment_ids_BT, bias_LE):
+            model = model_from_flat(cfg, flatten(params))
+            _, stats = model.hidden(tokens_BT, positions_BT, segment_ids_BT, router_bias=bias_LE)
+            return stats["counts"].sum(1), stats["tokens"].sum()
+
+        _COUNT_FNS[cfg] = jax.jit(count)
+    return _COUNT_FNS[cfg]
+
+
+def routing_counts(cfg: ModelConfig, params: Mapping[str, Any], data_path: str, *, max_tokens: int,
+                   seq_len: int = 512, batch_size: int = 8, split: str | None = "heldout",
+                   heldout_fraction: float = 0.02, router_bias: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, int]:
+    """(assignment counts [MoE layers, E], tokens routed) over the first `max_tokens` tokens of a
+    prepared dataset's `split` (packed as in training, unshuffled). `params`: flat or nested."""
+    import jax
+
+    from data_pipeline.pipeline import DatasetSpec, make_dataset
+    from qwen3_jax.params import flatten, nest
+
+    if not cfg.is_moe:
+        raise ReportError(f"model {cfg.name} has no MoE layers: nothing is routed")
+    if max_tokens <= 0:
+        raise ReportError(f"max_tokens={max_tokens}: must be > 0")
+    flat = flatten(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
+    dev_params = jax.device_put(nest(flat))
+    bias = None if router_bias is None else jax.device_put(np.asarray(router_bias, np.float32))
+    if bias is not None and bias.shape != (cfg.num_moe_layers, cfg.num_experts):
+        raise ReportError(f"router bias has shape {bias.shape}, the model routes "
+                          f"[{cfg.num_moe_layers}, {cfg.num_experts}]")
+    spec = DatasetSpec(path=data_path, split=split, heldout_fraction=heldout_fraction if split else 0.0)
+    try:
+        it = make_dataset(spec, seq_len=seq_len, global_batch_size=batch_size, num_epochs=1, shuffle=False,
+                          process_index=0, process_count=1)
+    except (ValueError, FileNotFoundError) as e:
+        raise ReportError(f"dataset {data_path} (split={split}): {e}") from None
+    fn = _count_fn(cfg)
+    total = np.zeros((cfg.num_moe_layers, cfg.num_experts), np.float64)
+    seen = 0
+    for batch in it:
+        seg = np.asarray(batch["segment_ids"])
+        real = seg > 0
+        # Exactly max_tokens: tokens past the budget become padding (same shapes, no recompile).
+        keep = (np.cumsum(real.reshape(-1)) <= max_tokens - seen).reshape(real.shape) & real
+        seg = np.where(keep, seg, 0)
+        counts, n = fn(dev_params, batch["tokens"], batch["positions"], seg, bias)
+        total += np.asarray(counts, np.float64)
+        seen += int(n)
+        if seen >= max_tokens:
+            break
+    if not seen:
+        raise ReportError(f"dataset {data_path} (split={split}): no tokens")
+    return total, seen
+
+
+# -- specialization ---------------------------------------------------------------------------------
+
+def js_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
+    """Jensen-Shannon divergence in bits between two distributions (counts are normalised):
+    JS = H((p+q)/2) - (H(p) + H(q))/2, in [0, 1]; 0 iff p == q, 1 iff disjoint supports."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    if p.shape != q.shape or p.ndim != 1:
+        raise ReportError(f"js_divergence: need two 1-D distributions of one size, got {p.shape} and {q.shape}")
+    if (p < 0).any() or (q < 0).any() or p.sum() <= 0 or q.sum() <= 0:
+        raise ReportError("js_divergence: distributions need non-negative entries and a positive sum")
+    p, q = p / p.sum(), q / q.sum()
+
+    def entropy(x):
+        x = x[x > 0]
+        return float(-(x * np.log2(x)).sum())
+
+    return float(min(max(entropy((p + q) / 2) - (entropy(p) + entropy(q)) / 2, 0.0), 1.0))
+
+
+def specialization(domain_counts: Mapping[str, np.ndarray], layer_ids: Sequence[int] | None = None,
+                   top: int = 3) -> dict:
+    """Per layer: each domain's routing summary (top experts with shares, load, normalised entropy)
+    and the JS divergence of every domain pair; `score` = mean over layers of the mean pair JS."""
+    names = list(domain_counts)
+    if not names:
+        raise ReportError("no domains to compare")
+    arrays = {n: np.asarray(domain_counts[n], np.float64) for n in names}
+    shapes = {n: a.shape for n, a in arrays.items()}
+    if len(set(shapes.values())) != 1 or arrays[names[0]].ndim != 2:
+        raise ReportError(f"domain counts must all be [MoE layers, experts] of one shape, got {shapes}")
+    L, E = arrays[names[0]].shape
+    layer_ids = list(layer_ids) if layer_ids is not None else list(range(L))
+    pairs = list(itertools.combinations(names, 2))
+    layers = []
+    for i in range(L):
+        dom = {}
+        for n in names:
+            s = shares(arrays[n][i])
+            order = np.argsort(-s, kind="stable")[:top]
+            ent = -float(np.sum(np.where(s > 0, s * np.log(np.where(s > 0, s, 1.0)), 0.0))) / math.log(E)
+            dom[n] = {"top": [[int(e), float(s[e])] for e in order], "load": float(s.max() * E),
+                      "entropy": ent, "shares": [float(x) for x in s]}
+        js = {f"{a}|{b}": js_divergence(arrays[a][i], arrays[b][i]) for a, b in pairs}
+        layers.append({"layer": int(layer_ids[i]), "moe_layer": i, "domains": dom, "js": js,
+                       "js_mean": float(np.mean(list(js.values()))) if js else float("nan")})
+    score = float(np.mean([r["js_mean"] for r in layers])) if pairs else float("nan")
+    return {"domains": names, "experts": E, "layers": layers, "score": score}
+
+
+def format_table(report: dict) -> str:
+    """The per-layer routing table: each domain's top experts (expert:share) and the JS values."""
+    names = report["domains"]
+    pair_keys = list(report["layers"][0]["js"]) if report["layers"] else []
+    head = f"{'layer':>5}  " + "  ".join(f"{n[:24] + ' top experts (load)':<38}" for n in names)
+    head += "".join(f"  {'JS ' + k:>14}" for k in pair_keys)
+    lines = [head]
+    for r in report["layers"]:
+        cells = []
+        for n in names:
+            d = r["domains"][n]
+            cell = " ".join(f"{e}:{s:.2f}" for e, s in d["top"]) + " (%.2f)" % d["load"]
+            cells.append(f"{cell:<38}")
+        lines.append(f"{r['layer']:>5}  " + "  ".join(cells) + "".join(f"  {r['js'][k]:>14.4f}" for k in pair_keys))
+    lines.append(f"specialization score (mean JS over layers): {report['score']:.4f}")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    return str(path)
