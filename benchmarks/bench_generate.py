@@ -3,13 +3,17 @@
   python benchmarks/bench_generate.py [--prompt_len 128] [--new_tokens 32] [--batches 1,8]
 
 Models (random weights, fp32, the same weights on both sides through a Hugging Face folder):
-`small-moe` (the CPU preset: 4 MoE layers, 8 experts top-2, tied) and a 2-layer slice of
+`small-moe` (the CPU preset: 4 MoE layers, 8 experts top-2, tied) with its configured expert
+kernel (`moe_impl="ragged"`: `lax.ragged_dot`, slow on XLA:CPU) and with `moe_impl="dense"` (every
+expert on every token as one einsum: E/k times the FLOPs, faster on CPU), and a 2-layer slice of
 `qwen3-0.6b` (its real widths and 151,936-row vocabulary). Greedy, no EOS, every row the same
 prompt length. Prefill tokens/s = B * prompt_len / (time to the first token's logits); decode
 tokens/s = B * new_tokens / (time of the decode steps). transformers: prefill = one forward with a
 fresh cache (logits of the last position only); decode = (generate with N new tokens - generate
 with 1) over N - 1 tokens, which cancels generate's fixed per-call overhead. Compile time (first call
-of a bucket) is reported apart and excluded. KV cache: the bytes our cache holds for the bucket
+of a bucket) is reported apart and excluded. `--threads 1` (the default) runs both on one core
+(XLA single-threaded, torch.set_num_threads(1)): on a box shared with other jobs, torch's OpenMP
+threads spin against them (measured here: a small-moe forward 14 ms on 1 thread, 1.46 s on 2). KV cache: the bytes our cache holds for the bucket
 (S = cache length) against 2 * layers * B * S * K * H * bytes.
 """
 
@@ -17,10 +21,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _threads_from_argv(default: int = 1) -> int:
+    """--threads, read before jax is imported (XLA takes its thread settings at start-up)."""
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return default
+
+
+THREADS = _threads_from_argv()
+if THREADS == 1:  # one core each: on a shared box, multi-threaded runtimes spin against other jobs
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 
 
 def our_run(gen, prompts, new_tokens):
@@ -103,21 +125,29 @@ def main():
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="CPU threads for both (1: XLA single-threaded, torch.set_num_threads(1)); 0: defaults")
     args = p.parse_args()
     import jax
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from qwen3_jax.config import get_config
 
     batches = [int(b) for b in args.batches.split(",")]
     header = ("| model | B | prompt+new | prefill tok/s ours | prefill tok/s HF | ratio | decode tok/s ours | "
               "decode tok/s HF | ratio | our compile s | cache len S | KV cache MiB | formula MiB |")
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), fp32, greedy\n")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), fp32, greedy\n")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     rows: list[str] = []
-    bench_model("small-moe", get_config("small-moe"), batches, args.prompt_len, args.new_tokens, rows)
+    small = get_config("small-moe")
+    bench_model("small-moe", small, batches, args.prompt_len, args.new_tokens, rows)
+    bench_model("small-moe, dense experts", small.replace(moe_impl="dense"), batches, args.prompt_len,
+                args.new_tokens, rows)
     bench_model("qwen3-0.6b (2 layers)", get_config("qwen3-0.6b", num_layers=2), batches, args.prompt_len,
                 args.new_tokens, rows)
 

@@ -293,6 +293,23 @@ def _raw_at(plan: dict, i: int) -> corpus.Raw:
     return next(_records(plan, i))[1]
 
 
+def parse_named_datasets(values: Sequence[str], flag: str = "--data") -> dict[str, str]:
+    """Command-line `NAME=DIR` pairs -> {name: prepared dataset folder}; errors name the value."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} {v!r}: expected NAME=DIR")
+        if name in out:
+            raise ValueError(f"{flag} {v!r}: dataset name {name!r} given twice")
+        if not os.path.isdir(path):
+            raise ValueError(f"{flag} {v!r}: folder {path} does not exist")
+        if not os.path.isfile(os.path.join(path, "stats.json")):
+            raise ValueError(f"{flag} {v!r}: {path} is not a prepared dataset folder (no stats.json)")
+        out[name] = path
+    return out
+
+
 def prepare_builtin(out_dir: str, tokenizer: str = "qwen3", *, parts: Sequence[str] = ("code", "docs"),
                     shards: int = 4, workers: int | None = None, spm_vocab_size: int = 4096,
                     progress: bool = False) -> dict[str, str]:

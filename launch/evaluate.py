@@ -21,19 +21,9 @@ import time
 
 
 def _parse_data(values: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--data {v!r}: expected NAME=DIR")
-        if name in out:
-            raise ValueError(f"--data {v!r}: dataset name {name!r} given twice")
-        if not os.path.isdir(path):
-            raise ValueError(f"--data {v!r}: folder {path} does not exist")
-        if not os.path.exists(os.path.join(path, "stats.json")):
-            raise ValueError(f"--data {v!r}: {path} is not a prepared dataset (no stats.json)")
-        out[name] = path
-    return out
+    from data_pipeline.prepare import parse_named_datasets
+
+    return parse_named_datasets(values)
 
 
 def _default_tokenizer(args, data: dict[str, str]) -> str:
