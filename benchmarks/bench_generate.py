@@ -86,17 +86,19 @@ def bench_model(name, cfg, batches, prompt_len, new_tokens, rows):
     import torch
     from transformers import AutoModelForCausalLM
 
-    import qwen3_jax
+    from qwen3_jax.hf import write_hf_folder
     from qwen3_jax.inference import Generator, cache_bytes, cache_bytes_formula, cache_shapes
+    from qwen3_jax.params import param_specs
 
     cfg = cfg.replace(param_dtype="float32", compute_dtype="float32")
-    model = qwen3_jax.create_model(cfg, seed=0)
-    with tempfile.TemporaryDirectory() as d:
-        qwen3_jax.save_hf(model, d, dtype="float32", overwrite=True)
-        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    ref.generation_config.eos_token_id = None
-    gen = Generator.from_model(model, steps_per_call=new_tokens)
     rng = np.random.default_rng(0)
+    params = {k: (1 + 0.1 * rng.standard_normal(s.shape) if "norm" in k else 0.02 * rng.standard_normal(s.shape))
+              .astype(np.float32) for k, s in param_specs(cfg).items()}
+    with tempfile.TemporaryDirectory() as d:
+        write_hf_folder(params, cfg, f"{d}/hf", dtype="float32")
+        ref = AutoModelForCausalLM.from_pretrained(f"{d}/hf", dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None
+    gen = Generator(cfg, params, steps_per_call=new_tokens)
     for B in batches:
         prompts = rng.integers(0, cfg.vocab_size, (B, prompt_len)).tolist()
         t0 = time.perf_counter()

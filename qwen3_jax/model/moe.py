@@ -103,23 +103,31 @@ class MoE(nnx.Module):
         self.k, self.norm_topk_prob, self.impl = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl
 
     def __call__(self, x_BTD, token_mask_BT, bias_E=None):
-        B, T, D = x_BTD.shape
+        """Output [B,T,D] and the router statistics (training)."""
         logits = router_logits(x_BTD, self.router[...])
         probs, weights, ids = select_experts(logits, self.k, self.norm_topk_prob, bias_E)
-        weights = weights.astype(x_BTD.dtype)
+        return self.experts(x_BTD, weights, ids), router_stats(probs, ids, token_mask_BT, logits)
+
+    def forward(self, x_BTD):
+        """Output only: the routing and experts of `__call__` without statistics (inference)."""
+        _, weights, ids = route(x_BTD, self.router[...], self.k, self.norm_topk_prob)
+        return self.experts(x_BTD, weights, ids)
+
+    def experts(self, x_BTD, weights_BTk, ids_BTk):
+        """The chosen experts' SwiGLU outputs, combined: single-device or expert-parallel."""
+        B, T, D = x_BTD.shape
+        weights = weights_BTk.astype(x_BTD.dtype)
         params = (self.gate[...], self.up[...], self.down[...])
         ep = sharding.expert_parallel()
         if ep is not None:  # experts split over the `expert` mesh axis
             # cast before the shard_map: the weights' all-gather over fsdp and their gradients'
             # reduction then move compute-dtype bytes, as GSPMD does for the dense layers
             params = tuple(p.astype(x_BTD.dtype) for p in params)
-            y_BTD = moe_ep.experts_parallel(x_BTD, weights, ids, *params, ctx=ep, form=self.impl)
-        elif self.impl == "dense":
-            y_BTD = experts_dense(x_BTD, weights, ids, *params)
-        else:
-            y_BTD = experts_ragged(x_BTD.reshape(B * T, D), weights.reshape(B * T, -1),
-                                   ids.reshape(B * T, -1), *params).reshape(B, T, D)
-        return y_BTD, router_stats(probs, ids, token_mask_BT, logits)
+            return moe_ep.experts_parallel(x_BTD, weights, ids_BTk, *params, ctx=ep, form=self.impl)
+        if self.impl == "dense":
+            return experts_dense(x_BTD, weights, ids_BTk, *params)
+        return experts_ragged(x_BTD.reshape(B * T, D), weights.reshape(B * T, -1), ids_BTk.reshape(B * T, -1),
+                              *params).reshape(B, T, D)
 
 
 AUX_LAYER_REDUCE = ("mean", "sum")

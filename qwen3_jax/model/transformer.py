@@ -16,8 +16,6 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param, rope_cos_sin
 from qwen3_jax.model.moe import MoE
-from qwen3_jax.model import moe as moe_lib
-from qwen3_jax.model import moe_ep
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -52,25 +50,8 @@ class DecoderLayer(nnx.Module):
                                                  mask_BTS, segment_ids_BT)
         x_BTD = x_BTD + a_BTD
         h_BTD = self.post_attn_norm(x_BTD)
-        y_BTD = moe_output(self.mlp, h_BTD) if self.moe else self.mlp(h_BTD)
+        y_BTD = self.mlp.forward(h_BTD) if self.moe else self.mlp(h_BTD)
         return sharding.constrain(x_BTD + y_BTD, ("batch", "seq", "embed")), k_BSKH, v_BSKH
-
-
-def moe_output(moe: MoE, x_BTD):
-    """The MoE block's output without the training-only router statistics (inference): the
-    block's routing (`moe.route`) and expert computation (single-device or expert-parallel)."""
-    B, T, D = x_BTD.shape
-    _, weights, ids = moe_lib.route(x_BTD, moe.router[...], moe.k, moe.norm_topk_prob)
-    weights = weights.astype(x_BTD.dtype)
-    params = (moe.gate[...], moe.up[...], moe.down[...])
-    ep = sharding.expert_parallel()
-    if ep is not None:
-        params = tuple(p.astype(x_BTD.dtype) for p in params)
-        return moe_ep.experts_parallel(x_BTD, weights, ids, *params, ctx=ep, form=moe.impl)
-    if moe.impl == "dense":
-        return moe_lib.experts_dense(x_BTD, weights, ids, *params)
-    return moe_lib.experts_ragged(x_BTD.reshape(B * T, D), weights.reshape(B * T, -1), ids.reshape(B * T, -1),
-                                  *params).reshape(B, T, D)
 
 
 class LayerStack(nnx.Module):
