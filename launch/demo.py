@@ -7,8 +7,9 @@
 2. stage 1 (256 tokens, RoPE base 10k) -> stage 2 (256 tokens, reasoning mix, fast decay, from
    stage 1) -> stage 3 (2,048 tokens, RoPE base 1M, attention auto = chunked on CPU, 75/25 long/medium documents,
    from stage 2), each with `launch/train.py` and the real stage configs scaled down;
-3. exports stage 3 to a Hugging Face folder and prints a sample from it, loaded by
-   transformers (or by our own model when transformers is not installed).
+3. exports stage 3 to a Hugging Face folder, prints a sample generated from the final checkpoint
+   by our own KV-cache decoder (qwen3_jax.inference), and checks that transformers, loading the
+   export, picks the same first 16 greedy tokens.
 Rerunning resumes (finished stages are skipped). About six minutes on 2 CPU cores.
 """
 
@@ -42,31 +43,30 @@ def stage(name: str, workdir: Path, steps: int, seq_len: int, batch: int, *param
     sh(args)
 
 
-def sample(hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
-    sys.path.insert(0, str(ROOT))
-    from data_pipeline.text_tokenizer import load_tokenizer
+def sample(workdir: Path, hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
+    """A sample from the final checkpoint with our own KV-cache generation (qwen3_jax.inference),
+    and a check that transformers, loading the export, picks the same first greedy tokens."""
+    from qwen3_jax.inference import SamplingConfig, load_text_generator
 
-    tok = load_tokenizer(str(spm_model))
-    ids = tok.encode(PROMPT)
+    tg = load_text_generator(checkpoint=str(workdir), tokenizer=str(spm_model))
+    out = tg.generate([PROMPT], max_new_tokens=n_new, sampling=SamplingConfig(temperature=0.7, top_k=40), seed=0)[0]
+    lines = [f"[qwen3_jax] {PROMPT}{out['text']}"]
+    greedy = tg.generate([PROMPT], max_new_tokens=16)[0]
     try:
         import torch
         from transformers import AutoModelForCausalLM
 
-        torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=True, temperature=0.7,
-                             top_k=40, repetition_penalty=1.2)[0].tolist()
-        who = "transformers"
+        ids = greedy["prompt_tokens"]
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        same = ref == greedy["tokens"][:len(ref)]
+        lines.append(f"[transformers] loads the export; first 16 greedy tokens {'agree' if same else 'DIFFER'} "
+                     f"with ours")
+        if not same:
+            raise SystemExit(f"demo: greedy tokens differ: ours {greedy['tokens']} transformers {ref}")
     except ImportError:
-        import jax.numpy as jnp
-        import qwen3_jax
-
-        model = qwen3_jax.load_hf(hf_dir)
-        out = list(ids)
-        for _ in range(n_new):
-            out.append(int(jnp.argmax(model(jnp.asarray([out]))[0, -1])))  # greedy
-        who = "qwen3_jax (transformers not installed)"
-    return f"[{who}] " + tok.decode(out)
+        lines.append("(transformers not installed: the export was not cross-checked)")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -81,7 +81,6 @@ def main(argv=None) -> int:
     n = lambda k: max(2, int(k * args.scale))  # noqa: E731
 
     print("=== data: the built-in corpus (Python stdlib sources + docs), sentencepiece BPE 4,096 ===", flush=True)
-    sys.path.insert(0, str(ROOT))
     from data_pipeline.prepare import prepare_builtin
 
     parts = prepare_builtin(str(work / "data" / "spm4096"), "spm", spm_vocab_size=4096, progress=True)
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
     sh(["launch/convert_hf.py", "export", "--checkpoint", str(work / "stage3"), "--out", str(hf_dir),
         "--dtype", "float32", "--tokenizer", str(spm_model), "--overwrite"])
     print(f"\n=== sample (temperature 0.7, top-k 40, prompt {PROMPT!r}) ===", flush=True)
-    print(sample(hf_dir, spm_model), flush=True)
+    print(sample(work / "stage3", hf_dir, spm_model), flush=True)
     print(f"\ndemo finished in {time.time() - t0:.0f}s: runs in {work}/stage{{1,2,3}} (metrics.jsonl, tensorboard/), "
           f"Hugging Face folder {hf_dir}", flush=True)
     return 0
