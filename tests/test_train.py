@@ -78,8 +78,9 @@ def _final_params(workdir):
 
 
 def test_loss_falls_on_builtin_corpus(data_dir, tmp_path):
-    r = run(tiny_args(data_dir, tmp_path / "run", steps=30, seq_len=128, batch=8, every=30))
+    r = run(tiny_args(data_dir, tmp_path / "run", "train.sample_every=30", steps=30, seq_len=128, batch=8, every=30))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "[sample] step 30: 'import os" in r.stdout  # samples from the decoder during training
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [l["lm_loss"] for l in lines if l["split"] == "train"]
     assert len(losses) == 30

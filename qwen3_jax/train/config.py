@@ -82,6 +82,9 @@ class TrainConfig:
     data_state_mismatch: "error" when a checkpoint's data position does not fit the pipeline,
       "restart": warn and reshuffle instead.
     stop_after: stop (with a checkpoint) after this many steps of this invocation.
+    sample_every: print greedy continuations of `sample_prompts` (`sample_tokens` new tokens) from
+      the current parameters every this many steps (0 = off; decoding costs a compile per call).
+      sample_tokenizer: None = the tokenizer the training data was prepared with.
     """
 
     steps: int
@@ -114,6 +117,10 @@ class TrainConfig:
     async_checkpoint: bool = True
     data_state_mismatch: str = "error"
     stop_after: int | None = None
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ()
+    sample_tokens: int = 32
+    sample_tokenizer: str | None = None
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -27,6 +27,7 @@ from qwen3_jax.train import checkpoint as ckpt
 from qwen3_jax.train.build import Program, build, program_fingerprint
 from qwen3_jax.train.config import TrainConfig, TrainingError
 from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
+from qwen3_jax.train.samples import data_tokenizer, print_samples
 from qwen3_jax.train.step import TrainState
 
 # Fields a later stage may change when it starts from an earlier stage's parameters.
@@ -216,6 +217,9 @@ def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
                                     f"The last good checkpoint is step {mgr.latest_step()}")
             if tc.make_eval_data is not None and tc.eval_every and step % tc.eval_every == 0:
                 writer.write(step, _evaluate(program, state.params), prefix="eval")
+            if tc.sample_every and tc.sample_prompts and step % tc.sample_every == 0:
+                print_samples(model, state.params, program.mesh, tc.sample_tokenizer or data_tokenizer(data_it),
+                              tc.sample_prompts, step, tc.sample_tokens, primary)
             stopping = (preempt.requested or step == tc.steps
                         or (tc.stop_after is not None and step - start >= tc.stop_after))
             if step % tc.checkpoint_every == 0 or stopping:
