@@ -94,16 +94,18 @@ def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float,
 def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float | None = None,
                  loss_chunk: int | None = None, aux_scope: str = "global", aux_layer_reduce: str = "mean",
                  router_z_loss: float = 0.0, micro_batches: int = 1) -> Callable:
-    """loss(params, micro_batch, total_tokens, balance) -> (loss, (lm, z, aux, router_z, stats)).
+    """loss(params, micro_batch, total_tokens, balance=None) -> (loss, (lm, z, aux, router_z, stats)).
 
-    `balance`: {"router_tokens": the global batch's non-padding tokens, "bias": the aux-free
+    `balance` (default: the batch on its own): {"router_tokens": the global batch's non-padding tokens, "bias": the aux-free
     routing bias or None, and for the global scope "prior_counts", "prior_tokens", "own_weight"
     (see moe_balance.aux_share)}. Each term is this micro-batch's share of the step's term."""
     if aux_scope not in AUX_SCOPES:
         raise ValueError(f"aux_scope={aux_scope!r} is not one of {AUX_SCOPES}")
     coef = cfg.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
 
-    def loss_fn(params, batch, total_tokens, balance):
+    def loss_fn(params, batch, total_tokens, balance=None):
+        if balance is None:  # one batch on its own: f and p over its tokens, no routing bias
+            balance = {"router_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
         lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss, loss_chunk=loss_chunk,
                                     router_bias=balance.get("bias"))
         aux = rz = jnp.zeros((), jnp.float32)
