@@ -61,7 +61,7 @@ DOMAINS = ("code", "docs")
 def bindings(args, variant: str, seed: int, data_dir: str) -> list[str]:
     common = [f"STEPS={args.steps}", f"SEQ_LEN={args.seq_len}", f"BATCH_SIZE={args.batch_size}",
               f"CHECKPOINT_EVERY={args.steps}", f"SEED={seed}", f"train.micro_batches={args.micro_batches}",
-              f"train.aux_loss_coef={args.aux_coef}", "train.eval_every=0", "train.async_checkpoint=False",
+              f"train.aux_loss_coef={args.aux_coef}", "train.eval_every=0", "train.sample_every=0", "train.async_checkpoint=False",
               f"train.log_every={max(args.steps // 3, 1)}", "train.keep_last=1",
               "stage_mixture.weights={'code': 0.5, 'docs': 0.5}", f"stage_mixture.builtin_dir='{data_dir}'",
               f"lr_schedule.peak_lr={args.lr}"]
