@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.moe import balance_loss_from_shares, load_balancing_loss, router_z_loss
 from qwen3_jax.params import flatten, model_from_flat
-from qwen3_jax.train.config import AUX_GLOBAL_COUNTS  # noqa: F401  (the options, defined once)
 
 
 def init_moe_state(cfg: ModelConfig) -> dict:

@@ -22,7 +22,7 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params, flatten, model_from_flat, nest
 from qwen3_jax.train import moe_balance
-from qwen3_jax.train.config import AUX_SCOPES
+from qwen3_jax.train.config import AUX_GLOBAL_COUNTS, AUX_SCOPES
 
 
 @flax.struct.dataclass
@@ -128,8 +128,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
                     router_z_loss: float = 0.0, router_bias_rate: float = 0.0,
                     schedule: optax.Schedule | None = None) -> Callable:
     """step(state, batch) -> (state, metrics). Non-finite loss or gradients skip the update."""
-    if aux_global_counts not in moe_balance.AUX_GLOBAL_COUNTS:
-        raise ValueError(f"aux_global_counts={aux_global_counts!r} is not one of {moe_balance.AUX_GLOBAL_COUNTS}")
+    if aux_global_counts not in AUX_GLOBAL_COUNTS:
+        raise ValueError(f"aux_global_counts={aux_global_counts!r} is not one of {AUX_GLOBAL_COUNTS}")
     loss_fn = make_loss_fn(cfg, z_loss=z_loss, aux_loss_coef=aux_loss_coef, aux_scope=aux_scope,
                            aux_layer_reduce=aux_layer_reduce, router_z_loss=router_z_loss, loss_chunk=loss_chunk,
                            micro_batches=micro_batches)
