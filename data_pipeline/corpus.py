@@ -12,7 +12,12 @@ Reading is split in two so the expensive part runs in worker processes: `iter_ra
 yields cheap `Raw` records in a fixed order (one per jsonl line / parquet row / file);
 `decode(raw, text_key)` turns one into text or a skip reason. `count(input)` counts records
 without decoding (line counting for jsonl, metadata for parquet), which gives the shard plan
-and the progress bar's total.
+and the progress bar's total. A file that cannot be read whole (truncated or corrupt .gz/.zst,
+unreadable parquet, a text file that is not UTF-8) raises `CorpusError` naming it: `count` reads
+every compressed/text file to the end, so a bad file is found before anything is written.
+
+The built-in corpus, prepared for training runs on demand (`stage_mixture`), is cached under
+`BUILTIN_CACHE_DIR`, apart from the folders users name with --out.
 """
 from __future__ import annotations
 
@@ -23,11 +28,25 @@ import io
 import json
 import os
 import sysconfig
+import zlib
 from typing import Iterator, NamedTuple
 
 BUILTINS = ("builtin:python-stdlib", "builtin:python-stdlib-code", "builtin:python-stdlib-docs")
 SKIP_REASONS = ("malformed_json", "missing_text", "invalid_utf8", "empty")
 _EXCLUDE_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# where training runs prepare the built-in corpus (stage_mixture.builtin_dir); not a user --out folder
+BUILTIN_CACHE_DIR = os.path.join("runs", "cache", "stdlib-corpus")
+
+
+class CorpusError(ValueError):
+    """An input file that cannot be read (truncated/corrupt compression, not UTF-8, unreadable)."""
+
+    def __init__(self, path: str, reason: str, fix: str = "repair or remove the file"):
+        super().__init__(f"{path}: {reason}; {fix}, or pass --skip-bad-files to leave it out")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # raised in worker processes too
+        return type(self), (self.path, self.reason)
 
 
 class Raw(NamedTuple):
@@ -83,13 +102,67 @@ def _fmt(path: str) -> str:
     return "text"
 
 
+class _Chunks(io.RawIOBase):
+    """A read-only binary stream over an iterator of byte chunks (for line iteration)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks, self._buf = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            self._buf = next(self._chunks, b"")
+            if not self._buf:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n], self._buf = self._buf[:n], self._buf[n:]
+        return n
+
+
+def _zstd_chunks(path: str) -> Iterator[bytes]:
+    """Decompressed bytes of a (multi-frame) .zst file; a frame cut short raises (zstandard's
+    stream_reader silently stops at the cut)."""
+    import zstandard
+    dctx, frame = zstandard.ZstdDecompressor(), None
+    with open(path, "rb") as f:
+        while data := f.read(1 << 18):
+            while data:
+                frame = frame or dctx.decompressobj()
+                if out := frame.decompress(data):
+                    yield out
+                data, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
+    if frame is not None:
+        raise EOFError("the zstd stream ends inside a frame")
+
+
 def _open_binary(path: str):
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        import zstandard
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_Chunks(_zstd_chunks(path)), 1 << 20)
     return open(path, "rb")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    errs: tuple = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+    try:
+        import zstandard
+        errs += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    try:
+        import pyarrow
+        errs += (pyarrow.ArrowException,)
+    except ImportError:
+        pass
+    return errs
+
+
+def _bad_file(path: str, e: BaseException, where: str = "") -> CorpusError:
+    what = "truncated" if isinstance(e, EOFError) else "unreadable"
+    return CorpusError(path, f"{what}{where} ({type(e).__name__}: {e})")
 
 
 def _pydoc_topics() -> list[tuple[str, str]]:
@@ -101,19 +174,40 @@ def _pydoc_topics() -> list[tuple[str, str]]:
 
 
 def count(spec: str) -> int:
-    """Number of records `iter_raw(spec)` yields, without decoding them."""
+    """Number of records `iter_raw(spec)` yields, without decoding them. A file that cannot be
+    read to the end (or a text file that is not UTF-8) raises CorpusError naming it."""
     if spec.startswith("builtin:"):
-        n = 0
-        if spec != "builtin:python-stdlib-docs":
-            n += len(stdlib_sources())
-        if spec != "builtin:python-stdlib-code":
-            n += len(_pydoc_topics()) + len(stdlib_sources())
-        return n
+        return _count_builtin(spec)
+    try:
+        return _count_file(spec)
+    except CorpusError:
+        raise
+    except _read_errors() as e:
+        raise _bad_file(spec, e) from None
+
+
+def _count_builtin(spec: str) -> int:
+    n = 0
+    if spec != "builtin:python-stdlib-docs":
+        n += len(stdlib_sources())
+    if spec != "builtin:python-stdlib-code":
+        n += len(_pydoc_topics()) + len(stdlib_sources())
+    return n
+
+
+def _count_file(spec: str) -> int:
     fmt = _fmt(spec)
     if fmt == "parquet":
         import pyarrow.parquet as pq
         return pq.ParquetFile(spec).metadata.num_rows
     if fmt == "text":
+        with _open_binary(spec) as f:
+            data = f.read()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorpusError(spec, f"not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r})",
+                              "convert it to UTF-8 (iconv -t utf-8)") from None
         return 1
     n, last = 0, b"\n"
     with _open_binary(spec) as f:
@@ -124,24 +218,39 @@ def count(spec: str) -> int:
 
 
 def iter_raw(spec: str, text_key: str = "text", start: int = 0) -> Iterator[Raw]:
-    """Records of one input, in a fixed order; the first `start` records are skipped cheaply."""
+    """Records of one input, in a fixed order; the first `start` records are skipped cheaply.
+    A read error raises CorpusError naming the file and the record it stopped at."""
     if spec.startswith("builtin:"):
-        k = 0
-        if spec != "builtin:python-stdlib-docs":
-            for path in stdlib_sources():
-                k += 1
-                if k > start:
-                    yield Raw(spec, k, "file", path)
-        if spec != "builtin:python-stdlib-code":
-            for name, text in _pydoc_topics():
-                k += 1
-                if k > start:
-                    yield Raw(spec, k, "text", f"pydoc topic {name}\n\n{text}")
-            for path in stdlib_sources():
-                k += 1
-                if k > start:
-                    yield Raw(spec, k, "pydoc", path)
+        yield from _iter_builtin(spec, start)
         return
+    k = start
+    try:
+        for raw in _iter_file(spec, text_key, start):
+            k = raw.line
+            yield raw
+    except _read_errors() as e:
+        raise _bad_file(spec, e, f" (after record {k})") from None
+
+
+def _iter_builtin(spec: str, start: int) -> Iterator[Raw]:
+    k = 0
+    if spec != "builtin:python-stdlib-docs":
+        for path in stdlib_sources():
+            k += 1
+            if k > start:
+                yield Raw(spec, k, "file", path)
+    if spec != "builtin:python-stdlib-code":
+        for name, text in _pydoc_topics():
+            k += 1
+            if k > start:
+                yield Raw(spec, k, "text", f"pydoc topic {name}\n\n{text}")
+        for path in stdlib_sources():
+            k += 1
+            if k > start:
+                yield Raw(spec, k, "pydoc", path)
+
+
+def _iter_file(spec: str, text_key: str, start: int) -> Iterator[Raw]:
     fmt = _fmt(spec)
     if fmt == "text":
         if start < 1:
@@ -204,8 +313,11 @@ def decode(raw: Raw, text_key: str = "text") -> Decoded:
                 return Decoded(None, "missing_text", f"no string field {text_key!r}")
             text = obj[text_key]
         elif kind in ("file", "pydoc"):
-            with open(payload, "rb") as f:
-                data = f.read()
+            try:
+                with _open_binary(payload) as f:
+                    data = f.read()
+            except _read_errors() as e:
+                raise _bad_file(payload, e) from None
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -225,6 +337,27 @@ def decode(raw: Raw, text_key: str = "text") -> Decoded:
     if not text.strip():
         return Decoded(None, "empty", "empty document")
     return Decoded(text, None)
+
+
+def first_keys(spec: str) -> list[str] | None:
+    """The field names of a jsonl input's first JSON object, or a parquet input's columns (None
+    for other inputs or when there is none): what --text-key could have been."""
+    try:
+        if spec.startswith("builtin:") or _fmt(spec) == "text":
+            return None
+        if _fmt(spec) == "parquet":
+            import pyarrow.parquet as pq
+            return list(pq.ParquetFile(spec).schema_arrow.names)
+        for raw in _iter_file(spec, "", 0):
+            try:
+                obj = json.loads(raw.payload)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return list(obj)
+    except _read_errors():
+        return None
+    return None
 
 
 def iter_records(inputs: list[str], text_key: str = "text") -> Iterator[Decoded]:

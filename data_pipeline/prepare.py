@@ -19,16 +19,24 @@ without their .json (each shard is written under a temporary name and renamed wh
 Tokenization runs in --workers processes with a bounded number of batches in flight, so memory
 does not depend on corpus size. Bad records (malformed JSON, missing text field, invalid UTF-8,
 empty documents) are skipped and counted; with --strict the first one stops the run with file:line.
+A bad *file* (truncated/corrupt .gz/.zst or parquet, a text file that is not UTF-8) stops the run
+before anything is written, naming it; with --skip-bad-files it is left out and listed under
+"skipped_files" in plan.json, stats.json and the summary. A run that yields no document at all
+is an error (naming the inputs, the --text-key and the keys the first record does have) and
+leaves nothing behind. Worker processes die with the main process (even on SIGKILL).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -61,8 +69,25 @@ def _write_json(path: str, obj) -> None:
 _W: dict = {}
 
 
-def _init_worker(tokenizer: str, text_key: str, allow_special: bool, dtype: str, in_process: bool) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ends this worker when the main process dies, however it dies (SIGKILL included)."""
+    try:  # Linux: the kernel sends SIGKILL when the parent (the thread that forked us) exits
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        def watch():  # elsewhere: poll
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(tokenizer: str, text_key: str, allow_special: bool, dtype: str, in_process: bool,
+                 parent: int = 0) -> None:
     if not in_process:
+        _die_with_parent(parent)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; processes give parallelism
     _W.update(tok=load_tokenizer(tokenizer), text_key=text_key, allow_special=allow_special, dtype=np.dtype(dtype))
 
@@ -84,16 +109,49 @@ def _work(batch: list[tuple[int, corpus.Raw]]):
 
 
 # --- main side -----------------------------------------------------------------------------
-def _plan(inputs: list[str], tok, text_key: str, shards: int, allow_special: bool, limit: int | None) -> dict:
-    expanded = corpus.expand_inputs(inputs)
-    counts = [corpus.count(s) for s in expanded]
+def _plan(inputs: list[str], tok, text_key: str, shards: int, allow_special: bool, limit: int | None,
+          skip_bad_files: bool = False) -> dict:
+    expanded, counts, bad = [], [], {}
+    for spec in corpus.expand_inputs(inputs):
+        try:
+            counts.append(corpus.count(spec))
+            expanded.append(spec)
+        except corpus.CorpusError as e:
+            if not skip_bad_files:
+                raise
+            bad[spec] = e.reason
     total = sum(counts) if limit is None else min(limit, sum(counts))
+    if total == 0:
+        raise PrepareError(f"no records in {_names(expanded)}" + (f" ({len(bad)} bad file(s) skipped: "
+                           f"{_names(list(bad))})" if bad else "") + "; check the --input paths")
     if total < shards:
         raise PrepareError(f"{total} records cannot fill {shards} shards; use fewer --shards")
-    return {"version": PLAN_VERSION, "inputs": expanded, "counts": counts, "records": total,
+    plan = {"version": PLAN_VERSION, "inputs": expanded, "counts": counts, "records": total,
             "text_key": text_key, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
             "dtype": "uint16" if tok.vocab_size <= 1 << 16 else "uint32", "shards": shards,
             "allow_special": allow_special}
+    if bad:  # only when there are any, so plans written before this key existed still match
+        plan["skipped_files"] = bad
+    return plan
+
+
+def _names(files: list[str], k: int = 3) -> str:
+    return ", ".join(files[:k]) + (f" and {len(files) - k} more" if len(files) > k else "") if files else "(none)"
+
+
+def _no_documents(plan: dict, skipped: dict) -> PrepareError:
+    """The error for a run that produced no document: why, and which --text-key would have worked."""
+    why = ", ".join(f"{v:,} {r}" for r, v in skipped.items() if v) or "nothing"
+    keyed = any(corpus.first_keys(spec) is not None for spec in plan["inputs"])
+    msg = (f"no documents in {_names(plan['inputs'])}" + (f" with --text-key {plan['text_key']!r}" if keyed else "")
+           + f" ({plan['records']:,} records skipped: {why}"
+           + (f"; bad files left out: {_names(list(plan['skipped_files']))}" if plan.get("skipped_files") else "")
+           + ")")
+    for spec in plan["inputs"]:
+        keys = corpus.first_keys(spec)
+        if keys is not None:
+            return PrepareError(f"{msg}; the first record of {spec} has keys {keys}: pass one of them as --text-key")
+    return PrepareError(msg + "; every document was empty or unreadable")
 
 
 def _records(plan: dict, start: int) -> Iterator[tuple[int, corpus.Raw]]:
@@ -159,25 +217,33 @@ def _aggregate(out: str, plan: dict, seconds: float) -> dict:
         "shards": [shard_name(s, plan["shards"]) + ".array_record" for s in range(plan["shards"])],
         "shard_documents": [p["documents"] for p in parts],
         "dtype": plan["dtype"], "eos_id": plan["eos_id"], "vocab_size": plan["vocab_size"],
-        "tokenizer": plan["tokenizer"], "inputs": plan["inputs"], "last_run_seconds": round(seconds, 2),
+        "tokenizer": plan["tokenizer"], "inputs": plan["inputs"], "skipped_files": plan.get("skipped_files", {}),
+        "last_run_seconds": round(seconds, 2),
     }
 
 
 def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = "text", shards: int = 8,
             workers: int | None = None, strict: bool = False, allow_special: bool = False,
-            limit: int | None = None, progress: bool = True, batch_docs: int = 32) -> dict:
-    """Tokenizes `inputs` into `out` (see module doc). Returns the stats; a no-op when `out` is complete."""
-    os.makedirs(out, exist_ok=True)
+            limit: int | None = None, progress: bool = True, batch_docs: int = 32,
+            skip_bad_files: bool = False) -> dict:
+    """Tokenizes `inputs` into `out` (see module doc). Returns the stats; a no-op when `out` is complete.
+
+    skip_bad_files: leave out input files that cannot be read whole (listed in stats["skipped_files"])
+    instead of raising corpus.CorpusError naming the first one."""
     stats_path = os.path.join(out, "stats.json")
     tok = load_tokenizer(tokenizer)
-    plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit)
+    plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit, skip_bad_files)
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
     plan_path = os.path.join(out, "plan.json")
+    complete = lambda: all(os.path.exists(os.path.join(out, shard_name(s, shards) + ".json"))  # noqa: E731
+                           for s in range(shards))
     if os.path.exists(plan_path):
         old = json.load(open(plan_path))
         if old != plan:
-            diff = sorted(k for k in plan if old.get(k) != plan[k])
+            diff = sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k))
             raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
-        if os.path.exists(stats_path):
+        if os.path.exists(stats_path) and complete():  # a shard whose .json was deleted is redone
             return json.load(open(stats_path))
     else:
         _write_json(plan_path, plan)
@@ -190,7 +256,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     todo = [s for s in range(n) if not os.path.exists(os.path.join(out, shard_name(s, n) + ".json"))]
     shard_of = lambda i: int(np.searchsorted(bounds, i, side="right")) - 1  # noqa: E731
     workers = (os.cpu_count() or 1) if workers is None else workers
-    init = (tokenizer, text_key, allow_special, plan["dtype"], workers == 0)
+    init = (tokenizer, text_key, allow_special, plan["dtype"], workers == 0, os.getpid())
     t0, done_records, done_tokens, written = time.time(), 0, 0, []
     crash_after = int(os.environ.get(CRASH_ENV, "0"))
     bar = None
@@ -276,6 +342,17 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
                 if ".tmp" in f:
                     os.remove(os.path.join(out, f))
     stats = _aggregate(out, plan, time.time() - t0)
+    if stats["documents"] == 0:  # nothing worth keeping: leave no plan a corrected re-run would clash with
+        for s in range(n):
+            for ext in (".array_record", ".lengths.npy", ".json"):
+                if os.path.exists(f := os.path.join(out, shard_name(s, n) + ext)):
+                    os.remove(f)
+        for f in (stats_path, plan_path):
+            if os.path.exists(f):
+                os.remove(f)
+        if created and not os.listdir(out):
+            os.rmdir(out)
+        raise _no_documents(plan, stats["skipped"])
     stats["last_run_shards_written"] = written
     _write_json(stats_path, stats)
     return stats
@@ -331,8 +408,9 @@ def prepare_builtin(out_dir: str, tokenizer: str = "qwen3", *, parts: Sequence[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    from data_pipeline.cli import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--input", nargs="+", required=True, help="files/globs (jsonl[.gz|.zst], parquet, txt) "
                    "or builtin:python-stdlib[-code|-docs]")
     p.add_argument("--tokenizer", required=True, help="'qwen3', a tokenizer.json / HF folder, or a .model")
@@ -341,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs; 0: in-process)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (file:line)")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="leave out unreadable input files (truncated .gz/.zst, not UTF-8, …) and list them "
+                        "in stats.json instead of stopping")
     p.add_argument("--allow-special-tokens", action="store_true",
                    help="map special tokens spelled in the text (<|im_start|>, <think>, …) to their ids")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
@@ -349,11 +430,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         st = prepare(a.input, a.tokenizer, a.out, text_key=a.text_key, shards=a.shards, workers=a.workers,
                      strict=a.strict, allow_special=a.allow_special_tokens, limit=a.limit,
-                     progress=not a.no_progress)
-    except (PrepareError, FileNotFoundError, ValueError) as e:
+                     progress=not a.no_progress, skip_bad_files=a.skip_bad_files)
+    except BrokenProcessPool:
+        print(f"prepare.py: error: a tokenizer worker process died (out of memory? try fewer --workers); "
+              f"finished shards in {a.out} are kept, re-run the same command to resume", file=sys.stderr)
+        return 2
+    except (PrepareError, OSError, ValueError) as e:  # corpus.CorpusError is a ValueError
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: st[k] for k in ("documents", "tokens", "bytes", "skipped", "mean_length")}))
+    for f, why in st.get("skipped_files", {}).items():
+        print(f"prepare.py: warning: skipped bad file {f}: {why}", file=sys.stderr)
+    print(json.dumps({k: st[k] for k in ("documents", "tokens", "bytes", "skipped", "mean_length")}
+                     | {"skipped_files": len(st.get("skipped_files", {}))}))
     return 0
 
 
