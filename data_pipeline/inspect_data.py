@@ -53,7 +53,8 @@ def format_row(batch: dict, r: int, tok, specs, max_chars: int = 600) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from data_pipeline.cli import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", nargs="*", help="prepared dataset folder(s) (mixed with equal weights)")
     p.add_argument("--gin", action="append", default=[], help="the training command's gin file(s)")
     p.add_argument("--gin_param", "--gin-param", action="append", default=[], help="gin binding NAME=VALUE")
@@ -64,6 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--packing", default="concat_split")
     p.add_argument("--max-chars", type=int, default=600, help="per document piece (middle elided)")
     a = p.parse_args(argv)
+    if not a.gin and not a.data:
+        p.error("give dataset folders or --gin")
+    try:
+        return _inspect(a)
+    except (OSError, ValueError) as e:  # ShardError, a missing stats.json, a bad folder: one line naming it
+        print(f"inspect_data.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _inspect(a: argparse.Namespace) -> int:
     from data_pipeline.pipeline import Mixture, make_dataset, resolve
     from data_pipeline.text_tokenizer import load_tokenizer
     tok = load_tokenizer(a.tokenizer)
@@ -75,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, tc = configurables.run_config()
         it = tc.make_data(seq_len=tc.seq_len, global_batch_size=a.batch_size, seed=tc.seed, **kw)
     else:
-        if not a.data:
-            p.error("give dataset folders or --gin")
         data = a.data[0] if len(a.data) == 1 else Mixture(paths={d.rstrip("/").split("/")[-1]: d for d in a.data},
                                                           weights={d.rstrip("/").split("/")[-1]: 1 for d in a.data})
         it = make_dataset(data, seq_len=a.seq_len, global_batch_size=a.batch_size, packing=a.packing, **kw)

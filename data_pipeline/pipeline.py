@@ -25,7 +25,6 @@ resume on 1 or 4 (with data_shards=4). A thread prefetches the next batches.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -34,6 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
+
+from data_pipeline.shards import ShardSource
 
 PACKERS = ("concat_split", "first_fit", "best_fit")
 SPLIT_POSITIONS = ("restart", "continue")
@@ -347,9 +348,8 @@ def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs,
                split_positions, read_threads, with_ids, **unused):
     """One data shard's documents of one dataset, shuffled per epoch → (IterDataset, mean length)."""
     st = load_stats(spec.path)
-    paths = [os.path.join(spec.path, s) for s in st["shards"]]
-    source = grain.sources.ArrayRecordDataSource(paths)
-    index_map = None
+    source = ShardSource(spec.path, st)  # checks the shards against stats.json; read errors name the file
+    lengths, index_map = source.lengths, None
     keep = _selected(spec)
     if keep is not None:
         index_map = np.nonzero(keep)[0]
@@ -357,7 +357,7 @@ def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs,
     if len(source) < data_shards:
         raise ValueError(f"{spec.key}: {len(source)} documents cannot be shared by {data_shards} data shards")
     continue_pos = split_positions == "continue"
-    mean_len = float(np.mean(doc_lengths(spec.path)[index_map] if index_map is not None else doc_lengths(spec.path)))
+    mean_len = float(np.mean(lengths[index_map] if index_map is not None else lengths))
     ds = grain.MapDataset.source(source).map_with_index(
         _Parse(st["dtype"], len(source), index_map, continue_pos, with_ids, dataset_id))
     if shuffle:
@@ -485,6 +485,3 @@ def to_global(batch: Mapping[str, np.ndarray], mesh, partition_spec) -> dict:
         out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
     return out
 
-
-def list_shards(path: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(path, "shard-*.array_record")))

@@ -20,7 +20,6 @@ keeps its whitespace, the same special tokens) on the built-in corpus:
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -215,7 +214,8 @@ def train_sentencepiece(out_dir: str, vocab_size: int = 4096, corpus: str = "bui
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from data_pipeline.cli import ArgumentParser
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train-spm", help="train a sentencepiece BPE (byte fallback, Qwen3 special tokens)")
     t.add_argument("--out", required=True, help="output folder (gets spm.model, spm.vocab)")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
+from data_pipeline.corpus import BUILTIN_CACHE_DIR
 from data_pipeline.pipeline import DatasetSpec, LengthBuckets, Mixture
 
 BUILTIN = "builtin:python-stdlib"
 
 
 def stage_mixture(weights: Mapping[str, float], root: str = BUILTIN, *,
-                  tokenizer: str = "spm", builtin_dir: str = "runs/data/stdlib",
+                  tokenizer: str = "spm", builtin_dir: str = BUILTIN_CACHE_DIR,
                   spm_vocab_size: int = 4096, split: str | None = "train",
                   heldout_fraction: float = 0.02) -> Mixture:
     """Named datasets with token shares, each a prepared folder `root/<name>`.

@@ -1,0 +1,103 @@
+"""A prepared dataset's ArrayRecord shards as one random-access source, checked when opened.
+
+`ShardSource(path, stats)` opens the shards listed in stats.json and, before anything
+is read, checks each one against what prepare.py recorded: the file exists, its index can be
+read, it holds `shard_documents[s]` records, and its `.lengths.npy` has that many entries. (A
+truncated ArrayRecord file opens as 0 records without an error, so the count is what catches
+it.) A record that fails to read later (a corrupt chunk: checksum mismatch) or whose size does
+not match its length raises `ShardError` naming the shard file and the record index in it.
+The fix is the same for all: delete that shard's .json and re-run prepare.py with the same
+arguments, which rewrites just that shard.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+class ShardError(ValueError):
+    """A prepared shard that does not match its stats (truncated, corrupt, missing)."""
+
+
+def _fix(shard_file: str) -> str:
+    marker = shard_file.replace(".array_record", ".json")
+    return f"delete {marker} and re-run prepare.py with the same arguments to rewrite this shard"
+
+
+def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
+    """The document lengths of each shard of the dataset at `path`, checked against the shard
+    files and the stats (ShardError naming the file otherwise)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    expected = stats.get("shard_documents") or [None] * len(stats["shards"])
+    out = []
+    for name, want in zip(stats["shards"], expected):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            raise ShardError(f"{f}: missing (listed in {os.path.join(path, 'stats.json')}); {_fix(f)}")
+        try:
+            reader = ArrayRecordReader(f)
+            ok, n = reader.ok(), reader.num_records()
+            reader.close()
+        except Exception as e:  # the reader raises RuntimeError/ValueError with riegeli's message
+            raise ShardError(f"{f}: cannot be opened ({type(e).__name__}: {str(e) or 'truncated?'}); {_fix(f)}") from None
+        if not ok or (want is not None and n != want):
+            raise ShardError(f"{f}: {n} readable records, stats.json says {want} (truncated or corrupt file); "
+                             f"{_fix(f)}")
+        lengths_file = f.replace(".array_record", ".lengths.npy")
+        try:
+            lengths = np.load(lengths_file)
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{lengths_file}: unreadable ({e}); {_fix(f)}") from None
+        if lengths.shape != (n,):
+            raise ShardError(f"{lengths_file}: {len(lengths)} lengths for {n} records; {_fix(f)}")
+        out.append(lengths)
+    return out
+
+
+class ShardSource:
+    """grain random-access source over the shards; errors name the shard file and record."""
+
+    def __init__(self, path: str, stats: dict):
+        import grain
+        per_shard = shard_lengths(path, stats)
+        self._files = [os.path.join(path, s) for s in stats["shards"]]
+        self._starts = np.concatenate([[0], np.cumsum([len(n) for n in per_shard])]).astype(np.int64)
+        self._bytes_per_token = np.dtype(stats["dtype"]).itemsize
+        self.lengths = np.concatenate(per_shard).astype(np.int64)  # tokens per document, in record order
+        self._source = grain.sources.ArrayRecordDataSource(self._files)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def where(self, i: int) -> tuple[str, int]:
+        """Global record index → (shard file, record index in that file)."""
+        s = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._files[s], int(i - self._starts[s])
+
+    def _error(self, i: int, what: str) -> ShardError:
+        f, k = self.where(i)
+        return ShardError(f"{f}: record {k} (document {i} of the dataset) {what}; {_fix(f)}")
+
+    def _checked(self, i: int, record: bytes) -> bytes:
+        if len(record) != self.lengths[i] * self._bytes_per_token:
+            raise self._error(i, f"has {len(record)} bytes, its length says "
+                                 f"{self.lengths[i]} tokens × {self._bytes_per_token} bytes")
+        return record
+
+    def __getitem__(self, i) -> bytes:
+        i = int(i)
+        try:
+            record = self._source[i]
+        except Exception as e:  # riegeli: RuntimeError "Corrupted Riegeli/records file: … hash mismatch"
+            raise self._error(i, f"cannot be read ({e})") from None
+        return self._checked(i, record)
+
+    def __getitems__(self, ii: Sequence[int]) -> list[bytes]:
+        ii = [int(i) for i in ii]
+        try:
+            records = self._source.__getitems__(ii)
+        except Exception:
+            return [self[i] for i in ii]  # reads one by one to name the bad record
+        return [self._checked(i, r) for i, r in zip(ii, records)]
