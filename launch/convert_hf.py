@@ -6,7 +6,10 @@
 
 `import` writes step 0 of a checkpoint root (`CKPT/0/{params,model_config,meta}`) that training
 can start from; `export` takes a training workdir (its latest checkpoint), a checkpoint root or
-one step folder. Both stream tensor by tensor and write to a temporary folder renamed at the end.
+one step folder. Both check their arguments, the source and the target before loading anything,
+stream tensor by tensor and write to a temporary folder renamed at the end. With --overwrite,
+export replaces the files an export writes and keeps any others; import replaces a previous
+import (step 0) and refuses a folder holding anything else (a training workdir, say).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
 
 
 def _rss_gib() -> float:
@@ -33,38 +35,75 @@ def _rss_gib() -> float:
 
 def cmd_import(args) -> None:
     from qwen3_jax import hf
-    from qwen3_jax.fileio import atomic_dir
+    from qwen3_jax.fileio import atomic_dir, check_target
     from qwen3_jax.train import checkpoint
 
     t0 = time.time()
     src = Path(args.hf)
+    hf.np_dtype(args.dtype)
     cfg = hf.from_hf_config(hf.read_config(src), source=str(src / "config.json"), param_dtype=args.dtype)
-    hf_dtype = hf.SafetensorsFolder(src).dtype()
+    folder, _ = hf.check_hf_params(src, cfg)  # names, shapes, every file's header: before any data is read
+    hf_dtype = folder.dtype()
+    owned = {"0"}.__contains__  # an import writes step 0; anything else in --out is someone else's
+    check_target(args.out, args.overwrite, owned=owned)
     flat = hf.read_hf_params(src, cfg, dtype=args.dtype)
     import jax
 
     for k in list(flat):  # hand each array to jax now, one at a time, so orbax does not copy them all at once
         flat[k] = jax.device_put(flat[k])
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, owned=owned) as tmp:
         checkpoint.save_params(tmp, 0, flat, cfg, meta={"source": str(src.absolute()), "hf_dtype": hf_dtype})
     n = sum(x.size for x in flat.values())
     print(f"imported {src} -> {args.out} (step 0): {n:,} parameters, {cfg.num_layers} layers, "
           f"{time.time() - t0:.1f}s, peak RSS {_rss_gib():.2f} GiB")
 
 
+def _export_step(path: str, step: int | None) -> tuple[Path, int]:
+    """(checkpoint root, step) for --checkpoint / --step, checked without loading any parameters."""
+    from qwen3_jax.train import checkpoint
+
+    root, found = checkpoint.checkpoint_root(path)
+    if found is not None and step is not None and step != found:
+        raise ValueError(f"--checkpoint {path} is the folder of step {found} but --step {step} was given")
+    step = step if step is not None else found if found is not None else checkpoint.latest_step(root)
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / checkpoint.PARAMS).is_dir())
+    if step is None or step not in steps:
+        have = ", ".join(map(str, steps)) or "none"
+        raise FileNotFoundError(f"{root}: no complete checkpoint for step {step} (steps with {checkpoint.PARAMS}/: "
+                                f"{have})" if step is not None else f"{root}: no complete checkpoint")
+    return root, step
+
+
 def cmd_export(args) -> None:
     from qwen3_jax import hf
+    from qwen3_jax.fileio import check_target
+    from qwen3_jax.hf_tokenizer import plan_tokenizer_export
     from qwen3_jax.train import checkpoint
 
     t0 = time.time()
-    cfg, flat, step, meta = checkpoint.restore_params_numpy(args.checkpoint, args.step)
+    if args.dtype is not None:
+        hf.np_dtype(args.dtype)
+    if not args.max_shard_gib > 0:
+        raise ValueError(f"--max-shard-gib {args.max_shard_gib}: must be > 0")
+    # everything is checked before any parameter is loaded or any folder is created
+    root, step = _export_step(args.checkpoint, args.step)
+    cfg, meta = checkpoint.read_model_config(root, step), checkpoint.read_meta(root, step)
+    tokenizer = (plan_tokenizer_export(args.tokenizer, cfg.vocab_size, cfg.max_position_embeddings)
+                 if args.tokenizer else None)
+    kept = check_target(args.out, args.overwrite, owned=hf.export_owns, keep_others=True)
+    cfg, flat, step, meta = checkpoint.restore_params_numpy(root, step)
     dtype = args.dtype or meta.get("hf_dtype") or "bfloat16"
     cfg = cfg.replace(param_dtype=dtype if dtype in ("float32", "bfloat16") else cfg.param_dtype)
-    hf.write_hf_folder(flat, cfg, args.out, dtype=dtype, tokenizer=args.tokenizer, overwrite=args.overwrite,
+    hf.write_hf_folder(flat, cfg, args.out, dtype=dtype, tokenizer=tokenizer, overwrite=args.overwrite,
                        max_shard_bytes=int(args.max_shard_gib * 2**30))
     n = sum(x.size for x in flat.values())
     print(f"exported {args.checkpoint} (step {step}) -> {args.out}: {n:,} parameters as {dtype}, "
           f"{time.time() - t0:.1f}s, peak RSS {_rss_gib():.2f} GiB")
+    if tokenizer is not None:
+        print(f"tokenizer {tokenizer.source}: {', '.join(sorted(tokenizer.files))}; eos {tokenizer.eos!r} "
+              f"(id {tokenizer.eos_id}), pad {tokenizer.pad!r}, bos {tokenizer.bos!r}")
+    if kept:
+        print(f"kept {len(kept)} file(s) in {args.out} that the export does not write: {', '.join(kept)}")
     if meta.get("router_bias"):
         print("note: this run's aux-loss-free routing bias (train.router_bias_rate) is training state and is not "
               "exported: Qwen3 has no router bias, so the exported model routes by its router weights alone")
@@ -83,7 +122,9 @@ def main(argv=None) -> int:
     b.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
     b.add_argument("--out", required=True)
     b.add_argument("--dtype", default=None, help="tensor dtype on disk (default: the imported source's, else bfloat16)")
-    b.add_argument("--tokenizer", default=None, help="folder with tokenizer files to copy")
+    b.add_argument("--tokenizer", default=None,
+                   help="the training data's tokenizer: 'qwen3', a tokenizer folder, a tokenizer.json or a "
+                        "sentencepiece .model (converted to tokenizer.json)")
     b.add_argument("--max-shard-gib", type=float, default=2.0)
     b.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -91,7 +132,7 @@ def main(argv=None) -> int:
 
     try:
         (cmd_import if args.cmd == "import" else cmd_export)(args)
-    except (HFConversionError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
+    except (HFConversionError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

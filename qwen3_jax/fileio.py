@@ -1,4 +1,10 @@
-"""Writing folders atomically: build under a temporary name beside the target, rename at the end."""
+"""Writing folders atomically: build under a temporary name beside the target, rename at the end.
+
+The new folder and its files get the modes a plain `mkdir` / `open` would give them (0755 / 0644
+under the usual umask 022), not the 0700 / 0600 of a temporary folder. With `overwrite`, a writer
+can say which entries of an existing target are its own (`owned`): the others are refused by name,
+or, with `keep_others`, carried into the new folder unchanged (hard links, so nothing is copied).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,98 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def check_target(target: str | os.PathLike, overwrite: bool = False, *, owned: Callable[[str], bool] | None = None,
+                 keep_others: bool = False) -> list[str]:
+    """Refuses a target `atomic_dir` would refuse, before any work; returns the entries it would keep.
+
+    A non-empty folder needs `overwrite`. With `owned`, entries it rejects are not replaced:
+    kept when `keep_others`, otherwise refused by name. A file (not a folder) and a target whose
+    nearest existing parent is not writable are refused too.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is a file, not a folder (choose another output path)")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent}: not writable, cannot create {target}")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if not entries:
+        return []
+    if not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
+    others = [n for n in entries if owned is not None and not owned(n)]
+    if others and not keep_others:
+        more = f" (and {len(others) - 8} more)" if len(others) > 8 else ""
+        raise FileExistsError(f"{target} holds {', '.join(others[:8])}{more}, which this command does not write: "
+                              f"--overwrite replaces only its own output; move them away or choose another folder")
+    return others
+
+
+def _normalise_modes(root: Path) -> None:
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """`src` (a file, link or folder) appears at `dst` without copying data where hard links work."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False, *, owned: Callable[[str], bool] | None = None,
+               keep_others: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary folder; on success it replaces `target`, on error it is removed.
 
-    An existing non-empty `target` is refused unless `overwrite`.
+    An existing non-empty `target` is refused unless `overwrite`; see `check_target` for `owned`
+    and `keep_others` (the kept entries reappear in the new folder; the writer's own are replaced).
     """
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty (pass --overwrite to replace it)")
+    keep = check_target(target, overwrite, owned=owned, keep_others=keep_others)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _normalise_modes(tmp)
+        for name in keep:
+            if not (tmp / name).exists():
+                _carry(target / name, tmp / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,8 +25,10 @@ from safetensors.numpy import save_file
 from qwen3_jax.config import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json", "tokenizer.model")
+# What an export writes (an --overwrite replaces these names, and keeps every other file of the folder).
+_EXPORT_NAMES = re.compile(r"config\.json|generation_config\.json|model\.safetensors\.index\.json|.*\.safetensors"
+                           r"|tokenizer.*|vocab\.json|merges\.txt|special_tokens_map\.json|added_tokens\.json"
+                           r"|chat_template\.jinja|spm\.model")
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
               "float16": np.dtype(np.float16)}
 
@@ -43,7 +45,11 @@ def np_dtype(name: str) -> np.dtype:
 
 # -- config.json ----------------------------------------------------------------------------------
 
-def to_hf_config(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+def to_hf_config(cfg: ModelConfig, dtype: str = "bfloat16", token_ids: dict[str, int | None] | None = None
+                 ) -> dict[str, Any]:
+    """config.json for `cfg`; `token_ids` (bos/eos/pad_token_id) from the exported tokenizer (see hf_tokenizer)."""
+    from qwen3_jax.hf_tokenizer import default_token_ids
+
     model_type = "qwen3_moe" if cfg.is_moe else "qwen3"
     rope: dict[str, Any] = {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}
     if cfg.rope_scaling is not None:
@@ -75,8 +81,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
         "use_sliding_window": False,
         "sliding_window": None,
         "use_cache": True,
-        "bos_token_id": 151643 if cfg.vocab_size > 151643 else None,
-        "eos_token_id": 151645 if cfg.vocab_size > 151645 else None,
+        **(token_ids or default_token_ids(cfg.vocab_size)),
         "dtype": dtype,
     }
     if cfg.is_moe:
@@ -253,45 +258,81 @@ def to_hf(entry: Entry, parts: list[np.ndarray]) -> np.ndarray:
 # -- reading and writing folders ------------------------------------------------------------------
 
 class SafetensorsFolder:
-    """The tensors of a Hugging Face folder (single file or sharded with an index), read lazily."""
+    """The tensors of a Hugging Face folder (single file or sharded with an index), read lazily.
+
+    Every failure (an unreadable or truncated file, a header that does not parse, a tensor the index
+    places in a file that lacks it) is an HFConversionError naming the file and the tensor."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise HFConversionError(f"{index}: not a safetensors index (no valid 'weight_map': "
+                                        f"{type(e).__name__} {e})") from None
+            for f in sorted(set(weight_map.values())):
+                if not (self.path / f).exists():
+                    raise HFConversionError(f"{self.path / f}: listed in {index.name} but missing")
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise HFConversionError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
             weight_map = {}
             for f in files:
-                with safe_open(f, "np") as h:
+                with self._open(f) as h:
                     weight_map.update({k: f.name for k in h.keys()})
         self.weight_map: dict[str, str] = weight_map
+
+    def _open(self, path: Path):
+        try:
+            return safe_open(path, "np")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError / OSError
+            raise HFConversionError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
+                                    f"corrupted: download or export it again") from None
 
     def names(self) -> set[str]:
         return set(self.weight_map)
 
-    def read(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """Yields (name, array) one tensor at a time, opening each file once."""
+    def _by_file(self, names: list[str]) -> dict[str, list[str]]:
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.weight_map[n], []).append(n)
-        for fname, group in by_file.items():
+        return by_file
+
+    def shapes(self, names: list[str]) -> dict[str, tuple[int, ...]]:
+        """The shapes of `names` from the file headers alone (no data read)."""
+        out = {}
+        for fname, group in self._by_file(names).items():
             path = self.path / fname
-            if not path.exists():
-                raise HFConversionError(f"{path}: listed in the index but missing")
-            with safe_open(path, "np") as h:
+            with self._open(path) as h:
+                present = set(h.keys())
                 for n in group:
-                    yield n, h.get_tensor(n)
+                    if n not in present:
+                        raise HFConversionError(f"{path}: has no tensor {n}, which model.safetensors.index.json "
+                                                f"places there (the index and the shard disagree)")
+                    out[n] = tuple(h.get_slice(n).get_shape())
+        return out
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields (name, array) one tensor at a time, opening each file once."""
+        for fname, group in self._by_file(names).items():
+            path = self.path / fname
+            with self._open(path) as h:
+                for n in group:
+                    try:
+                        x = h.get_tensor(n)
+                    except Exception as e:  # noqa: BLE001
+                        raise HFConversionError(f"{path}: tensor {n} does not read ({e}); the file is truncated "
+                                                f"or corrupted: download or export it again") from None
+                    yield n, x
 
     def dtype(self) -> str:
         name = next(iter(self.weight_map))
-        for _, x in self.read([name]):
-            return {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
-                    np.dtype(np.float16): "float16"}.get(x.dtype, "float32")
-        return "float32"
+        with self._open(self.path / self.weight_map[name]) as h:
+            kind = str(h.get_slice(name).get_dtype())
+        return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(kind, "float32")
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -304,10 +345,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise HFConversionError(f"{f}: not valid JSON ({e})") from None
 
 
-def read_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Our flat parameters from the folder's safetensors, filled tensor by tensor into one copy."""
-    from qwen3_jax.params import param_specs
-
+def check_hf_params(path: str | os.PathLike, cfg: ModelConfig) -> tuple[SafetensorsFolder, list[Entry]]:
+    """Every tensor `cfg` needs is present with its shape, read from the headers only (no data)."""
     folder = SafetensorsFolder(path)
     present = folder.names()
     fused = any(n.endswith("mlp.experts.gate_up_proj") for n in present)
@@ -321,6 +360,19 @@ def read_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype: str = "floa
     unexpected = sorted(present - expected - ignorable)
     if unexpected:
         raise HFConversionError(f"{path}: unexpected tensor(s) {unexpected[:5]} for this config.json")
+    shapes = folder.shapes([e.hf for e in table])
+    for e in table:
+        if shapes[e.hf] != e.hf_shape:
+            raise HFConversionError(f"{path}: tensor {e.hf} has shape {shapes[e.hf]}, expected {e.hf_shape} "
+                                    f"from config.json")
+    return folder, table
+
+
+def read_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Our flat parameters from the folder's safetensors, filled tensor by tensor into one copy."""
+    from qwen3_jax.params import param_specs
+
+    folder, table = check_hf_params(path, cfg)
     target = np_dtype(dtype)
     out = {k: np.empty(s.shape, target) for k, s in param_specs(cfg).items()}
     entries = {e.hf: e for e in table}
@@ -365,34 +417,34 @@ def write_hf_params(flat: dict[str, Any], cfg: ModelConfig, out_dir: str | os.Pa
     return index
 
 
+def export_owns(name: str) -> bool:
+    """Whether a top-level name in an export folder is one an export writes (and --overwrite replaces)."""
+    return _EXPORT_NAMES.fullmatch(name) is not None
+
+
 def write_hf_folder(flat: dict[str, Any], cfg: ModelConfig, path: str | os.PathLike, *, dtype: str = "bfloat16",
-                    tokenizer: str | os.PathLike | None = None, overwrite: bool = False,
-                    max_shard_bytes: int = 2 << 30) -> Path:
-    """A complete Hugging Face folder (weights, config, generation config, tokenizer), written atomically."""
+                    tokenizer=None, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> Path:
+    """A complete Hugging Face folder (weights, config, generation config, tokenizer), written atomically.
+
+    `tokenizer`: None, anything `hf_tokenizer.plan_tokenizer_export` takes ('qwen3', a folder, a
+    tokenizer.json, a sentencepiece .model) or its result; it is checked before anything is written,
+    and its eos / pad / bos ids go into config.json and generation_config.json. An existing folder
+    needs `overwrite`, which replaces the files an export writes and keeps any others."""
     from qwen3_jax.fileio import atomic_dir
+    from qwen3_jax.hf_tokenizer import TokenizerExport, plan_tokenizer_export
 
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    np_dtype(dtype)
+    if tokenizer is not None and not isinstance(tokenizer, TokenizerExport):
+        tokenizer = plan_tokenizer_export(tokenizer, cfg.vocab_size, cfg.max_position_embeddings)
+    hf_cfg = to_hf_config(cfg, dtype=dtype, token_ids=tokenizer.token_ids() if tokenizer else None)
+    with atomic_dir(path, overwrite=overwrite, owned=export_owns, keep_others=True) as tmp:
         write_hf_params(flat, cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
-        hf_cfg = to_hf_config(cfg, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-        gen = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": hf_cfg["eos_token_id"],
-               "do_sample": False}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2))
         if tokenizer is not None:
-            copy_tokenizer_files(tokenizer, tmp)
+            tokenizer.write(tmp)
     return Path(path)
-
-
-def copy_tokenizer_files(src: str | os.PathLike, dst: Path) -> None:
-    src = Path(src)
-    if src.is_file():
-        shutil.copy2(src, dst / src.name)
-        return
-    found = [f for f in TOKENIZER_FILES if (src / f).exists() and f != "generation_config.json"]
-    if not found:
-        raise HFConversionError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
-    for f in found:
-        shutil.copy2(src / f, dst / f)
 
 
 def load_hf(path: str | os.PathLike, dtype: str | None = None, **overrides: Any):

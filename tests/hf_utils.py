@@ -47,3 +47,15 @@ def hf_logits(model, ids: np.ndarray, **kw) -> np.ndarray:
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def random_flat(cfg, seed: int = 0) -> dict:
+    """Our flat parameters for `cfg`, random (norm scales around 1), fp32 numpy."""
+    from qwen3_jax.params import param_specs
+
+    rng = np.random.RandomState(seed)
+    out = {}
+    for k, spec in sorted(param_specs(cfg).items()):
+        noise = rng.standard_normal(spec.shape).astype(np.float32)
+        out[k] = 1.0 + 0.2 * noise if k.endswith("scale") else 0.15 * noise
+    return out
