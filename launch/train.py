@@ -1,8 +1,12 @@
 """Train a Qwen3 model: `python launch/train.py --gin stage1.gin [--gin FILE ...] [--gin_param K=V ...]`.
 
 A gin file name without a directory is looked up in configs/. Later files and --gin_param
-override earlier ones. Rerunning the same command resumes from the workdir's latest checkpoint;
-SIGTERM saves a checkpoint and exits 0.
+override earlier ones. Rerunning the same command resumes from the workdir's newest readable
+checkpoint. One run per workdir (train.lock names the holder).
+
+Exit codes: 0 done (or SIGTERM: checkpoint saved, preempted); 1 the run stopped or is incomplete
+(too many skipped steps, a checkpoint that could not be saved, data errors); 2 bad configuration;
+130 interrupted by SIGINT/Ctrl-C (a checkpoint is saved first; Ctrl-C twice stops without saving).
 
 On a TPU VM slice run it on every worker (launch/tpu/); `--coordinator` / `--num_processes` /
 `--process_id` start jax.distributed explicitly (CPU clusters); on TPU VMs it is discovered.
@@ -42,6 +46,7 @@ def main(argv=None) -> int:
     from qwen3_jax import configurables
     from qwen3_jax.train.config import TrainingError
     from qwen3_jax.train.loop import train
+    from qwen3_jax.train.workdir_lock import WorkdirLock
 
     try:
         configurables.parse_gin(args.gin, args.gin_param)
@@ -57,16 +62,27 @@ def main(argv=None) -> int:
         print("error: bad gin configuration: " + " ".join(msg[:3]), file=sys.stderr)
         return 2
     workdir = args.workdir or configurables.query("%WORKDIR")
+    primary = jax.process_index() == 0
     try:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            (Path(workdir) / "config.gin").write_text(gin.config_str())
-        summary = train(workdir, model, tc)
-        if jax.process_index() == 0:
-            (Path(workdir) / "operative_config.gin").write_text(gin.operative_config_str())
+        with WorkdirLock(workdir, enabled=primary):  # before anything is written into the workdir
+            if primary:
+                (Path(workdir) / "config.gin").write_text(gin.config_str())
+            summary = train(workdir, model, tc)
+            if primary:
+                (Path(workdir) / "operative_config.gin").write_text(gin.operative_config_str())
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted (SIGINT twice): stopped without saving; rerun to resume from the last "
+              f"checkpoint in {workdir}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("interrupted") == "SIGINT":
+        print(f"interrupted: step {summary['step']} saved, workdir {workdir} (exit 130)", flush=True)
+        return 130
     print(f"done: step {summary['step']}, workdir {workdir}", flush=True)
     return 0
 

@@ -49,7 +49,7 @@ class Program:
     def init_state(self, params=None) -> TrainState:
         """A fresh train state on the mesh (`params`: start from these, e.g. a previous stage's)."""
         cfg, tc, opt = self.model, self.train, self.optimizer
-        init = self._under_rules(lambda p: init_state(cfg, opt, tc.seed, params=p))
+        init = self._under_rules(lambda p: init_state(cfg, opt, tc.seed, params=p, spike_window=tc.spike_window))
         return jax.jit(init, out_shardings=self.state_shardings)(params)
 
     def _under_rules(self, fn: Callable) -> Callable:
@@ -103,7 +103,7 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
 
     optimizer, schedule = make_optimizer(tc.optim, tc.steps)
     specs = param_specs(model)
-    abstract = jax.eval_shape(lambda: init_state(model, optimizer, tc.seed))
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, tc.seed, spike_window=tc.spike_window))
     state_sh = sharding.tree_shardings(abstract, specs, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     batch_sh = sharding.batch_sharding(mesh)
@@ -112,7 +112,8 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
     step = make_train_step(model, optimizer, micro_batches=tc.micro_batches, loss_chunk=tc.loss_chunk,
                            z_loss=tc.z_loss, aux_loss_coef=tc.aux_loss_coef, aux_scope=tc.aux_scope,
                            aux_layer_reduce=tc.aux_layer_reduce, aux_global_counts=tc.aux_global_counts,
-                           router_z_loss=tc.router_z_loss, router_bias_rate=tc.router_bias_rate, schedule=schedule)
+                           router_z_loss=tc.router_z_loss, router_bias_rate=tc.router_bias_rate, schedule=schedule,
+                           spike_factor=tc.spike_factor)
     step_fn = jax.jit(_under_rules(step, mesh, tc), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, None), donate_argnums=0)
     eval_fn = jax.jit(_under_rules(make_eval_step(model, tc.loss_chunk), mesh, tc),

@@ -8,6 +8,7 @@ step. Each step folder holds these items:
   model_config  JSON: `ModelConfig.to_dict()`
   meta          JSON: step, and whatever the writer adds (e.g. the source dtype of an import)
   opt_state, train_state, data   written by training only (optimizer, RNG/counters, data iterator)
+  guard         written by training only: the loss-spike guard's window (qwen3_jax.train.spike_guard)
 
 `convert_hf.py import` writes step 0 with params + model_config + meta; export reads params and
 model_config from any checkpoint with this layout. Orbax writes each step under a temporary
@@ -27,9 +28,9 @@ from qwen3_jax.config import ModelConfig
 
 from qwen3_jax.params import flatten, nest, param_specs
 
-# The items of one checkpoint step (see the module docstring); training writes all six.
+# The items of one checkpoint step (see the module docstring); training writes all seven.
 PARAMS, MODEL_CONFIG, META = "params", "model_config", "meta"
-OPT_STATE, TRAIN_STATE, DATA = "opt_state", "train_state", "data"
+OPT_STATE, TRAIN_STATE, DATA, GUARD = "opt_state", "train_state", "data", "guard"
 
 
 def checkpoint_root(path: str | os.PathLike) -> tuple[Path, int | None]:

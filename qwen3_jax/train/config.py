@@ -82,6 +82,12 @@ class TrainConfig:
     data_state_mismatch: "error" when a checkpoint's data position does not fit the pipeline,
       "restart": warn and reshuffle instead.
     stop_after: stop (with a checkpoint) after this many steps of this invocation.
+    Skipped updates (qwen3_jax.train.spike_guard): a step whose loss or gradients are non-finite,
+      or (spike_factor, None/0 = off) whose loss or grad norm exceeds spike_factor × the median of
+      the last spike_window good steps, is skipped on device. max_nonfinite_in_a_row skipped steps
+      in a row (either kind) roll back to the last checkpoint written before the first of them,
+      data continuing after the bad batches (spike_rollback, at most max_rollbacks times per
+      invocation), or stop naming that checkpoint.
     sample_every: print greedy continuations of `sample_prompts` (`sample_tokens` new tokens) from
       the current parameters every this many steps (0 = off; decoding costs a compile per call).
       sample_tokenizer: None = the tokenizer the training data was prepared with.
@@ -114,6 +120,10 @@ class TrainConfig:
     keep_every: int | None = None
     log_every: int = 10
     max_nonfinite_in_a_row: int = 5
+    spike_factor: float | None = 5.0
+    spike_window: int = 50
+    spike_rollback: bool = True
+    max_rollbacks: int = 3
     async_checkpoint: bool = True
     data_state_mismatch: str = "error"
     stop_after: int | None = None
@@ -128,7 +138,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Bad values fail here, before anything is built, naming the setting and the value."""
         for name, v in (("STEPS", self.steps), ("SEQ_LEN", self.seq_len), ("BATCH_SIZE", self.batch_size),
-                        ("CHECKPOINT_EVERY", self.checkpoint_every), ("train.micro_batches", self.micro_batches)):
+                        ("CHECKPOINT_EVERY", self.checkpoint_every), ("train.micro_batches", self.micro_batches),
+                        ("train.log_every", self.log_every), ("train.spike_window", self.spike_window),
+                        ("train.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise TrainingError(f"{name} must be a positive integer, got {v!r}")
         if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0):
@@ -141,6 +153,10 @@ class TrainConfig:
                                  ("lr_schedule.kind", self.optim.schedule.kind, SCHEDULES)):
             if v not in allowed:
                 raise TrainingError(f"{name}={v!r} is not one of {allowed}")
+        if self.spike_factor is not None and self.spike_factor != 0 and not self.spike_factor > 1:
+            raise TrainingError(f"train.spike_factor must be > 1 (or None/0 = off), got {self.spike_factor!r}")
+        if not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0:
+            raise TrainingError(f"train.max_rollbacks must be a non-negative integer, got {self.max_rollbacks!r}")
         if self.batch_size % self.micro_batches:
             raise TrainingError(f"BATCH_SIZE={self.batch_size} is not divisible by train.micro_batches="
                                 f"{self.micro_batches}")

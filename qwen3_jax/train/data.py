@@ -56,3 +56,23 @@ def _builtin_paths(weights, tokenizer, builtin_dir, spm_vocab_size) -> dict[str,
 def long_context_mix(source, *, buckets: Sequence[tuple[int, int, float]]) -> LengthBuckets:
     """Stage 3's length-bucketed view of `source` (lo < document length <= hi, token share)."""
     return LengthBuckets(source=source, buckets=tuple(tuple(b) for b in buckets))
+
+
+def check_vocab(data_it, vocab_size: int, what: str = "train.make_data") -> None:
+    """Fails before compile when the data was tokenized with more ids than the model's vocabulary
+    (those ids would index past the embedding: NaN from the first step). Reads each prepared
+    dataset's stats.json (`vocab_size`, written by data_pipeline/prepare.py); iterators that name
+    no prepared dataset are not checked."""
+    from data_pipeline.pipeline import load_stats
+
+    from qwen3_jax.train.config import TrainingError
+
+    for spec in getattr(data_it, "specs", None) or []:
+        stats = load_stats(spec.path)
+        data_vocab = stats.get("vocab_size")
+        if data_vocab is not None and int(data_vocab) > vocab_size:
+            raise TrainingError(
+                f"{what}: dataset {spec.path} was tokenized with {stats.get('tokenizer', '?')} (vocab_size "
+                f"{data_vocab}) but the model's vocab_size is {vocab_size}: token ids up to {int(data_vocab) - 1} "
+                f"would index past the embedding. Use a model with vocab_size >= {data_vocab} "
+                f"(model_config.vocab_size) or data prepared with the model's tokenizer")

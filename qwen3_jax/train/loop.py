@@ -12,23 +12,26 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from data_pipeline.checkpointing import DataRestore, DataSave
 from data_pipeline.pipeline import BATCH_KEYS, to_global
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.train import checkpoint as ckpt
+from qwen3_jax.train import faults
 from qwen3_jax.train.build import Program, build, program_fingerprint
 from qwen3_jax.train.config import TrainConfig, TrainingError
-from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops
+from qwen3_jax.train.data import check_vocab
+from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops, truncate_metrics
+from qwen3_jax.train.prefetch import BatchPrefetcher
+from qwen3_jax.train.run_checkpoints import RunCheckpoints, clean_unfinished, params_from
 from qwen3_jax.train.samples import data_tokenizer, print_samples
-from qwen3_jax.train.step import TrainState
+from qwen3_jax.train.workdir_lock import WorkdirLock
 
 # Fields a later stage may change when it starts from an earlier stage's parameters.
 STAGE_MUTABLE = {"name", "rope_theta", "rope_scaling", "max_position_embeddings", "param_dtype", "compute_dtype",
@@ -44,98 +47,39 @@ def _check_same_architecture(prev: ModelConfig, cfg: ModelConfig, where: str) ->
         raise TrainingError(f"{where} has a different architecture ({pairs})")
 
 
-class _Preemption:
-    """SIGTERM (the preemption notice) sets a flag; the loop saves and exits 0."""
+class _Signals:
+    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint
+    and stops. A second SIGINT interrupts at once (KeyboardInterrupt), without saving."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested: str | None = None
+        self._old: dict = {}
 
     def __enter__(self):
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("SIGINT: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
+                  "saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._old or signal.SIG_DFL)
-
-
-def _save(mgr, step: int, state: TrainState, data_it, cfg: ModelConfig, meta: dict) -> bool:
-    """Saves one checkpoint; on failure says so and keeps the previous one."""
-    try:
-        mgr.save(step, args=ocp.args.Composite(**{
-            ckpt.PARAMS: ocp.args.StandardSave(state.params),
-            ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
-            ckpt.TRAIN_STATE: ocp.args.StandardSave(_counters(state)),
-            ckpt.DATA: DataSave(data_it),  # one small JSON file per data shard
-            ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
-            ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
-        }), force=True)
-        return True
-    except Exception as e:  # noqa: BLE001 - any storage failure: report, keep going
-        prev = mgr.latest_step()
-        print(f"WARNING: checkpoint save at step {step} failed ({type(e).__name__}: {e}); "
-              f"the last complete checkpoint (step {prev}) is intact", file=sys.stderr, flush=True)
-        return False
-
-
-def _restore(mgr, step: int, abstract: TrainState) -> TrainState:
-    counters = _counters(abstract)
-    got = mgr.restore(step, args=ocp.args.Composite(**{
-        ckpt.PARAMS: ocp.args.StandardRestore(abstract.params),
-        ckpt.OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
-        ckpt.TRAIN_STATE: ocp.args.StandardRestore(counters),
-    }))
-    t = got[ckpt.TRAIN_STATE]
-    return TrainState(params=got[ckpt.PARAMS], opt_state=got[ckpt.OPT_STATE], step=t["step"], rng=t["rng"],
-                      nonfinite_in_a_row=t["nonfinite_in_a_row"], nonfinite_total=t["nonfinite_total"],
-                      moe=t.get("moe", {}))
-
-
-def _counters(state: TrainState) -> dict:
-    """The train_state item: counters, RNG and the MoE balancing state (counts, routing bias)."""
-    out = {"step": state.step, "rng": state.rng, "nonfinite_in_a_row": state.nonfinite_in_a_row,
-           "nonfinite_total": state.nonfinite_total}
-    if state.moe:
-        out["moe"] = state.moe
-    return out
-
-
-def _restore_data(mgr, step: int, data_it, on_mismatch: str, remake):
-    """The data iterator at the checkpoint's position; see `train(data_state_mismatch=...)`."""
-    try:
-        mgr.restore(step, args=ocp.args.Composite(**{ckpt.DATA: DataRestore(data_it)}))
-        return data_it
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        if on_mismatch != "restart":
-            raise TrainingError(f"the data position saved at step {step} does not fit this data pipeline ({e}). "
-                                f"If the data, batch size or make_dataset.data_shards changed on purpose, set "
-                                f"train.data_state_mismatch='restart' to continue with freshly shuffled data") from None
-        print(f"WARNING: data position of step {step} not restorable ({e}); continuing with data reshuffled "
-              f"(seed offset {step})", file=sys.stderr, flush=True)
-        return remake(step)
-
-
-def _params_from(path: str, cfg: ModelConfig, abstract_params) -> Any:
-    """Parameters of another run's latest checkpoint (stage handoff), onto this run's shardings."""
-    root, step = ckpt.checkpoint_root(path)
-    step = step if step is not None else ckpt.latest_step(root)
-    prev = ckpt.read_model_config(root, step)
-    _check_same_architecture(prev, cfg, f"init_from checkpoint {root}/{step}")
-    with ckpt.manager(root, create=False) as mgr:
-        params = mgr.restore(step, args=ocp.args.Composite(**{
-            ckpt.PARAMS: ocp.args.StandardRestore(abstract_params)}))[ckpt.PARAMS]
-    print(f"initialised parameters from {root}/{step} ({prev.name}, rope_theta {prev.rope_theta:g} -> "
-          f"{cfg.rope_theta:g})", flush=True)
-    return params
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
           devices: Sequence[Any] | None = None) -> dict:
-    """Trains `model` to `tc.steps` optimizer steps, resuming from `workdir` when it has a
-    checkpoint. Returns a summary dict (final step, last metrics, step program fingerprint)."""
+    """Trains `model` to `tc.steps` optimizer steps, resuming from `workdir`'s newest readable
+    checkpoint. Returns a summary dict (final step, last metrics, step program fingerprint, and
+    `interrupted`: "SIGTERM"/"SIGINT" when a signal stopped it). Raises TrainingError for anything
+    that stops the run or leaves it incomplete (after saving what it can)."""
     workdir_p = Path(workdir)
     if tc.make_data is None:
         raise TrainingError("train.make_data is not set: nothing to train on")
@@ -148,94 +92,214 @@ def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
         if ckpt.latest_step(root) is None:
             raise TrainingError(f"train.init_from: {tc.init_from} has no complete checkpoint")
     primary = jax.process_index() == 0
-    if primary:
-        workdir_p.mkdir(parents=True, exist_ok=True)
-        (workdir_p / "model_config.json").write_text(model.to_json())
+    faults.install()
+    with WorkdirLock(workdir_p, enabled=primary), _Signals() as signals:
+        return _Run(workdir_p, model, tc, program, primary, signals).run()
 
-    def make_data(seed_offset: int = 0):
+
+class _Run:
+    """One invocation of train(): resume, compile, the overlapped step loop, rollback, stop."""
+
+    def __init__(self, workdir: Path, model: ModelConfig, tc: TrainConfig, program: Program, primary: bool,
+                 signals: _Signals):
+        self.workdir, self.model, self.tc, self.program, self.primary = workdir, model, tc, program, primary
+        self.signals = signals
+        self.rollbacks = 0
+        self.good_updates = 0
+        self.last: dict[str, float] = {}
+
+    def make_data(self, seed_offset: int = 0):
+        tc = self.tc
         try:
             return tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed + seed_offset)
         except (ValueError, FileNotFoundError) as e:
             raise TrainingError(f"data: {e}") from None
 
-    data_it = make_data()
-    mgr = ckpt.manager(workdir_p / "checkpoints", max_to_keep=tc.keep_last, keep_period=tc.keep_every,
-                       enable_async=tc.async_checkpoint)
-    start = mgr.latest_step()
-    if start is not None:
-        state = _restore(mgr, start, program.abstract_state)
-        data_it = _restore_data(mgr, start, data_it, tc.data_state_mismatch, make_data)
-        print(f"resumed from {workdir_p / 'checkpoints' / str(start)}", flush=True)
-    else:
-        start = 0
-        params = _params_from(tc.init_from, model, program.abstract_state.params) if tc.init_from else None
-        state = program.init_state(params)
-    if start >= tc.steps:
-        print(f"nothing to do: checkpoint step {start} >= STEPS={tc.steps}", flush=True)
-        mgr.close()
-        return {"step": start, "metrics": {}}
+    def check_arch(self, prev: ModelConfig, where: str) -> None:
+        _check_same_architecture(prev, self.model, where)
 
-    lowered = program.lower()
-    fingerprint = program_fingerprint(lowered)
-    step_fn = lowered.compile()
-    tokens_per_step = tc.batch_size * tc.seq_len
-    fpt = flops_per_token(model, tc.seq_len)
-    devs = list(program.mesh.devices.flat)
-    peak = peak_flops(devs[0].device_kind)
-    writer = MetricsWriter(workdir_p, tc.steps, log_every=tc.log_every, enabled=primary)
-    meta = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "model": model.name, "step_program": fingerprint,
-            "router_bias": bool(model.is_moe and tc.router_bias_rate)}
-    print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {len(devs)} "
-          f"{devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
-          f"steps {start}->{tc.steps}, {tokens_per_step:,} tokens/step, {fpt / 1e9:.3f} GFLOP/token, "
-          f"step program {fingerprint}", flush=True)
+    def run(self) -> dict:
+        tc, model, workdir = self.tc, self.model, self.workdir
+        if self.primary:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "model_config.json").write_text(model.to_json())
+        data_it = self.make_data()
+        check_vocab(data_it, model.vocab_size)
+        if tc.make_eval_data is not None:
+            check_vocab(tc.make_eval_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed),
+                        model.vocab_size, "train.make_eval_data")
+        root = workdir / "checkpoints"
+        if self.primary:
+            clean_unfinished(root)
+        self.ckpts = RunCheckpoints(root, keep_last=tc.keep_last, keep_every=tc.keep_every,
+                                    enable_async=tc.async_checkpoint)
+        try:
+            return self._run(data_it)
+        finally:
+            self.ckpts.close()
 
-    last: dict[str, float] = {}
-    step = start
-    t_prev = time.time()
-    with _Preemption() as preempt:
+    def _run(self, data_it) -> dict:
+        tc, model, program, workdir = self.tc, self.model, self.program, self.workdir
+        found = self.ckpts.restore_latest(program.abstract_state, tc.spike_window, self.check_arch)
+        if found is not None:
+            start, state = found
+            data_it = self.ckpts.restore_data(start, data_it, tc.data_state_mismatch, self.make_data)
+            print(f"resumed from {self.ckpts.root / str(start)}", flush=True)
+        else:
+            start = 0
+            params = (params_from(tc.init_from, model, program.abstract_state.params, self.check_arch)
+                      if tc.init_from else None)
+            state = program.init_state(params)
+        if self.primary:
+            truncate_metrics(workdir, start)
+        if start >= tc.steps:
+            print(f"nothing to do: checkpoint step {start} >= STEPS={tc.steps}", flush=True)
+            return {"step": start, "metrics": {}}
+        warmup = tc.optim.schedule.warmup_steps
+        if warmup > tc.steps:
+            print(f"NOTE: lr_schedule.warmup_steps={warmup} > STEPS={tc.steps}: warmup clamped to {tc.steps} "
+                  f"steps (the learning rate reaches its peak only at the last step)", flush=True)
+
+        t0 = time.time()
+        lowered = program.lower()
+        fingerprint = program_fingerprint(lowered)
+        step_fn = lowered.compile()
+        compile_s = time.time() - t0
+        if self.signals.requested:
+            print(f"{self.signals.requested}: stopped before the first step; nothing new to save", flush=True)
+            return {"step": start, "metrics": {}, "step_program": fingerprint, "interrupted": self.signals.requested}
+        self.tokens_per_step = tc.batch_size * tc.seq_len
+        self.fpt = flops_per_token(model, tc.seq_len)
+        self.devs = list(program.mesh.devices.flat)
+        self.peak = peak_flops(self.devs[0].device_kind)
+        self.writer = MetricsWriter(workdir, tc.steps, log_every=tc.log_every, enabled=self.primary)
+        self.writer.first_line_extra = f" | compiled in {compile_s:.1f} s"
+        self.meta = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "model": model.name,
+                     "step_program": fingerprint, "router_bias": bool(model.is_moe and tc.router_bias_rate)}
+        print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {len(self.devs)} "
+              f"{self.devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
+              f"steps {start}->{tc.steps}, {self.tokens_per_step:,} tokens/step, {self.fpt / 1e9:.3f} GFLOP/token, "
+              f"step program {fingerprint}", flush=True)
+        prefetch = BatchPrefetcher(data_it, lambda b: _global_batch(b, program))
+        try:
+            step, error = self._loop(state, start, step_fn, prefetch)
+        finally:
+            prefetch.close()
+            self.writer.close()
+        self.ckpts.wait()
+        errors = [e for e in (error, self.ckpts.failure_message()) if e]
+        if self.writer.write_error:
+            errors.append(f"metrics were not all written ({self.writer.write_error})")
+        if not error and step > start and self.good_updates == 0:
+            errors.append(f"every update of this run was skipped (steps {start + 1}-{step}: non-finite loss or "
+                          f"gradients, or spikes); the parameters are still those of step {start}")
+        if errors:
+            raise TrainingError("; ".join(errors))
+        if self.signals.requested:
+            print(f"{self.signals.requested}: saved step {step} and stopped; rerun the same command to resume",
+                  flush=True)
+        return {"step": step, "metrics": self.last, "step_program": fingerprint,
+                "interrupted": self.signals.requested}
+
+    def _loop(self, state, start: int, step_fn, prefetch) -> tuple[int, str | None]:
+        """The overlapped loop: step s+1 is dispatched before step s's metrics are read, and the
+        next batch is prepared while a step runs. Returns (last step, error or None)."""
+        tc, program = self.tc, self.program
+        step, pending, self.t_prev = start, None, time.time()
         while step < tc.steps:
-            batch = next(data_it)
-            state, metrics = step_fn(state, _global_batch(batch, program))
+            batch, pos = prefetch.next()
+            state = faults.perturb(state, step + 1)
+            state, metrics = step_fn(state, batch)
             step += 1
-            metrics = jax.device_get(metrics)
-            now = time.time()
-            dt, t_prev = now - t_prev, now
-            metrics["step_time_s"] = dt
-            metrics["tokens_per_s"] = tokens_per_step / dt
-            metrics["tflops_per_device"] = fpt * tokens_per_step / dt / len(devs) / 1e12
-            if peak:
-                metrics["mfu"] = metrics["tflops_per_device"] * 1e12 / peak
-            writer.write(step, metrics)
-            last = {k: float(np.asarray(v).max()) for k, v in metrics.items()}
-            if int(state.nonfinite_in_a_row) >= tc.max_nonfinite_in_a_row:
-                mgr.wait_until_finished()
-                mgr.close()
-                writer.close()
-                raise TrainingError(f"{tc.max_nonfinite_in_a_row} non-finite steps in a row at step {step} "
-                                    f"(loss {metrics['loss']}, grad norm {metrics['grad_norm']}); stopped. "
-                                    f"The last good checkpoint is step {mgr.latest_step()}")
-            if tc.make_eval_data is not None and tc.eval_every and step % tc.eval_every == 0:
-                writer.write(step, _evaluate(program, state.params), prefix="eval")
-            if tc.sample_every and tc.sample_prompts and step % tc.sample_every == 0:
-                print_samples(model, state.params, program.mesh, tc.sample_tokenizer or data_tokenizer(data_it),
-                              tc.sample_prompts, step, tc.sample_tokens, primary)
-            stopping = (preempt.requested or step == tc.steps
+            verdict = self._report(*pending) if pending is not None else None
+            pending = (step, metrics)
+            stopping = (self.signals.requested is not None or step == tc.steps
                         or (tc.stop_after is not None and step - start >= tc.stop_after))
-            if step % tc.checkpoint_every == 0 or stopping:
-                _save(mgr, step, state, data_it, model, meta)
+            evals = tc.make_eval_data is not None and tc.eval_every and step % tc.eval_every == 0
+            samples = tc.sample_every and tc.sample_prompts and step % tc.sample_every == 0
+            saving = step % tc.checkpoint_every == 0 or stopping
+            if verdict is None and (stopping or evals or samples or saving):
+                verdict, pending = self._report(*pending), None  # these wait for the step anyway
+            if verdict is not None:
+                rolled = self._rollback(*verdict)
+                if isinstance(rolled, str):
+                    return step, rolled
+                step, state = rolled
+                pending = None
+                continue
+            if evals:
+                self.writer.write(step, _evaluate(program, state.params), prefix="eval")
+            if samples:
+                print_samples(self.model, state.params, program.mesh,
+                              tc.sample_tokenizer or data_tokenizer(prefetch.data_it), tc.sample_prompts, step,
+                              tc.sample_tokens, self.primary)
+            if saving:
+                self.ckpts.save(step, state, pos, self.model, self.meta)
             if stopping:
                 break
-    try:
-        mgr.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
-        print(f"WARNING: finishing the last checkpoint failed ({e}); the last complete checkpoint is step "
-              f"{mgr.latest_step()}", file=sys.stderr, flush=True)
-    mgr.close()
-    writer.close()
-    if preempt.requested:
-        print(f"SIGTERM: saved step {step} and stopped; rerun the same command to resume", flush=True)
-    return {"step": step, "metrics": last, "step_program": fingerprint}
+        if pending is not None:
+            verdict = self._report(*pending)
+            if verdict is not None:
+                return step, self._rollback(*verdict, final=True)
+        return step, None
+
+    def _report(self, step: int, metrics) -> tuple[int, int, dict] | None:
+        """Reads one step's metrics (the device is already busy with the next step), writes them;
+        returns (step, first bad step, metrics) when too many updates in a row were skipped."""
+        metrics = jax.device_get(metrics)
+        now = time.time()
+        dt, self.t_prev = now - self.t_prev, now
+        metrics["step_time_s"] = dt
+        metrics["tokens_per_s"] = self.tokens_per_step / dt
+        metrics["tflops_per_device"] = self.fpt * self.tokens_per_step / dt / len(self.devs) / 1e12
+        if self.peak:
+            metrics["mfu"] = metrics["tflops_per_device"] * 1e12 / self.peak
+        self.writer.write(step, metrics)
+        self.last = {k: float(np.asarray(v).max()) for k, v in metrics.items()}
+        bad = int(metrics["bad_in_a_row"])
+        self.good_updates += bad == 0
+        if bad >= self.tc.max_nonfinite_in_a_row:
+            return step, step - bad + 1, metrics
+        return None
+
+    def _rollback(self, step: int, first_bad: int, m: dict, final: bool = False):
+        """After too many skipped updates: (step, state) restored from the last checkpoint written
+        before `first_bad`, or the error message when rollback is off, exhausted or impossible."""
+        tc = self.tc
+        self.ckpts.wait()
+        n = step - first_bad + 1
+        kind = "non-finite" if not bool(m["finite"]) else "spike"
+        what = (f"{n} skipped steps in a row (steps {first_bad}-{step}, the last {kind}: loss {float(m['loss']):.4g}, "
+                f"grad norm {float(m['grad_norm']):.4g}; {int(m['nonfinite_total'])} non-finite and "
+                f"{int(m['spikes_total'])} spikes so far)")
+        if kind == "non-finite" and int(m["nonfinite_in_a_row"]) >= n:
+            what = f"{n} non-finite steps in a row (steps {first_bad}-{step}: loss {float(m['loss']):.4g})"
+        good = [c for c in self.ckpts.steps() if c < first_bad]
+        target = max(good) if good else None
+        named = (f"the last good checkpoint is step {target} (written before the first bad step {first_bad})"
+                 if target is not None else f"no checkpoint was written before the first bad step {first_bad}")
+        why_not = ("train.spike_rollback=False" if not tc.spike_rollback else
+                   f"{self.rollbacks} rollback(s) already, train.max_rollbacks={tc.max_rollbacks}"
+                   if self.rollbacks >= tc.max_rollbacks else "nothing to roll back to" if target is None
+                   else "the run ended" if final else None)
+        if why_not is not None:
+            return f"{what}; stopped ({why_not}). {named[0].upper()}{named[1:]}"
+        for c in self.ckpts.steps():
+            if c > target:
+                self.ckpts.move_aside(c, "written during or after the bad steps")
+        found = self.ckpts.restore_latest(self.program.abstract_state, tc.spike_window, self.check_arch,
+                                          below=first_bad)
+        if found is None:
+            return f"{what}; stopped (no readable checkpoint before step {first_bad})"
+        self.rollbacks += 1
+        if self.primary:
+            self.writer.rewind(found[0])
+        self.t_prev = time.time()
+        print(f"ROLLBACK {self.rollbacks}/{tc.max_rollbacks}: {what}; restored checkpoint step {found[0]} "
+              f"(written before the first bad step {first_bad}); the data goes on after the batches already "
+              f"read (the {step + 1 - found[0]} batches of steps {found[0] + 1}-{step + 1} are not repeated)",
+              file=sys.stderr, flush=True)
+        return found
 
 
 def _global_batch(batch, program: Program) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -54,11 +55,40 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True, ca
     return 3 * forward if training else forward
 
 
+def truncate_metrics(workdir: str | Path, step: int) -> int:
+    """Keeps the lines of metrics.jsonl up to `step` (a resume or rollback to `step` writes the later
+    steps again, so no step appears twice); the lines taken out are appended to
+    metrics.rolled_back.jsonl, never dropped. Returns how many were moved."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            ok = int(json.loads(line)["step"]) <= step and line.endswith("\n")
+        except (ValueError, KeyError, TypeError):
+            ok = False  # a line cut short by a kill
+        (keep if ok else moved).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(path.with_name("metrics.rolled_back.jsonl"), "a") as f:
+            f.writelines(moved)
+        tmp = path.with_name(f"metrics.jsonl.tmp{os.getpid()}")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+        print(f"metrics.jsonl: moved {len(moved)} line(s) after step {step} to metrics.rolled_back.jsonl "
+              f"(those steps run again)", flush=True)
+    return len(moved)
+
+
 class MetricsWriter:
-    """Writes each step's scalars to metrics.jsonl and TensorBoard, and a progress line to stdout."""
+    """Writes each step's scalars to metrics.jsonl and TensorBoard, and a progress line to stdout
+    (the first step of a run, then every `log_every` steps, and the last)."""
 
     def __init__(self, workdir: str | Path, total_steps: int, *, log_every: int = 10, enabled: bool = True):
         self.workdir, self.total_steps, self.log_every, self.enabled = Path(workdir), total_steps, log_every, enabled
+        self._logged_first = False
+        self.write_error: str | None = None
+        self.first_line_extra = ""  # appended to the first progress line (e.g. the compile time)
         self._jsonl = None
         self._tb = None
         if enabled:
@@ -86,15 +116,33 @@ class MetricsWriter:
                     for i, x in enumerate(a.reshape(-1)):
                         self._tb.add_scalar(f"{prefix}/{k}/layer{i:03d}", float(x), step)
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat, **tables}) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat, **tables})
+                                  + "\n")
+                self._jsonl.flush()
+            except OSError as e:  # e.g. a full disk: say so once, keep training
+                if self.write_error is None:
+                    self.write_error = f"{self.workdir / 'metrics.jsonl'}: {e}"
+                    print(f"WARNING: writing metrics failed at step {step} ({self.write_error})", flush=True)
         if self._tb is not None:
             for k, x in flat.items():
                 self._tb.add_scalar(f"{prefix}/{k}", x, step)
-        if prefix == "train" and self.enabled and (step % self.log_every == 0 or step == self.total_steps):
-            print(self.progress_line(step, flat), flush=True)
+        if prefix == "train" and self.enabled and (step % self.log_every == 0 or step == self.total_steps
+                                                   or not self._logged_first):
+            line = self.progress_line(step, flat)
+            if not self._logged_first:
+                line += self.first_line_extra
+            self._logged_first = True
+            print(line, flush=True)
         elif prefix != "train" and self.enabled:
             print(f"[{prefix}] step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: metrics.jsonl keeps the lines up to it (see truncate_metrics)."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            truncate_metrics(self.workdir, step)
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
 
     def progress_line(self, step: int, m: Mapping[str, float]) -> str:
         if self._first_step is None:
@@ -106,6 +154,8 @@ class MetricsWriter:
         parts = [f"step {step}/{self.total_steps}", f"loss {m.get('loss', float('nan')):.4f}"]
         if m.get("aux_loss"):
             parts.append(f"aux {m['aux_loss']:.4f}")
+        if m.get("skipped"):
+            parts.append("UPDATE SKIPPED (" + ("spike" if m.get("spike") else "non-finite") + ")")
         parts += [f"gnorm {m.get('grad_norm', 0):.3f}", f"lr {m.get('lr', 0):.2e}",
                   f"{m.get('tokens_per_s', 0):,.0f} tok/s"]
         if m.get("mfu") is not None and "mfu" in m:

@@ -21,7 +21,7 @@ import optax
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params, flatten, model_from_flat, nest
-from qwen3_jax.train import moe_balance
+from qwen3_jax.train import moe_balance, spike_guard
 from qwen3_jax.train.config import AUX_GLOBAL_COUNTS, AUX_SCOPES
 
 
@@ -34,18 +34,20 @@ class TrainState:
     nonfinite_in_a_row: jax.Array  # int32
     nonfinite_total: jax.Array  # int32
     moe: Any  # MoE balancing state (moe_balance.init_moe_state): last global counts, routing bias; {} if dense
+    guard: Any  # loss-spike guard (spike_guard.init_guard): recent good losses / grad norms, bad steps in a row
 
 
 def init_params(cfg: ModelConfig, seed: int = 0):
     return nest(flat_params(create_model(cfg, seed)))
 
 
-def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int = 0, params=None) -> TrainState:
+def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int = 0, params=None,
+               spike_window: int = 50) -> TrainState:
     params = init_params(cfg, seed) if params is None else params
     zero = jnp.zeros((), jnp.int32)
     return TrainState(params=params, opt_state=optimizer.init(params), step=zero,
                       rng=jax.random.key_data(jax.random.key(seed)), nonfinite_in_a_row=zero, nonfinite_total=zero,
-                      moe=moe_balance.init_moe_state(cfg))
+                      moe=moe_balance.init_moe_state(cfg), guard=spike_guard.init_guard(spike_window))
 
 
 def split_micro_batches(batch: dict, n: int) -> dict:
@@ -126,8 +128,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
                     loss_chunk: int | None = None, z_loss: float = 0.0, aux_loss_coef: float | None = None,
                     aux_scope: str = "global", aux_layer_reduce: str = "mean", aux_global_counts: str = "exact",
                     router_z_loss: float = 0.0, router_bias_rate: float = 0.0,
-                    schedule: optax.Schedule | None = None) -> Callable:
-    """step(state, batch) -> (state, metrics). Non-finite loss or gradients skip the update."""
+                    schedule: optax.Schedule | None = None, spike_factor: float | None = None) -> Callable:
+    """step(state, batch) -> (state, metrics). Non-finite loss or gradients skip the update, and so
+    does a loss spike (`spike_factor`: qwen3_jax.train.spike_guard; None = no spike check)."""
     if aux_global_counts not in AUX_GLOBAL_COUNTS:
         raise ValueError(f"aux_global_counts={aux_global_counts!r} is not one of {AUX_GLOBAL_COUNTS}")
     loss_fn = make_loss_fn(cfg, z_loss=z_loss, aux_loss_coef=aux_loss_coef, aux_scope=aux_scope,
@@ -186,6 +189,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        spike = spike_guard.is_spike(state.guard, loss, grad_norm, spike_factor)
+        ok = finite & ~spike
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         moe = state.moe
@@ -193,13 +198,17 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             moe = {"counts": counts, "tokens": router_tokens,
                    "bias": moe_balance.update_bias(moe["bias"], counts, router_bias_rate) if router_bias_rate
                    else moe["bias"]}
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        guard = spike_guard.update_guard(state.guard, loss, grad_norm, finite, spike)
         new_state = state.replace(
             params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state), step=state.step + 1,
             nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
-            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32), moe=keep(moe, state.moe))
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32), moe=keep(moe, state.moe),
+            guard=guard)
         metrics = {"loss": loss, "lm_loss": lm, "z_loss": zl, "aux_loss": aux, "grad_norm": grad_norm,
-                   "tokens": total_tokens, "finite": finite, "nonfinite_total": new_state.nonfinite_total}
+                   "tokens": total_tokens, "finite": finite, "nonfinite_total": new_state.nonfinite_total,
+                   "spike": spike, "skipped": ~ok, "bad_in_a_row": guard["bad_in_a_row"],
+                   "spikes_total": guard["spikes_total"]}
         if cfg.is_moe and router_z_loss:
             metrics["router_z_loss"] = rz
         if schedule is not None:

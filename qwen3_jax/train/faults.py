@@ -1,0 +1,68 @@
+"""Test-only fault injection, switched on by environment variables (tests/test_faults_train.py).
+
+Nothing here runs unless one of these is set:
+
+  QWEN3_FAULT_COMMIT_SLEEP_S=S      sleep S seconds inside every checkpoint commit, after the data
+                                    is written and before the step folder is finalised (with
+                                    async checkpoints: in orbax's background thread), printing
+                                    "[fault] commit of step N: sleeping" first
+  QWEN3_FAULT_ENOSPC_FROM_STEP=N    the commit of every checkpoint of step >= N fails with
+                                    OSError(ENOSPC), as a full disk does
+  QWEN3_FAULT_SCALE_AT=STEP:FACTOR  before running step STEP (once per process), multiply the final
+                                    norm's scale by FACTOR (e.g. 1e4: a loss spike; nan: non-finite)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+COMMIT_SLEEP = "QWEN3_FAULT_COMMIT_SLEEP_S"
+ENOSPC_FROM = "QWEN3_FAULT_ENOSPC_FROM_STEP"
+SCALE_AT = "QWEN3_FAULT_SCALE_AT"
+
+_installed = False
+
+
+def install() -> None:
+    """Wraps orbax's commit when a checkpoint fault is requested (idempotent)."""
+    global _installed
+    sleep_s, enospc = os.environ.get(COMMIT_SLEEP), os.environ.get(ENOSPC_FROM)
+    if _installed or not (sleep_s or enospc):
+        return
+    import orbax.checkpoint as ocp
+
+    original = ocp.CheckpointManager._finalize
+
+    def _finalize(self, step, steps_to_remove):
+        if sleep_s:
+            print(f"[fault] commit of step {step}: sleeping {sleep_s} s", flush=True)
+            time.sleep(float(sleep_s))
+        if enospc and step >= int(enospc):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory))
+            finally:
+                self._save_progress_tracker.set(False)
+        return original(self, step, steps_to_remove)
+
+    ocp.CheckpointManager._finalize = _finalize
+    _installed = True
+
+
+_scaled: set[int] = set()
+
+
+def perturb(state, step: int):
+    """`state` with the QWEN3_FAULT_SCALE_AT perturbation applied when `step` is its step."""
+    spec = os.environ.get(SCALE_AT)
+    if not spec:
+        return state
+    at, factor = spec.split(":")
+    if int(at) != step or step in _scaled:
+        return state
+    _scaled.add(step)
+    print(f"[fault] step {step}: final norm scale x {factor}", flush=True)
+    params = dict(state.params)
+    params["final_norm"] = {k: v * float(factor) for k, v in params["final_norm"].items()}
+    return state.replace(params=params)

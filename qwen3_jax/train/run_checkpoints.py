@@ -1,0 +1,233 @@
+"""A training run's checkpoints: save (failures recorded, never fatal mid-run), restore of the
+newest complete and readable step (older ones as fallback), cleanup of interrupted saves.
+
+The items of a step are named in `qwen3_jax.train.checkpoint`. `RunCheckpoints` wraps one orbax
+`CheckpointManager` (async or not):
+  * `save` writes a step; a failure (disk full, storage error; with async checkpoints it shows up
+    at the next save or at `wait`) is printed as one line and kept in `failures`, so the loop goes
+    on training and exits non-zero at the end naming the steps that were not saved.
+  * `restore_latest` validates the newest step (every item present, data position parseable,
+    arrays readable) and falls back to older ones, printing one line per skipped step with the
+    reason; a skipped step is moved to `<workdir>/skipped_checkpoints/` (kept, never deleted), so
+    the run can write that step again.
+  * `clean_unfinished` removes `*.orbax-checkpoint-tmp-*` folders: saves that never committed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import orbax.checkpoint as ocp
+
+from data_pipeline.checkpointing import DataRestore, DataSave
+from qwen3_jax.config import ModelConfig
+from qwen3_jax.train import checkpoint as ckpt
+from qwen3_jax.train import spike_guard
+from qwen3_jax.train.config import TrainingError
+from qwen3_jax.train.step import TrainState
+
+REQUIRED = (ckpt.PARAMS, ckpt.OPT_STATE, ckpt.TRAIN_STATE, ckpt.DATA, ckpt.MODEL_CONFIG, ckpt.META)
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
+def counters(state: TrainState) -> dict:
+    """The train_state item: counters, RNG and the MoE balancing state (counts, routing bias)."""
+    out = {"step": state.step, "rng": state.rng, "nonfinite_in_a_row": state.nonfinite_in_a_row,
+           "nonfinite_total": state.nonfinite_total}
+    if state.moe:
+        out["moe"] = state.moe
+    return out
+
+
+def clean_unfinished(root: Path) -> list[str]:
+    """Removes the temporary folders of saves that never committed; returns their names."""
+    gone = []
+    if not root.is_dir():
+        return gone
+    for p in sorted(root.iterdir()):
+        if TMP_MARK in p.name and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"removed {p} (a checkpoint save interrupted before its commit)", flush=True)
+            gone.append(p.name)
+    return gone
+
+
+def _problem(step_dir: Path) -> str | None:
+    """Why a committed step folder cannot be resumed from (cheap checks), or None."""
+    missing = [i for i in REQUIRED if not (step_dir / i).is_dir()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for f in sorted((step_dir / ckpt.DATA).glob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            return f"data position {f.name} unreadable ({_one_line(e, 80)})"
+    return None
+
+
+class RunCheckpoints:
+    def __init__(self, root: Path, *, keep_last: int | None, keep_every: int | None, enable_async: bool):
+        self.root = root
+        self._opts = dict(max_to_keep=keep_last, keep_period=keep_every, enable_async=enable_async)
+        self.mgr = ckpt.manager(root, **self._opts)
+        self.failures: list[tuple[int, str]] = []
+        self._pending: int | None = None  # an async save not yet known to have committed
+
+    # --- saving ------------------------------------------------------------------------
+    def save(self, step: int, state: TrainState, data_pos, cfg: ModelConfig, meta: dict) -> None:
+        self.wait()
+        try:
+            self.mgr.save(step, args=ocp.args.Composite(**{
+                ckpt.PARAMS: ocp.args.StandardSave(state.params),
+                ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
+                ckpt.TRAIN_STATE: ocp.args.StandardSave(counters(state)),
+                ckpt.GUARD: ocp.args.StandardSave(state.guard),
+                ckpt.DATA: DataSave(data_pos),  # one small JSON file per data shard
+                ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
+                ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
+            }), force=True)
+            self._pending = step
+        except Exception as e:  # noqa: BLE001 - any storage failure: report, keep training
+            self._failed(step, e)
+
+    def wait(self) -> None:
+        """Waits for an async save to commit; a failed commit is recorded like a failed save."""
+        try:
+            self.mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._failed(self._pending if self._pending is not None else -1, e)
+        self._pending = None
+
+    def _failed(self, step: int, e: BaseException) -> None:
+        self.failures.append((step, _one_line(e)))
+        print(f"WARNING: checkpoint save at step {step} failed ({_one_line(e)}); the last complete checkpoint "
+              f"is step {self.latest()}; training goes on and the run will exit non-zero", file=sys.stderr,
+              flush=True)
+
+    def latest(self) -> int | None:
+        self.mgr.reload()
+        return self.mgr.latest_step()
+
+    def steps(self) -> list[int]:
+        self.mgr.reload()
+        return sorted(self.mgr.all_steps())
+
+    def failure_message(self) -> str | None:
+        if not self.failures:
+            return None
+        steps = ", ".join(str(s) for s, _ in self.failures)
+        return (f"checkpoint save failed at step(s) {steps} ({self.failures[0][1]}); the last complete checkpoint "
+                f"is step {self.latest()} in {self.root}. Fix the storage (free space) and rerun the same command "
+                f"to resume from it")
+
+    def close(self) -> None:
+        self.wait()
+        self.mgr.close()
+
+    # --- restoring ---------------------------------------------------------------------
+    def restore(self, step: int, abstract: TrainState, window: int) -> TrainState:
+        got = self.mgr.restore(step, args=ocp.args.Composite(**{
+            ckpt.PARAMS: ocp.args.StandardRestore(abstract.params),
+            ckpt.OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
+            ckpt.TRAIN_STATE: ocp.args.StandardRestore(counters(abstract))}))
+        t = got[ckpt.TRAIN_STATE]
+        return TrainState(params=got[ckpt.PARAMS], opt_state=got[ckpt.OPT_STATE], step=t["step"], rng=t["rng"],
+                          nonfinite_in_a_row=t["nonfinite_in_a_row"], nonfinite_total=t["nonfinite_total"],
+                          moe=t.get("moe", {}), guard=self._restore_guard(step, abstract.guard, window))
+
+    def _restore_guard(self, step: int, abstract_guard, window: int):
+        """The spike guard's window; an empty one for checkpoints without it or another window size."""
+        why = "written before the guard existed"
+        if (self.root / str(step) / ckpt.GUARD).is_dir():
+            try:
+                return self.mgr.restore(step, args=ocp.args.Composite(**{
+                    ckpt.GUARD: ocp.args.StandardRestore(abstract_guard)}))[ckpt.GUARD]
+            except Exception as e:  # noqa: BLE001 - e.g. train.spike_window changed
+                why = f"not restorable onto train.spike_window={window}: {_one_line(e, 80)}"
+        print(f"checkpoint step {step}: spike guard starts with an empty window ({why})", flush=True)
+        import jax
+
+        return jax.device_put(spike_guard.init_guard(window), jax.tree.map(lambda a: a.sharding, abstract_guard))
+
+    def restore_data(self, step: int, data_it, on_mismatch: str, remake: Callable[[int], Any]):
+        """The data iterator at the checkpoint's position; see `TrainConfig.data_state_mismatch`."""
+        try:
+            self.mgr.restore(step, args=ocp.args.Composite(**{ckpt.DATA: DataRestore(data_it)}))
+            return data_it
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            if on_mismatch != "restart":
+                raise TrainingError(f"the data position saved at step {step} does not fit this data pipeline ({e}). "
+                                    f"If the data, batch size or make_dataset.data_shards changed on purpose, set "
+                                    f"train.data_state_mismatch='restart' to continue with freshly shuffled "
+                                    f"data") from None
+            print(f"WARNING: data position of step {step} not restorable ({e}); continuing with data reshuffled "
+                  f"(seed offset {step})", file=sys.stderr, flush=True)
+            return remake(step)
+
+    def restore_latest(self, abstract: TrainState, window: int, check: Callable[[ModelConfig, str], None],
+                       below: int | None = None) -> tuple[int, TrainState] | None:
+        """(step, state) of the newest complete, readable step (< `below` when given); None when
+        there is no checkpoint. Unusable newer steps are reported and moved aside. `check` raises
+        TrainingError for a checkpoint of another architecture (a configuration error, no fallback)."""
+        steps = [s for s in reversed(self.steps()) if below is None or s < below]
+        bad: list[tuple[int, str]] = []
+        for step in steps:
+            problem = _problem(self.root / str(step))
+            if problem is None:
+                try:
+                    saved_cfg = ckpt.read_model_config(self.root, step)
+                except Exception as e:  # noqa: BLE001
+                    problem = f"model_config unreadable ({_one_line(e, 120)})"
+                else:
+                    check(saved_cfg, f"checkpoint {self.root / str(step)}")
+            if problem is None:
+                try:
+                    state = self.restore(step, abstract, window)
+                except Exception as e:  # noqa: BLE001 - truncated/removed array files, corrupt metadata
+                    problem = f"unreadable ({_one_line(e)})"
+            if problem is not None:
+                print(f"WARNING: skipping checkpoint step {step} in {self.root}: {problem}", file=sys.stderr,
+                      flush=True)
+                bad.append((step, problem))
+                continue
+            for s, why in bad:
+                self.move_aside(s, why)
+            return step, state
+        if bad:
+            raise TrainingError(f"no readable checkpoint in {self.root} (steps {', '.join(str(s) for s, _ in bad)}: "
+                                f"{bad[0][1]}). Move the folder away to start from scratch, or restore a copy")
+        return None
+
+    def move_aside(self, step: int, why: str) -> None:
+        """Moves step `step` out of the manager's folder (kept, so the run can write that step again)."""
+        self.wait()
+        dest_root = self.root.parent / "skipped_checkpoints"
+        dest_root.mkdir(parents=True, exist_ok=True)
+        dest = dest_root / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        shutil.move(str(self.root / str(step)), str(dest))
+        print(f"moved checkpoint step {step} to {dest} ({why})", flush=True)
+        self.mgr.reload()
+
+
+def params_from(path: str, cfg: ModelConfig, abstract_params, check: Callable[[ModelConfig, str], None]) -> Any:
+    """Parameters of another run's latest checkpoint (stage handoff), onto this run's shardings."""
+    root, step = ckpt.checkpoint_root(path)
+    step = step if step is not None else ckpt.latest_step(root)
+    prev = ckpt.read_model_config(root, step)
+    check(prev, f"init_from checkpoint {root}/{step}")
+    with ckpt.manager(root, create=False) as mgr:
+        params = mgr.restore(step, args=ocp.args.Composite(**{
+            ckpt.PARAMS: ocp.args.StandardRestore(abstract_params)}))[ckpt.PARAMS]
+    print(f"initialised parameters from {root}/{step} ({prev.name}, rope_theta {prev.rope_theta:g} -> "
+          f"{cfg.rope_theta:g})", flush=True)
+    return params
