@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3, help="lr_schedule.peak_lr (cpu_smoke's)")
     p.add_argument("--eval_batches", type=int, default=8, help="held-out batches per domain for the loss")
     p.add_argument("--route_tokens", type=int, default=16384, help="held-out tokens per domain for the routing")
-    p.add_argument("--data_dir", default=str(ROOT / "runs" / "data" / "stdlib"),
+    p.add_argument("--data_dir", default=str(ROOT / "runs" / "cache" / "stdlib-corpus"),  # corpus.BUILTIN_CACHE_DIR
                    help="stage_mixture.builtin_dir: where the built-in corpus is (prepared once)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_moe_balance"))
     args = p.parse_args(argv)
