@@ -7,9 +7,16 @@ Modules
                  builtin:python-stdlib (= -code: the stdlib's .py sources, + -docs: pydoc topics and docstrings)
   checkpointing.py  DataSave / DataRestore: the data position in an orbax checkpoint, per data shard
   prepare.py     `python data_pipeline/prepare.py --input … --tokenizer … --out DIR [--shards N] [--workers N]
-                 [--strict] [--text-key text]`; prepare(...); prepare_builtin(out_dir, tokenizer="qwen3")
+                 [--strict] [--skip-bad-files] [--text-key text]`; prepare(...); prepare_builtin(out_dir, tokenizer="qwen3")
+  shards.py      ShardSource: a prepared folder's shards checked against stats.json when opened; read errors
+                 (ShardError) name the shard file and record
   pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)
   inspect_data.py  `python data_pipeline/inspect_data.py DIR… --tokenizer qwen3` (stats + decoded packed rows)
+  cli.py         the tools' ArgumentParser: every multi-word flag in both spellings (--gin_param / --gin-param)
+
+Failures are one line naming the file (or key) and the fix, exit code 2: an input file that cannot be read
+whole (corpus.CorpusError; prepare --skip-bad-files leaves such files out and lists them in stats.json),
+a run that yields no document, a shard that does not match its stats (shards.ShardError).
 
 Contract with the training code
   it = make_dataset(data, seq_len=T, global_batch_size=B, seed=0)   # gin: make_dataset.*
@@ -45,5 +52,6 @@ Gin configurables: make_dataset, DatasetSpec(path, name=None, weight=1.0, length
   Weights are shares of packed tokens (see make_dataset's `mix`). configs/data/*.gin has examples.
 
 Built-in corpus: prepare_builtin(out_dir, tokenizer="qwen3" | "spm" | path) → {"code": DIR, "docs": DIR},
-  idempotent; "spm" first trains a 4K sentencepiece model on the corpus (~1 s).
+  idempotent; "spm" first trains a 4K sentencepiece model on the corpus (~1 s). Training runs cache it
+  under corpus.BUILTIN_CACHE_DIR (runs/cache/stdlib-corpus; gin: stage_mixture.builtin_dir).
 """
