@@ -7,7 +7,8 @@ Modules
                  builtin:python-stdlib (= -code: the stdlib's .py sources, + -docs: pydoc topics and docstrings)
   checkpointing.py  DataSave / DataRestore: the data position in an orbax checkpoint, per data shard
   prepare.py     `python data_pipeline/prepare.py --input … --tokenizer … --out DIR [--shards N] [--workers N]
-                 [--strict] [--skip-bad-files] [--text-key text]`; prepare(...); prepare_builtin(out_dir, tokenizer="qwen3")
+                 [--strict] [--skip-bad-files] [--text-key text]`; prepare(...);
+                 prepare_builtin(out_dir, tokenizer="qwen3")
   shards.py      ShardSource: a prepared folder's shards checked against stats.json when opened; read errors
                  (ShardError) name the shard file and record
   pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)

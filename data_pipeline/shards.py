@@ -41,7 +41,8 @@ def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
             ok, n = reader.ok(), reader.num_records()
             reader.close()
         except Exception as e:  # the reader raises RuntimeError/ValueError with riegeli's message
-            raise ShardError(f"{f}: cannot be opened ({type(e).__name__}: {str(e) or 'truncated?'}); {_fix(f)}") from None
+            why = f"{type(e).__name__}: {str(e) or 'truncated?'}"
+            raise ShardError(f"{f}: cannot be opened ({why}); {_fix(f)}") from None
         if not ok or (want is not None and n != want):
             raise ShardError(f"{f}: {n} readable records, stats.json says {want} (truncated or corrupt file); "
                              f"{_fix(f)}")
