@@ -349,6 +349,8 @@ def first_keys(spec: str) -> list[str] | None:
             import pyarrow.parquet as pq
             return list(pq.ParquetFile(spec).schema_arrow.names)
         for raw in _iter_file(spec, "", 0):
+            if raw.line > 100:  # no JSON object near the start: nothing to suggest
+                return None
             try:
                 obj = json.loads(raw.payload)
             except ValueError:
