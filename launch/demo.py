@@ -1,6 +1,7 @@
 """The README's main job: the Qwen3 three-stage curriculum on a small MoE, on any CPU.
 
   python launch/demo.py [--workdir runs/demo] [--scale 1.0]
+  python launch/demo.py --quick [--data_dir DIR]   # CI: the same path in ~a minute (tiny MoE, 2-3 steps a stage)
 
 1. prepares the built-in corpus (the Python standard library's sources and docs) with a
    4,096-token sentencepiece BPE trained on it;
@@ -33,11 +34,13 @@ def sh(args: list[str]) -> None:
         raise SystemExit(f"demo: step failed with exit code {r.returncode}: {' '.join(args)}")
 
 
-def stage(name: str, workdir: Path, steps: int, seq_len: int, batch: int, *params: str) -> None:
+def stage(name: str, workdir: Path, steps: int, seq_len: int, batch: int, *params: str, data_dir: Path,
+          gin: tuple[str, ...] = ()) -> None:
     print(f"\n=== {name} ===", flush=True)
-    args = ["launch/train.py", "--gin", f"{name}.gin", "--workdir", str(workdir / name)]
+    args = ["launch/train.py", "--gin", f"{name}.gin", *[a for g in gin for a in ("--gin", g)],
+            "--workdir", str(workdir / name)]
     for p in (f"STEPS={steps}", f"SEQ_LEN={seq_len}", f"BATCH_SIZE={batch}", f"CHECKPOINT_EVERY={steps}",
-              f"stage_mixture.builtin_dir='{workdir / 'data'}'", "train.log_every=10",
+              f"stage_mixture.builtin_dir='{data_dir}'", "train.log_every=10",
               f"train.eval_every={steps}", "train.eval_batches=2", *params):
         args += ["--gin_param", p]
     sh(args)
@@ -73,6 +76,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    p.add_argument("--quick", action="store_true",
+                   help="a check of the whole path, not a model: the tiny MoE and a 512-token sentencepiece, "
+                        "3/2/2 steps, stage 3 at 256 tokens (what CI runs: tests/test_entry_points.py)")
+    p.add_argument("--data_dir", default=None,
+                   help="where the built-in corpus is prepared (default WORKDIR/data; reused when already there)")
     args = p.parse_args(argv)
     # A CPU demo: keep an installed libtpu (the AOT compiler) from probing for TPUs in every process.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -80,17 +88,29 @@ def main(argv=None) -> int:
     t0 = time.time()
     n = lambda k: max(2, int(k * args.scale))  # noqa: E731
 
-    print("=== data: the built-in corpus (Python stdlib sources + docs), sentencepiece BPE 4,096 ===", flush=True)
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
+    vocab = 512 if args.quick else 4096
+    print(f"=== data: the built-in corpus (Python stdlib sources + docs), sentencepiece BPE {vocab:,} ===", flush=True)
     from data_pipeline.prepare import prepare_builtin
 
-    parts = prepare_builtin(str(work / "data" / "spm4096"), "spm", spm_vocab_size=4096, progress=True)
-    spm_model = work / "data" / "spm4096" / "spm4096" / "spm.model"
+    parts = prepare_builtin(str(data_dir / f"spm{vocab}"), "spm", spm_vocab_size=vocab, progress=True)
+    spm_model = data_dir / f"spm{vocab}" / f"spm{vocab}" / "spm.model"
     print({k: str(v) for k, v in parts.items()}, flush=True)
 
-    stage("stage1", work, n(400), 256, 8, "lr_schedule.peak_lr=2e-3", "lr_schedule.warmup_steps=10")
-    stage("stage2", work, n(120), 256, 8, f"PREVIOUS_STAGE='{work / 'stage1'}'", "lr_schedule.peak_lr=1e-3")
-    stage("stage3", work, n(40), 2048, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "lr_schedule.peak_lr=3e-4",
-          "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)")
+    kw = dict(data_dir=data_dir)
+    if args.quick:  # the same stage files and steps, scaled to seconds
+        kw["gin"] = ("model/tiny-moe.gin",)
+        quick = [f"stage_mixture.spm_vocab_size={vocab}"]
+        stage("stage1", work, 3, 64, 4, "lr_schedule.peak_lr=2e-3", "lr_schedule.warmup_steps=1", *quick, **kw)
+        stage("stage2", work, 2, 64, 4, f"PREVIOUS_STAGE='{work / 'stage1'}'", *quick, **kw)
+        stage("stage3", work, 2, 256, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "LONG_DOCS=(128, 256, 0.75)",
+              "MEDIUM_DOCS=(32, 128, 0.25)", *quick, **kw)
+    else:
+        stage("stage1", work, n(400), 256, 8, "lr_schedule.peak_lr=2e-3", "lr_schedule.warmup_steps=10", **kw)
+        stage("stage2", work, n(120), 256, 8, f"PREVIOUS_STAGE='{work / 'stage1'}'", "lr_schedule.peak_lr=1e-3",
+              **kw)
+        stage("stage3", work, n(40), 2048, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "lr_schedule.peak_lr=3e-4",
+              "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)", **kw)
 
     print("\n=== export stage 3 to Hugging Face ===", flush=True)
     hf_dir = work / "hf"

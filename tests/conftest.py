@@ -16,9 +16,19 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The built-in corpus with a 512-token sentencepiece (the tiny presets' vocabulary), prepared
-    once: `stage_mixture.builtin_dir` for runs, `prepare_builtin(data_dir / 'spm512', ...)` for folders."""
+    once per session (~20 s) and shared by every test that trains or evaluates on it:
+    `stage_mixture.builtin_dir` for runs (tests/train_utils.tiny_args), `spm512` for the folders."""
     from data_pipeline.prepare import prepare_builtin
 
     d = tmp_path_factory.mktemp("builtin")
     prepare_builtin(str(d / "spm512"), "spm", spm_vocab_size=512)
     return d
+
+
+@pytest.fixture(scope="session")
+def spm512(data_dir):
+    """{'code': folder, 'docs': folder, 'tokenizer': spm.model} of the session's prepared corpus."""
+    from data_pipeline.prepare import prepare_builtin
+
+    parts = prepare_builtin(str(data_dir / "spm512"), "spm", spm_vocab_size=512)  # prepared: a no-op
+    return {**parts, "tokenizer": str(data_dir / "spm512" / "spm512" / "spm.model")}

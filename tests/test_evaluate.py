@@ -27,16 +27,15 @@ DOCS = ["def f(x):\n    return x + 1\n", "Grüße aus Köln — 日本語 😀 a
 
 
 @pytest.fixture(scope="module")
-def spm_data(tmp_path_factory):
-    """{'docs': folder, 'tokenizer': spm.model, 'tiny': folder with the three DOCS}."""
-    from data_pipeline.prepare import prepare, prepare_builtin
+def spm_data(spm512, tmp_path_factory):
+    """{'docs': folder, 'tokenizer': spm.model, 'tiny': folder with the three DOCS} (the session's
+    prepared corpus, tests/conftest.py)."""
+    from data_pipeline.prepare import prepare
     root = tmp_path_factory.mktemp("eval_data")
-    out = prepare_builtin(str(root), "spm", spm_vocab_size=512, parts=("docs",), shards=2, workers=0)
-    spm = str(root / "spm512" / "spm.model")
     src = root / "tiny.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
-    prepare([str(src)], spm, str(root / "tiny"), shards=1, workers=0, progress=False)
-    return {"docs": out["docs"], "tokenizer": spm, "tiny": str(root / "tiny")}
+    prepare([str(src)], spm512["tokenizer"], str(root / "tiny"), shards=1, workers=0, progress=False)
+    return {"docs": spm512["docs"], "tokenizer": spm512["tokenizer"], "tiny": str(root / "tiny")}
 
 
 def _random_flat(seed=0):

@@ -213,3 +213,36 @@ def test_bias_is_checkpointed_resumed_bit_exactly_and_not_exported(data_dir, tmp
             names |= set(t.keys())
     assert names and not [n for n in names if "bias" in n]
     assert names == {e.hf for e in hf.tensor_map(model)}
+
+
+def _record_grads():
+    """An 'optimizer' that applies nothing and keeps the step's gradients in its state."""
+    import optax
+
+    return optax.GradientTransformation(lambda p: {"g": jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p)},
+                                        lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), {"g": g}))
+
+
+def test_micro_batches_give_the_full_batch_gradient_including_balance():
+    """The gradients themselves (not parameters after an AdamW step, which are ~lr·sign(g)): one
+    pass over 8 rows against 4 strided micro-batches, MoE with the global-batch load-balancing
+    loss (f from the exact global counts) and the router z-loss. Equal up to fp32 summation order."""
+    cfg = get_config("tiny-moe", compute_dtype="float32", moe_impl="dense", remat="none", router_aux_loss_coef=0.1)
+    opt = _record_grads()
+    state = init_state(cfg, opt)
+    batch = _tiny_batch(B=8, T=16)
+    batch["loss_mask"][:, 7] = 0  # a document end in every row
+    out = {}
+    for n in (1, 4):
+        new, m = jax.jit(make_train_step(cfg, opt, micro_batches=n, router_z_loss=1e-2))(state, batch)
+        out[n] = (m, flatten(jax.tree.map(np.asarray, new.opt_state["g"])))
+    m1, g1 = out[1]
+    assert float(m1["aux_loss"]) > 0.5 and float(m1["router_z_loss"]) > 0
+    for n in (4,):
+        m, g = out[n]
+        for k in ("loss", "lm_loss", "aux_loss", "router_z_loss", "grad_norm"):
+            assert float(m[k]) == pytest.approx(float(m1[k]), rel=2e-6), (n, k)
+        for k, v in g1.items():
+            scale = float(np.abs(v).max())
+            assert scale > 0, k
+            np.testing.assert_allclose(g[k], v, rtol=0, atol=2e-6 * scale, err_msg=f"micro_batches={n}: {k}")

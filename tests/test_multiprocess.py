@@ -4,6 +4,7 @@ processes (orbax multi-process) restores in one process onto a different 8-devic
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent('''
     import os, sys
@@ -79,22 +82,51 @@ COMMON = textwrap.dedent('''
 ''')
 
 
+BIND_ERRORS = ("address already in use", "failed to add port", "failed to bind", "eaddrinuse")
+
+
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that nothing listens on now, outside the kernel's ephemeral range (so an outgoing
+    connection of another process, gloo's included, cannot take it between this check and the
+    coordinator's bind; another test picking the same port is caught by `_run_pair`'s retry)."""
+    lo, hi = 32768, 60999
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        pass
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, lo) if lo > 11000 else rng.randrange(hi + 1, 65536)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port found")
+
+
+def _run_pair(make_args, env, timeout=600, tries=3):
+    """Starts processes 0 and 1 with a fresh coordinator port (make_args(pid, port) -> argv); if the
+    coordinator could not bind the port (taken between the check and the bind), retries on another
+    port. Returns (processes, logs)."""
+    for attempt in range(tries):
+        port = _free_port()
+        procs = [subprocess.Popen(make_args(i, port), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+        failed = any(p.returncode for p in procs)
+        if not (failed and any(e in log.lower() for log in logs for e in BIND_ERRORS)) or attempt == tries - 1:
+            return procs, logs
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores_on_other_mesh(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     (tmp_path / "mp_common.py").write_text(COMMON)
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), str(port), str(tmp_path / "out")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    procs, logs = _run_pair(lambda i, port: [sys.executable, str(tmp_path / "worker.py"), str(i), str(port),
+                                             str(tmp_path / "out")], env)
     assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
 
     sys.path.insert(0, str(tmp_path))
@@ -128,30 +160,25 @@ def test_two_processes_match_one_and_checkpoint_restores_on_other_mesh(tmp_path)
 
 
 @pytest.mark.slow
-def test_train_two_processes_then_resume_in_one_matches_one_process(tmp_path):
+def test_train_two_processes_then_resume_in_one_matches_one_process(data_dir, tmp_path):
     """launch/train.py on 2 processes x 4 devices (jax.distributed on localhost) trains 6 steps and
     checkpoints; 1 process x 8 devices on another mesh resumes to step 12. Loss curve and final
     parameters equal an uninterrupted 1-process run: with data_shards=2 the global batches and the
     saved data position do not depend on the process count."""
-    from data_pipeline.prepare import prepare_builtin
-    from train_utils import ROOT, env, run, tiny_args
+    from train_utils import env, run, tiny_args
 
     from qwen3_jax.train import checkpoint
 
-    prepare_builtin(str(tmp_path / "data" / "spm512"), "spm", spm_vocab_size=512)
     common = ("make_dataset.data_shards=2", "train.eval_every=0")
-    args = lambda work, *extra: tiny_args(tmp_path / "data", work, *common, *extra, batch=8)  # noqa: E731
+    args = lambda work, *extra: tiny_args(data_dir, work, *common, *extra, batch=8)  # noqa: E731
 
     ref = run(args(tmp_path / "ref", "MeshConfig.ici_fsdp=2", "MeshConfig.ici_expert=4"), devices=8)
     assert ref.returncode == 0, ref.stdout + ref.stderr
 
-    work, port = tmp_path / "mp", _free_port()
-    procs = [subprocess.Popen([sys.executable, *args(work, "MeshConfig.ici_fsdp=2", "MeshConfig.ici_expert=4",
-                                                     "train.stop_after=6"),
-                               "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
-                              env=env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    work = tmp_path / "mp"
+    procs, logs = _run_pair(lambda i, port: [
+        sys.executable, *args(work, "MeshConfig.ici_fsdp=2", "MeshConfig.ici_expert=4", "train.stop_after=6"),
+        "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)], env(4))
     assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
     assert "on 8 cpu device(s)" in logs[0]
     assert checkpoint.latest_step(work / "checkpoints") == 6

@@ -56,13 +56,10 @@ def _env():
 
 
 @pytest.mark.slow
-def test_aot_tool_compiles_the_step_train_py_runs_on_cpu(tmp_path):
+def test_aot_tool_compiles_the_step_train_py_runs_on_cpu(data_dir, tmp_path):
     """The same gin files through launch/train.py (which trains one step) and through
     launch/aot_compile.py --topology cpu give the same lowered step program."""
-    from data_pipeline.prepare import prepare_builtin
-
-    data = tmp_path / "data"
-    prepare_builtin(str(data / "spm512"), "spm", spm_vocab_size=512)
+    data = data_dir
     gin = ["--gin", "cpu_smoke.gin", "--gin", "model/tiny-moe.gin"]
     params = [f"stage_mixture.builtin_dir='{data}'", "stage_mixture.spm_vocab_size=512", "SEQ_LEN=64",
               "BATCH_SIZE=4", "train.micro_batches=2", "train.stop_after=1", "train.async_checkpoint=False"]

