@@ -12,7 +12,9 @@ import json
 from typing import Any
 
 ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
-MOE_IMPLS = ("ragged", "dense")
+# MoE expert computation (qwen3_jax.model.moe_compute): auto = megablox on TPU, ragged on GPU,
+# blocked on CPU
+MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "megablox")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -76,7 +78,7 @@ class ModelConfig:
     # up to 16 unreduced dQ copies of the layer's queries alive in its backward pass (AOT:
     # 235b-a22b at 32K on v5p-1024 1.60x -> 1.42x the model's FLOPs, same peak memory)
     splash_fused_bwd: bool = True
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
     remat: str = "full"
     scan_layers: bool = True
 

@@ -23,7 +23,7 @@ from qwen3_jax import sharding
 from qwen3_jax.config import get_config
 from qwen3_jax.model import create_model
 from qwen3_jax.model import moe as moe_lib
-from qwen3_jax.model import moe_ep
+from qwen3_jax.model import moe_compute, moe_ep
 from qwen3_jax.params import flat_params, flatten, model_from_flat, param_specs
 from qwen3_jax.sharding import MeshConfig
 from qwen3_jax.train.step import init_state, make_train_step
@@ -47,9 +47,10 @@ MESHES = {
     "data2_ep2_tp2": MeshConfig(ici_data=2, ici_fsdp=1, ici_expert=2, ici_tensor=2),
 }
 # tiny-moe: mesh -> local expert form (ModelConfig.moe_impl). Without an `expert` axis the experts
-# run as one GSPMD einsum; with one, inside moe_ep's shard_map. ep4_fsdp2 runs the sort +
-# ragged_dot form (against the same dense single-device reference: both forms are exact).
-MOE_CASES = {"fsdp8": "dense", "fsdp4_tp2": "dense", "ep2_fsdp4": "dense", "ep4_fsdp2": "ragged",
+# run under GSPMD; with one, inside moe_ep's shard_map. fsdp8 and ep2_fsdp4 run the blocked form
+# (CPU's auto), ep4_fsdp2 the sort + ragged_dot form (against the same dense single-device
+# reference: every form is exact).
+MOE_CASES = {"fsdp8": "blocked", "fsdp4_tp2": "dense", "ep2_fsdp4": "blocked", "ep4_fsdp2": "ragged",
              "ep8": "dense", "tp2_ep4": "dense", "data2_ep2_tp2": "dense"}
 # tiny-dense: FSDP x TP splits every dense-MLP/attention dim; data x expert x tensor makes the
 # expert axis a pure batch axis for a model without experts. (Pure FSDP: fsdp8 above.)
@@ -202,7 +203,7 @@ def _ep_fn(mesh_name, form="dense", capacity_factor=None):
                    compiler_options=XLA_OPTS)
 
 
-@pytest.mark.parametrize("form", ["dense", "ragged"])
+@pytest.mark.parametrize("form", ["dense", "ragged", "blocked"])
 def test_dropless_for_any_skew(form):
     """EP=8 and FSDP x EP=4: every assignment reaches its expert, whatever the routing: all to one
     expert, all to one device's experts, random."""
@@ -213,7 +214,7 @@ def test_dropless_for_any_skew(form):
              "random": np.random.default_rng(1).integers(0, 8, (N, k))}
     for skew, ids in skews.items():
         ids = jnp.asarray(ids, jnp.int32)
-        want = moe_lib.experts_dense(x[None], w[None], ids[None], gate, up, down)[0]
+        want = moe_compute.experts_dense(x, w, ids, gate, up, down)
         for mesh_name in ("ep8", "ep4_fsdp2"):
             got = _ep_fn(mesh_name, form)(x, w, ids, gate, up, down)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
@@ -235,7 +236,7 @@ def test_capacity_factor_drops_overflow_in_token_order():
     ids_ref, w_ref = jnp.concatenate(ids_ref), jnp.concatenate(w_ref)
     assert int(jnp.sum(ids_ref == 8)) > 0  # expert 0 overflowed
     ids_safe = jnp.where(ids_ref == 8, 0, ids_ref)
-    want = moe_lib.experts_dense(x[None], w_ref[None], ids_safe[None], gate, up, down)[0]
+    want = moe_compute.experts_dense(x, w_ref, ids_safe, gate, up, down)
     got = _ep_fn("ep4_fsdp2", "dense", 2.0)(x, w, ids, gate, up, down)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     dropless = _ep_fn("ep4_fsdp2", "dense")(x, w, ids, gate, up, down)
@@ -256,7 +257,7 @@ def test_megablox_grouped_matmuls_match_ragged_dot():
     @functools.partial(jax.jit, static_argnums=0, compiler_options=XLA_OPTS)
     def value_and_grad(kernel, *w):
         def loss(*w):
-            y = moe_ep._grouped(x, sizes, *w, kernel)
+            y = moe_compute.grouped_swiglu(x, sizes, *w, kernel)
             return jnp.sum(y ** 2), y
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*w)
 

@@ -1,12 +1,9 @@
 """Qwen3 mixture-of-experts block: fp32 router, softmax over all experts, top-k, optional
 renormalisation, weighted sum of SwiGLU experts. No shared expert. Dropless.
 
-Two single-device expert computations, chosen by `ModelConfig.moe_impl`:
-  ragged: sort the (token, slot) assignments by expert and run grouped matmuls
-          (`jax.lax.ragged_dot`): compute proportional to top-k. The default.
-  dense:  every expert on every token, weighted by the (mostly zero) combine matrix:
-          E/k times the FLOPs, but plain einsums — the fastest form for tiny models on CPU.
-Both give the same result. Expert parallelism across devices lives in `qwen3_jax.model.moe_ep`.
+The expert computation has several exact, dropless forms (`ModelConfig.moe_impl`: dense,
+ragged, blocked, megablox, or auto = per backend); they live in `qwen3_jax.model.moe_compute`.
+Expert parallelism across devices lives in `qwen3_jax.model.moe_ep`.
 
 Besides the output the block returns additive router statistics per sequence, enough for
 every load-balancing-loss scope (sequence, micro-batch, global batch):
@@ -23,7 +20,7 @@ from flax import nnx
 
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.model import moe_ep
+from qwen3_jax.model import moe_compute, moe_ep
 from qwen3_jax.model.layers import param
 
 
@@ -66,33 +63,6 @@ def router_stats(probs_BTE, ids_BTk, token_mask_BT, logits_BTE=None):
     return out
 
 
-def experts_dense(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD):
-    E = gate_EDF.shape[0]
-    dt = x_BTD.dtype
-    combine_BTE = jnp.einsum("btk,btke->bte", weights_BTk, jax.nn.one_hot(ids_BTk, E, dtype=weights_BTk.dtype))
-    g_BTEF = jnp.einsum("btd,edf->btef", x_BTD, gate_EDF.astype(dt))
-    u_BTEF = jnp.einsum("btd,edf->btef", x_BTD, up_EDF.astype(dt))
-    h_BTEF = jax.nn.silu(g_BTEF) * u_BTEF * combine_BTE.astype(dt)[..., None]
-    return jnp.einsum("btef,efd->btd", h_BTEF, down_EFD.astype(dt))
-
-
-def experts_ragged(x_ND, weights_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD):
-    """Grouped matmul over tokens sorted by expert; x is [tokens, D]."""
-    N, D = x_ND.shape
-    k = ids_Nk.shape[1]
-    E = gate_EDF.shape[0]
-    dt = x_ND.dtype
-    flat_ids = ids_Nk.reshape(-1)  # assignment a = token * k + slot
-    order = jnp.argsort(flat_ids, stable=True)
-    group_sizes = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
-    xs_AD = jnp.take(x_ND, order // k, axis=0)
-    g_AF = jax.lax.ragged_dot(xs_AD, gate_EDF.astype(dt), group_sizes)
-    u_AF = jax.lax.ragged_dot(xs_AD, up_EDF.astype(dt), group_sizes)
-    ys_AD = jax.lax.ragged_dot(jax.nn.silu(g_AF) * u_AF, down_EFD.astype(dt), group_sizes)
-    y_NkD = jnp.take(ys_AD, jnp.argsort(order), axis=0).reshape(N, k, D)
-    return jnp.einsum("nkd,nk->nd", y_NkD, weights_Nk.astype(dt))
-
-
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, E, F = cfg.d_model, cfg.num_experts, cfg.moe_ffn_dim
@@ -124,10 +94,13 @@ class MoE(nnx.Module):
             # reduction then move compute-dtype bytes, as GSPMD does for the dense layers
             params = tuple(p.astype(x_BTD.dtype) for p in params)
             return moe_ep.experts_parallel(x_BTD, weights, ids_BTk, *params, ctx=ep, form=self.impl)
-        if self.impl == "dense":
-            return experts_dense(x_BTD, weights, ids_BTk, *params)
-        return experts_ragged(x_BTD.reshape(B * T, D), weights.reshape(B * T, -1), ids_BTk.reshape(B * T, -1),
-                              *params).reshape(B, T, D)
+        ctx = sharding.active()  # auto: the backend the step is traced for (AOT: the target's)
+        platform = ctx.platform if ctx is not None else jax.default_backend()
+        sharded = ctx is not None and ctx.mesh.size > 1
+        impl = moe_compute.resolve_impl(self.impl, platform, D, params[0].shape[2], sharded)
+        y_ND = moe_compute.experts(x_BTD.reshape(B * T, D), weights.reshape(B * T, -1),
+                                   ids_BTk.reshape(B * T, -1), *params, impl)
+        return y_ND.reshape(B, T, D)
 
 
 AUX_LAYER_REDUCE = ("mean", "sum")

@@ -24,9 +24,13 @@ expert group choosing this device), so no routing skew loses a token. With `capa
 each device sends at most ceil(c·N·k/E) assignments per expert (the rest are dropped, first
 come first served in token order) and the buffers shrink to E·that.
 
-Local grouped matmul (gather strategy) follows `ModelConfig.moe_impl`: `dense` = one batched
-einsum over the local experts (fastest on CPU), `ragged` = sort + ragged_dot; with a capacity,
-padded [E_loc, C, D] buffers and a batched einsum.
+Local expert computation: the gather strategy runs `ModelConfig.moe_impl`'s form over the local
+experts (`qwen3_jax.model.moe_compute`: dense, ragged, blocked; auto = blocked on CPU); with a
+capacity, padded [E_loc, C, D] buffers and a batched einsum. The ragged strategy's received rows
+are sorted by expert and go through megablox (moe_impl auto/megablox on TPU with 128-multiple
+dims) or `lax.ragged_dot` (otherwise). Its sizes/offsets (`send_plan`, `recv_plan`,
+`buffer_order`) and un-sort (`unsort_combine`) are separate functions and its collectives an
+object (`LaxCollectives`), so that tests run it through a numpy emulator of ragged_all_to_all.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwen3_jax import sharding
+from qwen3_jax.model import moe_compute
+from qwen3_jax.model.moe_compute import grouped_swiglu, megablox_ok  # noqa: F401 (megablox_ok: re-export)
 
 EXCHANGES = ("auto", "gather", "ragged")
 
@@ -79,49 +85,6 @@ def apply_capacity(ids_Nk, weights_Nk, num_experts: int, cap: int | None):
 
 # -- local expert computation --------------------------------------------------------------------
 
-def _tile(n: int, pref: int) -> int:
-    t = min(pref, n)
-    while n % t:
-        t //= 2
-    return max(t, 1)
-
-
-def _gmm(x_RK, w_GKN, group_sizes, dt, interpret=False):
-    """Megablox grouped matmul (Pallas, TPU): forward and both gradients visit only the tiles the
-    groups cover, so the work follows the rows really received, not the buffer. (XLA:TPU lowers
-    the weight gradient of `lax.ragged_dot` to a masked dense matmul over every local expert ×
-    every buffer row: E_loc × the worst case.)"""
-    from jax.experimental.pallas.ops.tpu.megablox import gmm
-
-    R, K = x_RK.shape
-    N = w_GKN.shape[2]
-    t = min(512, K, N)  # the backward swaps K and N under the same tiling: one size for both
-    return gmm(x_RK, w_GKN.astype(dt), group_sizes, dt, (_tile(R, 512), t, t), None, None, False, interpret)
-
-
-def megablox_ok(d_model: int, ffn_local: int) -> bool:
-    """Megablox tiles need 128-multiples in both matmul dims (the tiny test presets are smaller)."""
-    return d_model % 128 == 0 and ffn_local % 128 == 0
-
-
-def _grouped(xs_RD, group_sizes, gate, up, down, kernel: str = "ragged_dot"):
-    """Rows sorted by local expert, `group_sizes` [E_loc]; rows past their sum give 0.
-    kernel: `ragged_dot` (jax.lax, any backend), `megablox` (TPU) or `megablox_interpret` (tests)."""
-    dt = xs_RD.dtype
-    if kernel.startswith("megablox"):
-        interp = kernel.endswith("interpret")
-        # gmm leaves the rows past the groups unwritten (garbage): zero them, so that neither
-        # values nor (0 * NaN) gradients leak from the empty tail
-        live_R1 = (jnp.arange(xs_RD.shape[0]) < jnp.sum(group_sizes))[:, None]
-        g = _gmm(xs_RD, gate, group_sizes, dt, interp)
-        u = _gmm(xs_RD, up, group_sizes, dt, interp)
-        h = jnp.where(live_R1, jax.nn.silu(g) * u, 0)
-        return jnp.where(live_R1, _gmm(h, down, group_sizes, dt, interp), 0)
-    g = jax.lax.ragged_dot(xs_RD, gate.astype(dt), group_sizes)
-    u = jax.lax.ragged_dot(xs_RD, up.astype(dt), group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dt), group_sizes)
-
-
 def local_experts(x_MD, w_Mk, local_Mk, gate, up, down, form: str, cap_rows: int | None):
     """sum_k w · expert_{local}(x) over the E_loc local experts; `local` = E_loc means none."""
     M, D = x_MD.shape
@@ -141,17 +104,7 @@ def local_experts(x_MD, w_Mk, local_Mk, gate, up, down, form: str, cap_rows: int
         out_ECD = jnp.einsum("ecf,efd->ecd", h, down.astype(dt))
         y_AD = out_ECD.at[flat, slot].get(mode="fill", fill_value=0)
         return jnp.einsum("mkd,mk->md", y_AD.reshape(M, k, D), w_Mk)
-    if form == "dense":
-        combine_ME = jnp.einsum("mk,mke->me", w_Mk, jax.nn.one_hot(local_Mk, E_loc, dtype=dt))
-        g = jnp.einsum("md,edf->mef", x_MD, gate.astype(dt))
-        u = jnp.einsum("md,edf->mef", x_MD, up.astype(dt))
-        return jnp.einsum("mef,efd->md", jax.nn.silu(g) * u * combine_ME[..., None], down.astype(dt))
-    flat = local_Mk.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=E_loc).astype(jnp.int32)
-    ys_AD = _grouped(jnp.take(x_MD, order // k, axis=0), sizes, gate, up, down)
-    y_MkD = jnp.take(ys_AD, jnp.argsort(order), axis=0).reshape(M, k, D)
-    return jnp.einsum("mkd,mk->md", y_MkD, w_Mk)
+    return moe_compute.experts(x_MD, w_Mk, local_Mk, gate, up, down, form)
 
 
 # -- per-device bodies ---------------------------------------------------------------------------
@@ -171,42 +124,83 @@ def _gather_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, form, cap, tensor_axes):
     return jax.lax.psum(y_ND, tensor_axes) if tensor_axes else y_ND
 
 
-def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel="ragged_dot"):
-    X = jax.lax.axis_size("expert")
+class LaxCollectives:
+    """The collectives of the ragged exchange over the `expert` mesh axis (inside shard_map).
+    Tests substitute an emulator with the same methods (tests/test_ragged_exchange.py)."""
+
+    def axis_size(self):
+        return jax.lax.axis_size("expert")
+
+    def all_to_all(self, x):
+        return jax.lax.all_to_all(x, "expert", 0, 0, tiled=True)
+
+    def ragged_all_to_all(self, operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name="expert")
+
+
+def send_plan(ids_Nk, X: int, E_loc: int):
+    """This device's assignments sorted by expert (dropped ones, id E = X·E_loc, last: they stay
+    home). Returns order_A (sorted position -> assignment token·k + slot), sizes_XE [X,E_loc]
+    (rows for each device's each local expert), send_X (rows per destination) and in_off_X
+    (where each destination's slice starts in the sorted rows)."""
+    flat_A = ids_Nk.reshape(-1)
+    order_A = jnp.argsort(flat_A, stable=True)
+    sizes_XE = jnp.bincount(flat_A, length=X * E_loc).astype(jnp.int32).reshape(X, E_loc)
+    send_X = sizes_XE.sum(1)
+    return order_A, sizes_XE, send_X, _exclusive_cumsum(send_X)
+
+
+def recv_plan(recv_XE):
+    """From recv_XE[s, e] (rows source s sends me for my local expert e): recv_X rows per
+    source and recv_off_X, where each source's slice lands in my buffer (source-major)."""
+    recv_X = recv_XE.sum(1)
+    return recv_X, _exclusive_cumsum(recv_X)
+
+
+def buffer_order(recv_XE, rows: int):
+    """The received buffer is (source, local expert)-major; returns order_R, the stable sort of
+    its rows by local expert (the rows past the received ones last), and the group sizes [E_loc]."""
+    X, E_loc = recv_XE.shape
+    ends = jnp.cumsum(recv_XE.reshape(-1))
+    seg_R = jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")
+    local_R = jnp.where(seg_R < X * E_loc, seg_R % E_loc, E_loc)
+    return jnp.argsort(local_R, stable=True), recv_XE.sum(0)
+
+
+def unsort_combine(ys_AD, order_A, w_Nk):
+    """Rows back from the experts in sorted order -> Σ_k w · y per token [N,D]."""
+    N, k = w_Nk.shape
+    y_NkD = jnp.take(ys_AD, jnp.argsort(order_A), axis=0).reshape(N, k, -1)
+    return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(ys_AD.dtype))
+
+
+def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel="ragged_dot",
+                 comm=LaxCollectives()):
+    X = comm.axis_size()
     E_loc = gate.shape[0]
     E = X * E_loc
     N, D = x_ND.shape
     k = ids_Nk.shape[1]
     A = N * k
     dt = x_ND.dtype
-    # 1. sort this device's assignments by expert (dropped ones, id E, go last and stay home)
-    flat = ids_Nk.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    xs_AD = jnp.take(x_ND, order // k, axis=0)
-    sizes_XE = jnp.bincount(flat, length=E).astype(jnp.int32).reshape(X, E_loc)
-    send = sizes_XE.sum(1)
-    in_off = _exclusive_cumsum(send)
+    # 1. sort this device's assignments by expert
+    order_A, sizes_XE, send, in_off = send_plan(ids_Nk, X, E_loc)
+    xs_AD = jnp.take(x_ND, order_A // k, axis=0)
     # 2. sizes: recv_XE[s, e] = rows source s sends me for my local expert e
-    recv_XE = jax.lax.all_to_all(sizes_XE, "expert", 0, 0, tiled=True)
-    recv = recv_XE.sum(1)
-    recv_off = _exclusive_cumsum(recv)  # where source s lands in my buffer
-    out_off = jax.lax.all_to_all(recv_off, "expert", 0, 0, tiled=True)  # where I land in device j's
+    recv_XE = comm.all_to_all(sizes_XE)
+    recv, recv_off = recv_plan(recv_XE)
+    out_off = comm.all_to_all(recv_off)  # where I land in device j's buffer
     rows = X * A if cap is None else E * cap
-    buf_RD = jax.lax.ragged_all_to_all(xs_AD, _buffer((rows, D), dt, xs_AD), in_off, send, out_off, recv,
-                                       axis_name="expert")
-    # 3. the buffer is (source, local expert)-major: sort it by local expert, grouped matmul
-    ends = jnp.cumsum(recv_XE.reshape(-1))
-    seg = jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")
-    local = jnp.where(seg < X * E_loc, seg % E_loc, E_loc)
-    order_r = jnp.argsort(local, stable=True)
-    ys_RD = _grouped(jnp.take(buf_RD, order_r, axis=0), recv_XE.sum(0), gate, up, down, kernel)
-    ys_RD = jnp.take(ys_RD, jnp.argsort(order_r), axis=0)
+    buf_RD = comm.ragged_all_to_all(xs_AD, _buffer((rows, D), dt, xs_AD), in_off, send, out_off, recv)
+    # 3. sort the buffer by local expert, grouped matmul, back to the buffer's order
+    order_R, group_sizes = buffer_order(recv_XE, rows)
+    ys_RD = grouped_swiglu(jnp.take(buf_RD, order_R, axis=0), group_sizes, gate, up, down, kernel)
+    ys_RD = jnp.take(ys_RD, jnp.argsort(order_R), axis=0)
     # 4. back to the sources, into their sorted layout; un-sort and combine
-    back_off = jax.lax.all_to_all(in_off, "expert", 0, 0, tiled=True)
-    ys_AD = jax.lax.ragged_all_to_all(ys_RD, _buffer((A, D), dt, ys_RD), recv_off, recv, back_off, send,
-                                      axis_name="expert")
-    y_NkD = jnp.take(ys_AD, jnp.argsort(order), axis=0).reshape(N, k, D)
-    y_ND = jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(dt))
+    back_off = comm.all_to_all(in_off)
+    ys_AD = comm.ragged_all_to_all(ys_RD, _buffer((A, D), dt, ys_RD), recv_off, recv, back_off, send)
+    y_ND = unsort_combine(ys_AD, order_A, w_Nk)
     return jax.lax.psum(y_ND, tensor_axes) if tensor_axes else y_ND
 
 
@@ -221,8 +215,9 @@ def resolve_exchange(ctx: sharding.Context) -> str:
 
 
 def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
-                     ctx: sharding.Context, form: str = "ragged"):
-    """The MoE expert computation with experts split over the `expert` mesh axis → [B,T,D]."""
+                     ctx: sharding.Context, form: str = "auto"):
+    """The MoE expert computation with experts split over the `expert` mesh axis → [B,T,D].
+    `form`: ModelConfig.moe_impl, resolved here for the devices' platform and local ffn width."""
     mesh, rules = ctx.mesh, ctx.rules
     B, T, D = x_BTD.shape
     E = gate_EDF.shape[0]
@@ -242,12 +237,13 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
         tp = tp[0]
     cap = capacity_per_source((B * T) // shards, k, E, ctx.capacity_factor)
     exchange = resolve_exchange(ctx)
+    tp_size = math.prod(mesh.shape[a] for a in tensor_axes)
+    form = moe_compute.resolve_impl(form, ctx.platform, D, gate_EDF.shape[2] // tp_size)
     kernel = "ragged_dot"
     if exchange == "gather":
         body = lambda *a: _gather_body(*a, form=form, cap=cap, tensor_axes=tensor_axes)  # noqa: E731
-    else:
-        tp_size = math.prod(mesh.shape[a] for a in tensor_axes)
-        if ctx.platform == "tpu" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
+    else:  # the received rows are sorted by expert: megablox's or ragged_dot's grouped matmuls
+        if form == "megablox" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
             kernel = "megablox"
         body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, kernel=kernel)  # noqa: E731
 

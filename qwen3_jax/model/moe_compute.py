@@ -1,0 +1,175 @@
+"""Single-device forms of the MoE expert computation: Σ_k w · SwiGLU_{id_k}(x) per token.
+
+Every form takes tokens flattened, x [N,D], top-k weights and expert ids [N,k], expert weights
+gate/up [E,D,F] and down [E,F,D], and gives [N,D]; an id equal to E means "no expert" (an
+assignment dropped by a capacity, or owned by another device) and adds nothing. All are dropless
+and give the same values and gradients (fp32: up to the summation order).
+
+  dense     every expert on every token, weighted by the (mostly zero) combine matrix [N,E]:
+            E/k times the FLOPs of the others, but three plain einsums.
+  ragged    sort the N·k assignments by expert, grouped matmuls (`jax.lax.ragged_dot`):
+            compute ∝ N·k. The GPU form (XLA:CPU runs ragged_dot 15-30x slower than an einsum).
+  blocked   sort by expert, pad each expert's group to a multiple of C rows, gather the rows into
+            G = N·k/C + E blocks [G,C,D] (the static bound: each expert wastes < C rows) and the
+            experts' weights per block [G,D,F], one batched einsum, gather back and combine.
+            Compute ∝ N·k + E·C. The fastest form on CPU.
+  megablox  the sorted rows through Pallas gmm/tgmm (TPU), which skip the groups' empty tiles.
+  auto      per backend (`resolve_impl`): megablox on TPU (ragged when the dims are not
+            128-multiples or the step is sharded without expert parallelism), ragged on GPU,
+            blocked on CPU.
+
+Einsum letters: N tokens, k slots, A = N·k assignments, E experts, D model, F expert ffn,
+G blocks, C rows per block, R = G·C buffer rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qwen3_jax.config import MOE_IMPLS
+
+IMPLS = MOE_IMPLS
+BLOCK_ROWS = 256  # C of the blocked form: 4,096 tokens x top-4 over 16 experts pad to 80 blocks
+
+
+def resolve_impl(impl: str, platform: str, d_model: int, ffn_dim: int, sharded: bool = False) -> str:
+    """The concrete form `auto` picks for `platform`. `sharded`: the experts run under a GSPMD
+    mesh of more than one device (no expert axis), where a Pallas kernel would not be split."""
+    if impl not in IMPLS:
+        raise ValueError(f"moe_impl={impl!r} is not one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if platform == "tpu":
+        return "megablox" if megablox_ok(d_model, ffn_dim) and not sharded else "ragged"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "ragged"
+    return "blocked"
+
+
+def experts(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, impl: str):
+    """The combined expert outputs [N,D] in form `impl` (not `auto`: resolve it first)."""
+    if impl == "dense":
+        return experts_dense(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD)
+    if impl == "blocked":
+        return experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD)
+    if impl in ("ragged", "megablox", "megablox_interpret"):
+        kernel = "ragged_dot" if impl == "ragged" else impl
+        return experts_sorted(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, kernel)
+    raise ValueError(f"moe_impl={impl!r} is not one of {IMPLS[1:]}")
+
+
+# -- dense -------------------------------------------------------------------------------------------
+
+def experts_dense(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD):
+    E = gate_EDF.shape[0]
+    dt = x_ND.dtype
+    combine_NE = jnp.einsum("nk,nke->ne", w_Nk.astype(dt), jax.nn.one_hot(ids_Nk, E, dtype=dt))
+    g_NEF = jnp.einsum("nd,edf->nef", x_ND, gate_EDF.astype(dt))
+    u_NEF = jnp.einsum("nd,edf->nef", x_ND, up_EDF.astype(dt))
+    h_NEF = jax.nn.silu(g_NEF) * u_NEF * combine_NE[..., None]
+    return jnp.einsum("nef,efd->nd", h_NEF, down_EFD.astype(dt))
+
+
+# -- sorted rows: ragged_dot / megablox ----------------------------------------------------------------
+
+def _tile(n: int, pref: int) -> int:
+    t = min(pref, n)
+    while n % t:
+        t //= 2
+    return max(t, 1)
+
+
+def _gmm(x_RK, w_GKN, group_sizes, dt, interpret=False):
+    """Megablox grouped matmul (Pallas, TPU): forward and both gradients visit only the tiles the
+    groups cover, so the work follows the rows really present, not the buffer. (XLA:TPU lowers
+    the weight gradient of `lax.ragged_dot` to a masked dense matmul over every expert × every
+    buffer row.)"""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    R, K = x_RK.shape
+    N = w_GKN.shape[2]
+    t = min(512, K, N)  # the backward swaps K and N under the same tiling: one size for both
+    return gmm(x_RK, w_GKN.astype(dt), group_sizes, dt, (_tile(R, 512), t, t), None, None, False, interpret)
+
+
+def megablox_ok(d_model: int, ffn_local: int) -> bool:
+    """Megablox tiles need 128-multiples in both matmul dims (the tiny test presets are smaller)."""
+    return d_model % 128 == 0 and ffn_local % 128 == 0
+
+
+def grouped_swiglu(xs_RD, group_sizes_E, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot"):
+    """SwiGLU experts over rows sorted by expert, `group_sizes_E` rows each; rows past their sum
+    give 0. kernel: `ragged_dot` (jax.lax, any backend), `megablox` (TPU) or `megablox_interpret`
+    (the Pallas interpreter, tests)."""
+    dt = xs_RD.dtype
+    if kernel.startswith("megablox"):
+        interp = kernel.endswith("interpret")
+        # gmm leaves the rows past the groups unwritten (garbage): zero them, so that neither
+        # values nor (0 * NaN) gradients leak from the empty tail
+        live_R1 = (jnp.arange(xs_RD.shape[0]) < jnp.sum(group_sizes_E))[:, None]
+        g = _gmm(xs_RD, gate_EDF, group_sizes_E, dt, interp)
+        u = _gmm(xs_RD, up_EDF, group_sizes_E, dt, interp)
+        h = jnp.where(live_R1, jax.nn.silu(g) * u, 0)
+        return jnp.where(live_R1, _gmm(h, down_EFD, group_sizes_E, dt, interp), 0)
+    g = jax.lax.ragged_dot(xs_RD, gate_EDF.astype(dt), group_sizes_E)
+    u = jax.lax.ragged_dot(xs_RD, up_EDF.astype(dt), group_sizes_E)
+    return jax.lax.ragged_dot(jax.nn.silu(g) * u, down_EFD.astype(dt), group_sizes_E)
+
+
+def experts_sorted(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot"):
+    """Assignments sorted by expert (ids = E last, outside every group), grouped matmuls, un-sort."""
+    N, D = x_ND.shape
+    k = ids_Nk.shape[1]
+    E = gate_EDF.shape[0]
+    flat_A = ids_Nk.reshape(-1)  # assignment a = token * k + slot
+    order_A = jnp.argsort(flat_A, stable=True)
+    sizes_E = jnp.bincount(flat_A, length=E).astype(jnp.int32)
+    ys_AD = grouped_swiglu(jnp.take(x_ND, order_A // k, axis=0), sizes_E, gate_EDF, up_EDF, down_EFD, kernel)
+    y_NkD = jnp.take(ys_AD, jnp.argsort(order_A), axis=0).reshape(N, k, D)
+    return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(x_ND.dtype))
+
+
+# -- blocked -------------------------------------------------------------------------------------------
+
+def block_layout(ids_A, num_experts: int, block: int):
+    """Where each assignment goes in the blocked buffer. Returns
+      pos_A   [A]  buffer row of each assignment (R = out of range for ids = E: no expert)
+      src_R   [R]  the assignment in each buffer row (A for the padding rows)
+      eid_G   [G]  the expert of each block (padding blocks past the last expert's: E - 1, all
+                   their rows padding)
+    with G = ceil(A/C) + E blocks of C rows, R = G·C. Expert e's assignments, in assignment
+    order, fill ceil(n_e/C) consecutive blocks."""
+    A = ids_A.shape[0]
+    E, C = num_experts, block
+    G = -(-A // C) + E
+    R = G * C
+    onehot_AE = jax.nn.one_hot(ids_A, E, dtype=jnp.int32)  # all-zero rows for ids = E
+    counts_E = jnp.sum(onehot_AE, axis=0)
+    rank_A = jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=-1)
+    blocks_E = -(-counts_E // C)
+    block_end_E = jnp.cumsum(blocks_E)
+    start_E = (block_end_E - blocks_E) * C
+    valid_A = ids_A < E
+    pos_A = jnp.where(valid_A, jnp.take(start_E, jnp.minimum(ids_A, E - 1)) + rank_A, R)
+    src_R = jnp.full((R,), A, jnp.int32).at[pos_A].set(jnp.arange(A, dtype=jnp.int32), mode="drop")
+    eid_G = jnp.minimum(jnp.searchsorted(block_end_E, jnp.arange(G), side="right"), E - 1)
+    return pos_A, src_R, eid_G, G
+
+
+def experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, block: int = BLOCK_ROWS):
+    N, D = x_ND.shape
+    k = ids_Nk.shape[1]
+    E = gate_EDF.shape[0]
+    dt = x_ND.dtype
+    C = max(8, min(block, -(-N * k // E)))  # small inputs: blocks no larger than a fair share
+    pos_A, src_R, eid_G, G = block_layout(ids_Nk.reshape(-1), E, C)
+    tok_R = src_R // k  # padding rows: A // k = N, out of range -> zeros
+    x_GCD = jnp.take(x_ND, tok_R, axis=0, mode="fill", fill_value=0).reshape(G, C, D)
+    gate_GDF = jnp.take(gate_EDF.astype(dt), eid_G, axis=0)
+    up_GDF = jnp.take(up_EDF.astype(dt), eid_G, axis=0)
+    down_GFD = jnp.take(down_EFD.astype(dt), eid_G, axis=0)
+    h_GCF = jax.nn.silu(jnp.einsum("gcd,gdf->gcf", x_GCD, gate_GDF)) * jnp.einsum("gcd,gdf->gcf", x_GCD, up_GDF)
+    y_RD = jnp.einsum("gcf,gfd->gcd", h_GCF, down_GFD).reshape(G * C, D)
+    y_NkD = jnp.take(y_RD, pos_A, axis=0, mode="fill", fill_value=0).reshape(N, k, D)
+    return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(dt))
