@@ -12,30 +12,32 @@ TRAIN = str(ROOT / "launch" / "train.py")
 
 
 def tiny_args(data_dir, workdir, *extra_params, gin=("cpu_smoke.gin", "model/tiny-moe.gin"), steps=12,
-              seq_len=64, batch=4, every=4):
+              seq_len=64, batch=4, every=4, async_ckpt=False):
+    """launch/train.py arguments for a tiny run; `async_ckpt=True` keeps the default (async) checkpoints."""
     args = [TRAIN, "--workdir", str(workdir)]
     for g in gin:
         args += ["--gin", g]
     params = [f"STEPS={steps}", f"SEQ_LEN={seq_len}", f"BATCH_SIZE={batch}", f"CHECKPOINT_EVERY={every}",
               f"stage_mixture.builtin_dir='{data_dir}'", "stage_mixture.spm_vocab_size=512",
-              "train.log_every=1", "train.async_checkpoint=False", *extra_params]
+              "train.log_every=1", *([] if async_ckpt else ["train.async_checkpoint=False"]), *extra_params]
     for p in params:
         args += ["--gin_param", p]
     return args
 
 
-def env(devices: int = 1):
+def env(devices: int = 1, extra_env: dict | None = None):
     e = dict(os.environ)
     e["JAX_PLATFORMS"] = "cpu"
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e.update(extra_env or {})
     return e
 
 
-def run(args, timeout=600, devices: int = 1):
+def run(args, timeout=600, devices: int = 1, extra_env: dict | None = None):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env(devices), cwd=ROOT)
+                          env=env(devices, extra_env), cwd=ROOT)
 
 
-def popen(args):
+def popen(args, extra_env: dict | None = None):
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(), cwd=ROOT)
+                            env=env(1, extra_env), cwd=ROOT)

@@ -3,11 +3,11 @@
 Nothing here runs unless one of these is set:
 
   QWEN3_FAULT_COMMIT_SLEEP_S=S      sleep S seconds inside every checkpoint commit, after the data
-                                    is written and before the step folder is finalised (with
-                                    async checkpoints: in orbax's background thread), printing
-                                    "[fault] commit of step N: sleeping" first
+                                    is written into the temporary folder and before it is renamed
+                                    to the step folder (with async checkpoints: in orbax's
+                                    background thread), printing "[fault] commit of step N: sleeping"
   QWEN3_FAULT_ENOSPC_FROM_STEP=N    the commit of every checkpoint of step >= N fails with
-                                    OSError(ENOSPC), as a full disk does
+                                    OSError(ENOSPC) as a full disk does, leaving its temporary folder
   QWEN3_FAULT_SCALE_AT=STEP:FACTOR  before running step STEP (once per process), multiply the final
                                     norm's scale by FACTOR (e.g. 1e4: a loss spike; nan: non-finite)
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 
 COMMIT_SLEEP = "QWEN3_FAULT_COMMIT_SLEEP_S"
 ENOSPC_FROM = "QWEN3_FAULT_ENOSPC_FROM_STEP"
@@ -26,27 +25,29 @@ _installed = False
 
 
 def install() -> None:
-    """Wraps orbax's commit when a checkpoint fault is requested (idempotent)."""
+    """Wraps orbax's commit of a step folder (the rename of its temporary folder) when a
+    checkpoint fault is requested (idempotent)."""
     global _installed
     sleep_s, enospc = os.environ.get(COMMIT_SLEEP), os.environ.get(ENOSPC_FROM)
     if _installed or not (sleep_s or enospc):
         return
-    import orbax.checkpoint as ocp
+    import asyncio
 
-    original = ocp.CheckpointManager._finalize
+    from orbax.checkpoint._src.path import atomicity
 
-    def _finalize(self, step, steps_to_remove):
-        if sleep_s:
-            print(f"[fault] commit of step {step}: sleeping {sleep_s} s", flush=True)
-            time.sleep(float(sleep_s))
-        if enospc and step >= int(enospc):
-            try:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory))
-            finally:
-                self._save_progress_tracker.set(False)
-        return original(self, step, steps_to_remove)
+    original = atomicity.AtomicRenameTemporaryPath.finalize
 
-    ocp.CheckpointManager._finalize = _finalize
+    async def finalize(self, *args, **kwargs):
+        name = self._final_path.name
+        if name.isdigit():  # a step folder (not an item inside one)
+            if sleep_s:
+                print(f"[fault] commit of step {name}: sleeping {sleep_s} s", flush=True)
+                await asyncio.sleep(float(sleep_s))
+            if enospc and int(name) >= int(enospc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._tmp_path))
+        return await original(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
     _installed = True
 
 

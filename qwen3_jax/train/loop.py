@@ -106,6 +106,7 @@ class _Run:
         self.signals = signals
         self.rollbacks = 0
         self.good_updates = 0
+        self.nonfinite_streak = 0
         self.last: dict[str, float] = {}
 
     def make_data(self, seed_offset: int = 0):
@@ -206,8 +207,10 @@ class _Run:
         next batch is prepared while a step runs. Returns (last step, error or None)."""
         tc, program = self.tc, self.program
         step, pending, self.t_prev = start, None, time.time()
+        batches = start  # the data position, in batches (a rollback does not rewind it)
         while step < tc.steps:
             batch, pos = prefetch.next()
+            batches += 1
             state = faults.perturb(state, step + 1)
             state, metrics = step_fn(state, batch)
             step += 1
@@ -221,7 +224,7 @@ class _Run:
             if verdict is None and (stopping or evals or samples or saving):
                 verdict, pending = self._report(*pending), None  # these wait for the step anyway
             if verdict is not None:
-                rolled = self._rollback(*verdict)
+                rolled = self._rollback(*verdict, consumed=batches)
                 if isinstance(rolled, str):
                     return step, rolled
                 step, state = rolled
@@ -240,7 +243,7 @@ class _Run:
         if pending is not None:
             verdict = self._report(*pending)
             if verdict is not None:
-                return step, self._rollback(*verdict, final=True)
+                return step, self._rollback(*verdict, consumed=batches, final=True)
         return step, None
 
     def _report(self, step: int, metrics) -> tuple[int, int, dict] | None:
@@ -258,11 +261,12 @@ class _Run:
         self.last = {k: float(np.asarray(v).max()) for k, v in metrics.items()}
         bad = int(metrics["bad_in_a_row"])
         self.good_updates += bad == 0
+        self.nonfinite_streak = 0 if bool(metrics["finite"]) else self.nonfinite_streak + 1
         if bad >= self.tc.max_nonfinite_in_a_row:
             return step, step - bad + 1, metrics
         return None
 
-    def _rollback(self, step: int, first_bad: int, m: dict, final: bool = False):
+    def _rollback(self, step: int, first_bad: int, m: dict, consumed: int, final: bool = False):
         """After too many skipped updates: (step, state) restored from the last checkpoint written
         before `first_bad`, or the error message when rollback is off, exhausted or impossible."""
         tc = self.tc
@@ -272,7 +276,7 @@ class _Run:
         what = (f"{n} skipped steps in a row (steps {first_bad}-{step}, the last {kind}: loss {float(m['loss']):.4g}, "
                 f"grad norm {float(m['grad_norm']):.4g}; {int(m['nonfinite_total'])} non-finite and "
                 f"{int(m['spikes_total'])} spikes so far)")
-        if kind == "non-finite" and int(m["nonfinite_in_a_row"]) >= n:
+        if self.nonfinite_streak >= n:
             what = f"{n} non-finite steps in a row (steps {first_bad}-{step}: loss {float(m['loss']):.4g})"
         good = [c for c in self.ckpts.steps() if c < first_bad]
         target = max(good) if good else None
@@ -296,8 +300,8 @@ class _Run:
             self.writer.rewind(found[0])
         self.t_prev = time.time()
         print(f"ROLLBACK {self.rollbacks}/{tc.max_rollbacks}: {what}; restored checkpoint step {found[0]} "
-              f"(written before the first bad step {first_bad}); the data goes on after the batches already "
-              f"read (the {step + 1 - found[0]} batches of steps {found[0] + 1}-{step + 1} are not repeated)",
+              f"(written before the first bad step {first_bad}); the data goes on after batch {consumed} (the "
+              f"{consumed - found[0]} batches read since step {found[0]} are not repeated)",
               file=sys.stderr, flush=True)
         return found
 

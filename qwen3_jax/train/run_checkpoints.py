@@ -15,7 +15,9 @@ The items of a step are named in `qwen3_jax.train.checkpoint`. `RunCheckpoints` 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import sys
 import time
@@ -36,8 +38,26 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def _one_line(e: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(e).split())
+    """The root cause of `e` (orbax wraps TensorStore's errors) on one line."""
+    seen = []
+    while e is not None and len(seen) < 8:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    e = next((c for c in reversed(seen) if str(c).strip()), seen[0])
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
     return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs a failed async save with its traceback (absl ERROR); we report it in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def counters(state: TrainState) -> dict:
@@ -78,8 +98,7 @@ def _problem(step_dir: Path) -> str | None:
 class RunCheckpoints:
     def __init__(self, root: Path, *, keep_last: int | None, keep_every: int | None, enable_async: bool):
         self.root = root
-        self._opts = dict(max_to_keep=keep_last, keep_period=keep_every, enable_async=enable_async)
-        self.mgr = ckpt.manager(root, **self._opts)
+        self.mgr = ckpt.manager(root, max_to_keep=keep_last, keep_period=keep_every, enable_async=enable_async)
         self.failures: list[tuple[int, str]] = []
         self._pending: int | None = None  # an async save not yet known to have committed
 
@@ -87,15 +106,16 @@ class RunCheckpoints:
     def save(self, step: int, state: TrainState, data_pos, cfg: ModelConfig, meta: dict) -> None:
         self.wait()
         try:
-            self.mgr.save(step, args=ocp.args.Composite(**{
-                ckpt.PARAMS: ocp.args.StandardSave(state.params),
-                ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
-                ckpt.TRAIN_STATE: ocp.args.StandardSave(counters(state)),
-                ckpt.GUARD: ocp.args.StandardSave(state.guard),
-                ckpt.DATA: DataSave(data_pos),  # one small JSON file per data shard
-                ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
-                ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
-            }), force=True)
+            with _quiet_orbax():
+                self.mgr.save(step, args=ocp.args.Composite(**{
+                    ckpt.PARAMS: ocp.args.StandardSave(state.params),
+                    ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
+                    ckpt.TRAIN_STATE: ocp.args.StandardSave(counters(state)),
+                    ckpt.GUARD: ocp.args.StandardSave(state.guard),
+                    ckpt.DATA: DataSave(data_pos),  # one small JSON file per data shard
+                    ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
+                    ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
+                }), force=True)
             self._pending = step
         except Exception as e:  # noqa: BLE001 - any storage failure: report, keep training
             self._failed(step, e)
@@ -103,7 +123,8 @@ class RunCheckpoints:
     def wait(self) -> None:
         """Waits for an async save to commit; a failed commit is recorded like a failed save."""
         try:
-            self.mgr.wait_until_finished()
+            with _quiet_orbax():
+                self.mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             self._failed(self._pending if self._pending is not None else -1, e)
         self._pending = None
@@ -200,8 +221,8 @@ class RunCheckpoints:
                       flush=True)
                 bad.append((step, problem))
                 continue
-            for s, why in bad:
-                self.move_aside(s, why)
+            for s, _ in bad:
+                self.move_aside(s, "skipped on resume")
             return step, state
         if bad:
             raise TrainingError(f"no readable checkpoint in {self.root} (steps {', '.join(str(s) for s, _ in bad)}: "
