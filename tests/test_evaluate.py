@@ -185,8 +185,22 @@ def test_cli_end_to_end(spm_data, tmp_path):
     ("ckpt", ["--mc", "/no/such.jsonl"], "/no/such.jsonl"),
     ("nothing", ["--mc", "tiny"], "nothing"),
 ])
-def test_cli_errors_are_one_line(tmp_path, ckpt, args, names):
+def test_cli_errors_are_one_line(tmp_path, ckpt, args, names, capsys):
+    """In this process (a subprocess per case cost ~5 s of imports); one case also as a real command."""
+    import importlib.util
+
     (tmp_path / "ckpt").mkdir()
-    r = _cli("--checkpoint", tmp_path / ckpt, *args)
-    assert r.returncode == 2 and names in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    argv = ["--checkpoint", str(tmp_path / ckpt), *args]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and names in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    if ckpt == "nothing":
+        r = _cli(*argv)
+        assert r.returncode == 2 and r.stderr == err, r.stderr

@@ -367,8 +367,22 @@ def test_cli_json_contract(qwen_vocab_hf, tmp_path):
     (["--hf", ".", "--checkpoint", ".", "--prompt", "x"], "--checkpoint"),
     (["--hf", ".", "--prompts_file", "/nonexistent/p.jsonl"], "/nonexistent/p.jsonl"),
 ])
-def test_cli_bad_input_exits_2_with_one_line(args, needle):
-    r = _cli(*args, timeout=120)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
+def test_cli_bad_input_exits_2_with_one_line(args, needle, capsys):
+    """In this process (each case as a subprocess cost ~5 s of imports); the first one also as a
+    real command, for the exit status."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "launch" / "generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    try:
+        rc = cli.main(args)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    if needle == "/nonexistent/model":
+        r = _cli(*args, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == lines, (r.stdout, r.stderr)
