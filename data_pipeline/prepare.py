@@ -85,11 +85,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _init_worker(tokenizer: str, text_key: str, allow_special: bool, dtype: str, in_process: bool,
-                 parent: int = 0) -> None:
+                 parent: int = 0, tok=None) -> None:
     if not in_process:
         _die_with_parent(parent)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; processes give parallelism
-    _W.update(tok=load_tokenizer(tokenizer), text_key=text_key, allow_special=allow_special, dtype=np.dtype(dtype))
+    _W.update(tok=tok or load_tokenizer(tokenizer), text_key=text_key, allow_special=allow_special, dtype=np.dtype(dtype))
 
 
 def _work(batch: list[tuple[int, corpus.Raw]]):
@@ -280,7 +280,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
             yield cur, batch
 
     if workers == 0:
-        _init_worker(*init)
+        _init_worker(*init, tok=tok)  # the tokenizer loaded for the plan
         pool, submit = None, (lambda b: _DoneFuture(_work(b)))
     else:
         # fork is fast, but not safe once a threaded runtime (jax, grain) lives in this process
