@@ -122,8 +122,11 @@ def load_stats(path: str) -> dict:
     f = os.path.join(path, "stats.json")
     if not os.path.exists(f):
         raise FileNotFoundError(f"{path} is not a complete prepared dataset (no stats.json); run prepare.py")
-    with open(f) as fh:
-        return json.load(fh)
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except ValueError as e:
+        raise ValueError(f"{f}: not valid JSON ({e}); delete it, re-run prepare.py (same arguments)") from None
 
 
 def doc_lengths(path: str) -> np.ndarray:

@@ -58,6 +58,15 @@ def shard_name(s: int, n: int) -> str:
     return f"shard-{s:05d}-of-{n:05d}"
 
 
+def _read_json(path: str):
+    """The contents of a JSON file this module wrote, None when it is not valid JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        return None
+
+
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -89,7 +98,8 @@ def _init_worker(tokenizer: str, text_key: str, allow_special: bool, dtype: str,
     if not in_process:
         _die_with_parent(parent)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; processes give parallelism
-    _W.update(tok=tok or load_tokenizer(tokenizer), text_key=text_key, allow_special=allow_special, dtype=np.dtype(dtype))
+    _W.update(tok=tok or load_tokenizer(tokenizer), text_key=text_key, allow_special=allow_special,
+              dtype=np.dtype(dtype))
 
 
 def _work(batch: list[tuple[int, corpus.Raw]]):
@@ -239,12 +249,14 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     complete = lambda: all(os.path.exists(os.path.join(out, shard_name(s, shards) + ".json"))  # noqa: E731
                            for s in range(shards))
     if os.path.exists(plan_path):
-        old = json.load(open(plan_path))
+        old = _read_json(plan_path)
+        if old is None:
+            raise PrepareError(f"{plan_path}: not valid JSON; delete {out} (or use another --out) and re-run")
         if old != plan:
             diff = sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k))
             raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
-        if os.path.exists(stats_path) and complete():  # a shard whose .json was deleted is redone
-            return json.load(open(stats_path))
+        if os.path.exists(stats_path) and complete() and (st := _read_json(stats_path)):
+            return st  # complete; a shard whose .json was deleted is redone, an unreadable stats.json rewritten
     else:
         _write_json(plan_path, plan)
     for f in os.listdir(out):  # leftovers of a killed run

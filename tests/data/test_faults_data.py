@@ -176,6 +176,25 @@ def test_damaged_shard_names_file_and_record(prepared, tmp_path, case, damage, w
     assert _read_all(str(ds)) == tokens
 
 
+def test_half_written_stats_and_plan(prepared, tmp_path, capsys):
+    from data_pipeline.pipeline import make_dataset
+    prepared = prepared[0]
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared / "ds", ds)
+    (ds / "stats.json").write_text('{"documents": 4')
+    with pytest.raises(ValueError, match=r"stats\.json: not valid JSON .*delete it"):
+        make_dataset(str(ds), seq_len=64, global_batch_size=2, process_index=0, process_count=1)
+    st = prepare([str(prepared / "in.jsonl")], "qwen3", str(ds), shards=2, workers=0, progress=False)
+    assert st["last_run_shards_written"] == [] and st["documents"] == 400  # rebuilt from the shards' own stats
+    (ds / "plan.json").write_text("{")
+    argv = ["--input", str(prepared / "in.jsonl"), "--tokenizer", "qwen3", "--out", str(ds), "--shards", "2",
+            "--no_progress"]
+    assert prepare_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plan.json: not valid JSON" in err, err
+    assert sorted(os.listdir(ds)) == sorted(os.listdir(prepared / "ds"))  # nothing removed
+
+
 def test_inspect_data_one_line_error_and_both_flag_spellings(prepared, tmp_path, capsys):
     from data_pipeline.inspect_data import main as inspect_main
     prepared = prepared[0]
