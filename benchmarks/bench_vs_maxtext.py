@@ -172,7 +172,8 @@ def run_ours(case: str, setting: str, steps: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="runs per side and case (interleaved)")
-    p.add_argument("--steps", type=int, default=5, help="MaxText steps per run (steps 3+ timed); ours: steps - 1, the first not timed")
+    p.add_argument("--steps", type=int, default=5,
+                   help="MaxText steps per run (steps 3+ timed); ours: steps - 1, the first not timed")
     p.add_argument("--only", default="dense,moe")
     p.add_argument("--settings", default="default,matched")
     p.add_argument("--maxtext_venv", default="/work/maxtext-venv")
@@ -197,8 +198,8 @@ def main():
             m = statistics.median(r["step_s"] for r in theirs)
             first = ours[0]
             runs = " / ".join(", ".join(f"{r['step_s']:.2f}" for r in side) for side in (ours, theirs))
-            rows.append(f"| {case} | {setting} | {first['moe_impl']}, remat {first['remat']}, {first['attention']} attn, "
-                        f"loss chunk {first['loss_chunk']} | {o:.2f} | {m:.2f} | {m / o:.2f}x | {runs} |")
+            rows.append(f"| {case} | {setting} | {first['moe_impl']}, remat {first['remat']}, "
+                        f"{first['attention']} attn, loss chunk {first['loss_chunk']} | {o:.2f} | {m:.2f} | {m / o:.2f}x | {runs} |")
             record.append(dict(case=case, setting=setting, ours=ours, maxtext=theirs))
     print(f"\n{args.runs} runs per side, each the median of its timed steps; table: median over runs")
     print("| case | setting | ours | ours s/step | MaxText s/step | MaxText / ours | runs (ours / MaxText) |")

@@ -136,8 +136,9 @@ def test_auto_picks_per_backend_and_names_are_checked():
 @pytest.mark.slow
 def test_model_auto_equals_dense_and_is_blocked_on_cpu():
     """The tiny MoE model's loss and parameter gradients are the same with dense and auto
-    experts (ragged inside the model: tests/test_sharding_ep.py); on CPU auto traces the blocked form (its gathers of expert weights
-    per block appear in the jaxpr, the dense form's [tokens, experts, ffn] product does not)."""
+    experts (ragged inside the model: tests/test_sharding_ep.py); on CPU auto traces the blocked
+    form: the dense form's [tokens, experts, ffn] product is not in its jaxpr, the blocked form's
+    per-block expert weights [G, D, F] are."""
     from qwen3_jax.model import create_model
     from qwen3_jax.params import flat_params, model_from_flat
 
@@ -157,8 +158,18 @@ def test_model_auto_equals_dense_and_is_blocked_on_cpu():
         for k in ref_g:
             np.testing.assert_allclose(got_g[k], ref_g[k], rtol=1e-5, atol=1e-6, err_msg=f"{impl} {k}")
     E, F = base.num_experts, base.moe_ffn_dim
-    shapes = lambda impl: {tuple(v.aval.shape) for eqn in jax.make_jaxpr(functools.partial(loss, impl))(flat).eqns  # noqa: E731
-                           for sub in [eqn, *[e for j in jax.extend.core.jaxprs_in_params(eqn.params) for e in j.eqns]]
-                           for v in sub.outvars}
+
+    def shapes(impl):  # every intermediate's shape, in the scanned / rematerialised sub-jaxprs too
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                yield from (tuple(v.aval.shape) for v in eqn.outvars)
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    yield from walk(sub)
+        return set(walk(jax.make_jaxpr(functools.partial(loss, impl))(flat).jaxpr))
+
     tokens_n = tokens.size
-    assert (tokens_n, E, F) in shapes("dense") and (tokens_n, E, F) not in shapes("auto")
+    C = max(8, min(moe_compute.BLOCK_ROWS, -(-tokens_n * base.num_experts_per_tok // E)))
+    G = -(-tokens_n * base.num_experts_per_tok // C) + E
+    dense, auto = shapes("dense"), shapes("auto")
+    assert (tokens_n, E, F) in dense and (G, base.d_model, F) not in dense
+    assert (tokens_n, E, F) not in auto and (G, base.d_model, F) in auto
