@@ -27,8 +27,8 @@ come first served in token order) and the buffers shrink to E·that.
 Local expert computation: the gather strategy runs `ModelConfig.moe_impl`'s form over the local
 experts (`qwen3_jax.model.moe_compute`: dense, ragged, blocked; auto = blocked on CPU); with a
 capacity, padded [E_loc, C, D] buffers and a batched einsum. The ragged strategy's received rows
-are sorted by expert and go through megablox (moe_impl auto/megablox on TPU with 128-multiple
-dims) or `lax.ragged_dot` (otherwise). Its sizes/offsets (`send_plan`, `recv_plan`,
+are sorted by expert and go through megablox (on TPU with 128-multiple dims, unless moe_impl is
+'ragged') or `lax.ragged_dot` (otherwise). Its sizes/offsets (`send_plan`, `recv_plan`,
 `buffer_order`) and un-sort (`unsort_combine`) are separate functions and its collectives an
 object (`LaxCollectives`), so that tests run it through a numpy emulator of ragged_all_to_all.
 """
@@ -242,8 +242,9 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
     kernel = "ragged_dot"
     if exchange == "gather":
         body = lambda *a: _gather_body(*a, form=form, cap=cap, tensor_axes=tensor_axes)  # noqa: E731
-    else:  # the received rows are sorted by expert: megablox's or ragged_dot's grouped matmuls
-        if form == "megablox" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
+    else:  # the received rows are sorted by expert: grouped matmuls, megablox's on TPU (any form
+        # but an explicit 'ragged', which asks for lax.ragged_dot) when the dims allow
+        if ctx.platform == "tpu" and form != "ragged" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
             kernel = "megablox"
         body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, kernel=kernel)  # noqa: E731
 
