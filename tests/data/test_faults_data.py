@@ -255,19 +255,18 @@ def _alive(pid: int) -> bool:
 def test_sigkill_of_prepare_leaves_no_worker_behind(tmp_path):
     rng = np.random.default_rng(0)
     words = [f"w{k}" for k in range(5000)]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 300))}) + "\n"
-                                               for i in range(3000)))
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 100))}) + "\n"
+                                               for i in range(1200)))
     out = tmp_path / "out"
     cmd = [sys.executable, "data_pipeline/prepare.py", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", "qwen3",
            "--out", str(out), "--shards", "4", "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline, workers = time.time() + 120, []
-    while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
-        workers = _children(proc.pid)
-        time.sleep(0.05)
-    assert len(workers) == 2, (workers, proc.poll())
-    time.sleep(1.0)  # let the workers load the tokenizer and start working
-    os.kill(proc.pid, signal.SIGKILL)
+    deadline, workers, first = time.time() + 120, [], out / "shard-00000-of-00004.json"
+    while time.time() < deadline and not (len(workers) == 2 and first.exists()) and proc.poll() is None:
+        workers = workers if len(workers) == 2 else _children(proc.pid)
+        time.sleep(0.02)
+    assert len(workers) == 2 and first.exists(), (workers, proc.poll())
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: one of four shards written, the workers busy
     proc.wait()
     assert not (out / "stats.json").exists(), "the run finished before it was killed: make the input larger"
     deadline = time.time() + 20
