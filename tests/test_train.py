@@ -260,3 +260,22 @@ def test_train_runs_from_plain_configs_without_gin(data_dir, tmp_path):
     assert out["step"] == 3 and np.isfinite(out["metrics"]["loss"]) and len(out["step_program"]) == 16
     assert checkpoint.latest_step(tmp_path / "w" / "checkpoints") == 3
     assert gin.config_str() == ""  # nothing was configured through gin
+
+
+def test_spike_guard_skips_only_after_a_full_window_of_good_steps():
+    from qwen3_jax.train import spike_guard
+
+    g = spike_guard.init_guard(3)
+    f, t = jnp.array(False), jnp.array(True)
+    for loss in (4.0, 3.0, 100.0):  # the window is not full yet: nothing is a spike
+        spike = spike_guard.is_spike(g, loss, 1.0, 3.0)
+        assert not bool(spike)
+        g = spike_guard.update_guard(g, loss, 1.0, t, spike)
+    assert int(g["count"]) == 3  # median of (4, 3, 100) = 4
+    assert bool(spike_guard.is_spike(g, 12.5, 1.0, 3.0)) and not bool(spike_guard.is_spike(g, 11.9, 1.0, 3.0))
+    assert bool(spike_guard.is_spike(g, 4.0, 3.5, 3.0))  # grad norm 3.5 > 3 x median 1
+    bad = spike_guard.update_guard(g, 50.0, 1.0, t, jnp.array(True))
+    bad = spike_guard.update_guard(bad, jnp.nan, 1.0, f, jnp.array(False))
+    assert int(bad["bad_in_a_row"]) == 2 and int(bad["spikes_total"]) == 1
+    assert np.array_equal(bad["loss"], g["loss"])  # skipped steps never enter the window
+    assert not bool(spike_guard.is_spike(g, 1e9, 1e9, None))  # factor None: off

@@ -15,7 +15,6 @@ The items of a step are named in `qwen3_jax.train.checkpoint`. `RunCheckpoints` 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -48,16 +47,12 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax logs a failed async save with its traceback (absl ERROR); we report it in one line."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+class _NoOrbaxErrors(logging.Filter):
+    """Orbax logs a failed (async) save with its traceback, also from its background threads; the
+    failure reaches us as an exception and is reported in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
 def counters(state: TrainState) -> dict:
@@ -99,6 +94,8 @@ class RunCheckpoints:
     def __init__(self, root: Path, *, keep_last: int | None, keep_every: int | None, enable_async: bool):
         self.root = root
         self.mgr = ckpt.manager(root, max_to_keep=keep_last, keep_period=keep_every, enable_async=enable_async)
+        self._filter = _NoOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._filter)
         self.failures: list[tuple[int, str]] = []
         self._pending: int | None = None  # an async save not yet known to have committed
 
@@ -106,16 +103,15 @@ class RunCheckpoints:
     def save(self, step: int, state: TrainState, data_pos, cfg: ModelConfig, meta: dict) -> None:
         self.wait()
         try:
-            with _quiet_orbax():
-                self.mgr.save(step, args=ocp.args.Composite(**{
-                    ckpt.PARAMS: ocp.args.StandardSave(state.params),
-                    ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
-                    ckpt.TRAIN_STATE: ocp.args.StandardSave(counters(state)),
-                    ckpt.GUARD: ocp.args.StandardSave(state.guard),
-                    ckpt.DATA: DataSave(data_pos),  # one small JSON file per data shard
-                    ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
-                    ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
-                }), force=True)
+            self.mgr.save(step, args=ocp.args.Composite(**{
+                ckpt.PARAMS: ocp.args.StandardSave(state.params),
+                ckpt.OPT_STATE: ocp.args.StandardSave(state.opt_state),
+                ckpt.TRAIN_STATE: ocp.args.StandardSave(counters(state)),
+                ckpt.GUARD: ocp.args.StandardSave(state.guard),
+                ckpt.DATA: DataSave(data_pos),  # one small JSON file per data shard
+                ckpt.MODEL_CONFIG: ocp.args.JsonSave(cfg.to_dict()),
+                ckpt.META: ocp.args.JsonSave({"step": step, **meta}),
+            }), force=True)
             self._pending = step
         except Exception as e:  # noqa: BLE001 - any storage failure: report, keep training
             self._failed(step, e)
@@ -123,8 +119,7 @@ class RunCheckpoints:
     def wait(self) -> None:
         """Waits for an async save to commit; a failed commit is recorded like a failed save."""
         try:
-            with _quiet_orbax():
-                self.mgr.wait_until_finished()
+            self.mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             self._failed(self._pending if self._pending is not None else -1, e)
         self._pending = None
@@ -152,8 +147,11 @@ class RunCheckpoints:
                 f"to resume from it")
 
     def close(self) -> None:
-        self.wait()
-        self.mgr.close()
+        try:
+            self.wait()
+            self.mgr.close()
+        finally:
+            logging.getLogger("absl").removeFilter(self._filter)
 
     # --- restoring ---------------------------------------------------------------------
     def restore(self, step: int, abstract: TrainState, window: int) -> TrainState:
