@@ -80,8 +80,8 @@ def test_forms_equal_the_reference_values_and_grads(routing):
     want_y = _reference_np(x, w, np.asarray(ids), *params)
     (_, ref_y), ref_g = _value_and_grad("dense")(x, w, *params, ids, probe)
     np.testing.assert_allclose(ref_y, want_y, rtol=1e-5, atol=1e-5)
-    # blocked: the default block (capped at a fair share, 18 rows here) and blocks of 4 rows
-    # (several per expert; the all-to-one routing fills ceil(N·K/4) of them)
+    # blocked: the default block (capped at a fair share, 18 rows here), blocks of 4 and 7 rows
+    # (several per expert; the all-to-one routing fills ceil(N·K/C) of them)
     for impl, block in (("ragged", None), ("blocked", None), ("blocked", 4), ("blocked", 7)):
         (_, y), g = _value_and_grad(impl, block)(x, w, *params, ids, probe)
         np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5, err_msg=f"{impl} {block} values")
@@ -168,8 +168,24 @@ def test_model_auto_equals_dense_and_is_blocked_on_cpu():
         return set(walk(jax.make_jaxpr(functools.partial(loss, impl))(flat).jaxpr))
 
     tokens_n = tokens.size
-    C = max(8, min(moe_compute.BLOCK_ROWS, -(-tokens_n * base.num_experts_per_tok // E)))
+    C = moe_compute.block_rows(tokens_n * base.num_experts_per_tok, E)
     G = -(-tokens_n * base.num_experts_per_tok // C) + E
     dense, auto = shapes("dense"), shapes("auto")
     assert (tokens_n, E, F) in dense and (G, base.d_model, F) not in dense
     assert (tokens_n, E, F) not in auto and (G, base.d_model, F) in auto
+
+
+def test_blocked_decoding_sizes():
+    """Fewer assignments than experts (one decoding step): blocks of one row, G = A + E, and the
+    same values and gradients as the dense form."""
+    assert moe_compute.block_rows(2 * K, E) == 1 and moe_compute.block_rows(4096 * 4, 16) == moe_compute.BLOCK_ROWS
+    r = np.random.default_rng(5)
+    x = jnp.asarray(r.normal(size=(2, D)), jnp.float32)
+    w = jnp.asarray(r.uniform(0.1, 1.0, size=(2, K)), jnp.float32)
+    probe = jnp.asarray(r.normal(size=(2, D)), jnp.float32)
+    ids = jnp.asarray([[7, 0, 3], [3, 5, 7]], jnp.int32)
+    (_, ref_y), ref_g = _value_and_grad("dense")(x, w, *_weights(), ids, probe)
+    (_, y), g = _value_and_grad("blocked")(x, w, *_weights(), ids, probe)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, ref_g):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

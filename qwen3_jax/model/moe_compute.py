@@ -157,12 +157,18 @@ def block_layout(ids_A, num_experts: int, block: int):
     return pos_A, src_R, eid_G, G
 
 
+def block_rows(assignments: int, num_experts: int, block: int = BLOCK_ROWS) -> int:
+    """C: `block`, or for few assignments (decoding) their fair share per expert, so that the
+    E·C rows of padding stay near the dense form's N·E."""
+    return max(1, min(block, -(-assignments // num_experts)))
+
+
 def experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, block: int = BLOCK_ROWS):
     N, D = x_ND.shape
     k = ids_Nk.shape[1]
     E = gate_EDF.shape[0]
     dt = x_ND.dtype
-    C = max(8, min(block, -(-N * k // E)))  # small inputs: blocks no larger than a fair share
+    C = block_rows(N * k, E, block)
     pos_A, src_R, eid_G, G = block_layout(ids_Nk.reshape(-1), E, C)
     tok_R = src_R // k  # padding rows: A // k = N, out of range -> zeros
     x_GCD = jnp.take(x_ND, tok_R, axis=0, mode="fill", fill_value=0).reshape(G, C, D)
