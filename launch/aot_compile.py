@@ -78,7 +78,14 @@ def main(argv=None) -> int:
     p.add_argument("--global_batch", type=int, default=None, help="shorthand for BATCH_SIZE=")
     p.add_argument("--micro_batches", type=int, default=None, help="shorthand for train.micro_batches=")
     p.add_argument("--attention_impl", default=None, help="shorthand for model_config.attention_impl=")
-    p.add_argument("--remat", default=None, help="shorthand for model_config.remat=")
+    p.add_argument("--remat", default=None, help="shorthand for model_config.remat=; 'auto': search (below)")
+    p.add_argument("--remat_search", action="store_true",
+                   help="compile every remat candidate and pick one (--remat auto: skip the dominated ones)")
+    p.add_argument("--remat_candidates", default=None, help="comma-separated policies for the search "
+                   "(default: qwen3_jax.remat_search.candidates for the model and platform)")
+    p.add_argument("--headroom", type=float, default=None, help="search: fit = peak <= this share of HBM (0.9)")
+    p.add_argument("--remat_cache", default=None, help="search: reuse / save each candidate's report in this "
+                   "folder, matched by the step program's fingerprint")
     p.add_argument("--splash_fused_bwd", default=None, choices=["true", "false"],
                    help="shorthand for model_config.splash_fused_bwd=")
     p.add_argument("--moe_exchange", default=None, help="shorthand for train.moe_exchange= (auto | ragged | gather)")
@@ -96,6 +103,9 @@ def main(argv=None) -> int:
     from qwen3_jax.train.build import build
     from qwen3_jax.train.config import TrainingError
 
+    search = args.remat_search or args.remat == "auto"
+    if args.remat == "auto":
+        args.remat = None
     try:
         extra = flag_bindings(args)
         topo = aot.parse_topology(args.topology, args.num_slices)
@@ -105,18 +115,95 @@ def main(argv=None) -> int:
         model, tc = configurables.run_config()
         print(f"config: {' + '.join(files)}" + "".join(f"\n  --gin_param {b}" for b in args.gin_param + extra),
               flush=True)
-        program = build(model, tc, aot.topology_devices(topo), num_slices=args.num_slices, process_count=1)
+        devices = aot.topology_devices(topo)
+        if search:
+            from qwen3_jax import remat_search
+
+            only = args.remat_candidates.split(",") if args.remat_candidates else None
+            policies = remat_search.candidates(model, "cpu" if topo["accelerator"] == "cpu" else "tpu", only)
+        else:
+            program = build(model, tc, devices, num_slices=args.num_slices, process_count=1)
     except (FileNotFoundError, ValueError, TrainingError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = aot.compile_report(program, topo, hlo_dump=args.hlo_dump)
-    report["config"] = {"gin": files, "bindings": list(args.gin_param) + extra}
+    if search:
+        report = run_search(args, files, extra, topo, devices, policies)
+    else:
+        report = aot.compile_report(program, topo, hlo_dump=args.hlo_dump)
+        report["config"] = {"gin": files, "bindings": list(args.gin_param) + extra}
+    if report is None:
+        return 1
     print(aot.format_report(report) if "error" not in report else
           f"{report['model']} on {report['topology']}, mesh {report['mesh']}: DOES NOT FIT\n  {report['error']}")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
     return 0 if report["fits"] else 1
+
+
+def run_search(args, files: list[str], extra: list[str], topo: dict, devices, policies: list[str]) -> dict | None:
+    """Compiles the remat candidates (each the program train.py would run with that
+    `model_config.remat`), prints the table and the gin line; returns the chosen one's report
+    with the search in `remat_search`, or None when none fits."""
+    from pathlib import Path
+
+    from qwen3_jax import aot, configurables, remat_search
+    from qwen3_jax.train.build import build, program_fingerprint
+
+    headroom = args.headroom or remat_search.HEADROOM
+    cache = Path(args.remat_cache) if args.remat_cache else None
+
+    def compile_policy(policy: str) -> dict:
+        bindings = list(args.gin_param) + extra + [f"model_config.remat={policy!r}"]
+        configurables.parse_gin(files, bindings)
+        model, tc = configurables.run_config()
+        program = build(model, tc, devices, num_slices=args.num_slices, process_count=1)
+        lowered = program.lower()
+        fingerprint = program_fingerprint(lowered)
+        report = cached_report(cache, fingerprint, program) if cache else None
+        if report is None:
+            print(f"compiling remat={policy!r} (step program {fingerprint}) ...", flush=True)
+            report = aot.compile_report(program, topo, lowered=lowered)
+            if cache:
+                cache.mkdir(parents=True, exist_ok=True)
+                (cache / f"{fingerprint}.json").write_text(json.dumps(report, indent=2))
+        else:
+            print(f"remat={policy!r}: step program {fingerprint} already compiled ({cache})", flush=True)
+            report["hbm_bytes_per_chip"] = topo["hbm_bytes_per_chip"]  # this run's HBM (--hbm_gib)
+            report["fits"] = report["bytes_per_chip_peak"] <= report["hbm_bytes_per_chip"]
+        report["config"] = {"gin": files, "bindings": bindings}
+        return report
+
+    choice, report, rows = remat_search.search(compile_policy, policies, headroom, prune=not args.remat_search)
+    print(remat_search.format_rows(rows, choice, headroom))
+    if choice is None:
+        print(f"no remat candidate fits in {headroom:.0%} of HBM")
+        return None
+    print(f"chosen: model_config.remat = {choice!r}  (record it in the slice gin file)")
+    report["remat_search"] = {"headroom": headroom, "choice": choice, "pruned": not args.remat_search,
+                              "candidates": rows}
+    return report
+
+
+def cached_report(cache, fingerprint: str, program) -> dict | None:
+    """A saved report of this step program (same fingerprint) in `cache`; one saved by an older
+    tool without the step-time fields gets them from its HLO dump (`<report>.hlo`) if present."""
+    from qwen3_jax import aot
+
+    for path in sorted(cache.glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if report.get("step_program") != fingerprint or report.get("flops_per_chip") is None:
+            continue
+        hlo = path.with_suffix(".hlo")
+        if "hbm_traffic_bytes_per_chip" not in report and hlo.exists():  # saved by an older tool
+            report.update(aot.step_time_fields(report, program.model, hlo.read_text(), 1, report["flops_per_chip"],
+                                               report["model_flops_per_chip"], report["collectives"]))
+        report.setdefault("host_temp_bytes_per_chip", 0)
+        return report
+    return None
 
 
 if __name__ == "__main__":

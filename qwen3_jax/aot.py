@@ -28,6 +28,7 @@ import math
 import os
 import re
 
+from qwen3_jax import step_time
 from qwen3_jax.hlo_stats import collective_summary, hlo_flops
 from qwen3_jax.train.metrics import flops_per_token
 
@@ -130,7 +131,7 @@ def _flops_split(cfg, seq_len: int, tokens_per_device: float, counted: dict) -> 
             "model_attention_share": attention / (attention + matmul)}
 
 
-def compile_report(program, topo: dict, hlo_dump: str | None = None) -> dict:
+def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=None) -> dict:
     """Compiles `program` (from `qwen3_jax.train.build.build` on `topo`'s devices) and returns the
     report: per-chip memory against HBM, FLOPs counted from the HLO vs the model's own count,
     collectives. `topo`: `parse_topology(...)` (its `hbm_bytes_per_chip` may be a what-if)."""
@@ -142,7 +143,7 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None) -> dict:
     chips = topo["chips"] * topo.get("num_slices", 1) if topo["accelerator"] != "cpu" else len(devices)
     per_chip = max(len(devices) // chips, 1)
     tokens = tc.batch_size * tc.seq_len
-    lowered = program.lower()
+    lowered = program.lower() if lowered is None else lowered
     head = {"model": cfg.name, "topology": topo["accelerator"], "libtpu_topology": topo["libtpu_name"],
             "num_slices": topo.get("num_slices", 1), "chips": chips, "devices": len(devices),
             "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "seq_len": tc.seq_len,
@@ -180,6 +181,8 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None) -> dict:
         ragged_rows = tokens * cfg.num_experts_per_tok / (sharding.batch_shards(mesh) * tc.micro_batches)
     counted = hlo_flops(text, ragged_rows=ragged_rows, causal=True)
     flops = counted.get("total", 0.0)
+    collectives = collective_summary(text, ragged_rows)
+    host = int(getattr(mem, "host_temp_size_in_bytes", 0) or 0) * per_chip
     return {
         **head,
         "flops_per_chip": flops * per_chip, "model_flops_per_chip": model_flops * per_chip,
@@ -195,8 +198,33 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None) -> dict:
         "bytes_per_chip_temp_at_peak": max(peak - live_io, 0) * per_chip,
         "bytes_per_chip_peak": peak * per_chip, "peak_source": peak_source, "hbm_bytes_per_chip": hbm * per_chip,
         "fits": peak <= hbm, "memory_fields": MEMORY_FIELDS, "sharding_fallbacks": program.sharding_fallbacks,
-        "collectives": collective_summary(text, ragged_rows),
+        "host_temp_bytes_per_chip": host, "xla_cost_analysis_bytes_accessed_per_chip":
+            float(cost.get("bytes accessed", 0.0)) * per_chip,
+        "collectives": collectives, **step_time_fields(report_head=head, cfg=cfg, hlo_text=text, per_chip=per_chip,
+                                                       flops=flops, model_flops=model_flops, collectives=collectives),
     }
+
+
+def step_time_fields(report_head: dict, cfg, hlo_text: str, per_chip: int, flops: float, model_flops: float,
+                     collectives: dict) -> dict:
+    """HBM and host-offload bytes counted from the compiled HLO and the step-time estimate
+    (`qwen3_jax.step_time`) for a TPU slice (FLOPs per device; no estimate on CPU)."""
+    out = {"hbm_traffic_bytes_per_chip": step_time.hbm_bytes(hlo_text) * per_chip,
+           "host_offload_bytes_per_chip": step_time.offload_bytes(hlo_text) * per_chip}
+    chip = step_time.chip_for(report_head["libtpu_topology"])
+    if chip is None or report_head["topology"] == "cpu":
+        return out
+    from qwen3_jax.params import count_params
+
+    slices = report_head.get("num_slices", 1)
+    params = 4.0 * count_params(cfg)["total_params"]  # fp32 gradients
+    t = step_time.estimate(chip, flops=flops * per_chip, model_flops=model_flops * per_chip,
+                           hbm_bytes=out["hbm_traffic_bytes_per_chip"],
+                           ici_wire_bytes=step_time.ici_wire_bytes(collectives),
+                           dcn_wire_bytes=step_time.dcn_wire_bytes(params, report_head["chips"] // slices, slices),
+                           offload_bytes=out["host_offload_bytes_per_chip"])
+    return {**out, "step_time": {**t, "chip_figures": chip.source, "overlap": step_time.OVERLAP,
+                                 "label": "estimate, not a measurement (qwen3_jax/step_time.py)"}}
 
 
 def notes(program) -> list[str]:
@@ -246,6 +274,8 @@ def format_report(r: dict) -> str:
                if "flops_ratio_attention" in r else []),
              "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in
                                                  r.get("flops_breakdown_per_chip", {}).items() if k != "total")]
+    if r.get("step_time"):
+        lines.append("  " + step_time.summary_line(r["step_time"]))
     for note in r["sharding_fallbacks"]:
         lines.append(f"  fallback (replicated): {note}")
     lines.append("  collectives per step (count, bytes per chip = output sizes, wire = sent per chip by a ring):")

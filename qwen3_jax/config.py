@@ -15,7 +15,11 @@ ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
 # MoE expert computation (qwen3_jax.model.moe_compute): auto = megablox on TPU, ragged on GPU,
 # blocked on CPU
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "megablox")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Per-layer rematerialisation (qwen3_jax.model.transformer.remat_policy says what each saves):
+# none / full / XLA's dot policies, save_* = keep these named tensors in HBM, offload_* = keep
+# them in host memory (TPU pinned_host), recompute the rest in the backward pass.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_attn", "save_attn_out",
+                  "save_mlp", "save_attn_mlp", "offload_context", "offload_attn", "offload_attn_mlp")
 
 
 @dataclasses.dataclass(frozen=True)

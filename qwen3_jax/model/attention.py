@@ -5,10 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.model.attention_ops import attention
+from qwen3_jax.model.attention_ops import attention, resolve_impl
 from qwen3_jax.model.layers import RMSNorm, apply_rope, param
 
 
@@ -27,14 +28,16 @@ class Attention(nnx.Module):
         q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, cos, sin)
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block,
                            fused_bwd=self.fused_bwd)
-        return self.out(o_BTNH)
+        if resolve_impl(self.impl, q_BTNH.shape[1], q_BTNH.dtype) != "splash":  # splash names its own
+            o_BTNH = checkpoint_name(o_BTNH, "context")  # output and log-sum-exp (its residuals)
+        return checkpoint_name(self.out(o_BTNH), "out_proj")
 
     def qkv(self, x_BTD, cos, sin):
         """Projected queries [B,T,N,H] and keys, values [B,T,K,H]: QK-norm, then RoPE on q and k."""
         dt = x_BTD.dtype
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_proj[...].astype(dt))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.k_proj[...].astype(dt))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, self.v_proj[...].astype(dt))
+        q_BTNH = checkpoint_name(jnp.einsum("btd,dnh->btnh", x_BTD, self.q_proj[...].astype(dt)), "qkv_proj")
+        k_BTKH = checkpoint_name(jnp.einsum("btd,dkh->btkh", x_BTD, self.k_proj[...].astype(dt)), "qkv_proj")
+        v_BTKH = checkpoint_name(jnp.einsum("btd,dkh->btkh", x_BTD, self.v_proj[...].astype(dt)), "qkv_proj")
         q_BTNH = apply_rope(self.q_norm(q_BTNH), cos, sin)
         k_BTKH = apply_rope(self.k_norm(k_BTKH), cos, sin)
         q_BTNH = sharding.constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"))

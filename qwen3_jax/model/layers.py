@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from qwen3_jax import sharding
@@ -136,8 +137,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = x_BTD.dtype
-        g_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(dt))
-        u_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(dt))
+        g_BTF = checkpoint_name(jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(dt)), "mlp_wi")
+        u_BTF = checkpoint_name(jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(dt)), "mlp_wi")
         return jnp.einsum("btf,fd->btd", jax.nn.silu(g_BTF) * u_BTF, self.down[...].astype(dt))
 
 

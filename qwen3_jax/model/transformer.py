@@ -2,7 +2,8 @@
 
 Layers of one kind (dense or MoE) that follow each other form a stack: their parameters carry a
 leading `layers` axis and one scan applies them, so a 94-layer model traces one layer. Rematerial-
-isation of each layer follows `ModelConfig.remat`.
+isation of each layer follows `ModelConfig.remat` (`remat_policy`: full, XLA's dot policies, or
+named tensors kept in HBM or offloaded to host memory).
 """
 
 from __future__ import annotations
@@ -17,11 +18,41 @@ from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param, rope_cos_sin
 from qwen3_jax.model.moe import MoE
 
-_REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+# Tensors a layer names with `jax.ad_checkpoint.checkpoint_name` (per token, bf16 at Qwen3 sizes):
+#   qkv_proj  q, k, v projections before QK-norm and RoPE        (N+2K)·H   (attention.py)
+#   context   attention output [B,T,N,H]; splash also names its log-sum-exp with it   N·H
+#   out_proj  o_proj output, the attention block's residual update  D
+#   mlp_wi    dense SwiGLU gate and up projections                  2·F        (layers.py)
+# A policy keeps (in HBM) or offloads (to host memory) the named tensors and recomputes the rest
+# of the layer in the backward pass; the layer input (the scan carry) is always kept. MoE layers
+# name nothing inside the experts: with dropless expert parallelism their buffers are the worst
+# case (every token of the expert group on one device), too large to keep.
+REMAT_NAMES = {  # policy -> (names kept in HBM, names offloaded to host memory)
+    "save_qkv_proj": (("qkv_proj",), ()),
+    "save_attn": (("qkv_proj", "context"), ()),
+    "save_attn_out": (("qkv_proj", "context", "out_proj"), ()),
+    "save_mlp": (("mlp_wi",), ()),
+    "save_attn_mlp": (("qkv_proj", "context", "out_proj", "mlp_wi"), ()),
+    "offload_context": ((), ("context",)),
+    "offload_attn": ((), ("qkv_proj", "context", "out_proj")),
+    "offload_attn_mlp": ((), ("qkv_proj", "context", "out_proj", "mlp_wi")),
 }
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of `ModelConfig.remat` (None for 'none': no checkpoint)."""
+    if name == "none":
+        return None
+    if name in REMAT_NAMES:
+        saved, offloaded = REMAT_NAMES[name]
+        if not offloaded:
+            return jax.checkpoint_policies.save_only_these_names(*saved)
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
+            offload_src="device", offload_dst="pinned_host")
+    return {"full": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.dots_saveable,
+            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
 class DecoderLayer(nnx.Module):
@@ -80,7 +111,7 @@ class LayerStack(nnx.Module):
             return x, stats
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT[self.remat], prevent_cse=not self.scan)
+            body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=not self.scan)
         if self.scan:
             return jax.lax.scan(body, x_BTD, (state, router_bias_LE))
         stats = []

@@ -1,0 +1,143 @@
+"""Remat policies: every one gives remat='none''s loss and gradients; each keeps what it names;
+the search picks a policy that fits, with no more FLOPs than full remat."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from qwen3_jax import remat_search
+from qwen3_jax.config import REMAT_POLICIES, ModelConfig, get_config
+from qwen3_jax.model.transformer import REMAT_NAMES, create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+
+
+def test_policy_names_and_error():
+    assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_no_batch"} | set(REMAT_NAMES)
+    with pytest.raises(ValueError, match="remat='save_everything' is not one of .*save_attn_out"):
+        ModelConfig(remat="save_everything")
+
+
+def _loss_and_grads(preset: str, policies, scan: bool = True):
+    """One jitted program: loss and gradients of the same parameters under each policy."""
+    cfgs = [get_config(preset, compute_dtype="float32", moe_impl="dense", remat=p, scan_layers=scan) for p in policies]
+    graphs, state = [], None
+    for cfg in cfgs:
+        g, st = nnx.split(create_model(cfg, seed=0))
+        graphs.append(g)
+        state = st if state is None else state
+    tok = jax.random.randint(jax.random.key(1), (2, 32), 0, cfgs[0].vocab_size)
+    seg = jnp.concatenate([jnp.ones((2, 20), jnp.int32), 2 * jnp.ones((2, 12), jnp.int32)], axis=1)
+
+    def loss(st, g):
+        logits = nnx.merge(g, st)(tok, segment_ids_BT=seg)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * logits[..., 1])
+
+    return jax.jit(lambda st: [jax.value_and_grad(loss)(st, g) for g in graphs])(state)
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_every_policy_matches_no_remat(preset):
+    """fp32 on CPU: values and gradients of every policy equal remat='none''s (recomputation
+    repeats the same ops, so equal to rounding)."""
+    out = _loss_and_grads(preset, REMAT_POLICIES)
+    (l0, g0) = out[0]
+    for p, (l, g) in zip(REMAT_POLICIES, out):
+        assert float(l) == pytest.approx(float(l0), rel=1e-6), p
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            assert jnp.allclose(a, b, rtol=1e-5, atol=1e-7), p
+
+
+def _saved_names(policy: str) -> set[str]:
+    """The checkpoint names among the residuals one layer keeps for its backward pass."""
+    cfg = get_config("tiny-dense", compute_dtype="float32", remat=policy, scan_layers=False, num_layers=1)
+    g, st = nnx.split(create_model(cfg))
+    tok = jnp.zeros((1, 16), jnp.int32)
+    res = jax.ad_checkpoint.saved_residuals(lambda s: jnp.sum(nnx.merge(g, s)(tok)), st)
+    names = set()
+    for _, why in res:
+        for n in ("qkv_proj", "context", "out_proj", "mlp_wi"):
+            if f"named '{n}'" in why:
+                names.add(n)
+    return names
+
+
+@pytest.mark.parametrize("policy", ["full", "save_qkv_proj", "save_attn_out", "save_mlp", "save_attn_mlp"])
+def test_policy_keeps_what_it_names(policy):
+    assert _saved_names(policy) == set(remat_search.kept(policy)[1] if policy != "full" else ())
+
+
+def test_search_prunes_dominated_and_hopeless():
+    """A fitting policy prunes the ones that keep a subset; one that does not fit prunes the ones
+    that keep a superset in HBM; the choice is the fewest FLOPs, ties by predicted time."""
+    peak = {"none": 99, "save_attn_mlp": 99, "save_attn_out": 50, "save_attn": 40, "offload_attn": 30, "full": 20}
+    flops = {"none": 100, "save_attn_mlp": 101, "save_attn_out": 110, "save_attn": 115, "offload_attn": 110,
+             "full": 133}
+    compiled = []
+
+    def compile_policy(p):
+        compiled.append(p)
+        return {"bytes_per_chip_peak": peak[p], "hbm_bytes_per_chip": 100, "flops_per_chip": flops[p],
+                "flops_ratio_compiled_to_model": flops[p] / 100, "libtpu_topology": "v5p:2x2x1",
+                "step_time": {"estimate_s": 2.0 if p == "offload_attn" else 1.0}}
+
+    order = ["none", "save_attn_mlp", "offload_attn", "save_attn_out", "save_attn", "full"]
+    choice, report, rows = remat_search.search(compile_policy, order, headroom=0.9)
+    assert compiled == ["none", "offload_attn", "save_attn_out"]  # save_attn_mlp keeps in HBM what none does
+    assert choice == "save_attn_out" and report["flops_per_chip"] == 110  # tie with offload_attn: faster
+    skipped = {r["policy"]: r["reason"] for r in rows if not r["compiled"]}
+    assert skipped["save_attn_mlp"].startswith("cannot fit") and skipped["full"].startswith("dominated")
+    assert "save_attn_out" in remat_search.format_rows(rows, choice, 0.9)
+
+
+def test_candidates_for_model_and_platform():
+    moe = remat_search.candidates(get_config("qwen3-30b-a3b"), "tpu")
+    assert "save_attn_out" in moe and "offload_attn" in moe and not any("mlp" in p for p in moe)
+    dense = remat_search.candidates(get_config("qwen3-8b"), "cpu")
+    assert "save_attn_mlp" in dense and not any(p.startswith("offload") for p in dense)
+    assert dense[0] == "none" and dense[-1] == "full"
+    with pytest.raises(ValueError, match="bogus"):
+        remat_search.candidates(get_config("qwen3-8b"), "tpu", ["bogus"])
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_aot_remat_search_picks_a_policy_that_fits(tmp_path):
+    """--remat_search on a small dense model and a v5p 2x2x1 slice, HBM cut so that keeping every
+    activation does not fit: the chosen policy fits, costs no more FLOPs than full remat, and the
+    report lists every candidate."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+    args = ["--gin", "stage1.gin", "--gin_param", "model_config.preset='tiny-dense'",
+            "--gin_param", "model_config.overrides={}", "--topology", "v5p-8", "--mesh", "fsdp=4",
+            "--seq_len", "256", "--global_batch", "8", "--remat_search",
+            "--remat_candidates", "none,save_attn_mlp,save_attn,full"]
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "aot_compile.py"), *args, "--report",
+                        str(tmp_path / "all.json")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    full = json.loads((tmp_path / "all.json").read_text())["remat_search"]["candidates"]
+    by = {c["policy"]: c for c in full}
+    assert set(by) == {"none", "save_attn_mlp", "save_attn", "full"} and all(c["compiled"] for c in full)
+    assert by["none"]["flops_per_chip"] < by["full"]["flops_per_chip"]
+    assert by["none"]["peak_gib"] > by["save_attn"]["peak_gib"]
+    # HBM between what save_attn and none need: none must not be chosen
+    hbm = (by["save_attn"]["peak_gib"] + by["none"]["peak_gib"]) / 2 / 0.9
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "aot_compile.py"), *args[:-3], "--remat", "auto",
+                        "--remat_candidates", "none,save_attn_mlp,save_attn,full", "--hbm_gib", str(hbm),
+                        "--report", str(tmp_path / "auto.json")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((tmp_path / "auto.json").read_text())
+    choice = rep["remat_search"]["choice"]
+    assert choice != "none" and rep["remat"] == choice and rep["fits"]
+    assert rep["bytes_per_chip_peak"] <= 0.9 * rep["hbm_bytes_per_chip"]
+    assert rep["flops_per_chip"] <= by["full"]["flops_per_chip"]
+    assert f"model_config.remat = {choice!r}" in r.stdout and rep["step_time"]["estimate_s"] > 0
