@@ -2,7 +2,7 @@
 
   python launch/convert_hf.py import --hf DIR --out CKPT [--dtype float32] [--overwrite]
   python launch/convert_hf.py export --checkpoint WORKDIR_OR_CKPT [--step N] --out DIR
-                                     [--dtype bfloat16] [--tokenizer PATH] [--overwrite]
+                                     [--dtype bfloat16] [--tokenizer qwen3|DIR|FILE] [--overwrite]
 
 `import` writes step 0 of a checkpoint root (`CKPT/0/{params,model_config,meta}`) that training
 can start from; `export` takes a training workdir (its latest checkpoint), a checkpoint root or
