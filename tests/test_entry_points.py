@@ -1,0 +1,196 @@
+"""Entry points checked by value: the tokenizer CLI, train.z_loss, train.keep_last / keep_every,
+the logged metrics (tokens/s, TFLOP/s, MFU, eval loss), and `make demo` in miniature."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3_jax import configurables
+from qwen3_jax.params import flatten, model_from_flat, nest
+from qwen3_jax.train import checkpoint
+from qwen3_jax.train import loop as loop_lib
+from qwen3_jax.train.build import build
+from qwen3_jax.train.metrics import flops_per_token
+from qwen3_jax.train.step import make_loss_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _smoke(data_dir, *bindings):
+    """cpu_smoke.gin (the tiny MoE on the built-in corpus) with `bindings`, as launch/train.py reads it."""
+    configurables.parse_gin(["cpu_smoke.gin"], [
+        f"stage_mixture.builtin_dir='{data_dir}'", "stage_mixture.spm_vocab_size=512", "train.sample_every=0",
+        "train.async_checkpoint=False", *bindings])
+    return configurables.run_config()
+
+
+def _full_logits(cfg, params, batch):
+    """[B,T,V] logits of one plain forward (jitted: op by op it takes minutes on a busy box)."""
+    fwd = jax.jit(lambda p, t, pos, seg: model_from_flat(cfg, flatten(p))(t, pos, seg))
+    return fwd(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+
+
+def _mean_nll(logits, batch):
+    lg = np.asarray(logits, np.float64)
+    logp = lg - (np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lg.max(-1, keepdims=True))
+    tgt = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    return -float((tgt * batch["loss_mask"]).sum()), float(batch["loss_mask"].sum())
+
+
+# -- the tokenizer CLI ------------------------------------------------------------------------------
+
+def test_tokenizer_cli_trains_encodes_and_is_idempotent(tmp_path):
+    from data_pipeline.text_tokenizer import load_tokenizer
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "data_pipeline.text_tokenizer", *map(str, args)], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "spm"
+    r = cli("train-spm", "--out", out, "--vocab-size", 600, "--max-chars", 300_000)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{out / 'spm.model'} (vocab 600)"), r.stdout
+    tok = load_tokenizer(str(out / "spm.model"))
+    text = "def f(x):\n    return x + 1  # 日本"
+    r = cli("encode", "--tokenizer", out / "spm.model", text)
+    assert r.returncode == 0 and json.loads(r.stdout) == tok.encode(text) and tok.decode(tok.encode(text)) == text
+    mtime = (out / "spm.model").stat().st_mtime_ns
+    r = cli("train-spm", "--out", out, "--vocab-size", 600)  # already there: kept, not retrained
+    assert r.returncode == 0 and (out / "spm.model").stat().st_mtime_ns == mtime
+    r = cli("encode", "Hello world")  # the default: the real Qwen3 tokenizer
+    assert r.returncode == 0 and json.loads(r.stdout) == [9707, 1879], r.stdout + r.stderr
+    r = cli("train-spm")
+    assert r.returncode == 2 and "--out" in r.stderr
+
+
+# -- train.z_loss -----------------------------------------------------------------------------------
+
+def test_z_loss_adds_its_hand_computed_term_to_loss_and_gradient(data_dir):
+    """train.z_loss = z (through gin, into the built step): the loss grows by
+    z · mean over loss tokens of logsumexp(logits)^2, with the logits from a separate full forward;
+    the gradient grows by that term's gradient (loss pieces of 16 positions, as the step chunks)."""
+    z = 1e-2
+    model, tc = _smoke(data_dir, f"train.z_loss={z}", "SEQ_LEN=32", "BATCH_SIZE=4", "train.loss_chunk=16")
+    assert tc.z_loss == z and tc.loss_chunk == 16
+    program = build(model, tc, jax.devices()[:1])
+    it = tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
+    batch = {k: v for k, v in next(it).items() if k in BATCH_KEYS}
+    state = program.init_state()
+    params = jax.tree.map(np.asarray, state.params)
+    _, m = program.step(state, batch)
+
+    logits = np.asarray(_full_logits(model, params, batch), np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    mask = batch["loss_mask"]
+    want_z = z * float((lse ** 2 * mask).sum() / mask.sum())
+    nll, n = _mean_nll(logits, batch)
+    assert float(m["z_loss"]) == pytest.approx(want_z, rel=1e-5) and want_z > 1e-3
+    assert float(m["lm_loss"]) == pytest.approx(nll / n, rel=1e-5)
+    coef = model.router_aux_loss_coef
+    assert float(m["loss"]) - float(m["lm_loss"]) - coef * float(m["aux_loss"]) == pytest.approx(want_z, rel=1e-4)
+
+    def hand_z(p):
+        lg = model_from_flat(model, flatten(p))(batch["tokens"], batch["positions"], batch["segment_ids"])
+        return z * jnp.sum(jnp.square(jax.nn.logsumexp(lg, -1)) * mask) / mask.sum()
+
+    total = jnp.float32(mask.sum())
+
+    @jax.jit
+    def step_diff(p):  # the gradient z adds to the step's loss function
+        g_z = jax.grad(lambda q: make_loss_fn(model, z_loss=z, loss_chunk=16)(q, batch, total)[0])(p)
+        g_0 = jax.grad(lambda q: make_loss_fn(model, loss_chunk=16)(q, batch, total)[0])(p)
+        return jax.tree.map(lambda a, b: a - b, g_z, g_0)
+
+    diff, want = flatten(step_diff(params)), flatten(jax.jit(jax.grad(hand_z))(params))
+    scale = max(float(np.abs(v).max()) for v in want.values())
+    assert scale > 0
+    for k in want:
+        np.testing.assert_allclose(diff[k], want[k], rtol=0, atol=1e-3 * scale, err_msg=k)
+
+
+# -- one short run: checkpoints kept, metric values, eval loss --------------------------------------
+
+@pytest.fixture(scope="module")
+def short_run(data_dir, tmp_path_factory):
+    """cpu_smoke for 8 steps, a checkpoint every step, keep_last 2 / keep_every 4, eval at step 8
+    on 2 held-out batches; the device's peak FLOP/s stated as 1e12 so MFU is logged on a CPU."""
+    work = tmp_path_factory.mktemp("short") / "run"
+    model, tc = _smoke(data_dir, "STEPS=8", "SEQ_LEN=64", "BATCH_SIZE=4", "CHECKPOINT_EVERY=1", "train.keep_last=2",
+                       "train.keep_every=4", "train.eval_every=8", "train.eval_batches=2", "train.log_every=1")
+    assert (tc.keep_last, tc.keep_every) == (2, 4)
+    orig = loop_lib.peak_flops
+    loop_lib.peak_flops = lambda kind: 1e12
+    try:
+        out = loop_lib.train(work, model, tc, devices=jax.devices()[:1])
+    finally:
+        loop_lib.peak_flops = orig
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    return {"work": work, "model": model, "tc": tc, "out": out, "rows": rows}
+
+
+def test_keep_last_and_keep_every_choose_the_steps_on_disk(short_run):
+    ckpts = short_run["work"] / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert steps == [4, 7, 8]  # the last 2, and every multiple of 4
+    assert checkpoint.latest_step(ckpts) == 8 and short_run["out"]["step"] == 8
+
+
+def test_logged_throughput_and_mfu_follow_tokens_and_flops(short_run):
+    model, tc, rows = short_run["model"], short_run["tc"], short_run["rows"]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    fpt = flops_per_token(model, tc.seq_len)
+    tokens = tc.batch_size * tc.seq_len
+    it = tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
+    for r in train_rows:
+        assert r["step_time_s"] > 0
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(tokens, rel=1e-9)
+        assert r["tflops_per_device"] * 1e12 == pytest.approx(fpt * r["tokens_per_s"], rel=1e-9)  # 1 device
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / 1e12, rel=1e-9)
+        assert r["tokens"] == float(next(it)["loss_mask"].sum())  # the loss tokens of that step's batch
+    assert fpt > 0  # the count itself: tests/test_metrics.py, against a hand count
+
+
+def test_eval_loss_is_the_mean_loss_on_the_eval_batches(short_run):
+    model, tc, rows = short_run["model"], short_run["tc"], short_run["rows"]
+    (ev,) = [r for r in rows if r["split"] == "eval"]
+    assert ev["step"] == 8
+    _, flat, step, _ = checkpoint.restore_params_numpy(short_run["work"])
+    assert step == 8
+    it = tc.make_eval_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
+    nll = n = 0.0
+    for _ in range(tc.eval_batches):
+        batch = {k: v for k, v in next(it).items() if k in BATCH_KEYS}
+        a, b = _mean_nll(_full_logits(model, nest(flat), batch), batch)
+        nll, n = nll + a, n + b
+    assert ev["tokens"] == n and ev["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+# -- make demo, in miniature ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_quick_runs_the_three_stages_exports_and_agrees_with_transformers(data_dir, tmp_path):
+    r = subprocess.run([sys.executable, "launch/demo.py", "--quick", "--workdir", str(tmp_path / "demo"),
+                        "--data_dir", str(data_dir)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for s, steps in (("stage1", 3), ("stage2", 2), ("stage3", 2)):
+        assert checkpoint.latest_step(tmp_path / "demo" / s / "checkpoints") == steps
+    assert "initialised parameters from" in r.stdout and "rope_theta 10000 -> 1e+06" in r.stdout
+    hf = tmp_path / "demo" / "hf"
+    assert (hf / "config.json").exists() and list(hf.glob("*.safetensors"))
+    assert "[transformers] loads the export; first 16 greedy tokens agree with ours" in r.stdout
+    assert "[qwen3_jax] import os" in r.stdout and "demo finished" in r.stdout
