@@ -4,7 +4,15 @@
 fills them from the gin files. The step comes from `qwen3_jax.train.build`, the same builder the
 AOT tool compiles. Everything a resume needs — parameters, optimizer, counters, RNG, the data
 iterator's position and the model config — is written together in one orbax checkpoint
-(layout: qwen3_jax.train.checkpoint).
+(layout: qwen3_jax.train.checkpoint; saving, validated restore and fallback:
+qwen3_jax.train.run_checkpoints).
+
+The loop overlaps host and device: step s+1 is dispatched before step s's metrics are read, and
+the next global batch is prepared in a thread (qwen3_jax.train.prefetch) while a step runs.
+Checkpoints, evals and samples wait for their step as before. Skipped updates (non-finite or a
+loss spike, qwen3_jax.train.spike_guard) are decided on device; too many in a row roll the run
+back to the last checkpoint written before the first of them. SIGTERM and SIGINT save and stop;
+one run per workdir (qwen3_jax.train.workdir_lock).
 """
 
 from __future__ import annotations

@@ -228,13 +228,21 @@ class RunCheckpoints:
         return None
 
     def move_aside(self, step: int, why: str) -> None:
-        """Moves step `step` out of the manager's folder (kept, so the run can write that step again)."""
+        """Moves step `step` out of the manager's folder (kept, so the run can write that step again);
+        process 0 moves it, the others wait for it."""
+        import jax
+
         self.wait()
-        dest_root = self.root.parent / "skipped_checkpoints"
-        dest_root.mkdir(parents=True, exist_ok=True)
-        dest = dest_root / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
-        shutil.move(str(self.root / str(step)), str(dest))
-        print(f"moved checkpoint step {step} to {dest} ({why})", flush=True)
+        if jax.process_index() == 0:
+            dest_root = self.root.parent / "skipped_checkpoints"
+            dest_root.mkdir(parents=True, exist_ok=True)
+            dest = dest_root / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+            shutil.move(str(self.root / str(step)), str(dest))
+            print(f"moved checkpoint step {step} to {dest} ({why})", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"moved checkpoint step {step} aside")
         self.mgr.reload()
 
 
