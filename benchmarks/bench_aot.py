@@ -4,8 +4,10 @@
   python benchmarks/bench_aot.py --only 30b,8b   # a subset
   python benchmarks/bench_aot.py --from_json     # just print the saved reports (benchmarks/aot_reports/)
 
-Columns: mesh, batch, per-chip peak memory vs HBM, FLOPs per chip counted from the compiled HLO
-vs the model's own count (qwen3_jax.train.metrics.flops_per_token) and their ratio, and bytes
+Columns: mesh, batch, remat policy (the slice file's; `--search DIR` runs `--remat auto`), per-chip
+peak memory vs HBM, FLOPs per chip counted from the compiled HLO vs the model's own count
+(qwen3_jax.train.metrics.flops_per_token) and their ratio, the step-time estimate and predicted
+MFU (qwen3_jax/step_time.py; llama70_check: vs MaxText's published 65%), and bytes
 per chip per step by collective kind (ragged all-to-all: the rows really sent, not the worst-case
 buffer; "AR 47 (as AG 32, RS 12)": all-reduces that libtpu uses for FSDP's all-gathers and
 gradient reduce-scatters, see qwen3_jax.hlo_stats.collective_summary). Each compile runs
@@ -39,19 +41,24 @@ CASES = {
             "--topology", "v5p-128"],
     "8b": [*_gins("stage1.gin", "model/qwen3-8b.gin", "slices/qwen3-8b-v5p-128.gin"), "--topology", "v5p-128"],
 }
-# splash's two-kernel backward (dK,dV then dQ, each recomputing the scores), the default before
-CASES.update({f"{n}_2k": [*CASES[n], "--splash_fused_bwd", "false"] for n in ("235b_s1", "235b_s3")})
+# The step-time model's check against a published figure: MaxText's Llama2-70B on v5p-128, 65% MFU
+# (getting_started/Run_Llama2.md), the same shapes, batch, mesh and remat in our model
+CASES["llama70_check"] = [*_gins("stage1.gin", "slices/maxtext-llama2-70b-v5p-128.gin"), "--topology", "v5p-128"]
+PUBLISHED_MFU = {"llama70_check": 0.65}
 SHORT = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS", "all-to-all": "A2A",
          "ragged-all-to-all": "rA2A", "collective-permute": "CP"}
 
 
-def compile_case(name: str) -> dict:
+def compile_case(name: str, search: str | None = None) -> dict:
+    """Compiles the case as its slice gin file says; `search` = a cache folder: `--remat auto`
+    instead (the candidates' reports kept there), whose choice goes into the slice file by hand."""
     REPORTS.mkdir(parents=True, exist_ok=True)
     out = REPORTS / f"{name}.json"
     env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "aot_compile.py"), *CASES[name], "--report", str(out)],
-                       env=env, capture_output=True, text=True)
+    extra = ["--remat", "auto", "--remat_cache", search] if search else []
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "aot_compile.py"), *CASES[name], *extra,
+                        "--report", str(out)], env=env, capture_output=True, text=True)
     if not out.exists():
         raise RuntimeError(f"{name}: aot_compile failed\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     return json.loads(out.read_text())
@@ -64,6 +71,10 @@ def row(name: str, r: dict) -> str:
     if r.get("flops_per_chip") is None:
         return f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} {mem}"
     fl = f"{r['flops_per_chip']:.2e} {r['model_flops_per_chip']:.2e} {r['flops_ratio_compiled_to_model']:5.2f}"
+    t = r.get("step_time") or {}
+    est = (f"{t['estimate_s']:6.2f} s {t['predicted_mfu']:4.0%}" if t.get("estimate_s") else f"{'-':>13}")
+    if name in PUBLISHED_MFU and t.get("predicted_mfu"):
+        est += f" (published {PUBLISHED_MFU[name]:.0%}: x{t['predicted_mfu'] / PUBLISHED_MFU[name]:.2f})"
     def one(k, v):
         text = f"{SHORT.get(k, k)} {v.get('bytes_expected', v['bytes']) / GIB:.0f}"
         roles = [f"{tag} {v[role]['bytes'] / GIB:.0f}" for role, tag in (("as_all_gather", "AG"),
@@ -73,17 +84,19 @@ def row(name: str, r: dict) -> str:
 
     coll = " ".join(one(k, v) for k, v in r["collectives"].items())
     return (f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
-            f"{mem}  {fl}  {coll}")
+            f"{r['remat']:<15} {mem}  {fl}  {est}  {coll}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from_json", action="store_true", help="print the saved reports, compile nothing")
     p.add_argument("--only", default=None, help="comma-separated case names: " + ",".join(CASES))
+    p.add_argument("--search", default=None, metavar="CACHE_DIR",
+                   help="compile with --remat auto (candidates' reports kept in CACHE_DIR) instead of the slice's remat")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(CASES)
-    print(f"{'case':<10} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12}  peak/HBM per chip     "
-          f"FLOPs/chip: HLO     model  ratio  collectives GiB/chip/step")
+    print(f"{'case':<10} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12} {'remat':<15} peak/HBM per chip"
+          f"     FLOPs/chip: HLO     model  ratio  step (est.) MFU  collectives GiB/chip/step")
     for name in names:
         path = REPORTS / f"{name}.json"
         if args.from_json:
@@ -92,7 +105,7 @@ def main(argv=None) -> int:
                 continue
             r = json.loads(path.read_text())
         else:
-            r = compile_case(name)
+            r = compile_case(name, args.search)
         print(row(name, r), flush=True)
     return 0
 
