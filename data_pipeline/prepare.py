@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
-from concurrent.futures.process import BrokenProcessPool
 import json
 import multiprocessing
 import os
@@ -38,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -152,15 +152,14 @@ def _names(files: list[str], k: int = 3) -> str:
 def _no_documents(plan: dict, skipped: dict) -> PrepareError:
     """The error for a run that produced no document: why, and which --text-key would have worked."""
     why = ", ".join(f"{v:,} {r}" for r, v in skipped.items() if v) or "nothing"
-    keyed = any(corpus.first_keys(spec) is not None for spec in plan["inputs"])
+    keyed = next(((spec, keys) for spec in plan["inputs"] if (keys := corpus.first_keys(spec)) is not None), None)
     msg = (f"no documents in {_names(plan['inputs'])}" + (f" with --text-key {plan['text_key']!r}" if keyed else "")
            + f" ({plan['records']:,} records skipped: {why}"
            + (f"; bad files left out: {_names(list(plan['skipped_files']))}" if plan.get("skipped_files") else "")
            + ")")
-    for spec in plan["inputs"]:
-        keys = corpus.first_keys(spec)
-        if keys is not None:
-            return PrepareError(f"{msg}; the first record of {spec} has keys {keys}: pass one of them as --text-key")
+    if keyed:
+        return PrepareError(f"{msg}; the first record of {keyed[0]} has keys {keyed[1]}: pass one of them as "
+                            f"--text-key")
     return PrepareError(msg + "; every document was empty or unreadable")
 
 
