@@ -8,9 +8,10 @@ buffers fit the host's RAM per chip), the fewest compiled FLOPs; FLOPs within 0.
 count as a tie, broken by the predicted step time (`qwen3_jax.step_time`). Nothing is changed
 silently: the result is a report row per candidate and the gin line to write into the slice file.
 
-Pruning (`--remat auto`): a policy that keeps a subset of the tensors a fitting policy keeps can
-only recompute more (skipped: "dominated"); one that keeps in HBM a superset of what a policy
-that does not fit keeps cannot fit either (skipped: "cannot fit").
+Pruning (`--remat auto`): a policy that keeps fewer of the tensors a fitting policy keeps can only
+recompute more, one that keeps the same ones but offloads at least as many can only move more to
+the host (skipped: "dominated"); one that keeps in HBM a superset of what a policy that does not
+fit keeps cannot fit either (skipped: "cannot fit").
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def _skip(policy: str, rows: list[dict]) -> str | None:
         other = kept(r["policy"])
         if not r["compiled"] or other is None:
             continue
-        if r["fits"] and _subset(k[0], other[0]) and policy != r["policy"]:
-            return f"dominated by {r['policy']} (keeps a superset of its tensors and fits)"
+        same = k[0] == other[0]
+        offloads_more = not (other[0] - other[1]) - (k[0] - k[1]) if same else False
+        if r["fits"] and ((_subset(k[0], other[0]) and not same) or offloads_more):
+            return f"dominated by {r['policy']} (keeps {'the same tensors, no more in HBM,' if same else 'more'} and fits)"
         if not r["fits"] and _subset(other[1], k[1]) and _subset(other[0], k[0]):
             return f"cannot fit: keeps in HBM at least what {r['policy']} keeps, which does not fit"
     return None

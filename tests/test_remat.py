@@ -92,12 +92,17 @@ def test_search_prunes_dominated_and_hopeless():
                 "flops_ratio_compiled_to_model": flops[p] / 100, "libtpu_topology": "v5p:2x2x1",
                 "step_time": {"estimate_s": 2.0 if p == "offload_attn" else 1.0}}
 
-    order = ["none", "save_attn_mlp", "offload_attn", "save_attn_out", "save_attn", "full"]
+    order = ["save_attn_mlp", "none", "offload_attn", "save_attn_out", "save_attn", "full"]
     choice, report, rows = remat_search.search(compile_policy, order, headroom=0.9)
-    assert compiled == ["none", "offload_attn", "save_attn_out"]  # save_attn_mlp keeps in HBM what none does
+    assert compiled == ["save_attn_mlp", "offload_attn", "save_attn_out"]
     assert choice == "save_attn_out" and report["flops_per_chip"] == 110  # tie with offload_attn: faster
     skipped = {r["policy"]: r["reason"] for r in rows if not r["compiled"]}
-    assert skipped["save_attn_mlp"].startswith("cannot fit") and skipped["full"].startswith("dominated")
+    assert skipped["none"].startswith("cannot fit")  # keeps in HBM all save_attn_mlp keeps
+    assert skipped["save_attn"].startswith("dominated") and skipped["full"].startswith("dominated")
+    # the other way round: a fitting save_attn_out prunes offload_attn (same tensors, more to the host)
+    compiled.clear()
+    remat_search.search(compile_policy, ["save_attn_out", "offload_attn", "full"], headroom=0.9)
+    assert compiled == ["save_attn_out"]
     assert "save_attn_out" in remat_search.format_rows(rows, choice, 0.9)
 
 
