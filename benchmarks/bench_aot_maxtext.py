@@ -73,6 +73,8 @@ def maxtext_args(case: dict) -> list[str]:
         "ici_data_parallelism=1", f"ici_fsdp_parallelism={case['fsdp']}",
         f"ici_expert_parallelism={case['expert']}", "ici_tensor_parallelism=1",
         "dcn_data_parallelism=1", "allow_split_physical_axes=true",  # fsdp8 x expert8 on a 4x4x4 torus
+        # MaxText's own choice for these models: base.yml's remat_policy 'full' (configs/models/qwen3-*.yml
+        # set none); ours is the slice file's, picked by `aot_compile.py --remat auto` (bench_aot.py)
         "remat_policy=full", "attention=flash", "dtype=bfloat16", "weight_dtype=float32",
         f"num_vocab_tiling={case['seq_len'] // LOSS_CHUNK}",
         "dataset_type=synthetic", "enable_checkpointing=false", "run_name=bench_aot_maxtext",
