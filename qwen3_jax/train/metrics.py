@@ -166,7 +166,11 @@ class MetricsWriter:
         return " | ".join(parts)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        for f in (self._jsonl, self._tb):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError as e:  # e.g. a full disk: the lines written so far are kept
+                if self.write_error is None:
+                    self.write_error = f"{self.workdir}: {e}"
+                    print(f"WARNING: closing the metrics files failed ({e})", flush=True)

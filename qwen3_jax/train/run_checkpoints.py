@@ -94,8 +94,9 @@ class RunCheckpoints:
     def __init__(self, root: Path, *, keep_last: int | None, keep_every: int | None, enable_async: bool):
         self.root = root
         self.mgr = ckpt.manager(root, max_to_keep=keep_last, keep_period=keep_every, enable_async=enable_async)
-        self._filter = _NoOrbaxErrors()
-        logging.getLogger("absl").addFilter(self._filter)
+        absl_logger = logging.getLogger("absl")  # for the process: orbax's threads may log after close()
+        if not any(isinstance(f, _NoOrbaxErrors) for f in absl_logger.filters):
+            absl_logger.addFilter(_NoOrbaxErrors())
         self.failures: list[tuple[int, str]] = []
         self._pending: int | None = None  # an async save not yet known to have committed
 
@@ -147,11 +148,12 @@ class RunCheckpoints:
                 f"to resume from it")
 
     def close(self) -> None:
+        """Waits for the last save and closes the manager; never raises (failures are recorded)."""
+        self.wait()
         try:
-            self.wait()
             self.mgr.close()
-        finally:
-            logging.getLogger("absl").removeFilter(self._filter)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk while orbax cleans up
+            print(f"WARNING: closing the checkpoint manager failed ({_one_line(e)})", file=sys.stderr, flush=True)
 
     # --- restoring ---------------------------------------------------------------------
     def restore(self, step: int, abstract: TrainState, window: int) -> TrainState:
