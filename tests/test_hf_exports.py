@@ -305,7 +305,7 @@ def test_import_of_transformers_own_fused_expert_tensors(tied, tmp_path):
     its state_dict written as is is a fused checkpoint made without our mapping table."""
     from safetensors.torch import save_file
 
-    model = random_hf_model(hf_config(num_experts=4, num_hidden_layers=4, decoder_sparse_step=2,
+    model = random_hf_model(hf_config(num_experts=4, num_hidden_layers=2, decoder_sparse_step=2,
                                       norm_topk_prob=True, tie_word_embeddings=tied), seed=3)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
