@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
