@@ -200,7 +200,8 @@ def cached_report(cache, fingerprint: str, program) -> dict | None:
         hlo = path.with_suffix(".hlo")
         if "hbm_traffic_bytes_per_chip" not in report and hlo.exists():  # saved by an older tool
             report.update(aot.step_time_fields(report, program.model, hlo.read_text(), 1, report["flops_per_chip"],
-                                               report["model_flops_per_chip"], report["collectives"]))
+                                               report["model_flops_per_chip"], report["collectives"],
+                                               report.get("expected_expert_rows_per_device")))
         report.setdefault("host_temp_bytes_per_chip", 0)
         return report
     return None

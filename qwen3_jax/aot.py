@@ -200,16 +200,16 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
         "fits": peak <= hbm, "memory_fields": MEMORY_FIELDS, "sharding_fallbacks": program.sharding_fallbacks,
         "host_temp_bytes_per_chip": host, "xla_cost_analysis_bytes_accessed_per_chip":
             float(cost.get("bytes accessed", 0.0)) * per_chip,
-        "collectives": collectives, **step_time_fields(report_head=head, cfg=cfg, hlo_text=text, per_chip=per_chip,
-                                                       flops=flops, model_flops=model_flops, collectives=collectives),
+        "collectives": collectives, **step_time_fields(head, cfg, text, per_chip, flops, model_flops, collectives,
+                                                       ragged_rows),
     }
 
 
 def step_time_fields(report_head: dict, cfg, hlo_text: str, per_chip: int, flops: float, model_flops: float,
-                     collectives: dict) -> dict:
+                     collectives: dict, ragged_rows: float | None = None) -> dict:
     """HBM and host-offload bytes counted from the compiled HLO and the step-time estimate
     (`qwen3_jax.step_time`) for a TPU slice (FLOPs per device; no estimate on CPU)."""
-    out = {"hbm_traffic_bytes_per_chip": step_time.hbm_bytes(hlo_text) * per_chip,
+    out = {"hbm_traffic_bytes_per_chip": step_time.hbm_bytes(hlo_text, ragged_rows) * per_chip,
            "host_offload_bytes_per_chip": step_time.offload_bytes(hlo_text) * per_chip}
     chip = step_time.chip_for(report_head["libtpu_topology"])
     if chip is None or report_head["topology"] == "cpu":

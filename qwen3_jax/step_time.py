@@ -104,6 +104,7 @@ def dcn_wire_bytes(param_bytes: float, chips_per_slice: int, num_slices: int) ->
 
 # -- HBM bytes from the compiled HLO ---------------------------------------------------------------
 
+_GMM = re.compile(r'op_name="[^"]*(?:gmm|ragged_dot)')
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
          "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-done",
          "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done", "send-done",
@@ -122,16 +123,19 @@ def _operands(rest: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", rest[:end])
 
 
-def hbm_bytes(hlo_text: str) -> float:
+def hbm_bytes(hlo_text: str, ragged_rows: float | None = None) -> float:
     """Bytes the step's top-level ops (fusions, kernels, copies, collectives) read and write per
     device, each × the trip counts of the loops around it. A fusion that updates a slice of a
     loop-carried buffer in place (dynamic-update-slice) counts the slice, and one that reads
-    slices of a stacked buffer (dynamic-slice) counts the slices, as XLA's own cost model does."""
+    slices of a stacked buffer (dynamic-slice) counts the slices, as XLA's own cost model does.
+    The ragged all-to-alls and grouped-matmul kernels (megablox) touch only the rows they
+    receive: their dropless buffers count `ragged_rows` rows (as `hlo_stats.hlo_flops`); XLA's
+    own ops on those buffers (elementwise, gathers) count in full, as they run."""
     comps, entry = hlo_stats._computations(hlo_text)
     if entry is None:
         return 0.0
     mult = hlo_stats._multipliers(comps, entry)
-    size, op_of, ops_in, fused = {}, {}, {}, set()
+    size, lead, op_of, ops_in, fused = {}, {}, {}, {}, set()
     for c, lines in comps.items():
         for line in lines:
             m = hlo_stats._INSTR.match(line)
@@ -139,6 +143,8 @@ def hbm_bytes(hlo_text: str) -> float:
                 continue
             name, typ, op, rest = m.groups()
             size[name] = hlo_stats._nbytes(typ)
+            shapes = hlo_stats._shapes(typ)
+            lead[name] = shapes[0][1][0] if len(shapes) == 1 and shapes[0][1] else 0
             op_of[name] = (c, op, _operands(rest), line)
             ops_in.setdefault(c, []).append(name)
             if op == "fusion" or "to_apply=" in rest:
@@ -159,6 +165,9 @@ def hbm_bytes(hlo_text: str) -> float:
             elif op == "fusion":
                 called = re.search(r"calls=%?([\w.\-]+)", line)
                 nbytes = _fusion_bytes(name, operands, comps.get(called.group(1), []) if called else [], size)
+            elif ragged_rows and (op == "ragged-all-to-all" or (op == "custom-call" and _GMM.search(line))):
+                nbytes = sum(size.get(n, 0) * (min(1.0, ragged_rows / lead[n]) if lead.get(n) else 1.0)
+                             for n in (name, *operands))
             total += mult[c] * nbytes
     return total
 
