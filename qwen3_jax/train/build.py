@@ -22,6 +22,7 @@ from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.attention_ops import resolve_impl
 from qwen3_jax.params import param_specs
+from qwen3_jax.train import distill
 from qwen3_jax.train.config import TrainConfig, TrainingError
 from qwen3_jax.train.optim import make_optimizer
 from qwen3_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
@@ -42,9 +43,11 @@ class Program:
     step: Callable  # jitted (state, batch) -> (state, metrics), state donated
     eval_step: Callable  # jitted (params, batch) -> {"nll_sum", "tokens"}
     sharding_fallbacks: list[str]  # parameter dims replicated because the mesh does not divide them
+    distill: Any = None  # train.teacher: a qwen3_jax.train.distill.Distiller; the step then takes its params
 
     def lower(self) -> jax.stages.Lowered:
-        return self.step.lower(self.abstract_state, self.abstract_batch)
+        teacher = (self.distill.abstract_params,) if self.distill is not None else ()
+        return self.step.lower(self.abstract_state, self.abstract_batch, *teacher)
 
     def init_state(self, params=None) -> TrainState:
         """A fresh train state on the mesh (`params`: start from these, e.g. a previous stage's)."""
@@ -101,6 +104,8 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
     if attention == "cudnn" and platform not in ("gpu", "cuda"):
         raise TrainingError(f"attention_impl='cudnn' needs an NVIDIA GPU; these devices are {platform!r}")
 
+    # distillation hook: the teacher's config (read from train.teacher) checked before anything is built
+    distiller = distill.make_distiller(model, tc, mesh) if tc.teacher is not None else None
     optimizer, schedule = make_optimizer(tc.optim, tc.steps)
     specs = param_specs(model)
     abstract = jax.eval_shape(lambda: init_state(model, optimizer, tc.seed, spike_window=tc.spike_window))
@@ -113,11 +118,12 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
                            z_loss=tc.z_loss, aux_loss_coef=tc.aux_loss_coef, aux_scope=tc.aux_scope,
                            aux_layer_reduce=tc.aux_layer_reduce, aux_global_counts=tc.aux_global_counts,
                            router_z_loss=tc.router_z_loss, router_bias_rate=tc.router_bias_rate, schedule=schedule,
-                           spike_factor=tc.spike_factor)
-    step_fn = jax.jit(_under_rules(step, mesh, tc), in_shardings=(state_sh, batch_sh),
+                           spike_factor=tc.spike_factor, distill=distiller)
+    teacher_sh = (distiller.shardings,) if distiller is not None else ()
+    step_fn = jax.jit(_under_rules(step, mesh, tc), in_shardings=(state_sh, batch_sh, *teacher_sh),
                       out_shardings=(state_sh, None), donate_argnums=0)
     eval_fn = jax.jit(_under_rules(make_eval_step(model, tc.loss_chunk), mesh, tc),
                       in_shardings=(state_sh.params, batch_sh))
     return Program(model=model, train=tc, mesh=mesh, attention=attention, optimizer=optimizer, schedule=schedule,
                    state_shardings=state_sh, batch_sharding=batch_sh, abstract_state=abstract, abstract_batch=batch,
-                   step=step_fn, eval_step=eval_fn, sharding_fallbacks=fallbacks)
+                   step=step_fn, eval_step=eval_fn, sharding_fallbacks=fallbacks, distill=distiller)

@@ -131,6 +131,12 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ()
     sample_tokens: int = 32
     sample_tokenizer: str | None = None
+    # Distillation (qwen3_jax.train.distill, kd_loss): loss = (1 - kd_alpha)·LM + kd_alpha·τ²·KD.
+    teacher: str | None = None  # HF folder, workdir or checkpoint; None = no teacher
+    kd_alpha: float = 0.5
+    kd_temperature: float = 1.0  # τ
+    kd_topk: int | None = None  # None = the full vocabulary
+    kd_divergence: str = "forward"  # forward KL(T‖S), reverse KL(S‖T) or jsd
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -31,7 +31,7 @@ import numpy as np
 from data_pipeline.pipeline import BATCH_KEYS, to_global
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.train import checkpoint as ckpt
-from qwen3_jax.train import faults
+from qwen3_jax.train import distill, faults
 from qwen3_jax.train.build import Program, build, program_fingerprint
 from qwen3_jax.train.config import TrainConfig, TrainingError
 from qwen3_jax.train.data import check_vocab
@@ -185,6 +185,12 @@ class _Run:
         self.writer.first_line_extra = f" | compiled in {compile_s:.1f} s"
         self.meta = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "model": model.name,
                      "step_program": fingerprint, "router_bias": bool(model.is_moe and tc.router_bias_rate)}
+        self.teacher_args = ()  # distillation hook: the frozen teacher's params, the step's third argument
+        if program.distill is not None:
+            self.teacher_args = (distill.load_teacher_params(program.distill),)
+            self.meta.update(program.distill.meta())
+            print(f"teacher {program.distill.source.path} ({program.distill.cfg.name}, "
+                  f"{program.distill.cfg.compute_dtype}); {program.distill.kd}", flush=True)
         print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {len(self.devs)} "
               f"{self.devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
               f"steps {start}->{tc.steps}, {self.tokens_per_step:,} tokens/step, {self.fpt / 1e9:.3f} GFLOP/token, "
@@ -220,7 +226,7 @@ class _Run:
             batch, pos = prefetch.next()
             batches += 1
             state = faults.perturb(state, step + 1)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, *self.teacher_args)
             step += 1
             verdict = self._report(*pending) if pending is not None else None
             pending = (step, metrics)

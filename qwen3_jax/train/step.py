@@ -82,12 +82,19 @@ def token_lse_and_target(model, h_BTD, targets_BT, chunk: int | None = None):
 
 
 def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float,
-                loss_chunk: int | None = None, router_bias=None):
-    """Sums over this (micro-)batch, normalised by the global token count; plus router stats."""
+                loss_chunk: int | None = None, router_bias=None, distill=None, teacher_params=None):
+    """Sums over this (micro-)batch, normalised by the global token count; plus router stats
+    (and with `distill`, stats["kd"] / stats["kd_agree"]: KD divergence and top-1 agreement)."""
     model = model_from_flat(cfg, flatten(params))
     h_BTD, stats = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"], router_bias=router_bias)
-    lse_BT, target_BT = token_lse_and_target(model, h_BTD, batch["targets"], loss_chunk)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
+    if distill is not None:  # --- distillation hook: teacher forward + KD terms (qwen3_jax.train.distill)
+        terms = distill.token_terms(model, h_BTD, batch, teacher_params, loss_chunk)
+        lse_BT, target_BT = terms["lse"], terms["target"]
+        stats = dict(stats, kd=jnp.sum(terms["kd"] * mask_BT) / total_tokens,
+                     kd_agree=jnp.sum(terms["agree"] * mask_BT) / total_tokens)
+    else:
+        lse_BT, target_BT = token_lse_and_target(model, h_BTD, batch["targets"], loss_chunk)
     lm = jnp.sum((lse_BT - target_BT) * mask_BT) / total_tokens
     zl = z_loss * jnp.sum(jnp.square(lse_BT) * mask_BT) / total_tokens
     return lm, zl, stats
@@ -95,8 +102,9 @@ def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float,
 
 def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float | None = None,
                  loss_chunk: int | None = None, aux_scope: str = "global", aux_layer_reduce: str = "mean",
-                 router_z_loss: float = 0.0, micro_batches: int = 1) -> Callable:
-    """loss(params, micro_batch, total_tokens, balance=None) -> (loss, (lm, z, aux, router_z, stats)).
+                 router_z_loss: float = 0.0, micro_batches: int = 1, distill=None) -> Callable:
+    """loss(params, micro_batch, total_tokens, balance=None, teacher_params=None) -> (loss, (lm, z, aux,
+    router_z, stats)). `distill` (qwen3_jax.train.distill.Distiller): LM mixed with KD (kd_loss.KDConfig.mix).
 
     `balance` (default: the batch on its own): {"router_tokens": the global batch's non-padding tokens, "bias": the aux-free
     routing bias or None, and for the global scope "prior_counts", "prior_tokens", "own_weight"
@@ -105,11 +113,11 @@ def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float 
         raise ValueError(f"aux_scope={aux_scope!r} is not one of {AUX_SCOPES}")
     coef = cfg.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
 
-    def loss_fn(params, batch, total_tokens, balance=None):
+    def loss_fn(params, batch, total_tokens, balance=None, teacher_params=None):
         if balance is None:  # one batch on its own: f and p over its tokens, no routing bias
             balance = {"router_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
         lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss, loss_chunk=loss_chunk,
-                                    router_bias=balance.get("bias"))
+                                    router_bias=balance.get("bias"), distill=distill, teacher_params=teacher_params)
         aux = rz = jnp.zeros((), jnp.float32)
         if cfg.is_moe and coef:
             aux = moe_balance.aux_share(stats, cfg.num_experts, scope=aux_scope, layer_reduce=aux_layer_reduce,
@@ -119,7 +127,8 @@ def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float 
                                         own_weight=balance.get("own_weight", 0.0))
         if cfg.is_moe and router_z_loss:
             rz = moe_balance.z_share(stats, balance["router_tokens"])
-        return lm + zl + coef * aux + router_z_loss * rz, (lm, zl, aux, rz, stats)
+        main = lm if distill is None else distill.kd.mix(lm, stats["kd"])
+        return main + zl + coef * aux + router_z_loss * rz, (lm, zl, aux, rz, stats)
 
     return loss_fn
 
@@ -128,25 +137,27 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
                     loss_chunk: int | None = None, z_loss: float = 0.0, aux_loss_coef: float | None = None,
                     aux_scope: str = "global", aux_layer_reduce: str = "mean", aux_global_counts: str = "exact",
                     router_z_loss: float = 0.0, router_bias_rate: float = 0.0,
-                    schedule: optax.Schedule | None = None, spike_factor: float | None = None) -> Callable:
+                    schedule: optax.Schedule | None = None, spike_factor: float | None = None,
+                    distill=None) -> Callable:
     """step(state, batch) -> (state, metrics). Non-finite loss or gradients skip the update, and so
-    does a loss spike (`spike_factor`: qwen3_jax.train.spike_guard; None = no spike check)."""
+    does a loss spike (`spike_factor`: qwen3_jax.train.spike_guard; None = no spike check).
+    With `distill` the step is step(state, batch, teacher_params) (qwen3_jax.train.distill)."""
     if aux_global_counts not in AUX_GLOBAL_COUNTS:
         raise ValueError(f"aux_global_counts={aux_global_counts!r} is not one of {AUX_GLOBAL_COUNTS}")
     loss_fn = make_loss_fn(cfg, z_loss=z_loss, aux_loss_coef=aux_loss_coef, aux_scope=aux_scope,
                            aux_layer_reduce=aux_layer_reduce, router_z_loss=router_z_loss, loss_chunk=loss_chunk,
-                           micro_batches=micro_batches)
+                           micro_batches=micro_batches, distill=distill)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     coef = cfg.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
     global_f = cfg.is_moe and coef and aux_scope == "global" and micro_batches > 1
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, teacher_params=None):
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         router_tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
         bias = state.moe["bias"] if cfg.is_moe and router_bias_rate else None
         balance = {"router_tokens": router_tokens, "bias": bias}
         if micro_batches == 1:
-            (loss, (lm, zl, aux, rz, stats)), grads = grad_fn(state.params, batch, total_tokens, balance)
+            (loss, (lm, zl, aux, rz, stats)), grads = grad_fn(state.params, batch, total_tokens, balance, teacher_params)
             counts = stats["counts"].sum(1) if cfg.is_moe else None
         else:
             mbs = split_micro_batches(batch, micro_batches)
@@ -169,12 +180,14 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
 
             def body(carry, mb):
                 g_acc, sums = carry
-                (l, (lm_, zl_, aux_, rz_, st)), g = grad_fn(state.params, mb, total_tokens, balance_for(sums))
+                (l, (lm_, zl_, aux_, rz_, st)), g = grad_fn(state.params, mb, total_tokens, balance_for(sums), teacher_params)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
                 new = {"loss": l, "lm": lm_, "z": zl_, "aux": aux_, "rz": rz_}
                 if cfg.is_moe:
                     new["counts"] = st["counts"].sum(1)
                     new["router_tokens"] = st["tokens"].sum().astype(jnp.float32)
+                if distill is not None:
+                    new["kd"], new["kd_agree"] = st["kd"], st["kd_agree"]
                 return (g_acc, jax.tree.map(jnp.add, sums, new)), None
 
             zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -182,6 +195,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             if cfg.is_moe:
                 zeros_s["counts"] = jnp.zeros((cfg.num_moe_layers, cfg.num_experts), jnp.float32)
                 zeros_s["router_tokens"] = 0.0
+            if distill is not None:
+                zeros_s["kd"] = zeros_s["kd_agree"] = 0.0
             zeros_s = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros_s)
             (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), mbs)
             loss, lm, zl, aux, rz = sums["loss"], sums["lm"], sums["z"], sums["aux"], sums["rz"]
@@ -211,6 +226,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
                    "spikes_total": guard["spikes_total"]}
         if cfg.is_moe and router_z_loss:
             metrics["router_z_loss"] = rz
+        if distill is not None:  # KD divergence (at τ, before α·τ²) and teacher-student top-1 agreement
+            kd_src = stats if micro_batches == 1 else sums
+            metrics.update(kd_loss=kd_src["kd"], kd_top1_agree=kd_src["kd_agree"])
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         if counts is not None:

@@ -1,0 +1,186 @@
+"""Off-policy distillation on a CPU: LM-only vs KD students at equal steps, and the teacher's cost.
+
+  python benchmarks/bench_distill.py [--teacher runs/distill_bench/teacher] [--teacher_steps 600]
+      [--steps 150] [--seeds 0 1] [--alpha 0.5] [--tau 1.0] [--topk N] [--out runs/distill_bench]
+
+Teacher: the small MoE (configs/cpu_smoke.gin: 4 layers, d_model 128, 8 experts top-2, ~2.3M
+parameters) trained `--teacher_steps` steps on the built-in corpus (trained here first when
+--teacher holds no checkpoint). Student: configs/distill_offpolicy.gin's default (tiny-dense: 2
+layers, d_model 64, ~0.34M parameters, with the same 4,096-token vocabulary), trained from scratch for `--steps` steps of
+BATCH x SEQ tokens of the code/docs mixture (50/50) through configs/distill_offpolicy.gin and the
+library exactly as launch/train.py runs it, once as a plain LM (train.teacher=None) and once with
+KD (train.teacher = the teacher, loss = (1-α)·LM + α·τ²·KD), same seed, same batches.
+
+Columns: held-out loss (nats/token) and bits per byte per domain (qwen3_jax.evaluate.heldout_metrics
+on the documents training never saw; the teacher's own numbers on the first line), final train LM
+loss (mean of the last 10 steps), teacher-student top-1 agreement (last 10 steps), mean step time
+(steps 3+) and its ratio to the LM-only student's: the cost of the teacher's forward and its
+output head (run twice per step: the KD chunks are rematerialised in the backward pass).
+Results go to OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DOMAINS = ("code", "docs")
+
+
+def common_bindings(args, seed: int, steps: int) -> list[str]:
+    return [f"STEPS={steps}", f"SEQ_LEN={args.seq_len}", f"BATCH_SIZE={args.batch_size}", f"CHECKPOINT_EVERY={steps}",
+            f"SEED={seed}", "train.eval_every=0", "train.sample_every=0", "train.async_checkpoint=False",
+            f"train.log_every={max(steps // 5, 1)}", "train.keep_last=1", "train.loss_chunk=128",
+            "stage_mixture.weights={'code': 0.5, 'docs': 0.5}", f"stage_mixture.builtin_dir='{args.data_dir}'"]
+
+
+def variant_bindings(args, variant: str, teacher: str) -> list[str]:
+    if variant == "lm":
+        return ["TEACHER=None", f"lr_schedule.peak_lr={args.lr}"]
+    return [f"TEACHER='{teacher}'", f"train.kd_alpha={args.alpha}", f"train.kd_temperature={args.tau}",
+            f"train.kd_topk={args.topk}", f"lr_schedule.peak_lr={args.lr}"]
+
+
+def read_train_rows(workdir: Path) -> list[dict]:
+    rows = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("split", "train") == "train" and "lm_loss" in rec:
+            rows[rec["step"]] = rec
+    return [rows[s] for s in sorted(rows)]
+
+
+def train_teacher(args) -> None:
+    from qwen3_jax import configurables
+    from qwen3_jax.train.loop import train
+
+    configurables.parse_gin(["cpu_smoke.gin"], common_bindings(args, 0, args.teacher_steps)
+                            + ["lr_schedule.kind='cosine'", "lr_schedule.peak_lr=2e-3"])
+    model, tc = configurables.run_config()
+    train(args.teacher, model, tc)
+
+
+def heldout(args, workdir, data, tokenizer) -> dict:
+    from qwen3_jax.evaluate import heldout_metrics
+    from qwen3_jax.train.checkpoint import restore_params_numpy
+
+    cfg, flat, step, _ = restore_params_numpy(workdir)
+    held = heldout_metrics(cfg, flat, data, args.seq_len, args.batch_size, args.eval_batches, tokenizer)
+    return {k: {"loss": v["loss"], "bpb": v["bits_per_byte"]} for k, v in held.items()}
+
+
+def run_student(args, variant: str, seed: int, data, tokenizer) -> dict:
+    import gin
+    import numpy as np
+
+    from qwen3_jax import configurables
+    from qwen3_jax.train.loop import train
+
+    workdir = Path(args.out) / f"student-{variant}-seed{seed}"
+    if workdir.exists():
+        shutil.rmtree(workdir)  # never resume a previous benchmark run
+    bindings = common_bindings(args, seed, args.steps) + variant_bindings(args, variant, args.teacher)
+    configurables.parse_gin(["distill_offpolicy.gin"], bindings)
+    model, tc = configurables.run_config()
+    workdir.mkdir(parents=True)
+    (workdir / "config.gin").write_text(gin.config_str())
+    t0 = time.time()
+    train(workdir, model, tc)
+    rows = read_train_rows(workdir)
+    last = rows[-10:]
+    times = [r["step_time_s"] for r in rows[2:]] or [r["step_time_s"] for r in rows]
+    result = {"variant": variant, "seed": seed, "train_seconds": time.time() - t0,
+              "train_lm_loss": float(np.mean([r["lm_loss"] for r in last])),
+              "agree": float(np.mean([r["kd_top1_agree"] for r in last])) if variant == "kd" else None,
+              "kd_loss": float(np.mean([r["kd_loss"] for r in last])) if variant == "kd" else None,
+              "step_time_s": float(np.median(times)), "heldout": heldout(args, workdir, data, tokenizer),
+              "bindings": bindings}
+    print(f"[{variant} seed {seed}] train LM {result['train_lm_loss']:.4f}, held-out "
+          + ", ".join(f"{k} {v['loss']:.4f} ({v['bpb']:.4f} bpb)" for k, v in result["heldout"].items())
+          + f", {result['step_time_s']:.2f} s/step ({result['train_seconds']:.0f}s)", flush=True)
+    return result
+
+
+def table(teacher: dict, results: list[dict]) -> str:
+    lm_times = [r["step_time_s"] for r in results if r["variant"] == "lm"]
+    ref = sum(lm_times) / len(lm_times) if lm_times else None
+    head = (f"{'run':<10} {'seed':>4} " + " ".join(f"{'held ' + d:>10} {d + ' bpb':>9}" for d in DOMAINS)
+            + f" {'train LM':>9} {'top1 agr':>8} {'s/step':>7} {'vs LM':>6}")
+    lines = [head, "-" * len(head),
+             f"{'teacher':<10} {'':>4} " + " ".join(f"{teacher[d]['loss']:>10.4f} {teacher[d]['bpb']:>9.4f}"
+                                                   for d in DOMAINS)]
+    for r in results:
+        rel = f"{r['step_time_s'] / ref:>5.2f}x" if ref else f"{'-':>6}"
+        agree = f"{r['agree']:>8.3f}" if r["agree"] is not None else f"{'-':>8}"
+        lines.append(f"{r['variant']:<10} {r['seed']:>4} "
+                     + " ".join(f"{r['heldout'][d]['loss']:>10.4f} {r['heldout'][d]['bpb']:>9.4f}" for d in DOMAINS)
+                     + f" {r['train_lm_loss']:>9.4f} {agree} {r['step_time_s']:>7.2f} {rel}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=str(ROOT / "runs" / "distill_bench" / "teacher"))
+    p.add_argument("--teacher_steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", default="lm,kd")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--topk", type=int, default=None)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval_batches", type=int, default=8)
+    p.add_argument("--data_dir", default=str(ROOT / "runs" / "data" / "stdlib"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "distill_bench"))
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - {"lm", "kd"}:
+        print(f"error: --variants {args.variants!r}: choose from lm,kd", file=sys.stderr)
+        return 2
+    for flag in ("steps", "teacher_steps", "seq_len", "batch_size", "eval_batches"):
+        if getattr(args, flag) <= 0:
+            print(f"error: --{flag} {getattr(args, flag)}: must be > 0", file=sys.stderr)
+            return 2
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    from data_pipeline.prepare import prepare_builtin
+    from data_pipeline.text_tokenizer import load_tokenizer
+    from qwen3_jax.train import checkpoint as ckpt
+
+    parts = prepare_builtin(os.path.join(args.data_dir, "spm4096"), "spm", spm_vocab_size=4096)  # no-op once done
+    data = {d: parts[d] for d in DOMAINS}
+    with open(os.path.join(data["code"], "stats.json")) as f:
+        tokenizer = load_tokenizer(json.load(f)["tokenizer"].partition(":")[2])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    has_teacher = Path(args.teacher).exists() and ckpt.latest_step(ckpt.checkpoint_root(args.teacher)[0]) is not None
+    if not has_teacher:
+        print(f"training the teacher ({args.teacher_steps} steps) in {args.teacher}", flush=True)
+        train_teacher(args)
+    teacher = heldout(args, args.teacher, data, tokenizer)
+    print("teacher held-out: " + ", ".join(f"{k} {v['loss']:.4f} ({v['bpb']:.4f} bpb)" for k, v in teacher.items()),
+          flush=True)
+    results = [run_student(args, v, s, data, tokenizer) for s in args.seeds for v in variants]
+    settings = {k: getattr(args, k) for k in ("teacher", "steps", "seeds", "alpha", "tau", "topk", "seq_len",
+                                                "batch_size", "lr", "eval_batches")}
+    out = Path(args.out) / "results.json"
+    out.write_text(json.dumps({"settings": settings, "teacher": teacher, "results": results,
+                               "seconds": time.time() - t0}, indent=1))
+    print(f"\nsettings: {settings}")
+    print(table(teacher, results))
+    print(f"({time.time() - t0:.0f}s; results in {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
