@@ -268,8 +268,8 @@ def format_report(r: dict) -> str:
              f"(ratio {r['flops_ratio_compiled_to_model']:.2f}; full remat adds one forward: ~1.33)",
              *([f"    matmuls {r['flops_ratio_matmul']:.2f}x the model's, attention kernels "
                 f"{r['flops_ratio_attention']:.2f}x ({r['model_attention_share']:.0%} of the model's count; "
-                f"splash: forward 4 + remat forward 4 + "
-                f"{'fused dK,dV,dQ 10 = 18' if r.get('splash_fused_bwd') else 'dK,dV 8 + dQ 6 = 22'} "
+                f"splash: forward 4 + remat forward 4 unless the policy keeps 'context' + "
+                f"{'fused dK,dV,dQ 10' if r.get('splash_fused_bwd') else 'dK,dV 8 + dQ 6'} "
                 f"vs 3 x 4 per causal T·S·H)"]
                if "flops_ratio_attention" in r else []),
              "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in
