@@ -71,11 +71,19 @@ def _tiny_batch(B=4, T=16, V=512, seed=0):
                 positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)))
 
 
-def _micro_stats(cfg, params, batch, n, bias=None):
-    model = model_from_flat(cfg, flatten(params))
-    mbs = split_micro_batches(batch, n)
-    return [model.hidden(*(mbs[k][m] for k in ("tokens", "positions", "segment_ids")), router_bias=bias)[1]
-            for m in range(n)]
+_STATS = {}
+
+
+def _micro_stats(cfg, params, batch, n):
+    """Router statistics of each of the n micro-batches (jitted once per config: op by op, the
+    forward took ~10 s per call on a busy box)."""
+    if (cfg, n) not in _STATS:
+        def stats(params, batch):
+            model = model_from_flat(cfg, flatten(params))
+            mbs = split_micro_batches(batch, n)
+            return [model.hidden(*(mbs[k][m] for k in ("tokens", "positions", "segment_ids")))[1] for m in range(n)]
+        _STATS[cfg, n] = jax.jit(stats)
+    return _STATS[cfg, n](params, batch)
 
 
 @pytest.mark.parametrize("mode", ["exact", "running", "previous_step"])
@@ -113,20 +121,24 @@ def test_router_z_loss_is_the_mean_squared_logsumexp():
     state = init_state(cfg, opt)
     batch = _tiny_batch()
     _, m = jax.jit(make_train_step(cfg, opt, router_z_loss=1e-3))(state, batch)
-    model = model_from_flat(cfg, flatten(state.params))
-    captured = []
     from qwen3_jax.model import moe as moe_lib
 
     orig = moe_lib.router_logits
-    try:  # record the router logits of every MoE layer (unscanned, to see each layer)
+
+    def every_layers_router_logits(params):  # unscanned, to see each layer (traced once, under jit)
+        captured = []
         moe_lib.router_logits = lambda x, r: captured.append(orig(x, r)) or captured[-1]
-        model_from_flat(cfg.replace(scan_layers=False), flatten(state.params)).hidden(
-            jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"]))
-    finally:
-        moe_lib.router_logits = orig
+        try:
+            model_from_flat(cfg.replace(scan_layers=False), flatten(params)).hidden(
+                batch["tokens"], batch["positions"], batch["segment_ids"])
+        finally:
+            moe_lib.router_logits = orig
+        return captured
+
+    captured = jax.jit(every_layers_router_logits)(state.params)
     mask = batch["segment_ids"] > 0
     lse2 = [np.square(np.asarray(jax.nn.logsumexp(lg, -1)))[mask].mean() for lg in captured]
-    assert len(captured) == cfg.num_moe_layers and model is not None
+    assert len(captured) == cfg.num_moe_layers
     assert float(m["router_z_loss"]) == pytest.approx(float(np.mean(lse2)), rel=1e-5)
 
 
