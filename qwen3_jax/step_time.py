@@ -164,7 +164,7 @@ def hbm_bytes(hlo_text: str, ragged_rows: float | None = None) -> float:
                 nbytes = 2 * size[name]
             elif op == "fusion":
                 called = re.search(r"calls=%?([\w.\-]+)", line)
-                nbytes = _fusion_bytes(name, operands, comps.get(called.group(1), []) if called else [], size)
+                nbytes = _fusion_bytes(name, operands, comps.get(called.group(1), []) if called else [], size, comps)
             elif ragged_rows and (op == "ragged-all-to-all" or (op == "custom-call" and _GMM.search(line))):
                 nbytes = sum(size.get(n, 0) * (min(1.0, ragged_rows / lead[n]) if lead.get(n) else 1.0)
                              for n in (name, *operands))
@@ -172,22 +172,56 @@ def hbm_bytes(hlo_text: str, ragged_rows: float | None = None) -> float:
     return total
 
 
-def _fusion_bytes(name: str, operands: list[str], body: list[str], size: dict) -> int:
-    """A fusion's bytes: its output and operands, with in-place updated buffers counted by the
-    update and sliced operands by the slices read."""
-    params, uses, root, local = {}, {}, None, {}
-    for line in body:
+def _body(lines: list[str]) -> tuple[dict, dict, dict, str | None]:
+    """A fused computation: name -> (op, operands, bytes, called), parameter index -> name,
+    name -> users, ROOT name."""
+    local, params, uses, root = {}, {}, {}, None
+    for line in lines:
         m = hlo_stats._INSTR.match(line)
         if not m:
             continue
         n, typ, op, rest = m.groups()
-        local[n] = (op, _operands(rest), hlo_stats._nbytes(typ))
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        local[n] = (op, _operands(rest), hlo_stats._nbytes(typ), called.group(1) if called else None)
         if op == "parameter":
             params[int(re.match(r"(\d+)", rest).group(1))] = n
         if line.lstrip().startswith("ROOT"):
             root = n
         for o in local[n][1]:
             uses.setdefault(o, []).append(n)
+    return local, params, uses, root
+
+
+def _sliced_read(p: str, body: tuple, comps: dict, depth: int = 0) -> int | None:
+    """Bytes a fusion reads of its parameter `p` when every use is a dynamic-slice of it (also
+    through nested fusions); None when some use reads it whole."""
+    local, _, uses, _ = body
+    users = uses.get(p, [])
+    if not users or depth > 4:
+        return None
+    total = 0
+    for u in users:
+        op, operands, nbytes, called = local[u]
+        if op == "dynamic-slice" and operands[0] == p:
+            total += nbytes
+        elif op == "fusion" and called in comps:
+            inner = _body(comps[called])
+            for i, o in enumerate(operands):
+                if o == p:
+                    read = _sliced_read(inner[1].get(i), inner, comps, depth + 1)
+                    if read is None:
+                        return None
+                    total += read
+        else:
+            return None
+    return total
+
+
+def _fusion_bytes(name: str, operands: list[str], lines: list[str], size: dict, comps: dict) -> int:
+    """A fusion's bytes: its output and operands, with in-place updated buffers counted by the
+    update and sliced operands by the slices read."""
+    body = _body(lines)
+    local, params, _, root = body
     out = size.get(name, 0)
     in_place = set()
     roots = local[root][1] if root and local[root][0] == "tuple" else [root]
@@ -195,17 +229,14 @@ def _fusion_bytes(name: str, operands: list[str], body: list[str], size: dict) -
         if r in local and local[r][0] == "dynamic-update-slice":
             buf, upd = local[r][1][0], local[r][1][1]
             in_place.add(buf)
-            out += local.get(upd, ("", [], 0))[2] - local[r][2]
+            out += local.get(upd, ("", [], 0, None))[2] - local[r][2]
     total = max(out, 0)
     for i, o in enumerate(operands):
         p = params.get(i)
         if p in in_place:
             continue
-        users = uses.get(p, [])
-        if users and all(local[u][0] == "dynamic-slice" and local[u][1][0] == p for u in users):
-            total += sum(local[u][2] for u in users)
-        else:
-            total += size.get(o, 0)
+        read = _sliced_read(p, body, comps)
+        total += size.get(o, 0) if read is None else read
     return total
 
 
