@@ -108,3 +108,27 @@ def test_offload_bytes_hand_hlo():
     hlo = _HLO.replace("%c = f32[4,8]{1,0} copy(%x0)", "%c = f32[4,8]{1,0:S(5)} copy(%x0)")
     assert step_time.offload_bytes(hlo) == 128
     assert step_time.offload_bytes(_HLO) == 0
+
+
+def test_hbm_bytes_slices_read_through_a_nested_fusion():
+    """XLA:TPU often slices the scan's stacked buffer inside a nested fusion: still the slice."""
+    nested = _HLO.replace("""%fused_slice (p0: f32[3,4,8], p1: s32[]) -> f32[4,8] {
+  %p0 = f32[3,4,8]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,4,8]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,4,8}
+  ROOT %b = f32[4,8]{1,0} bitcast(%ds)
+}""", """%inner (q0: f32[3,4,8], q1: s32[]) -> f32[4,8] {
+  %q0 = f32[3,4,8]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,4,8]{2,1,0} dynamic-slice(%q0, %q1, %z, %z), dynamic_slice_sizes={1,4,8}
+  ROOT %b = f32[4,8]{1,0} bitcast(%ds)
+}
+
+%fused_slice (p0: f32[3,4,8], p1: s32[]) -> f32[4,8] {
+  %p0 = f32[3,4,8]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  ROOT %f = f32[4,8]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%inner
+}""")
+    assert "%inner" in nested and step_time.hbm_bytes(nested) == step_time.hbm_bytes(_HLO)
