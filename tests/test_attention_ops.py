@@ -41,14 +41,15 @@ def _loss(fn, seg):
 
 
 def _compare(q, k, v, seg, block, atol, grads=True):
+    # jitted: op by op, the chunked kernel's loops dispatch hundreds of small computations
     ref = lambda q, k, v, s: ops.reference_attention(q, k, v, s)
     chk = lambda q, k, v, s: ops.chunked_attention(q, k, v, s, block=block)
-    o_ref, o_chk = ref(q, k, v, seg), chk(q, k, v, seg)
+    o_ref, o_chk = jax.jit(ref)(q, k, v, seg), jax.jit(chk)(q, k, v, seg)
     assert o_chk.shape == o_ref.shape and o_chk.dtype == o_ref.dtype
     np.testing.assert_allclose(np.asarray(o_chk, np.float32), np.asarray(o_ref, np.float32), atol=atol, rtol=atol)
     if grads:
-        g_ref = jax.grad(_loss(ref, seg), argnums=(0, 1, 2))(q, k, v)
-        g_chk = jax.grad(_loss(chk, seg), argnums=(0, 1, 2))(q, k, v)
+        g_ref = jax.jit(jax.grad(_loss(ref, seg), argnums=(0, 1, 2)))(q, k, v)
+        g_chk = jax.jit(jax.grad(_loss(chk, seg), argnums=(0, 1, 2)))(q, k, v)
         for name, a, b in zip("qkv", g_chk, g_ref):
             assert a.dtype == b.dtype, name
             scale = float(jnp.abs(b.astype(jnp.float32)).max())
