@@ -108,6 +108,52 @@ def run_student(args, variant: str, seed: int, data, tokenizer) -> dict:
     return result
 
 
+def step_cost(args, repeats: int = 15) -> dict:
+    """The teacher's cost in one process, free of the run-to-run noise of a shared machine: the
+    compiled LM-only and KD steps' FLOPs (XLA cost analysis) and their times, interleaved
+    (LM, KD, LM, KD, ...) on the same batch, medians over `repeats` calls each."""
+    import jax
+    import numpy as np
+
+    from qwen3_jax import configurables
+    from qwen3_jax.train.build import build
+    from qwen3_jax.train.distill import load_teacher_params
+
+    out, progs, states, extra, compiled = {}, {}, {}, {}, {}
+    for variant in ("lm", "kd"):
+        configurables.parse_gin(["distill_offpolicy.gin"], common_bindings(args, 0, args.steps)
+                                + variant_bindings(args, variant, args.teacher))
+        model, tc = configurables.run_config()
+        prog = progs[variant] = build(model, tc, jax.devices()[:1])
+        compiled[variant] = prog.lower().compile()
+        cost = compiled[variant].cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out[f"{variant}_gflops"] = float(cost.get("flops", float("nan"))) / 1e9
+        states[variant] = prog.init_state()
+        extra[variant] = (load_teacher_params(prog.distill),) if prog.distill is not None else ()
+    rng = np.random.RandomState(0)
+    B, T = args.batch_size, args.seq_len
+    tokens = rng.randint(0, 4096, (B, T)).astype(np.int32)
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": np.ones((B, T), np.float32),
+             "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+    times = {"lm": [], "kd": []}
+    for i in range(repeats + 2):
+        for variant in ("lm", "kd"):
+            t0 = time.perf_counter()
+            states[variant], m = compiled[variant](states[variant], batch, *extra[variant])
+            jax.block_until_ready(m["loss"])
+            if i >= 2:
+                times[variant].append(time.perf_counter() - t0)
+    for variant in ("lm", "kd"):
+        out[f"{variant}_step_s"] = float(np.median(times[variant]))
+    out["time_ratio"] = out["kd_step_s"] / out["lm_step_s"]
+    out["flops_ratio"] = out["kd_gflops"] / out["lm_gflops"]
+    print(f"step cost (same process, interleaved, median of {repeats}): LM-only {out['lm_step_s'] * 1e3:.0f} ms "
+          f"({out['lm_gflops']:.2f} GFLOP), KD {out['kd_step_s'] * 1e3:.0f} ms ({out['kd_gflops']:.2f} GFLOP): "
+          f"{out['time_ratio']:.2f}x time, {out['flops_ratio']:.2f}x FLOPs", flush=True)
+    return out
+
+
 def table(teacher: dict, results: list[dict]) -> str:
     lm_times = [r["step_time_s"] for r in results if r["variant"] == "lm"]
     ref = sum(lm_times) / len(lm_times) if lm_times else None
@@ -142,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--data_dir", default=str(ROOT / "runs" / "data" / "stdlib"))
     p.add_argument("--out", default=str(ROOT / "runs" / "distill_bench"))
+    p.add_argument("--cost_only", action="store_true", help="only the step-cost comparison (no training runs)")
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     if not variants or set(variants) - {"lm", "kd"}:
@@ -170,14 +217,18 @@ def main(argv=None) -> int:
     teacher = heldout(args, args.teacher, data, tokenizer)
     print("teacher held-out: " + ", ".join(f"{k} {v['loss']:.4f} ({v['bpb']:.4f} bpb)" for k, v in teacher.items()),
           flush=True)
+    cost = step_cost(args)
+    if args.cost_only:
+        return 0
     results = [run_student(args, v, s, data, tokenizer) for s in args.seeds for v in variants]
     settings = {k: getattr(args, k) for k in ("teacher", "steps", "seeds", "alpha", "tau", "topk", "seq_len",
                                                 "batch_size", "lr", "eval_batches")}
     out = Path(args.out) / "results.json"
-    out.write_text(json.dumps({"settings": settings, "teacher": teacher, "results": results,
+    out.write_text(json.dumps({"settings": settings, "teacher": teacher, "step_cost": cost, "results": results,
                                "seconds": time.time() - t0}, indent=1))
     print(f"\nsettings: {settings}")
     print(table(teacher, results))
+    print(f"teacher cost per step: {cost['time_ratio']:.2f}x time, {cost['flops_ratio']:.2f}x FLOPs (same process)")
     print(f"({time.time() - t0:.0f}s; results in {out})")
     return 0
 

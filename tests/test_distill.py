@@ -78,9 +78,11 @@ def test_step_loss_equals_full_logits_reference_and_teacher_stays_outside_the_st
 
     # reference: both models' full [B,T,V] logits, the formula written out
     from qwen3_jax.params import model_from_flat
-    s_logits = model_from_flat(STUDENT, flatten(params0))(batch["tokens"], batch["positions"], batch["segment_ids"])
-    t_logits = model_from_flat(TEACHER, jax.tree.map(np.asarray, t_flat))(
-        batch["tokens"], batch["positions"], batch["segment_ids"])
+    def logits(cfg):
+        return jax.jit(lambda p, b: model_from_flat(cfg, p)(b["tokens"], b["positions"], b["segment_ids"]))
+
+    s_logits = logits(STUDENT)(flatten(params0), batch)
+    t_logits = logits(TEACHER)(jax.tree.map(np.asarray, t_flat), batch)
     mask = batch["loss_mask"]
     tau = tc.kd_temperature
     logp_s = jax.nn.log_softmax(s_logits, -1)
@@ -116,6 +118,7 @@ def test_gradient_of_the_kd_term_reaches_only_the_student(tmp_path):
     assert teacher_only and not (teacher_only & opt_leaves)
 
 
+@pytest.mark.slow
 def test_end_to_end_offpolicy_run_through_train_py(data_dir, tmp_path):
     teacher_dir = _teacher_dir(tmp_path)
     work = tmp_path / "student"
