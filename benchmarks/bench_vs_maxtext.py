@@ -27,7 +27,7 @@ Measured 2026-11-29 on the 2-core box while six other jobs shared it (load avera
 absolute times are ~10x an idle machine's and single runs are noisy), default setting, one run:
 dense ours 132.1 s/step vs MaxText 116.5 (0.88x); MoE ours 92.6 vs MaxText 246.9 (2.67x). Our
 dense step, variants interleaved in one process: remat none 0.91x the time of full remat,
-+ chunked attention 0.87x (tests nothing about MaxText; see the report in the commit log).
++ chunked attention 0.87x (two steps each).
 
 MaxText runs in its own Python >= 3.12 venv (`--maxtext_venv`, default /work/maxtext-venv),
 built here if missing: `python3.12 -m venv`, `pip install maxtext==0.2.5`, then the

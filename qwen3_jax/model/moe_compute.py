@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from qwen3_jax.config import MOE_IMPLS
 
 IMPLS = MOE_IMPLS
-BLOCK_ROWS = 256  # C of the blocked form: 4,096 tokens x top-4 over 16 experts pad to 80 blocks
+BLOCK_ROWS = 128  # C of the blocked form (bench_moe_impl.py: 128 beat 256 and 512 on CPU); 4,096
+# tokens x top-4 over 16 experts pad to at most 144 blocks
 
 
 def resolve_impl(impl: str, platform: str, d_model: int, ffn_dim: int, sharded: bool = False) -> str:
