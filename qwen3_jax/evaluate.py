@@ -118,6 +118,15 @@ def token_byte_lengths(tokenizer, vocab_size: int | None = None) -> np.ndarray:
 
 # -- held-out loss, perplexity, bits per byte -------------------------------------------------------
 
+def scored_bytes(bytes_V: np.ndarray, batch: Mapping[str, Any]) -> int:
+    """UTF-8 bytes of the raw text behind a batch's scored targets (loss_mask > 0)."""
+    return int(bytes_V[np.asarray(batch["targets"])][np.asarray(batch["loss_mask"]) > 0].sum())
+
+
+def bits_per_byte(nll_nats: float, nbytes: int) -> float:
+    return nll_nats / math.log(2) / nbytes if nbytes else float("nan")
+
+
 def _check_vocab(cfg: ModelConfig, tokenizer) -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids, the model {cfg.name} only "
@@ -166,7 +175,7 @@ def heldout_metrics(model_cfg: ModelConfig, params: Mapping[str, Any], data_dirs
             out = jax.device_get(eval_step(dev_params, {k: batch[k] for k in BATCH_KEYS}))
             nll += float(out["nll_sum"])
             tokens += float(out["tokens"])
-            nbytes += int(bytes_V[batch["targets"]][batch["loss_mask"] > 0].sum())
+            nbytes += scored_bytes(bytes_V, batch)
             batches += 1
             if progress is not None:
                 progress({"dataset": name, "batches": batches, "tokens": int(tokens),
@@ -175,7 +184,7 @@ def heldout_metrics(model_cfg: ModelConfig, params: Mapping[str, Any], data_dirs
             raise ValueError(f"dataset {name} ({path}, split={split}): no tokens to score")
         loss = nll / tokens
         results[name] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-                         "bits_per_byte": nll / math.log(2) / nbytes if nbytes else float("nan"),
+                         "bits_per_byte": bits_per_byte(nll, nbytes),
                          "tokens": int(tokens), "bytes": nbytes, "batches": batches,
                          "seconds": time.perf_counter() - t0}
     return results

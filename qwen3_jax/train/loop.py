@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from data_pipeline.pipeline import BATCH_KEYS, to_global
+from data_pipeline.shards import ShardError
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.train import checkpoint as ckpt
 from qwen3_jax.train import distill, faults
@@ -116,6 +117,7 @@ class _Run:
         self.good_updates = 0
         self.nonfinite_streak = 0
         self.last: dict[str, float] = {}
+        self.eval_bytes_V: Any = None  # [V] bytes per token id for the eval's bits per byte (None: left out)
 
     def make_data(self, seed_offset: int = 0):
         tc = self.tc
@@ -169,6 +171,8 @@ class _Run:
             print(f"NOTE: lr_schedule.warmup_steps={warmup} > STEPS={tc.steps}: warmup clamped to {tc.steps} "
                   f"steps (the learning rate reaches its peak only at the last step)", flush=True)
 
+        if tc.make_eval_data is not None and tc.eval_every:
+            self.eval_bytes_V = eval_bytes_table(program, data_it, model.vocab_size)
         t0 = time.time()
         lowered = program.lower()
         fingerprint = program_fingerprint(lowered)
@@ -222,8 +226,14 @@ class _Run:
         tc, program = self.tc, self.program
         step, pending, self.t_prev = start, None, time.time()
         batches = start  # the data position, in batches (a rollback does not rewind it)
+        data_error, saved = None, start
         while step < tc.steps:
-            batch, pos = prefetch.next()
+            try:
+                batch, next_pos = prefetch.next()
+            except ShardError as e:  # a damaged record found mid-run: keep what was trained, name it
+                data_error = f"data: {e}"
+                break
+            pos = next_pos
             batches += 1
             state = faults.perturb(state, step + 1)
             state, metrics = step_fn(state, batch, *self.teacher_args)
@@ -245,20 +255,23 @@ class _Run:
                 pending = None
                 continue
             if evals:
-                self.writer.write(step, _evaluate(program, state.params), prefix="eval")
+                self.writer.write(step, _evaluate(program, state.params, self.eval_bytes_V), prefix="eval")
             if samples:
                 print_samples(self.model, state.params, program.mesh,
                               tc.sample_tokenizer or data_tokenizer(prefetch.data_it), tc.sample_prompts, step,
                               tc.sample_tokens, self.primary)
             if saving:
                 self.ckpts.save(step, state, pos, self.model, self.meta)
+                saved = step
             if stopping:
                 break
         if pending is not None:
             verdict = self._report(*pending)
             if verdict is not None:
                 return step, self._rollback(*verdict, consumed=batches, final=True)
-        return step, None
+        if data_error and step > saved:
+            self.ckpts.save(step, state, pos, self.model, self.meta)
+        return step, data_error
 
     def _report(self, step: int, metrics) -> tuple[int, int, dict] | None:
         """Reads one step's metrics (the device is already busy with the next step), writes them;
@@ -326,11 +339,16 @@ def _global_batch(batch, program: Program) -> dict:
     return to_global({k: batch[k] for k in BATCH_KEYS}, sh.mesh, sh.spec)
 
 
-def _evaluate(program: Program, params) -> dict:
-    """Mean loss over the first `eval_batches` of the held-out data (the same batches every time)."""
+def _evaluate(program: Program, params, bytes_V=None) -> dict:
+    """Mean loss over the first `eval_batches` of the held-out data (the same batches every time),
+    and bits per byte when the data's tokenizer is known (`eval_bytes_table`; the formula is
+    qwen3_jax.evaluate's, so the numbers compare with launch/evaluate.py's)."""
+    from qwen3_jax.evaluate import bits_per_byte, scored_bytes
+
     tc = program.train
     it = tc.make_eval_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
     nll = tokens = 0.0
+    nbytes = 0
     for _ in range(tc.eval_batches):
         try:
             batch = next(it)
@@ -339,4 +357,25 @@ def _evaluate(program: Program, params) -> dict:
         out = jax.device_get(program.eval_step(params, _global_batch(batch, program)))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
-    return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
+        if bytes_V is not None:
+            nbytes += scored_bytes(bytes_V, batch)  # this host's rows; summed over hosts below
+    out = {"loss": nll / max(tokens, 1.0), "tokens": tokens}
+    if bytes_V is not None:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            nbytes = int(np.sum(multihost_utils.process_allgather(np.int64(nbytes))))
+        out["bits_per_byte"] = bits_per_byte(nll, nbytes)
+    return out
+
+
+def eval_bytes_table(program: Program, data_it, vocab_size: int):
+    """[V] bytes per token id of the data's tokenizer, or None (the eval then has no bits per byte)."""
+    from data_pipeline.text_tokenizer import load_tokenizer
+    from qwen3_jax.evaluate import token_byte_lengths
+
+    try:
+        name = program.train.sample_tokenizer or data_tokenizer(data_it)
+        return token_byte_lengths(load_tokenizer(name), vocab_size)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"eval: no bits per byte ({e})", flush=True)
+        return None
