@@ -158,8 +158,10 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
     except Exception as e:  # noqa: BLE001  XLA refuses programs that exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        need = re.search(r"\(([\d.]+)G\) exceeds available HBM", str(e))
-        return {**head, "flops_per_chip": None, "bytes_per_chip_peak": float(need.group(1)) * GIB if need else None,
+        need = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM", str(e))
+        scale = {"K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 * GIB}
+        return {**head, "flops_per_chip": None,
+                "bytes_per_chip_peak": float(need.group(1)) * scale[need.group(2)] if need else None,
                 "peak_source": "XLA:TPU's RESOURCE_EXHAUSTED message (HLO temporaries, GiB)", "fits": False,
                 "error": str(e).splitlines()[0][:500]}
     text = compiled.as_text()
