@@ -48,7 +48,8 @@ def _loss_and_grads(preset: str, policies, scan: bool = True):
 
 
 @pytest.mark.parametrize("preset,policies", [
-    ("tiny-dense", REMAT_POLICIES),
+    pytest.param("tiny-dense", REMAT_POLICIES, marks=pytest.mark.slow),  # one program, 12 policies
+    ("tiny-dense", ("none", "save_attn_mlp", "offload_attn_mlp", "save_qkv_proj")),
     ("tiny-moe", ("none", "full", "save_attn_out", "offload_attn")),  # MoE layers name nothing inside
 ])
 def test_every_policy_matches_no_remat(preset, policies):
