@@ -228,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "train-spm":
         t0 = time.time()
-        path = train_sentencepiece(a.out, a.vocab_size, a.corpus, a.max_chars)
+        try:
+            path = train_sentencepiece(a.out, a.vocab_size, a.corpus, a.max_chars)
+        except RuntimeError as e:  # sentencepiece's own checks, e.g. a vocabulary below the alphabet's size
+            p.error(f"train-spm --vocab_size {a.vocab_size}: {str(e).strip().splitlines()[0]}")
         print(f"{path} (vocab {load_tokenizer(path).vocab_size}) in {time.time() - t0:.1f}s")
     else:
         print(load_tokenizer(a.tokenizer).encode(a.text))
