@@ -53,9 +53,9 @@ def test_peak_flops_table():
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, capsys):
     from qwen3_jax.train import checkpoint as ckpt
-    from qwen3_jax.train.loop import _save
     from qwen3_jax.train.config import OptimConfig
     from qwen3_jax.train.optim import make_optimizer
+    from qwen3_jax.train.run_checkpoints import RunCheckpoints
     from qwen3_jax.train.step import init_state
 
     cfg = get_config("tiny-dense")
@@ -66,17 +66,20 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, capsys):
         def get_state(self):
             return {"fingerprint": "x", "data_shards": 1, "shards": {"0": {"pos": 1}}}
 
-    mgr = ckpt.manager(tmp_path / "checkpoints")
-    assert _save(mgr, 1, state, Data(), cfg, {})
-    mgr.wait_until_finished()
+    ckpts = RunCheckpoints(tmp_path / "checkpoints", keep_last=3, keep_every=None, enable_async=False)
+    ckpts.save(1, state, Data(), cfg, {})
+    ckpts.wait()
+    assert ckpts.failure_message() is None
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    mgr.save = disk_full
-    assert not _save(mgr, 2, state, Data(), cfg, {})
+    ckpts.mgr.save = disk_full
+    ckpts.save(2, state, Data(), cfg, {})  # reported, training would go on
     err = capsys.readouterr().err
-    assert "checkpoint save at step 2 failed" in err and "No space left" in err and "(step 1) is intact" in err
-    mgr.close()
+    assert "checkpoint save at step 2 failed" in err and "No space left" in err and "is step 1" in err
+    msg = ckpts.failure_message()
+    assert "failed at step(s) 2" in msg and "last complete checkpoint is step 1" in msg
+    ckpts.close()
     _, flat, step, _ = ckpt.restore_params_numpy(tmp_path)
     assert step == 1 and np.array_equal(flat["final_norm/scale"], np.asarray(state.params["final_norm"]["scale"]))
