@@ -55,6 +55,51 @@ class _NoOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+def _abandoned_read(exc: BaseException | None, tb, obj=None) -> bool:
+    """True for the echo of a failed orbax restore: when one array read fails, orbax closes its event
+    loop while the other reads are still in flight in TensorStore; as those finish they hit the
+    closed loop ('Event loop is closed') or leave an exception never retrieved. The failure itself
+    has already been reported in one line."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    code = getattr(obj, "cr_code", None)
+    return any("orbax" in f for f in frames) or (code is not None and "orbax" in code.co_filename)
+
+
+class _NoAbandonedReads(logging.Filter):
+    """asyncio's 'exception was never retrieved' for the abandoned reads (orbax is the only asyncio
+    user in a training process; TensorStore's own futures carry no Python traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "asyncio" and "never retrieved" in str(record.msg))
+
+
+def _quiet_abandoned_reads() -> Callable[[], None]:
+    """Drops the asynchronous echoes of a failed restore (they arrive from TensorStore threads as
+    tracebacks, possibly before the failure reaches us, whose reason is printed in one line). Only
+    those; every other report is kept. Returns `undo`, for when the restore succeeded."""
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if not _abandoned_read(u.exc_value, u.exc_traceback, u.object):
+            previous(u)
+
+    log_filter = _NoAbandonedReads()
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(log_filter)
+
+    def undo() -> None:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+        logging.getLogger("asyncio").removeFilter(log_filter)
+
+    return undo
+
+
 def counters(state: TrainState) -> dict:
     """The train_state item: counters, RNG and the MoE balancing state (counts, routing bias)."""
     out = {"step": state.step, "rng": state.rng, "nonfinite_in_a_row": state.nonfinite_in_a_row,
@@ -212,10 +257,13 @@ class RunCheckpoints:
                 else:
                     check(saved_cfg, f"checkpoint {self.root / str(step)}")
             if problem is None:
+                undo_quiet = _quiet_abandoned_reads()
                 try:
                     state = self.restore(step, abstract, window)
                 except Exception as e:  # noqa: BLE001 - truncated/removed array files, corrupt metadata
-                    problem = f"unreadable ({_one_line(e)})"
+                    problem = f"unreadable ({_one_line(e)})"  # its echoes stay quiet for the run
+                else:
+                    undo_quiet()
             if problem is not None:
                 print(f"WARNING: skipping checkpoint step {step} in {self.root}: {problem}", file=sys.stderr,
                       flush=True)
