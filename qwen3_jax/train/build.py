@@ -22,7 +22,7 @@ from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.attention_ops import resolve_impl
 from qwen3_jax.params import param_specs
-from qwen3_jax.train import distill
+from qwen3_jax.train import distill, onpolicy
 from qwen3_jax.train.config import TrainConfig, TrainingError
 from qwen3_jax.train.optim import make_optimizer
 from qwen3_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
@@ -44,6 +44,15 @@ class Program:
     eval_step: Callable  # jitted (params, batch) -> {"nll_sum", "tokens"}
     sharding_fallbacks: list[str]  # parameter dims replicated because the mesh does not divide them
     distill: Any = None  # train.teacher: a qwen3_jax.train.distill.Distiller; the step then takes its params
+    rollout: Callable | None = None  # on-policy: jitted (params, prompts, step, eos_id) -> the step's batch
+    abstract_prompts: dict[str, jax.ShapeDtypeStruct] | None = None  # its [B, P] prompt rows
+
+    def lower_rollout(self) -> jax.stages.Lowered | None:
+        """The on-policy sampling program (qwen3_jax.train.onpolicy), None off-policy."""
+        if self.rollout is None:
+            return None
+        scalar = jax.ShapeDtypeStruct((), jax.numpy.int32)
+        return self.rollout.lower(self.abstract_state.params, self.abstract_prompts, scalar, scalar)
 
     def lower(self) -> jax.stages.Lowered:
         teacher = (self.distill.abstract_params,) if self.distill is not None else ()
@@ -124,6 +133,18 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
                       out_shardings=(state_sh, None), donate_argnums=0)
     eval_fn = jax.jit(_under_rules(make_eval_step(model, tc.loss_chunk), mesh, tc),
                       in_shardings=(state_sh.params, batch_sh))
+    rollout_fn = prompts = None
+    if tc.onpolicy_prompt_len is not None:  # on-policy distillation: the student samples the batch
+        ro = onpolicy.Rollout(tc.onpolicy_prompt_len, tc.seq_len - tc.onpolicy_prompt_len + 1, tc.onpolicy_sampling())
+        if resolve_impl(model.attention_impl, ro.prompt_len, model.compute_dtype, platform) == "splash" \
+                and ro.prompt_len % 128:
+            raise TrainingError(f"train.onpolicy_prompt_len={ro.prompt_len} must be a multiple of 128 for splash "
+                                f"attention (the prompts' prefill)")
+        prompts = {k: jax.ShapeDtypeStruct((tc.batch_size, ro.prompt_len), BATCH_DTYPES[k], sharding=batch_sh)
+                   for k in ("tokens", "segment_ids")}
+        rollout_fn = jax.jit(_under_rules(onpolicy.make_rollout(model, ro, tc.seed), mesh, tc),
+                             in_shardings=(state_sh.params, batch_sh, None, None), out_shardings=batch_sh)
     return Program(model=model, train=tc, mesh=mesh, attention=attention, optimizer=optimizer, schedule=schedule,
                    state_shardings=state_sh, batch_sharding=batch_sh, abstract_state=abstract, abstract_batch=batch,
-                   step=step_fn, eval_step=eval_fn, sharding_fallbacks=fallbacks, distill=distiller)
+                   step=step_fn, eval_step=eval_fn, sharding_fallbacks=fallbacks, distill=distiller,
+                   rollout=rollout_fn, abstract_prompts=prompts)

@@ -137,6 +137,24 @@ class TrainConfig:
     kd_temperature: float = 1.0  # τ
     kd_topk: int | None = None  # None = the full vocabulary
     kd_divergence: str = "forward"  # forward KL(T‖S), reverse KL(S‖T) or jsd
+    # On-policy distillation (qwen3_jax.train.onpolicy): the student samples SEQ_LEN - P + 1 tokens
+    # after P-token prompts (the data, made with SEQ_LEN = P) and the teacher scores them. None = off.
+    onpolicy_prompt_len: int | None = None  # P
+    onpolicy_temperature: float = 1.0  # the student's sampler (0 = greedy)
+    onpolicy_top_k: int = 0  # 0 = off
+    onpolicy_top_p: float = 1.0  # 1 = off
+    onpolicy_stop_at_eos: bool = True  # a completion ends at the data tokenizer's end-of-text id
+
+    def onpolicy_sampling(self):
+        from qwen3_jax.inference.sampling import SamplingConfig
+
+        return SamplingConfig(temperature=self.onpolicy_temperature, top_k=self.onpolicy_top_k,
+                              top_p=self.onpolicy_top_p)
+
+    @property
+    def data_seq_len(self) -> int:
+        """The rows train.make_data is asked for: SEQ_LEN, or the prompt length on-policy."""
+        return self.onpolicy_prompt_len or self.seq_len
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -163,6 +181,18 @@ class TrainConfig:
             raise TrainingError(f"train.spike_factor must be > 1 (or None/0 = off), got {self.spike_factor!r}")
         if not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0:
             raise TrainingError(f"train.max_rollbacks must be a non-negative integer, got {self.max_rollbacks!r}")
+        if self.onpolicy_prompt_len is not None:
+            p = self.onpolicy_prompt_len
+            if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < self.seq_len:
+                raise TrainingError(f"train.onpolicy_prompt_len={p!r} must be an integer in 1..SEQ_LEN-1 "
+                                    f"(SEQ_LEN={self.seq_len}: prompt + completion)")
+            if self.teacher is None:
+                raise TrainingError("train.onpolicy_prompt_len is set but train.teacher is not: on-policy "
+                                    "distillation needs a teacher (TEACHER)")
+            try:
+                self.onpolicy_sampling()
+            except ValueError as e:
+                raise TrainingError(f"train.onpolicy_*: {e}") from None
         if self.batch_size % self.micro_batches:
             raise TrainingError(f"BATCH_SIZE={self.batch_size} is not divisible by train.micro_batches="
                                 f"{self.micro_batches}")

@@ -122,7 +122,7 @@ class _Run:
     def make_data(self, seed_offset: int = 0):
         tc = self.tc
         try:
-            return tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed + seed_offset)
+            return tc.make_data(seq_len=tc.data_seq_len, global_batch_size=tc.batch_size, seed=tc.seed + seed_offset)
         except (ValueError, FileNotFoundError) as e:
             raise TrainingError(f"data: {e}") from None
 
@@ -195,6 +195,15 @@ class _Run:
             self.meta.update(program.distill.meta())
             print(f"teacher {program.distill.source.path} ({program.distill.cfg.name}, "
                   f"{program.distill.cfg.compute_dtype}); {program.distill.kd}", flush=True)
+        self.rollout = None  # on-policy hook: the student samples each step's batch (qwen3_jax.train.onpolicy)
+        if program.rollout is not None:
+            eos = onpolicy_eos_id(tc, data_it)
+            self.rollout = lambda st, prompts, s: program.rollout(
+                st.params, {k: prompts[k] for k in ("tokens", "segment_ids")}, np.int32(s), np.int32(eos))
+            self.meta["onpolicy"] = {"prompt_len": tc.onpolicy_prompt_len, "eos_id": eos,
+                                     "sampling": dataclasses.asdict(tc.onpolicy_sampling())}
+            print(f"on-policy: the student samples {tc.seq_len - tc.onpolicy_prompt_len + 1} tokens after prompts of "
+                  f"up to {tc.onpolicy_prompt_len} tokens ({tc.onpolicy_sampling()}, end-of-text id {eos})", flush=True)
         print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {len(self.devs)} "
               f"{self.devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
               f"steps {start}->{tc.steps}, {self.tokens_per_step:,} tokens/step, {self.fpt / 1e9:.3f} GFLOP/token, "
@@ -236,6 +245,8 @@ class _Run:
             pos = next_pos
             batches += 1
             state = faults.perturb(state, step + 1)
+            if self.rollout is not None:
+                batch = self.rollout(state, batch, step + 1)
             state, metrics = step_fn(state, batch, *self.teacher_args)
             step += 1
             verdict = self._report(*pending) if pending is not None else None
@@ -331,6 +342,19 @@ class _Run:
               f"{consumed - found[0]} batches read since step {found[0]} are not repeated)",
               file=sys.stderr, flush=True)
         return found
+
+
+def onpolicy_eos_id(tc: TrainConfig, data_it) -> int:
+    """The id that ends a sampled completion: the data tokenizer's end-of-text (-1: none)."""
+    if not tc.onpolicy_stop_at_eos:
+        return -1
+    from data_pipeline.text_tokenizer import load_tokenizer
+
+    try:
+        return int(load_tokenizer(tc.sample_tokenizer or data_tokenizer(data_it)).eos_id)
+    except (ValueError, OSError, KeyError) as e:
+        raise TrainingError(f"train.onpolicy_stop_at_eos: no end-of-text id ({e}); set train.sample_tokenizer "
+                            f"or train.onpolicy_stop_at_eos=False") from None
 
 
 def _global_batch(batch, program: Program) -> dict:
