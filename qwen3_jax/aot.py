@@ -185,7 +185,7 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
     flops = counted.get("total", 0.0)
     collectives = collective_summary(text, ragged_rows)
     host = int(getattr(mem, "host_temp_size_in_bytes", 0) or 0) * per_chip
-    return {
+    report = {
         **head,
         "flops_per_chip": flops * per_chip, "model_flops_per_chip": model_flops * per_chip,
         "flops_ratio_compiled_to_model": flops / model_flops if model_flops else None,
@@ -205,6 +205,25 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
         "collectives": collectives, **step_time_fields(head, cfg, text, per_chip, flops, model_flops, collectives,
                                                        ragged_rows),
     }
+    if program.rollout is not None:  # on-policy distillation: the sampling program runs before each step
+        report["rollout"] = rollout_report(program, hbm, per_chip)
+        report["fits"] = report["fits"] and report["rollout"]["fits"]
+    return report
+
+
+def rollout_report(program, hbm_per_device: int, per_chip: int) -> dict:
+    """Memory and FLOPs of the on-policy rollout (qwen3_jax.train.onpolicy) compiled for the same
+    devices: the student's parameters, the prompts and the KV cache of prompt + completion."""
+    compiled = program.lower_rollout().compile()
+    mem = compiled.memory_analysis()
+    live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    if not peak or program.mesh.devices.flat[0].platform == "cpu":
+        peak = live_io + mem.temp_size_in_bytes
+    tc = program.train
+    return {"prompt_len": tc.onpolicy_prompt_len, "completion_len": tc.seq_len - tc.onpolicy_prompt_len + 1,
+            "bytes_per_chip_peak": peak * per_chip, "bytes_per_chip_temp": mem.temp_size_in_bytes * per_chip,
+            "fits": peak <= hbm_per_device}
 
 
 def step_time_fields(report_head: dict, cfg, hlo_text: str, per_chip: int, flops: float, model_flops: float,
@@ -276,6 +295,11 @@ def format_report(r: dict) -> str:
                if "flops_ratio_attention" in r else []),
              "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in
                                                  r.get("flops_breakdown_per_chip", {}).items() if k != "total")]
+    if r.get("rollout"):
+        ro = r["rollout"]
+        lines.append(f"  on-policy rollout ({ro['prompt_len']} prompt + {ro['completion_len']} sampled tokens): peak "
+                     f"{g(ro['bytes_per_chip_peak'])} -> {'FITS' if ro['fits'] else 'DOES NOT FIT'} (a separate program: "
+                     f"the step's peak does not add to it)")
     if r.get("step_time"):
         lines.append("  " + step_time.summary_line(r["step_time"]))
     for note in r["sharding_fallbacks"]:

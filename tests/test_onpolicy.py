@@ -97,6 +97,11 @@ def test_onpolicy_program_samples_then_runs_the_distillation_step(tmp_path):
     assert mask.sum() == 3 * (24 - 8 + 1)  # three rows with a prompt, every sampled token scored
     _, m = prog.step(state, a, teacher)
     assert float(m["tokens"]) == mask.sum() and float(m["kd_loss"]) > 0 and np.isfinite(float(m["loss"]))
+    from qwen3_jax import aot  # the AOT tool's report covers the rollout program too
+
+    report = aot.compile_report(prog, aot.parse_topology("cpu", 1))
+    assert report["rollout"]["prompt_len"] == 8 and report["rollout"]["completion_len"] == 17
+    assert report["rollout"]["fits"] and report["rollout"]["bytes_per_chip_peak"] > 0
     with pytest.raises(TrainingError, match="train.onpolicy_prompt_len=24 must be an integer in 1..SEQ_LEN-1"):
         build(STUDENT, tc.replace(onpolicy_prompt_len=24), jax.devices()[:1])
     with pytest.raises(TrainingError, match="needs a teacher"):
