@@ -3,6 +3,7 @@
   python benchmarks/bench_aot.py                 # compile every case (minutes each, CPU + libtpu)
   python benchmarks/bench_aot.py --only 30b,8b   # a subset
   python benchmarks/bench_aot.py --from_json     # just print the saved reports (benchmarks/aot_reports/)
+  python benchmarks/bench_aot.py --distill       # the teacher+student (distillation) cases only
 
 Columns: mesh, batch, remat policy (the slice file's; `--search DIR` runs `--remat auto`), per-chip
 peak memory vs HBM, FLOPs per chip counted from the compiled HLO vs the model's own count
@@ -12,6 +13,15 @@ per chip per step by collective kind (ragged all-to-all: the rows really sent, n
 buffer; "AR 47 (as AG 32, RS 12)": all-reduces that libtpu uses for FSDP's all-gathers and
 gradient reduce-scatters, see qwen3_jax.hlo_stats.collective_summary). Each compile runs
 `launch/aot_compile.py` in a subprocess and saves its JSON report.
+
+Distillation cases (DISTILL): the step of `launch/train.py --gin distill_offpolicy.gin --gin
+model/<student>.gin --gin slices/distill-*.gin --gin_param TEACHER=DIR`, the frozen teacher's
+forward inside it. The teacher is compiled from its config alone: DIR = runs/teachers/<preset>/,
+a Hugging Face config.json written from our preset by qwen3_jax.hf.to_hf_config (no weights;
+made here when missing, not committed). The model FLOPs of the table are the student's 6·N·tokens
+(+ attention); the report's `distill` entry adds the teacher's forward (2·N_teacher·tokens +
+attention, and its output head once more: the KD loss's checkpointed chunks remake the teacher's
+logits in the backward pass), the teacher's share of the two, and the compiled FLOPs against both.
 """
 
 from __future__ import annotations
@@ -46,8 +56,59 @@ CASES = {
 CASES["llama70_check"] = [*_gins("stage1.gin", str(ROOT / "benchmarks" / "maxtext_llama2_70b_v5p_128.gin")),
                           "--topology", "v5p-128"]
 PUBLISHED_MFU = {"llama70_check": 0.65}
+TEACHERS = Path("runs") / "teachers"  # relative to ROOT (aot_compile.py runs there): the reports name it so
+# distillation cases: name -> (teacher preset, training gin files, topology)
+DISTILL = {
+    "distill_32b_8b": ("qwen3-32b", ("distill_offpolicy.gin", "model/qwen3-8b.gin",
+                                     "slices/distill-qwen3-32b-to-8b-v5p-128.gin"), "v5p-128"),
+}
+for _name, (_teacher, _files, _topo) in DISTILL.items():
+    CASES[_name] = [*_gins(*_files), "--gin_param", f"TEACHER='{TEACHERS / _teacher}'", "--topology", _topo]
 SHORT = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS", "all-to-all": "A2A",
          "ragged-all-to-all": "rA2A", "collective-permute": "CP"}
+
+
+def teacher_dir(preset: str, root: Path = ROOT / TEACHERS) -> Path:
+    """A teacher folder for compiling without weights: config.json of the preset, written by our
+    converter (qwen3_jax.hf.to_hf_config, as save_hf writes it; `_name_or_path` keeps the preset's
+    name), which `qwen3_jax.train.distill.find_teacher` reads like a downloaded Hugging Face folder."""
+    from qwen3_jax import hf
+    from qwen3_jax.config import get_config
+
+    path = Path(root) / preset
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        d = {**hf.to_hf_config(get_config(preset)), "_name_or_path": preset}
+        (path / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True))
+    return path
+
+
+def distill_fields(report: dict, teacher) -> dict:
+    """The teacher's part of a distillation step's FLOPs and memory (not in the student's model
+    count); `teacher`: a preset name or a ModelConfig."""
+    from qwen3_jax.config import get_config
+    from qwen3_jax.params import count_params
+    from qwen3_jax.train.metrics import flops_per_token
+
+    t = get_config(teacher) if isinstance(teacher, str) else teacher
+    seq, tokens = report["seq_len"], report["tokens_per_step"]
+    head = 2 * t.d_model * t.vocab_size  # the KD chunks' checkpoint remakes the teacher's logits once more
+    per_token = flops_per_token(t, seq, training=False) + head
+    teacher_flops = per_token * tokens / report["devices"]
+    student_flops = report["model_flops_per_chip"]
+    params = count_params(t)
+    out = {"teacher": t.name, "teacher_params": params["total_params"],
+           "teacher_active_params": params["active_params"],
+           "teacher_param_bytes_per_chip": 2 * params["total_params"] / report["devices"],  # bf16, sharded like the student
+           "teacher_flops_per_token": per_token, "teacher_flops_per_chip": teacher_flops,
+           "student_model_flops_per_chip": student_flops,
+           "teacher_share_of_model_flops": teacher_flops / (teacher_flops + student_flops),
+           "teacher_to_student_flops": teacher_flops / student_flops,
+           "note": "teacher FLOPs: forward (2 per multiply-add, attention included) + its output head again "
+                   "(the KD loss's checkpointed chunks); model_flops_per_chip is the student's 6·N·tokens alone"}
+    if report.get("flops_per_chip"):
+        out["flops_ratio_compiled_to_student_plus_teacher"] = report["flops_per_chip"] / (teacher_flops + student_flops)
+    return out
 
 
 def compile_case(name: str, search: str | None = None) -> dict:
@@ -57,12 +118,21 @@ def compile_case(name: str, search: str | None = None) -> dict:
     out = REPORTS / f"{name}.json"
     env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env.pop("XLA_FLAGS", None)
-    extra = ["--remat", "auto", "--remat_cache", search] if search else []
+    extra = ["--remat", "auto", "--remat_cache", str(Path(search).absolute())] if search else []
+    if name in DISTILL:
+        teacher_dir(DISTILL[name][0])
+    fresh = out.with_suffix(".new.json")  # a failed compile leaves the saved report as it was
+    fresh.unlink(missing_ok=True)
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "aot_compile.py"), *CASES[name], *extra,
-                        "--report", str(out)], env=env, capture_output=True, text=True)
-    if not out.exists():
+                        "--report", str(fresh)], env=env, capture_output=True, text=True, cwd=ROOT)
+    if not fresh.exists():
         raise RuntimeError(f"{name}: aot_compile failed\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return json.loads(out.read_text())
+    report = json.loads(fresh.read_text())
+    if name in DISTILL:
+        report["distill"] = distill_fields(report, DISTILL[name][0])
+    out.write_text(json.dumps(report, indent=2))
+    fresh.unlink()
+    return report
 
 
 def row(name: str, r: dict) -> str:
@@ -70,7 +140,7 @@ def row(name: str, r: dict) -> str:
     peak = r.get("bytes_per_chip_peak") or 0
     mem = f"{peak / GIB:6.1f}/{r['hbm_bytes_per_chip'] / GIB:.0f} GiB {'ok ' if r['fits'] else 'OOM'}"
     if r.get("flops_per_chip") is None:
-        return f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} {mem}"
+        return f"{name:<14} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} {mem}"
     fl = f"{r['flops_per_chip']:.2e} {r['model_flops_per_chip']:.2e} {r['flops_ratio_compiled_to_model']:5.2f}"
     t = r.get("step_time") or {}
     est = (f"{t['estimate_s']:6.2f} s {t['predicted_mfu']:4.0%}" if t.get("estimate_s") else f"{'-':>13}")
@@ -84,8 +154,12 @@ def row(name: str, r: dict) -> str:
         return text + (f" (as {', '.join(roles)})" if roles else "")
 
     coll = " ".join(one(k, v) for k, v in r["collectives"].items())
-    return (f"{name:<10} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
-            f"{r['remat']:<15} {mem}  {fl}  {est}  {coll}")
+    d = r.get("distill")
+    teacher = (f"\n{'':<14} + teacher {d['teacher']}: forward {d['teacher_flops_per_chip']:.2e} FLOPs/chip = "
+               f"{d['teacher_share_of_model_flops']:.0%} of student+teacher; compiled / (student+teacher) "
+               f"{d['flops_ratio_compiled_to_student_plus_teacher']:.2f}" if d else "")
+    return (f"{name:<14} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
+            f"{r['remat']:<15} {mem}  {fl}  {est}  {coll}{teacher}")
 
 
 def main(argv=None) -> int:
@@ -94,15 +168,16 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated case names: " + ",".join(CASES))
     p.add_argument("--search", default=None, metavar="CACHE_DIR",
                    help="compile with --remat auto (candidates' reports kept in CACHE_DIR) instead of the slice's remat")
+    p.add_argument("--distill", action="store_true", help="only the distillation cases: " + ",".join(DISTILL))
     args = p.parse_args(argv)
-    names = args.only.split(",") if args.only else list(CASES)
-    print(f"{'case':<10} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12} {'remat':<15} peak/HBM per chip"
+    names = args.only.split(",") if args.only else list(DISTILL) if args.distill else list(CASES)
+    print(f"{'case':<14} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12} {'remat':<15} peak/HBM per chip"
           f"     FLOPs/chip: HLO     model  ratio  step (est.) MFU  collectives GiB/chip/step")
     for name in names:
         path = REPORTS / f"{name}.json"
         if args.from_json:
             if not path.exists():
-                print(f"{name:<10} (no saved report)")
+                print(f"{name:<14} (no saved report)")
                 continue
             r = json.loads(path.read_text())
         else:
