@@ -25,6 +25,9 @@ def format_stats(path: str) -> str:
              f"mean {st['mean_length']:.0f} tokens/doc, {len(st['shards'])} shards ({st['dtype']}), "
              f"tokenizer {st['tokenizer']}",
              "  skipped: " + ", ".join(f"{k} {v:,}" for k, v in st["skipped"].items()),
+             *([f"  loss on the responses only: {st['response_tokens']:,} response tokens "
+                f"({st['response_tokens'] / max(st['tokens'], 1):.1%}), {st['prompt_tokens']:,} prompt tokens"]
+               if st.get("loss_on") == "response" else []),
              "  length (tokens)      docs     tokens  share"]
     for lo, d, t in zip(h["bucket_lower"], h["documents"], h["tokens"]):
         if d:

@@ -12,7 +12,15 @@ Per dataset (one `DatasetSpec`: a folder written by prepare.py, optionally a doc
                                                             (longer documents are split, never dropped)
 Then datasets are mixed by weight *as packed rows*, so a weight is a fraction of the token budget
 (grain IterDataset.mix: a deterministic interleave, exact proportions), batched to the shard's
-rows, and turned into the training batch (targets, loss mask) in numpy.
+rows, and turned into the training batch (targets, loss mask) in numpy. The transforms live in
+`data_pipeline.transforms`.
+
+Response datasets (stats.json "loss_on": "response", written by launch/make_responses.py, with
+each document's prompt length in shard-….prompt_lengths.npy): when a run reads one, every
+document carries a per-token response flag through the packers (all ones for plain datasets) and
+the loss mask scores position t only when its target, token t+1, is a response token. The batch
+keys and dtypes stay the same; runs without a response dataset are unchanged (same features,
+grain state and fingerprint).
 
 Data shards: the global batch is `data_shards` independent pipelines (default: one per process),
 each giving global_batch_size / data_shards rows; a process runs the shards it owns
@@ -35,13 +43,11 @@ import grain
 import numpy as np
 
 from data_pipeline.shards import ShardSource
+from data_pipeline.transforms import BATCH_DTYPES, BATCH_KEYS  # noqa: F401  (re-exported: their home is transforms)
+from data_pipeline.transforms import Finish, Parse, Row, SplitLong, fix_json_state
 
 PACKERS = ("concat_split", "first_fit", "best_fit")
 SPLIT_POSITIONS = ("restart", "continue")
-# The arrays of a training batch, all [B, T], and their dtypes.
-BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-                "loss_mask": np.float32}
-BATCH_KEYS = tuple(BATCH_DTYPES)
 
 
 # --- what to read --------------------------------------------------------------------------
@@ -136,6 +142,14 @@ def doc_lengths(path: str) -> np.ndarray:
                            for s in st["shards"]]).astype(np.int64)
 
 
+def _loss_on(path: str) -> str | None:
+    """None (every token is a target) or "response" (a response dataset: only its response tokens)."""
+    v = load_stats(path).get("loss_on")
+    if v not in (None, "response"):
+        raise ValueError(f"{os.path.join(path, 'stats.json')}: loss_on={v!r} is not 'response' (or absent)")
+    return v
+
+
 def _count_in_range(path: str, rng) -> int:
     n = doc_lengths(path)
     return int(((n > rng[0]) & (n <= rng[1])).sum())
@@ -156,86 +170,6 @@ class _Subset:
 
     def __getitems__(self, ii):
         return self._source.__getitems__([int(self._indices[i]) for i in ii])
-
-
-class _Parse(grain.transforms.MapWithIndex):
-    def __init__(self, dtype: str, n: int, index_map: np.ndarray | None, continue_pos: bool, with_ids: bool,
-                 dataset_id: int):
-        self._dtype, self._n, self._index_map = np.dtype(dtype), n, index_map
-        self._continue_pos, self._with_ids, self._id = continue_pos, with_ids, dataset_id
-
-    def map_with_index(self, index: int, record: bytes):
-        t = np.frombuffer(record, self._dtype).astype(np.int32)
-        out = {"tokens": t}
-        if self._continue_pos:
-            out["pos"] = np.arange(len(t), dtype=np.int32)
-        if self._with_ids:
-            index %= self._n  # later epochs see indices past the end
-            doc = index if self._index_map is None else int(self._index_map[index])
-            out["doc"] = np.full(len(t), doc, np.int32)
-            out["src"] = np.full(len(t), self._id, np.int32)
-        return out
-
-
-class _SplitLong(grain.experimental.FlatMapTransform):
-    """Documents longer than seq_len → consecutive seq_len pieces (for the fit packers)."""
-    max_fan_out = 1 << 20
-
-    def __init__(self, seq_len: int):
-        self._n = seq_len
-
-    def flat_map(self, el):
-        L = len(el["tokens"])
-        if L <= self._n:
-            return [el]
-        return [{k: v[s:s + self._n] for k, v in el.items()} for s in range(0, L, self._n)]
-
-
-class _Row(grain.transforms.Map):
-    def __init__(self, continue_pos: bool, with_ids: bool):
-        self._continue_pos, self._with_ids = continue_pos, with_ids
-
-    def map(self, r):
-        out = {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
-               "positions": r["pos"] if self._continue_pos else r["tokens_positions"]}
-        if self._with_ids:
-            out["doc"], out["src"] = r["doc"], r["src"]
-        return out
-
-
-class _Finish(grain.transforms.Map):
-    """Stacked rows → the training batch: pads a short last batch, adds targets and loss mask."""
-
-    def __init__(self, batch_size: int):
-        self._b = batch_size
-
-    def map(self, rows):
-        b = rows["tokens"].shape[0]
-        if b < self._b:  # finite epochs: the last batch is filled with padding rows
-            rows = {k: np.concatenate([v, np.zeros((self._b - b,) + v.shape[1:], v.dtype)])
-                    for k, v in rows.items()}
-        tok, seg = rows["tokens"].astype(np.int32), rows["segment_ids"].astype(np.int32)
-        pos = np.where(seg > 0, rows["positions"], 0).astype(np.int32)
-        targets = np.zeros_like(tok)
-        targets[:, :-1] = tok[:, 1:]
-        valid = np.zeros(tok.shape, bool)
-        valid[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-        out = {"tokens": np.where(seg > 0, tok, 0), "targets": np.where(valid, targets, 0),
-               "segment_ids": seg, "positions": pos, "loss_mask": valid.astype(BATCH_DTYPES["loss_mask"])}
-        if "doc" in rows:
-            out["doc_ids"] = np.where(seg > 0, rows["doc"], -1).astype(np.int32)
-            out["dataset_ids"] = np.where(seg > 0, rows["src"], -1).astype(np.int32)
-        return out
-
-
-def _fix_json_state(state):
-    """grain's concat-then-split state holds (start, stop) tuples; JSON turns them into lists."""
-    if isinstance(state, dict):
-        return {k: ({f: tuple(v) for f, v in s.items()} if k == "remainder_slices" else _fix_json_state(s))
-                for k, s in state.items()}
-    if isinstance(state, list):
-        return [_fix_json_state(s) for s in state]
-    return state
 
 
 class DataIterator(grain.DatasetIterator):
@@ -280,7 +214,7 @@ class DataIterator(grain.DatasetIterator):
         missing = [s for s in self.shard_ids if str(s) not in shards]
         if missing:
             raise ValueError(f"data state has no position for data shard(s) {missing} of {self.data_shards}")
-        self._parent.set_state({str(s): _fix_json_state(shards[str(s)]) for s in self.shard_ids})
+        self._parent.set_state({str(s): fix_json_state(shards[str(s)]) for s in self.shard_ids})
 
 
 class _ConcatShards(grain.IterDataset):
@@ -348,11 +282,11 @@ def _selected(spec: DatasetSpec) -> np.ndarray | None:
 
 
 def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs, shard, data_shards,
-               split_positions, read_threads, with_ids, **unused):
+               split_positions, read_threads, with_ids, loss_on=None, **unused):
     """One data shard's documents of one dataset, shuffled per epoch → (IterDataset, mean length)."""
     st = load_stats(spec.path)
     source = ShardSource(spec.path, st)  # checks the shards against stats.json; read errors name the file
-    lengths, index_map = source.lengths, None
+    lengths, index_map, source_prompt_lengths = source.lengths, None, source.prompt_lengths
     keep = _selected(spec)
     if keep is not None:
         index_map = np.nonzero(keep)[0]
@@ -362,7 +296,8 @@ def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs,
     continue_pos = split_positions == "continue"
     mean_len = float(np.mean(lengths[index_map] if index_map is not None else lengths))
     ds = grain.MapDataset.source(source).map_with_index(
-        _Parse(st["dtype"], len(source), index_map, continue_pos, with_ids, dataset_id))
+        Parse(st["dtype"], len(source), index_map, continue_pos, with_ids, dataset_id,
+              prompt_lengths=source_prompt_lengths, masked=loss_on == "response"))
     if shuffle:
         ds = ds.shuffle(seed=_seed_for(seed, spec.key))
     ds = ds[shard::data_shards]
@@ -372,20 +307,20 @@ def _documents(spec: DatasetSpec, dataset_id: int, *, seed, shuffle, num_epochs,
 
 
 def _pack(it, *, seq_len, seed, shuffle, packing, split_positions, num_packing_bins, with_ids, key, shard,
-          **unused):
+          loss_on=None, **unused):
     """Documents → rows of seq_len tokens with segment ids and positions (grain packers)."""
-    continue_pos = split_positions == "continue"
-    feats = ["tokens"] + ["pos"] * continue_pos + ["doc", "src"] * with_ids
+    continue_pos, masked = split_positions == "continue", loss_on == "response"
+    feats = ["tokens"] + ["pos"] * continue_pos + ["doc", "src"] * with_ids + ["resp"] * masked
     lengths = {f: seq_len for f in feats}
     if packing == "concat_split":
         packed = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
     else:
-        it = grain.experimental.FlatMapIterDataset(it, _SplitLong(seq_len))
+        it = grain.experimental.FlatMapIterDataset(it, SplitLong(seq_len))
         cls = (grain.experimental.FirstFitPackIterDataset if packing == "first_fit"
                else grain.experimental.BestFitPackIterDataset)
         packed = cls(it, length_struct=lengths, num_packing_bins=num_packing_bins,
                      seed=_seed_for(seed + 1, f"{key}#{shard}"), shuffle_bins=shuffle)
-    return packed.map(_Row(continue_pos, with_ids))
+    return packed.map(Row(continue_pos, with_ids, masked))
 
 
 def make_dataset(data, *, seq_len: int, global_batch_size: int,
@@ -410,6 +345,8 @@ def make_dataset(data, *, seq_len: int, global_batch_size: int,
     worker_count: grain mp_prefetch processes per shard (0 = none; on 2 cores none is fastest).
     with_ids: also emit doc_ids [B,T] (document index in its dataset, -1 = padding) and
       dataset_ids [B,T] (index into the iterator's .specs, -1 = padding) for tests and inspection.
+      A response dataset among `data` (stats.json "loss_on": "response") scores only the targets
+      that are response tokens (see the module doc).
     mix: how weights act. "rows": each dataset is packed alone and packed rows are interleaved in
       proportion (exact token shares when rows are full: the default with concat_split);
       "documents": documents are interleaved with probability ∝ weight / mean length, then packed
@@ -439,6 +376,8 @@ def make_dataset(data, *, seq_len: int, global_batch_size: int,
     kw = dict(seq_len=seq_len, seed=seed, shuffle=shuffle, num_epochs=num_epochs, data_shards=shards,
               packing=packing, split_positions=split_positions, num_packing_bins=num_packing_bins or 4 * rows,
               read_threads=read_threads, with_ids=with_ids)
+    if any(_loss_on(s.path) == "response" for s in specs):  # only then: plain runs keep their fingerprint
+        kw["loss_on"] = "response"
     mix = ("rows" if packing == "concat_split" else "documents") if mix == "auto" else mix
     owned = range(process_index * shards // process_count, (process_index + 1) * shards // process_count)
     ds = _ConcatShards([_shard(specs, mix, rows, worker_count, shard=s, **kw) for s in owned], owned)
@@ -463,7 +402,7 @@ def _shard(specs: list[DatasetSpec], mix: str, rows: int, worker_count: int, **k
     else:  # weight / mean document length = share of documents → expected share of tokens
         ds = _pack(grain.IterDataset.mix({k: d for k, (d, _) in docs.items()},
                                          {s.key: s.weight / docs[s.key][1] for s in specs}), key="+".join(keys), **kw)
-    ds = ds.batch(rows, drop_remainder=False).map(_Finish(rows))
+    ds = ds.batch(rows, drop_remainder=False).map(Finish(rows))
     if worker_count:
         from absl import flags
         if not flags.FLAGS.is_parsed():

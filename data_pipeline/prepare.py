@@ -58,7 +58,7 @@ def shard_name(s: int, n: int) -> str:
     return f"shard-{s:05d}-of-{n:05d}"
 
 
-def _read_json(path: str):
+def read_json(path: str):
     """The contents of a JSON file this module wrote, None when it is not valid JSON."""
     try:
         with open(path) as f:
@@ -67,7 +67,7 @@ def _read_json(path: str):
         return None
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -178,17 +178,29 @@ def _records(plan: dict, start: int) -> Iterator[tuple[int, corpus.Raw]]:
             return
 
 
-class _ShardWriter:
+class ShardWriter:
+    """Shard `s` of `plan` in `out` under temporary names, renamed by close(), which writes the .json
+    last. A response dataset (plan "loss_on": "response", launch/make_responses.py) also keeps each
+    record's prompt length (add(..., prompt_length=P)) in .prompt_lengths.npy (int32), and its
+    `counts` in the shard's stats."""
+
     def __init__(self, out: str, s: int, plan: dict):
         from array_record.python.array_record_module import ArrayRecordWriter
+        self.shard = s
         self.final = os.path.join(out, shard_name(s, plan["shards"]))
         self.tmp = f"{self.final}.tmp{os.getpid()}"
         self.writer = ArrayRecordWriter(f"{self.tmp}.array_record", "group_size:1")
         self.lengths: list[int] = []
+        self.prompt_lengths: list[int] | None = [] if plan.get("loss_on") == "response" else None
         self.skipped = collections.Counter()
+        self.counts = collections.Counter()
         self.bytes = 0
 
-    def add(self, tokens: np.ndarray, nbytes: int) -> None:
+    def add(self, tokens: np.ndarray, nbytes: int, prompt_length: int | None = None) -> None:
+        if self.prompt_lengths is not None:
+            if not 0 <= prompt_length <= len(tokens):
+                raise ValueError(f"{self.final}: prompt length {prompt_length} of a {len(tokens)}-token record")
+            self.prompt_lengths.append(int(prompt_length))
         self.writer.write(tokens.tobytes())
         self.lengths.append(len(tokens))
         self.bytes += nbytes
@@ -202,24 +214,31 @@ class _ShardWriter:
                  "skipped": dict(sorted(self.skipped.items())),
                  "hist_documents": np.bincount(k, minlength=HIST_BUCKETS).tolist(),
                  "hist_tokens": np.bincount(k, weights=lengths, minlength=HIST_BUCKETS).astype(int).tolist()}
-        os.replace(f"{self.tmp}.array_record", f"{self.final}.array_record")
-        os.replace(f"{self.tmp}.lengths.npy", f"{self.final}.lengths.npy")
-        _write_json(f"{self.final}.json", stats)  # the completion marker
+        renames = [".array_record", ".lengths.npy"]
+        if self.prompt_lengths is not None:
+            np.save(f"{self.tmp}.prompt_lengths.npy", np.asarray(self.prompt_lengths, np.int32))
+            renames.append(".prompt_lengths.npy")
+            stats.update(prompt_tokens=sum(self.prompt_lengths), counts=dict(sorted(self.counts.items())))
+        for ext in renames:
+            os.replace(f"{self.tmp}{ext}", f"{self.final}{ext}")
+        write_json(f"{self.final}.json", stats)  # the completion marker
         return stats
 
 
-def _aggregate(out: str, plan: dict, seconds: float) -> dict:
+def aggregate_stats(out: str, plan: dict, seconds: float, reasons: Sequence[str] = corpus.SKIP_REASONS) -> dict:
+    """stats.json from the shards' .json files; `reasons`: the skip reasons always listed (0 or more)."""
     parts = [json.load(open(os.path.join(out, shard_name(s, plan["shards"]) + ".json")))
              for s in range(plan["shards"])]
-    skipped = collections.Counter()
+    skipped, counts = collections.Counter(), collections.Counter()
     for p in parts:
         skipped.update(p["skipped"])
+        counts.update(p.get("counts", {}))
     hd = np.sum([p["hist_documents"] for p in parts], axis=0)
     ht = np.sum([p["hist_tokens"] for p in parts], axis=0)
     docs, toks = sum(p["documents"] for p in parts), sum(p["tokens"] for p in parts)
-    return {
+    stats = {
         "documents": docs, "tokens": toks, "bytes": sum(p["bytes"] for p in parts),
-        "skipped": {r: skipped.get(r, 0) for r in corpus.SKIP_REASONS},
+        "skipped": {r: skipped.get(r, 0) for r in (*reasons, *sorted(set(skipped) - set(reasons)))},
         "mean_length": toks / max(docs, 1),
         "length_histogram": {"bucket_lower": [1 << k for k in range(HIST_BUCKETS)],
                              "documents": hd.tolist(), "tokens": ht.tolist()},
@@ -229,6 +248,44 @@ def _aggregate(out: str, plan: dict, seconds: float) -> dict:
         "tokenizer": plan["tokenizer"], "inputs": plan["inputs"], "skipped_files": plan.get("skipped_files", {}),
         "last_run_seconds": round(seconds, 2),
     }
+    if plan.get("loss_on") == "response":
+        prompt = sum(p["prompt_tokens"] for p in parts)
+        stats.update(loss_on="response", prompt_tokens=prompt, response_tokens=toks - prompt,
+                     counts=dict(sorted(counts.items())))
+    return stats
+
+
+def shard_bounds(plan: dict) -> list[int]:
+    """Shard s holds records [bounds[s], bounds[s + 1])."""
+    return [s * plan["records"] // plan["shards"] for s in range(plan["shards"] + 1)]
+
+
+def pending_shards(out: str, plan: dict) -> list[int]:
+    """The shards without their .json (the completion marker)."""
+    n = plan["shards"]
+    return [s for s in range(n) if not os.path.exists(os.path.join(out, shard_name(s, n) + ".json"))]
+
+
+def open_output(out: str, plan: dict) -> dict | None:
+    """Starts or resumes writing `plan`'s dataset in `out`: writes plan.json, or checks the one
+    there (PrepareError naming the keys that differ). Returns the stats of a dataset already
+    complete (nothing to do); otherwise removes a killed run's temporary files and returns None."""
+    os.makedirs(out, exist_ok=True)
+    plan_path, stats_path = os.path.join(out, "plan.json"), os.path.join(out, "stats.json")
+    if os.path.exists(plan_path):
+        old = read_json(plan_path)
+        if old is None:
+            raise PrepareError(f"{plan_path}: not valid JSON; delete {out} (or use another --out) and re-run")
+        if diff := sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k)):
+            raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
+        if os.path.exists(stats_path) and not pending_shards(out, old) and (st := read_json(stats_path)):
+            return st  # complete; a shard whose .json was deleted is redone, an unreadable stats.json rewritten
+    else:
+        write_json(plan_path, plan)
+    for f in os.listdir(out):  # leftovers of a killed run
+        if ".tmp" in f:
+            os.remove(os.path.join(out, f))
+    return None
 
 
 def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = "text", shards: int = 8,
@@ -243,28 +300,12 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     tok = load_tokenizer(tokenizer)
     plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit, skip_bad_files)
     created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
     plan_path = os.path.join(out, "plan.json")
-    complete = lambda: all(os.path.exists(os.path.join(out, shard_name(s, shards) + ".json"))  # noqa: E731
-                           for s in range(shards))
-    if os.path.exists(plan_path):
-        old = _read_json(plan_path)
-        if old is None:
-            raise PrepareError(f"{plan_path}: not valid JSON; delete {out} (or use another --out) and re-run")
-        if old != plan:
-            diff = sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k))
-            raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
-        if os.path.exists(stats_path) and complete() and (st := _read_json(stats_path)):
-            return st  # complete; a shard whose .json was deleted is redone, an unreadable stats.json rewritten
-    else:
-        _write_json(plan_path, plan)
-    for f in os.listdir(out):  # leftovers of a killed run
-        if ".tmp" in f:
-            os.remove(os.path.join(out, f))
+    if (st := open_output(out, plan)) is not None:
+        return st
 
     n, total = plan["shards"], plan["records"]
-    bounds = [s * total // n for s in range(n + 1)]
-    todo = [s for s in range(n) if not os.path.exists(os.path.join(out, shard_name(s, n) + ".json"))]
+    bounds, todo = shard_bounds(plan), pending_shards(out, plan)
     shard_of = lambda i: int(np.searchsorted(bounds, i, side="right")) - 1  # noqa: E731
     workers = (os.cpu_count() or 1) if workers is None else workers
     init = (tokenizer, text_key, allow_special, plan["dtype"], workers == 0, os.getpid())
@@ -292,14 +333,14 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
 
     if workers == 0:
         _init_worker(*init, tok=tok)  # the tokenizer loaded for the plan
-        pool, submit = None, (lambda b: _DoneFuture(_work(b)))
+        pool, submit = None, (lambda b: _done(_work(b)))
     else:
         # fork is fast, but not safe once a threaded runtime (jax, grain) lives in this process
         ctx = multiprocessing.get_context("spawn" if {"jax", "grain"} & set(sys.modules) else "fork")
         pool = cf.ProcessPoolExecutor(workers, mp_context=ctx,
                                       initializer=_init_worker, initargs=init)
         submit = lambda b: pool.submit(_work, b)  # noqa: E731
-    writer: _ShardWriter | None = None
+    writer: ShardWriter | None = None
     try:
         pending: collections.deque = collections.deque()
         it = batches()
@@ -317,8 +358,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
             if writer is None or writer.shard != s:
                 if writer is not None:
                     writer.close(); written.append(writer.shard)  # noqa: E702
-                writer = _ShardWriter(out, s, plan)
-                writer.shard = s
+                writer = ShardWriter(out, s, plan)
             results = fut.result()
             for i, tokens, reason, detail, nbytes in results:
                 if tokens is None:
@@ -352,7 +392,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
             for f in os.listdir(out):
                 if ".tmp" in f:
                     os.remove(os.path.join(out, f))
-    stats = _aggregate(out, plan, time.time() - t0)
+    stats = aggregate_stats(out, plan, time.time() - t0)
     if stats["documents"] == 0:  # nothing worth keeping: leave no plan a corrected re-run would clash with
         for s in range(n):
             for ext in (".array_record", ".lengths.npy", ".json"):
@@ -365,16 +405,14 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
             os.rmdir(out)
         raise _no_documents(plan, stats["skipped"])
     stats["last_run_shards_written"] = written
-    _write_json(stats_path, stats)
+    write_json(stats_path, stats)
     return stats
 
 
-class _DoneFuture:
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
+def _done(value) -> cf.Future:
+    fut = cf.Future()
+    fut.set_result(value)
+    return fut
 
 
 def _raw_at(plan: dict, i: int) -> corpus.Raw:

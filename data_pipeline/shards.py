@@ -4,10 +4,12 @@
 is read, checks each one against what prepare.py recorded: the file exists, its index can be
 read, it holds `shard_documents[s]` records, and its `.lengths.npy` has that many entries. (A
 truncated ArrayRecord file opens as 0 records without an error, so the count is what catches
-it.) A record that fails to read later (a corrupt chunk: checksum mismatch) or whose size does
-not match its length raises `ShardError` naming the shard file and the record index in it.
-The fix is the same for all: delete that shard's .json and re-run prepare.py with the same
-arguments, which rewrites just that shard.
+it.) A response dataset (stats.json "loss_on": "response", launch/make_responses.py) also has a
+`.prompt_lengths.npy` per shard: one entry per record, each between 0 and the record's length.
+A record that fails to read later (a corrupt chunk: checksum mismatch) or whose size does not
+match its length raises `ShardError` naming the shard file and the record index in it.
+The fix is the same for all: delete that shard's .json and re-run prepare.py (make_responses.py
+for a response dataset) with the same arguments, which rewrites just that shard.
 """
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ class ShardError(ValueError):
     """A prepared shard that does not match its stats (truncated, corrupt, missing)."""
 
 
-def _fix(shard_file: str) -> str:
+def _fix(shard_file: str, tool: str) -> str:
     marker = shard_file.replace(".array_record", ".json")
-    return f"delete {marker} and re-run prepare.py with the same arguments to rewrite this shard"
+    return f"delete {marker} and re-run {tool} with the same arguments to rewrite this shard"
+
+
+def _tool(stats: dict) -> str:
+    return "make_responses.py" if stats.get("loss_on") == "response" else "prepare.py"
 
 
 def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
@@ -31,29 +37,56 @@ def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
     files and the stats (ShardError naming the file otherwise)."""
     from array_record.python.array_record_module import ArrayRecordReader
     expected = stats.get("shard_documents") or [None] * len(stats["shards"])
+    tool = _tool(stats)
     out = []
     for name, want in zip(stats["shards"], expected):
         f = os.path.join(path, name)
         if not os.path.isfile(f):
-            raise ShardError(f"{f}: missing (listed in {os.path.join(path, 'stats.json')}); {_fix(f)}")
+            raise ShardError(f"{f}: missing (listed in {os.path.join(path, 'stats.json')}); {_fix(f, tool)}")
         try:
             reader = ArrayRecordReader(f)
             ok, n = reader.ok(), reader.num_records()
             reader.close()
         except Exception as e:  # the reader raises RuntimeError/ValueError with riegeli's message
             why = f"{type(e).__name__}: {str(e) or 'truncated?'}"
-            raise ShardError(f"{f}: cannot be opened ({why}); {_fix(f)}") from None
+            raise ShardError(f"{f}: cannot be opened ({why}); {_fix(f, tool)}") from None
         if not ok or (want is not None and n != want):
             raise ShardError(f"{f}: {n} readable records, stats.json says {want} (truncated or corrupt file); "
-                             f"{_fix(f)}")
+                             f"{_fix(f, tool)}")
         lengths_file = f.replace(".array_record", ".lengths.npy")
         try:
             lengths = np.load(lengths_file)
         except (OSError, ValueError) as e:
-            raise ShardError(f"{lengths_file}: unreadable ({e}); {_fix(f)}") from None
+            raise ShardError(f"{lengths_file}: unreadable ({e}); {_fix(f, tool)}") from None
         if lengths.shape != (n,):
-            raise ShardError(f"{lengths_file}: {len(lengths)} lengths for {n} records; {_fix(f)}")
+            raise ShardError(f"{lengths_file}: {len(lengths)} lengths for {n} records; {_fix(f, tool)}")
         out.append(lengths)
+    return out
+
+
+def shard_prompt_lengths(path: str, stats: dict, lengths: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+    """Per shard, the prompt tokens leading each record of a response dataset (None for a plain
+    dataset), checked against the records' `lengths` (ShardError naming the file otherwise)."""
+    if stats.get("loss_on") != "response":
+        return None
+    tool, out = _tool(stats), []
+    for name, n in zip(stats["shards"], lengths):
+        f = os.path.join(path, name)
+        pl_file = f.replace(".array_record", ".prompt_lengths.npy")
+        if not os.path.isfile(pl_file):
+            raise ShardError(f"{pl_file}: missing (stats.json says loss_on='response'); {_fix(f, tool)}")
+        try:
+            pl = np.load(pl_file)
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{pl_file}: unreadable ({e}); {_fix(f, tool)}") from None
+        if pl.shape != n.shape:
+            raise ShardError(f"{pl_file}: {len(pl)} prompt lengths for {len(n)} records; {_fix(f, tool)}")
+        bad = np.flatnonzero((pl < 0) | (pl > n))
+        if len(bad):
+            k = int(bad[0])
+            raise ShardError(f"{pl_file}: record {k} has prompt length {int(pl[k])}, its length is {int(n[k])} "
+                             f"tokens; {_fix(f, tool)}")
+        out.append(pl.astype(np.int64))
     return out
 
 
@@ -66,7 +99,11 @@ class ShardSource:
         self._files = [os.path.join(path, s) for s in stats["shards"]]
         self._starts = np.concatenate([[0], np.cumsum([len(n) for n in per_shard])]).astype(np.int64)
         self._bytes_per_token = np.dtype(stats["dtype"]).itemsize
+        self._tool = _tool(stats)
         self.lengths = np.concatenate(per_shard).astype(np.int64)  # tokens per document, in record order
+        prompts = shard_prompt_lengths(path, stats, per_shard)
+        # leading prompt tokens per document (a response dataset), else None
+        self.prompt_lengths = None if prompts is None else np.concatenate(prompts)
         self._source = grain.sources.ArrayRecordDataSource(self._files)
 
     def __len__(self) -> int:
@@ -79,7 +116,7 @@ class ShardSource:
 
     def _error(self, i: int, what: str) -> ShardError:
         f, k = self.where(i)
-        return ShardError(f"{f}: record {k} (document {i} of the dataset) {what}; {_fix(f)}")
+        return ShardError(f"{f}: record {k} (document {i} of the dataset) {what}; {_fix(f, self._tool)}")
 
     def _checked(self, i: int, record: bytes) -> bytes:
         if len(record) != self.lengths[i] * self._bytes_per_token:
