@@ -12,6 +12,8 @@ Modules
   shards.py      ShardSource: a prepared folder's shards checked against stats.json when opened; read errors
                  (ShardError) name the shard file and record
   pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)
+  transforms.py  the grain steps between records and batches (parse, split long documents, rows, finish:
+                 targets and loss mask), BATCH_KEYS / BATCH_DTYPES
   inspect_data.py  `python data_pipeline/inspect_data.py DIR… --tokenizer qwen3` (stats + decoded packed rows)
   cli.py         the tools' ArgumentParser: every multi-word flag in both spellings (--gin_param / --gin-param)
 
@@ -27,7 +29,9 @@ Contract with the training code
                                        row); 0 where loss_mask is 0
     loss_mask    float32 [B_host, T]  1 where targets is valid: 0 on padding, on each document's last
                                        token (its <|endoftext|>), and on the last token of a document
-                                       piece whose continuation is in another row
+                                       piece whose continuation is in another row; in a response
+                                       dataset (launch/make_responses.py, stats "loss_on": "response")
+                                       also where the target is one of the document's prompt tokens
     segment_ids  int32   [B_host, T]  0 = padding, documents numbered 1, 2, … within each row
     positions    int32   [B_host, T]  restart at 0 per document (pieces of a document longer than a row
                                        restart too, or continue with split_positions="continue")

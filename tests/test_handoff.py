@@ -71,7 +71,9 @@ def start_states(monkeypatch):
 
 
 @pytest.mark.slow
-def test_stages_hand_over_exact_parameters_and_start_fresh(data_dir, tmp_path, start_states):
+def test_stages_hand_over_exact_parameters_and_start_fresh(data_dir, tmp_path, start_states, capsys):
+    """(The same handoffs through launch/train.py's command line, with their printed lines, run in
+    tests/test_entry_points.py's `demo --quick`.)"""
     devices = jax.devices()[:1]
     s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
 
@@ -145,6 +147,10 @@ def test_stages_hand_over_exact_parameters_and_start_fresh(data_dir, tmp_path, s
         np.testing.assert_array_equal(start[k], p2[k], err_msg=k)
     _assert_tree_equal(s3_start.opt_state, fresh.opt_state)
     assert int(s3_start.step) == 0
+    out = capsys.readouterr().out
+    assert f"initialised parameters from {s2 / 'checkpoints' / '2'}" in out and "rope_theta 10000 -> 1e+06" in out
+    assert "attention reference" in out
     m3 = _metrics(s3)
     assert m3[1]["lm_loss"] == pytest.approx(want_lm, rel=1e-5)  # S2's parameters, RoPE 1M, a fresh batch
-    assert json.loads((s3 / "model_config.json").read_text())["rope_theta"] == 1e6
+    cfg3 = json.loads((s3 / "model_config.json").read_text())
+    assert cfg3["rope_theta"] == 1e6 and cfg3["attention_impl"] == "auto"  # auto: reference on CPU up to 1K tokens
