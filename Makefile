@@ -14,9 +14,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
-# The test suite (CI runs exactly this).
+# The test suite (CI runs exactly this): files spread over one worker per core (pytest-xdist;
+# a file's tests stay together, so module fixtures are built once), at most 4.
 test: install
-	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -rs --durations=15 -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS) tests
 
 # The README's main job: a small Qwen3 on real text that exists on every machine.
 demo: install

@@ -8,9 +8,21 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (AOT compiles for TPU topologies) refuses a second process on the machine unless told; the
+# suite's workers (pytest-xdist) and their subprocesses may each load it at the same time.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """One persistent compilation cache per session (per xdist worker) for the one-device
+    launch/train.py subprocesses (tests/train_utils.env): the suite compiles the same tiny
+    programs dozens of times."""
+    import tempfile
+
+    os.environ["QWEN3_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="qwen3-jax-compile-cache-")  # this process's own
 
 
 @pytest.fixture(scope="session")

@@ -26,9 +26,15 @@ def tiny_args(data_dir, workdir, *extra_params, gin=("cpu_smoke.gin", "model/tin
 
 
 def env(devices: int = 1, extra_env: dict | None = None):
+    """The subprocess environment: CPU with `devices` devices; one-device runs share the session's
+    persistent compilation cache (conftest.py), so a program compiled by one test's run is loaded,
+    not recompiled, by the next (the executable is the same; nothing else changes)."""
     e = dict(os.environ)
     e["JAX_PLATFORMS"] = "cpu"
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if devices == 1 and os.environ.get("QWEN3_TEST_COMPILE_CACHE"):
+        e.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["QWEN3_TEST_COMPILE_CACHE"])
+        e.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     e.update(extra_env or {})
     return e
 
