@@ -22,6 +22,10 @@ made here when missing, not committed). The model FLOPs of the table are the stu
 (+ attention); the report's `distill` entry adds the teacher's forward (2·N_teacher·tokens +
 attention, and its output head once more: the KD loss's checkpointed chunks remake the teacher's
 logits in the backward pass), the teacher's share of the two, and the compiled FLOPs against both.
+A MoE teacher's expert matmuls and ragged all-to-alls are also counted at their expected rows
+(`teacher_expert_rows`, from the step's HLO; not with --search, whose compiles keep no HLO): the
+report itself takes the dropless buffers' worst case, as qwen3_jax.aot reads the rows from the
+student's config. On-policy cases also show the rollout program's peak.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +66,12 @@ TEACHERS = Path("runs") / "teachers"  # relative to ROOT (aot_compile.py runs th
 # distillation cases: name -> (teacher preset, training gin files, topology)
 DISTILL = {
     "distill_32b_8b": ("qwen3-32b", ("distill_offpolicy.gin", "model/qwen3-8b.gin",
-                                     "slices/distill-qwen3-32b-to-8b-v5p-128.gin"), "v5p-128"),
+                                     "slices/distill-qwen3-8b-v5p-128-from-qwen3-32b.gin"), "v5p-128"),
+    "distill_235b_8b": ("qwen3-235b-a22b", ("distill_offpolicy.gin", "model/qwen3-8b.gin",
+                                            "slices/distill-qwen3-8b-v5p-128-from-qwen3-235b-a22b.gin"), "v5p-128"),
+    # on-policy: the report adds the student's rollout program (its own peak) to the same step
+    "onpolicy_32b_8b": ("qwen3-32b", ("distill_onpolicy.gin", "model/qwen3-8b.gin",
+                                      "slices/distill-onpolicy-qwen3-8b-v5p-128-from-qwen3-32b.gin"), "v5p-128"),
 }
 for _name, (_teacher, _files, _topo) in DISTILL.items():
     CASES[_name] = [*_gins(*_files), "--gin_param", f"TEACHER='{TEACHERS / _teacher}'", "--topology", _topo]
@@ -83,9 +94,10 @@ def teacher_dir(preset: str, root: Path = ROOT / TEACHERS) -> Path:
     return path
 
 
-def distill_fields(report: dict, teacher) -> dict:
+def distill_fields(report: dict, teacher, hlo_text: str | None = None) -> dict:
     """The teacher's part of a distillation step's FLOPs and memory (not in the student's model
-    count); `teacher`: a preset name or a ModelConfig."""
+    count); `teacher`: a preset name or a ModelConfig; `hlo_text` (the compiled step): for a MoE
+    teacher with expert parallelism, the counts at its expected rows (`teacher_expert_rows`)."""
     from qwen3_jax.config import get_config
     from qwen3_jax.params import count_params
     from qwen3_jax.train.metrics import flops_per_token
@@ -99,7 +111,8 @@ def distill_fields(report: dict, teacher) -> dict:
     params = count_params(t)
     out = {"teacher": t.name, "teacher_params": params["total_params"],
            "teacher_active_params": params["active_params"],
-           "teacher_param_bytes_per_chip": 2 * params["total_params"] / report["devices"],  # bf16, sharded like the student
+           # bf16 (the student's compute dtype), sharded like the student's parameters
+           "teacher_param_bytes_per_chip": 2 * params["total_params"] / report["devices"],
            "teacher_flops_per_token": per_token, "teacher_flops_per_chip": teacher_flops,
            "student_model_flops_per_chip": student_flops,
            "teacher_share_of_model_flops": teacher_flops / (teacher_flops + student_flops),
@@ -108,7 +121,38 @@ def distill_fields(report: dict, teacher) -> dict:
                    "(the KD loss's checkpointed chunks); model_flops_per_chip is the student's 6·N·tokens alone"}
     if report.get("flops_per_chip"):
         out["flops_ratio_compiled_to_student_plus_teacher"] = report["flops_per_chip"] / (teacher_flops + student_flops)
+    if (hlo_text is not None and report.get("flops_per_chip") and t.is_moe and report["mesh"].get("expert", 1) > 1
+            and report.get("expected_expert_rows_per_device") is None):
+        out["teacher_expert_rows"] = teacher_expert_rows(report, t, hlo_text, teacher_flops + student_flops)
     return out
+
+
+def teacher_expert_rows(report: dict, t, hlo_text: str, model_flops_per_chip: float) -> dict:
+    """A MoE teacher under expert parallelism (`expert` > 1) with a dense student: the report counts
+    its grouped matmuls and ragged all-to-alls at their dropless buffers' worst case, because
+    qwen3_jax.aot.compile_report takes the expected rows per device from the student's config
+    (no experts: none). The same HLO counted as compile_report counts a MoE student's, with the
+    teacher's rows: tokens · k / batch shards (balanced routing)."""
+    from qwen3_jax import aot
+    from qwen3_jax.config import get_config
+    from qwen3_jax.hlo_stats import collective_summary, hlo_flops
+
+    mesh = report["mesh"]
+    rows = report["tokens_per_step"] * t.num_experts_per_tok / (
+        mesh["data"] * mesh["fsdp"] * mesh["expert"] * report["micro_batches"])
+    per_chip = max(report["devices"] // report["chips"], 1)
+    counted = hlo_flops(hlo_text, ragged_rows=rows, causal=True)
+    collectives = collective_summary(hlo_text, rows)
+    flops = counted["total"] * per_chip
+    fields = aot.step_time_fields(report, get_config(report["model"]), hlo_text, per_chip, counted["total"],
+                                  report["model_flops_per_chip"] / per_chip, collectives, rows)
+    return {"expected_expert_rows_per_device": rows, "flops_per_chip": flops,
+            "flops_breakdown_per_chip": {k: v * per_chip for k, v in counted.items()},
+            "flops_ratio_compiled_to_model": flops / report["model_flops_per_chip"],
+            "flops_ratio_compiled_to_student_plus_teacher": flops / model_flops_per_chip,
+            "collectives": collectives, **fields,
+            "note": "the teacher's expert matmuls and exchanges at the expected rows, not the buffers' worst case; "
+                    "the step-time MFU counts the student's model FLOPs alone"}
 
 
 def compile_case(name: str, search: str | None = None) -> dict:
@@ -123,16 +167,29 @@ def compile_case(name: str, search: str | None = None) -> dict:
         teacher_dir(DISTILL[name][0])
     fresh = out.with_suffix(".new.json")  # a failed compile leaves the saved report as it was
     fresh.unlink(missing_ok=True)
+    hlo = None
+    if name in DISTILL and not search and _moe_teacher(name):  # the HLO, to count the teacher's expert rows
+        hlo = Path(tempfile.mkdtemp()) / "step.hlo"
+        extra += ["--hlo_dump", str(hlo)]
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "aot_compile.py"), *CASES[name], *extra,
                         "--report", str(fresh)], env=env, capture_output=True, text=True, cwd=ROOT)
     if not fresh.exists():
         raise RuntimeError(f"{name}: aot_compile failed\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     report = json.loads(fresh.read_text())
     if name in DISTILL:
-        report["distill"] = distill_fields(report, DISTILL[name][0])
+        text = hlo.read_text() if hlo is not None and hlo.exists() else None
+        report["distill"] = distill_fields(report, DISTILL[name][0], text)
+    if hlo is not None:
+        shutil.rmtree(hlo.parent)
     out.write_text(json.dumps(report, indent=2))
     fresh.unlink()
     return report
+
+
+def _moe_teacher(name: str) -> bool:
+    from qwen3_jax.config import get_config
+
+    return get_config(DISTILL[name][0]).is_moe
 
 
 def row(name: str, r: dict) -> str:
@@ -140,7 +197,8 @@ def row(name: str, r: dict) -> str:
     peak = r.get("bytes_per_chip_peak") or 0
     mem = f"{peak / GIB:6.1f}/{r['hbm_bytes_per_chip'] / GIB:.0f} GiB {'ok ' if r['fits'] else 'OOM'}"
     if r.get("flops_per_chip") is None:
-        return f"{name:<14} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} {mem}"
+        return (f"{name:<16} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
+                f"{mem}")
     fl = f"{r['flops_per_chip']:.2e} {r['model_flops_per_chip']:.2e} {r['flops_ratio_compiled_to_model']:5.2f}"
     t = r.get("step_time") or {}
     est = (f"{t['estimate_s']:6.2f} s {t['predicted_mfu']:4.0%}" if t.get("estimate_s") else f"{'-':>13}")
@@ -155,10 +213,22 @@ def row(name: str, r: dict) -> str:
 
     coll = " ".join(one(k, v) for k, v in r["collectives"].items())
     d = r.get("distill")
-    teacher = (f"\n{'':<14} + teacher {d['teacher']}: forward {d['teacher_flops_per_chip']:.2e} FLOPs/chip = "
-               f"{d['teacher_share_of_model_flops']:.0%} of student+teacher; compiled / (student+teacher) "
-               f"{d['flops_ratio_compiled_to_student_plus_teacher']:.2f}" if d else "")
-    return (f"{name:<14} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
+    teacher = ""
+    if d:
+        teacher = (f"\n{'':<16} + teacher {d['teacher']}: forward {d['teacher_flops_per_chip']:.2e} FLOPs/chip = "
+                   f"{d['teacher_share_of_model_flops']:.0%} of student+teacher; compiled / (student+teacher) "
+                   f"{d['flops_ratio_compiled_to_student_plus_teacher']:.2f}")
+        e = d.get("teacher_expert_rows")
+        if e:
+            a2a = e["collectives"]["ragged-all-to-all"]["bytes_expected"] / GIB
+            teacher += (f"\n{'':<16}   its experts at the expected rows: compiled {e['flops_per_chip']:.2e}, "
+                        f"/ (student+teacher) {e['flops_ratio_compiled_to_student_plus_teacher']:.2f}, step (est.) "
+                        f"{e['step_time']['estimate_s']:.2f} s, rA2A {a2a:.0f} GiB")
+    ro = r.get("rollout")
+    if ro:
+        teacher += (f"\n{'':<16}   rollout ({ro['prompt_len']} + {ro['completion_len']} tokens): peak "
+                    f"{ro['bytes_per_chip_peak'] / GIB:.1f} GiB {'ok' if ro['fits'] else 'OOM'}")
+    return (f"{name:<16} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
             f"{r['remat']:<15} {mem}  {fl}  {est}  {coll}{teacher}")
 
 
@@ -171,13 +241,13 @@ def main(argv=None) -> int:
     p.add_argument("--distill", action="store_true", help="only the distillation cases: " + ",".join(DISTILL))
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(DISTILL) if args.distill else list(CASES)
-    print(f"{'case':<14} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12} {'remat':<15} peak/HBM per chip"
+    print(f"{'case':<16} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12} {'remat':<15} peak/HBM per chip"
           f"     FLOPs/chip: HLO     model  ratio  step (est.) MFU  collectives GiB/chip/step")
     for name in names:
         path = REPORTS / f"{name}.json"
         if args.from_json:
             if not path.exists():
-                print(f"{name:<14} (no saved report)")
+                print(f"{name:<16} (no saved report)")
                 continue
             r = json.loads(path.read_text())
         else:

@@ -16,7 +16,7 @@ from qwen3_jax.params import count_params
 from qwen3_jax.train.distill import find_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
-SLICE = "slices/distill-qwen3-32b-to-8b-v5p-128.gin"
+SLICE = "slices/distill-qwen3-8b-v5p-128-from-qwen3-32b.gin"
 GINS = ["distill_offpolicy.gin", "model/qwen3-8b.gin", SLICE]
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -40,64 +40,82 @@ def test_teacher_folder_from_the_preset_is_read_as_that_preset(tmp_path, preset)
     assert source.kind == "hf" and source.config == get_config(preset)
 
 
-def test_distill_slice_parses_with_the_training_gin_files_and_matches_its_report(tmp_path):
-    """The training command's gin files + the slice file give the student, batch, mesh and remat
-    the saved AOT report (bench_aot.py --distill) was compiled with; the bench case is that command."""
+@pytest.mark.parametrize("case", ["distill_32b_8b", "distill_235b_8b", "onpolicy_32b_8b"])
+def test_distill_slices_parse_with_the_training_gin_files_and_match_their_reports(tmp_path, case):
+    """Each distillation case of bench_aot.py is a training command (its gin files + TEACHER); they
+    parse into the student, batch, mesh and remat its saved AOT report was compiled with, and the
+    report fits with the teacher's FLOPs accounted for (compiled ≈ student + teacher)."""
     bench = _bench_aot()
-    teacher = bench.teacher_dir("qwen3-32b", tmp_path)
-    configurables.parse_gin(GINS, [f"TEACHER='{teacher}'"])
+    teacher_preset, gins, topology = bench.DISTILL[case]
+    teacher = bench.teacher_dir(teacher_preset, tmp_path)
+    configurables.parse_gin(list(gins), [f"TEACHER='{teacher}'"])
     model, tc = configurables.run_config()
     assert (model.name, tc.seq_len, tc.batch_size, tc.teacher) == ("qwen3-8b", 4096, 256, str(teacher))
-    assert tc.mesh.ici_fsdp == -1 and tc.kd_alpha > 0
-    case = bench.CASES["distill_32b_8b"]
-    assert [case[i + 1] for i, a in enumerate(case) if a == "--gin"] == GINS
-    report = json.loads((ROOT / "benchmarks" / "aot_reports" / "distill_32b_8b.json").read_text())
-    assert report["config"]["gin"] == GINS and report["fits"]
+    args = bench.CASES[case]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--gin"] == list(gins)
+    assert args[args.index("--topology") + 1] == topology
+    report = json.loads((ROOT / "benchmarks" / "aot_reports" / f"{case}.json").read_text())
+    assert report["config"]["gin"] == list(gins) and report["fits"] and report["topology"] == topology
     assert (report["model"], report["seq_len"], report["global_batch"], report["remat"], report["loss_chunk"]) == (
         model.name, tc.seq_len, tc.batch_size, model.remat, tc.loss_chunk)
+    assert report["mesh"]["fsdp"] * report["mesh"]["expert"] == report["chips"] == 64
+    assert report["mesh"]["expert"] == max(tc.mesh.ici_expert, 1)
+    assert report["bytes_per_chip_peak"] < 0.9 * report["hbm_bytes_per_chip"]  # the search's headroom
     d = report["distill"]
-    assert d["teacher"] == "qwen3-32b" and 0.5 < d["teacher_share_of_model_flops"] < 0.65
-    assert 0.95 < d["flops_ratio_compiled_to_student_plus_teacher"] < 1.1
+    assert d["teacher"] == teacher_preset and 0.45 < d["teacher_share_of_model_flops"] < 0.65
+    counted = d.get("teacher_expert_rows", d)  # a MoE teacher: its experts at the expected rows
+    assert 0.95 < counted["flops_ratio_compiled_to_student_plus_teacher"] < 1.1
+    if tc.onpolicy_prompt_len is not None:
+        assert report["rollout"]["prompt_len"] == tc.onpolicy_prompt_len and report["rollout"]["fits"]
 
 
 def _compile(tmp_path, teachers: dict) -> dict:
-    """aot_compile.py with the distill slice's real gin files, shrunk to a tiny student on a v5p-8,
-    once per teacher (name -> folder or None), the compiles side by side; name -> report."""
+    """aot_compile.py with the distill slice's real gin files, shrunk to a tiny student on a v5p-8
+    (FSDP 2 x expert 2), once per teacher (name -> folder or None), the compiles side by side;
+    name -> (report, compiled HLO text)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = {}
     for name, teacher in teachers.items():
-        tiny = ["model_config.preset='tiny-dense'", "SEQ_LEN=128", "BATCH_SIZE=8",
-                f"TEACHER={str(teacher)!r}" if teacher else "TEACHER=None"]
+        tiny = ["model_config.preset='tiny-dense'", "SEQ_LEN=128", "BATCH_SIZE=8", "MeshConfig.ici_fsdp=2",
+                "MeshConfig.ici_expert=2", f"TEACHER={str(teacher)!r}" if teacher else "TEACHER=None"]
         cmd = [sys.executable, str(ROOT / "launch" / "aot_compile.py"), *[a for g in GINS for a in ("--gin", g)],
                *[a for b in tiny for a in ("--gin_param", b)], "--topology", "v5p-8",
-               "--report", str(tmp_path / f"{name}.json")]
+               "--report", str(tmp_path / f"{name}.json"), "--hlo_dump", str(tmp_path / f"{name}.hlo")]
         procs[name] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True)
     for name, proc in procs.items():
         out = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, out[-3000:]
-    return {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in teachers}
+    return {name: (json.loads((tmp_path / f"{name}.json").read_text()), (tmp_path / f"{name}.hlo").read_text())
+            for name in teachers}
 
 
 @needs_libtpu
 def test_aot_distill_slice_compiles_the_teacher_into_the_step(tmp_path):
-    """The slice's step, shrunk to a tiny student and a teacher ~70x its size, compiled for TPU:
-    against the same step without a teacher, the arguments grow by the teacher's bf16 parameters
-    and the compiled FLOPs by bench_aot's count of the teacher's forward."""
-    teacher_cfg = get_config("tiny-dense", num_layers=4, d_model=512, num_heads=4, num_kv_heads=2, head_dim=128,
-                             ffn_dim=1024)
+    """The slice's step, shrunk to a tiny dense student and a MoE teacher ~70x its size (its experts
+    over the expert axis), compiled for TPU: against the same step without a teacher, the arguments
+    grow by the teacher's bf16 parameters, and the compiled FLOPs, the teacher's expert matmuls
+    counted at their expected rows (bench_aot.teacher_expert_rows), by bench_aot's count of the
+    teacher's forward. The report's own count takes the dropless buffers' worst case."""
+    teacher_cfg = get_config("tiny-moe", num_layers=4, d_model=512, num_heads=4, num_kv_heads=2, head_dim=128,
+                             ffn_dim=1024, num_experts=8, num_experts_per_tok=2, moe_ffn_dim=256)
     folder = tmp_path / "teacher"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(hf.to_hf_config(teacher_cfg)))
     reports = _compile(tmp_path, {"with": folder, "without": None})
-    with_t, without = reports["with"], reports["without"]
+    (with_t, hlo), (without, _) = reports["with"], reports["without"]
     assert with_t["model"] == without["model"] == "tiny-dense" and with_t["chips"] == 4 and with_t["fits"]
+    assert with_t["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
+    assert "ragged-all-to-all" in with_t["collectives"] and "ragged-all-to-all" not in without["collectives"]
     assert with_t["model_flops_per_chip"] == without["model_flops_per_chip"]  # the student's count alone
-    teacher_bytes = 2 * count_params(teacher_cfg)["total_params"] / 4  # the student's bf16, FSDP over 4 chips
+    teacher_bytes = 2 * count_params(teacher_cfg)["total_params"] / 4  # the student's bf16, over 4 chips
     extra = with_t["bytes_per_chip_arguments"] - without["bytes_per_chip_arguments"]
     assert 0.99 * teacher_bytes < extra < 1.05 * teacher_bytes, (extra, teacher_bytes)
-    teacher_flops = _bench_aot().distill_fields(with_t, teacher_cfg)["teacher_flops_per_chip"]
-    added = with_t["flops_per_chip"] - without["flops_per_chip"]
-    assert 0.9 * teacher_flops < added < 1.1 * teacher_flops, (added, teacher_flops)
-    print(f"teacher: arguments +{extra / teacher_bytes:.3f}x its bf16 bytes, FLOPs +{added / teacher_flops:.3f}x "
-          f"its forward count")
+    fields = _bench_aot().distill_fields(with_t, teacher_cfg, hlo)
+    rows = fields["teacher_expert_rows"]
+    assert rows["expected_expert_rows_per_device"] == 8 * 128 * 2 / 4
+    assert rows["flops_per_chip"] < with_t["flops_per_chip"]  # the buffers' worst case, in the report
+    added = rows["flops_per_chip"] - without["flops_per_chip"]
+    assert 0.9 * fields["teacher_flops_per_chip"] < added < 1.1 * fields["teacher_flops_per_chip"], (added, fields)
+    print(f"teacher: arguments +{extra / teacher_bytes:.3f}x its bf16 bytes, FLOPs (expected rows) "
+          f"+{added / fields['teacher_flops_per_chip']:.3f}x its forward count")
