@@ -128,11 +128,10 @@ def distill_fields(report: dict, teacher, hlo_text: str | None = None) -> dict:
 
 
 def teacher_expert_rows(report: dict, t, hlo_text: str, model_flops_per_chip: float) -> dict:
-    """A MoE teacher under expert parallelism (`expert` > 1) with a dense student: the report counts
-    its grouped matmuls and ragged all-to-alls at their dropless buffers' worst case, because
-    qwen3_jax.aot.compile_report takes the expected rows per device from the student's config
-    (no experts: none). The same HLO counted as compile_report counts a MoE student's, with the
-    teacher's rows: tokens · k / batch shards (balanced routing)."""
+    """A MoE teacher under expert parallelism (`expert` > 1) with a dense student, for a report whose
+    compile_report did not know the expected rows per device (reports saved before it took them
+    from the teacher's config; it does now, and then this is not called): the same HLO counted
+    with the teacher's rows, tokens · k / batch shards (balanced routing)."""
     from qwen3_jax import aot
     from qwen3_jax.config import get_config
     from qwen3_jax.hlo_stats import collective_summary, hlo_flops

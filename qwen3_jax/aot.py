@@ -179,8 +179,11 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
         peak, peak_source = live_io + mem.temp_size_in_bytes, "upper bound: arguments + output - alias + temp"
     model_flops = flops_per_token(cfg, tc.seq_len) * tokens / len(devices)
     ragged_rows = None
-    if cfg.num_experts and mesh.shape.get("expert", 1) > 1:  # rows one device's experts get per micro-batch
-        ragged_rows = tokens * cfg.num_experts_per_tok / (sharding.batch_shards(mesh) * tc.micro_batches)
+    teacher = program.distill.cfg if program.distill is not None else None
+    moe = cfg if cfg.num_experts else teacher if teacher is not None and teacher.num_experts else None
+    if moe is not None and mesh.shape.get("expert", 1) > 1:  # rows one device's experts get per micro-batch
+        # (a dense student's MoE teacher: the teacher's experts; both MoE: the student's top-k)
+        ragged_rows = tokens * moe.num_experts_per_tok / (sharding.batch_shards(mesh) * tc.micro_batches)
     counted = hlo_flops(text, ragged_rows=ragged_rows, causal=True)
     flops = counted.get("total", 0.0)
     collectives = collective_summary(text, ragged_rows)
