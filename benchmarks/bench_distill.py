@@ -98,6 +98,24 @@ def read_train_rows(workdir: Path) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
+def train_fresh(workdir: Path, gin_file: str, bindings: list[str]) -> list[dict]:
+    """Trains `gin_file` + `bindings` into a new `workdir` (a previous benchmark run there is
+    removed, never resumed), the gin config saved beside it; returns its train metric rows."""
+    import gin
+
+    from qwen3_jax import configurables
+    from qwen3_jax.train.loop import train
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    configurables.parse_gin([gin_file], bindings)
+    model, tc = configurables.run_config()
+    workdir.mkdir(parents=True)
+    (workdir / "config.gin").write_text(gin.config_str())
+    train(workdir, model, tc)
+    return read_train_rows(workdir)
+
+
 def train_teacher(args) -> None:
     from qwen3_jax import configurables
     from qwen3_jax.train.loop import train
@@ -118,23 +136,12 @@ def heldout(args, workdir, data, tokenizer) -> dict:
 
 
 def run_student(args, variant: str, seed: int, data, tokenizer) -> dict:
-    import gin
     import numpy as np
 
-    from qwen3_jax import configurables
-    from qwen3_jax.train.loop import train
-
     workdir = Path(args.out) / f"student-{variant}-seed{seed}"
-    if workdir.exists():
-        shutil.rmtree(workdir)  # never resume a previous benchmark run
     bindings = common_bindings(args, seed, args.steps) + variant_bindings(args, variant, args.teacher)
-    configurables.parse_gin(["distill_offpolicy.gin"], bindings)
-    model, tc = configurables.run_config()
-    workdir.mkdir(parents=True)
-    (workdir / "config.gin").write_text(gin.config_str())
     t0 = time.time()
-    train(workdir, model, tc)
-    rows = read_train_rows(workdir)
+    rows = train_fresh(workdir, "distill_offpolicy.gin", bindings)
     last = rows[-10:]
     times = [r["step_time_s"] for r in rows[2:]] or [r["step_time_s"] for r in rows]
     result = {"variant": variant, "seed": seed, "train_seconds": time.time() - t0,
@@ -253,11 +260,6 @@ def on_samples_kl(args, workdir: Path, seed: int, start: Path) -> dict:
 
 def run_onpolicy(args, seed: int, data, tokenizer) -> list[dict]:
     """From the off-policy KD student of `seed`: `--onpolicy_steps` more steps on-policy vs off-policy."""
-    import gin
-
-    from qwen3_jax import configurables
-    from qwen3_jax.train.loop import train
-
     start = Path(args.out) / f"student-kd-seed{seed}"
     if not (start / "checkpoints").exists():
         raise SystemExit(f"error: {start}: no off-policy KD student (run without --onpolicy first)")
@@ -265,16 +267,9 @@ def run_onpolicy(args, seed: int, data, tokenizer) -> list[dict]:
              "samples": on_samples_kl(args, start, seed, start)}]
     for variant in ("off", "on"):
         workdir = Path(args.out) / f"student-{variant}policy-seed{seed}"
-        if workdir.exists():
-            shutil.rmtree(workdir)
         gin_file = "distill_onpolicy.gin" if variant == "on" else "distill_offpolicy.gin"
-        configurables.parse_gin([gin_file], onpolicy_bindings(args, seed, args.onpolicy_steps, variant, start))
-        model, tc = configurables.run_config()
-        workdir.mkdir(parents=True)
-        (workdir / "config.gin").write_text(gin.config_str())
         t0 = time.time()
-        train(workdir, model, tc)
-        r = read_train_rows(workdir)
+        r = train_fresh(workdir, gin_file, onpolicy_bindings(args, seed, args.onpolicy_steps, variant, start))
         rows.append({"variant": variant, "seed": seed, "train_seconds": time.time() - t0,
                      "step_time_s": sum(x["step_time_s"] for x in r[2:]) / max(len(r) - 2, 1),
                      "heldout": heldout(args, workdir, data, tokenizer),

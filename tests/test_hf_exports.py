@@ -18,6 +18,7 @@ from qwen3_jax import hf
 from qwen3_jax.params import model_from_flat
 from qwen3_jax.train import checkpoint
 from hf_utils import hf_config, hf_logits, random_flat, random_hf_model, rel_err
+from train_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # fp32 logits, relative to the largest |logit| (the parity tests' tolerance)
@@ -25,14 +26,7 @@ TEXTS = ["def f(x):\n    return  x + 1\t# 12345\n\n        deep\r\n", "Caf√© na√
          "a<|endoftext|>b <|im_start|>user\nhi<|im_end|>\n<think>x</think>", "   ", ""]
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("convert_hf_cli", ROOT / "launch" / "convert_hf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CLI = _cli()
+CLI = load_script("launch/convert_hf.py", "convert_hf_cli")
 
 
 def _spm(folder: Path, vocab: int = 512, model_type: str = "bpe") -> str:

@@ -1,7 +1,6 @@
 """launch/make_responses.py: a tiny random teacher answers a prompt file in both thinking modes;
 records = rendered prompt + response, the loss mask covers the response only, the thinking budget
 holds, and a run killed after its first shard resumes to the same bytes (no duplicate, no loss)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from qwen3_jax import get_config
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params
 from qwen3_jax.train import checkpoint
+from train_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [{"prompt": "What is 2+2?"}, {"messages": [{"role": "user", "content": "def f(x):"}]},
@@ -25,14 +25,7 @@ PROMPTS = [{"prompt": "What is 2+2?"}, {"messages": [{"role": "user", "content":
 BUDGET = 3
 
 
-def _cli_module():
-    spec = importlib.util.spec_from_file_location("make_responses_cli", ROOT / "launch" / "make_responses.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mr = _cli_module()
+mr = load_script("launch/make_responses.py", "make_responses_cli")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,16 @@ def tiny_args(data_dir, workdir, *extra_params, gin=("cpu_smoke.gin", "model/tin
     return args
 
 
+def load_script(path: str | Path, name: str):
+    """A launch/ or benchmarks/ script imported as a module (its main() and helpers, no subprocess)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def env(devices: int = 1, extra_env: dict | None = None):
     """The subprocess environment: CPU with `devices` devices; one-device runs share the session's
     persistent compilation cache (conftest.py), so a program compiled by one test's run is loaded,
