@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
-# MoE expert computation (qwen3_jax.model.moe_compute): auto = megablox on TPU, ragged on GPU,
-# blocked on CPU
+# MoE expert computation (qwen3_jax.model.moe_compute): auto = megablox on TPU, blocked on GPU
+# and CPU
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "megablox")
 # Per-layer rematerialisation (qwen3_jax.model.transformer.remat_policy says what each saves):
 # none / full / XLA's dot policies, save_* = keep these named tensors in HBM, offload_* = keep

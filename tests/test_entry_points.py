@@ -16,13 +16,14 @@ from qwen3_jax.params import flatten, model_from_flat, nest
 from qwen3_jax.train import checkpoint
 from qwen3_jax.train import loop as loop_lib
 from qwen3_jax.train.metrics import flops_per_token
+from train_utils import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
 
 
 def _smoke(data_dir, *bindings):

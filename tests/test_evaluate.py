@@ -19,6 +19,7 @@ from qwen3_jax import evaluate as ev
 from qwen3_jax.config import get_config
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params, model_from_flat
+from train_utils import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = get_config("tiny-dense", compute_dtype="float32")  # vocab 512, d_model 64, untied head
@@ -156,7 +157,7 @@ def test_bundled_set_and_bad_examples(tmp_path):
 
 
 def _cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     return subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 

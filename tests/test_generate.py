@@ -18,6 +18,7 @@ from hf_utils import hf_config, random_hf_model
 from qwen3_jax.inference import (THINKING_STOP_TEXT, Generator, SamplingConfig, ThinkingSpec, cache_bytes,
                                  cache_bytes_formula, init_cache, load_text_generator, sample)
 from qwen3_jax.inference.engine import AFTER, FREE, THINK
+from train_utils import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW = 40  # new tokens per parity run
@@ -323,7 +324,7 @@ def test_sharded_decode_equals_one_device():
 
 
 def _cli(*args, timeout=240):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     return subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

@@ -16,7 +16,7 @@ from qwen3_jax import get_config
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params
 from qwen3_jax.train import checkpoint
-from train_utils import load_script
+from train_utils import load_script, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [{"prompt": "What is 2+2?"}, {"messages": [{"role": "user", "content": "def f(x):"}]},
@@ -128,7 +128,7 @@ def test_records_are_prompt_plus_response_and_the_mask_covers_the_response(setup
 def test_killed_run_resumes_to_the_same_bytes(setup, full_run, tmp_path, capsys):
     out = tmp_path / "responses"
     cmd = [sys.executable, str(ROOT / "launch" / "make_responses.py"), *_args(setup, out)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
     r = subprocess.run(cmd, cwd=ROOT, env={**env, CRASH_ENV: "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr[-2000:]
     names = sorted(os.listdir(out))

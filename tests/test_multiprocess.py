@@ -14,11 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+from train_utils import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent('''
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = "@XLA_FLAGS@"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -122,7 +124,7 @@ def _run_pair(make_args, env, timeout=600, tries=3):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_checkpoint_restores_on_other_mesh(tmp_path):
-    (tmp_path / "worker.py").write_text(WORKER)
+    (tmp_path / "worker.py").write_text(WORKER.replace("@XLA_FLAGS@", xla_flags(4)))
     (tmp_path / "mp_common.py").write_text(COMMON)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs, logs = _run_pair(lambda i, port: [sys.executable, str(tmp_path / "worker.py"), str(i), str(port),

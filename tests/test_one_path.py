@@ -14,6 +14,7 @@ import pytest
 
 from qwen3_jax import aot, configurables
 from qwen3_jax.train.build import build, program_fingerprint
+from train_utils import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
@@ -51,7 +52,7 @@ def test_import_structure():
 
 
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     return env
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from train_utils import TEST_XLA_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +42,7 @@ def test_walkthrough_runs_as_written(tmp_path):
         (tmp_path / name).symlink_to(ROOT / name)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PYTEST"))}
     env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the commands as written; only XLA's code generation is quicker
     env["PYTHONPATH"] = str(ROOT)
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", walkthrough()], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=1800)

@@ -14,6 +14,7 @@ from qwen3_jax import sharding
 from qwen3_jax.config import get_config
 from qwen3_jax.params import param_specs
 from qwen3_jax.sharding import MeshConfig
+from train_utils import xla_flags
 
 
 def test_mesh_config_fills_minus_one():
@@ -151,7 +152,7 @@ print("compiled")
 def test_embed_lookup_compiles_without_full_rematerialization():
     """fsdp x expert: with jnp.take, GSPMD cannot move the rows' cotangent from the batch layout to
     the table's D layout and logs "Involuntary full rematerialization" (replicates it in full)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", _EMBED_GRAD], env=env, capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert "compiled" in r.stdout, r.stderr[-2000:]

@@ -10,6 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 
+# LLVM -O0 for every CPU program the suite compiles, in the test processes (conftest.py) and in the
+# subprocesses they start: the suite's models are tiny, so compiling dominates (test_handoff: 64 s at
+# the default -O2, 38 s at -O0). Only LLVM's code generation changes; XLA's HLO passes (fusion,
+# SPMD partitioning, buffer assignment, memory analysis) are the ones users run.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a CPU process of the suite with `devices` fake devices."""
+    return f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+
 
 def tiny_args(data_dir, workdir, *extra_params, gin=("cpu_smoke.gin", "model/tiny-moe.gin"), steps=12,
               seq_len=64, batch=4, every=4, async_ckpt=False):
@@ -41,7 +52,7 @@ def env(devices: int = 1, extra_env: dict | None = None):
     not recompiled, by the next (the executable is the same; nothing else changes)."""
     e = dict(os.environ)
     e["JAX_PLATFORMS"] = "cpu"
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = xla_flags(devices)
     if devices == 1 and os.environ.get("QWEN3_TEST_COMPILE_CACHE"):
         e.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["QWEN3_TEST_COMPILE_CACHE"])
         e.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -8,15 +8,17 @@ and give the same values and gradients (fp32: up to the summation order).
   dense     every expert on every token, weighted by the (mostly zero) combine matrix [N,E]:
             E/k times the FLOPs of the others, but three plain einsums.
   ragged    sort the N·k assignments by expert, grouped matmuls (`jax.lax.ragged_dot`):
-            compute ∝ N·k. The GPU form (XLA:CPU runs ragged_dot 15-30x slower than an einsum).
+            compute ∝ N·k on TPU. XLA:CPU runs ragged_dot 15-30x slower than an einsum, and
+            XLA:GPU (jax 0.11.2, H200) expands it into E masked copies of the rows: 6.4x the
+            blocked form's step time and out of memory at 8x4,096 tokens (benchmarks/bench_gpu.py).
   blocked   sort by expert, pad each expert's group to a multiple of C rows, gather the rows into
             G = N·k/C + E blocks [G,C,D] (the static bound: each expert wastes < C rows) and the
             experts' weights per block [G,D,F], one batched einsum, gather back and combine.
-            Compute ∝ N·k + E·C. The fastest form on CPU.
+            Compute ∝ N·k + E·C. The fastest form on CPU and GPU.
   megablox  the sorted rows through Pallas gmm/tgmm (TPU), which skip the groups' empty tiles.
   auto      per backend (`resolve_impl`): megablox on TPU (ragged when the dims are not
-            128-multiples or the step is sharded without expert parallelism), ragged on GPU,
-            blocked on CPU.
+            128-multiples or the step is sharded without expert parallelism), blocked on GPU
+            and CPU.
 
 Einsum letters: N tokens, k slots, A = N·k assignments, E experts, D model, F expert ffn,
 G blocks, C rows per block, R = G·C buffer rows.
@@ -43,9 +45,7 @@ def resolve_impl(impl: str, platform: str, d_model: int, ffn_dim: int, sharded: 
         return impl
     if platform == "tpu":
         return "megablox" if megablox_ok(d_model, ffn_dim) and not sharded else "ragged"
-    if platform in ("gpu", "cuda", "rocm"):
-        return "ragged"
-    return "blocked"
+    return "blocked"  # CPU and GPU
 
 
 def experts(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, impl: str):

@@ -5,6 +5,8 @@ import sys
 
 import gin
 
+from train_utils import xla_flags
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 SCRIPT = r"""
@@ -26,7 +28,7 @@ print("ok")
 
 
 def test_to_global_on_mesh(stdlib_data):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": REPO}
     r = subprocess.run([sys.executable, "-c", SCRIPT, stdlib_data["docs"]], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
