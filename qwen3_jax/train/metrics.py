@@ -80,6 +80,23 @@ def truncate_metrics(workdir: str | Path, step: int) -> int:
     return len(moved)
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it
+    is installed (1.5-2.7 s of every run's start, for torch tensors we never log); torch is optional
+    to it, and we write numpy scalars only. A process that already imported torch keeps it."""
+    import sys
+
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX's no-torch path
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes each step's scalars to metrics.jsonl and TensorBoard, and a progress line to stdout
     (the first step of a run, then every `log_every` steps, and the last)."""
@@ -94,9 +111,7 @@ class MetricsWriter:
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = _summary_writer()(str(self.workdir / "tensorboard"))
         self._t0 = time.time()
         self._first_step: int | None = None
 
