@@ -92,11 +92,19 @@ def test_loss_falls_on_builtin_corpus(data_dir, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_sigkill_and_sigterm_resume_bit_identical(data_dir, tmp_path):
-    ref = run(tiny_args(data_dir, tmp_path / "ref"))
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The uninterrupted 12-step one-device run the resume tests compare to: its final params."""
+    work = tmp_path_factory.mktemp("train") / "ref"
+    ref = run(tiny_args(data_dir, work))
     assert ref.returncode == 0, ref.stdout + ref.stderr
-    ref_step, ref_params = _final_params(tmp_path / "ref")
+    ref_step, ref_params = _final_params(work)
     assert ref_step == 12
+    return ref_params
+
+
+def test_sigkill_and_sigterm_resume_bit_identical(data_dir, tmp_path, reference):
+    ref_params = reference
 
     # SIGKILL at a seeded random step after the first checkpoint (FAULT_SEED=<n> reproduces), then
     # the same command again.
@@ -138,12 +146,10 @@ def test_sigkill_and_sigterm_resume_bit_identical(data_dir, tmp_path):
     assert step == 12 and all(np.array_equal(params[k], ref_params[k]) for k in ref_params)
 
 
-def test_sharded_run_and_resume_on_another_mesh_match_one_device(data_dir, tmp_path):
+def test_sharded_run_and_resume_on_another_mesh_match_one_device(data_dir, tmp_path, reference):
     """6 steps on 4 devices (fsdp 2 x expert 2, expert parallelism), then 6 more on 1 device,
     against 12 steps on 1 device."""
-    ref = run(tiny_args(data_dir, tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stdout + ref.stderr
-    _, ref_params = _final_params(tmp_path / "ref")
+    ref_params = reference
     work = tmp_path / "sharded"
     r = run(tiny_args(data_dir, work, "MeshConfig.ici_expert=2", "train.stop_after=6"), devices=4)
     assert r.returncode == 0 and "'fsdp': 2, 'expert': 2" in r.stdout, r.stdout + r.stderr
