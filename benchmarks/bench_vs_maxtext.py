@@ -23,11 +23,18 @@ Settings:
            same expert form, `jax.lax.ragged_dot` over the sorted assignments (ours
            moe_impl='ragged', MaxText sparse_matmul=true megablox=false); loss in one piece.
 
-Measured 2026-11-29 on the 2-core box while six other jobs shared it (load average ~20, so
-absolute times are ~10x an idle machine's and single runs are noisy), default setting, one run:
-dense ours 132.1 s/step vs MaxText 116.5 (0.88x); MoE ours 92.6 vs MaxText 246.9 (2.67x). Our
-dense step, variants interleaved in one process: remat none 0.91x the time of full remat,
-+ chunked attention 0.87x (two steps each).
+Measured 2026-11-29 on the 2-core box with nothing else running (`--runs 3 --settings default`;
+`--runs 1 --settings matched`), s/step, median over runs:
+
+| case | setting | ours | MaxText | MaxText / ours |
+|---|---|---|---|---|
+| dense | default | 12.07 (12.83, 12.04, 12.07) | 15.09 (15.09, 14.69, 15.40) | 1.25x |
+| MoE | default | 14.47 (14.90, 14.47, 14.32) | 44.41 (44.71, 42.28, 44.41) | 3.07x |
+| dense | matched | 13.17 | 14.99 | 1.14x |
+| MoE | matched | 41.82 | 43.52 | 1.04x |
+
+(An earlier single run on a box at load ~20: dense 0.88x, MoE 2.67x.) Our dense step, variants
+interleaved in one process: remat none 0.91x the time of full remat, + chunked attention 0.87x.
 
 MaxText runs in its own Python >= 3.12 venv (`--maxtext_venv`, default /work/maxtext-venv),
 built here if missing: `python3.12 -m venv`, `pip install maxtext==0.2.5`, then the
