@@ -116,6 +116,7 @@ def main(argv=None) -> int:
         print(f"config: {' + '.join(files)}" + "".join(f"\n  --gin_param {b}" for b in args.gin_param + extra),
               flush=True)
         devices = aot.topology_devices(topo)
+        search = search or model.remat == "auto"  # the gin files leave it to the search
         if search:
             from qwen3_jax import remat_search
 

@@ -131,6 +131,16 @@ def _flops_split(cfg, seq_len: int, tokens_per_device: float, counted: dict) -> 
             "model_attention_share": attention / (attention + matmul)}
 
 
+def peak_bytes(mem, platform: str) -> tuple[int, str]:
+    """(peak bytes per device, where the figure comes from) of a compiled program's memory_analysis()."""
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    if peak and platform != "cpu":
+        return peak, "xla peak_memory_in_bytes"
+    # XLA:CPU's peak leaves out its temp allocation
+    live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    return live_io + mem.temp_size_in_bytes, "upper bound: arguments + output - alias + temp"
+
+
 def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=None) -> dict:
     """Compiles `program` (from `qwen3_jax.train.build.build` on `topo`'s devices) and returns the
     report: per-chip memory against HBM, FLOPs counted from the HLO vs the model's own count,
@@ -173,10 +183,7 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hbm = topo["hbm_bytes_per_chip"] // per_chip
     live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    peak_source = "xla peak_memory_in_bytes"
-    if not peak or devices[0].platform == "cpu":  # XLA:CPU's peak leaves out its temp allocation
-        peak, peak_source = live_io + mem.temp_size_in_bytes, "upper bound: arguments + output - alias + temp"
+    peak, peak_source = peak_bytes(mem, devices[0].platform)
     model_flops = flops_per_token(cfg, tc.seq_len) * tokens / len(devices)
     ragged_rows = None
     teacher = program.distill.cfg if program.distill is not None else None
@@ -219,10 +226,7 @@ def rollout_report(program, hbm_per_device: int, per_chip: int) -> dict:
     devices: the student's parameters, the prompts and the KV cache of prompt + completion."""
     compiled = program.lower_rollout().compile()
     mem = compiled.memory_analysis()
-    live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    if not peak or program.mesh.devices.flat[0].platform == "cpu":
-        peak = live_io + mem.temp_size_in_bytes
+    peak, _ = peak_bytes(mem, program.mesh.devices.flat[0].platform)
     tc = program.train
     return {"prompt_len": tc.onpolicy_prompt_len, "completion_len": tc.seq_len - tc.onpolicy_prompt_len + 1,
             "bytes_per_chip_peak": peak * per_chip, "bytes_per_chip_temp": mem.temp_size_in_bytes * per_chip,

@@ -17,8 +17,10 @@ ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "megablox")
 # Per-layer rematerialisation (qwen3_jax.model.transformer.remat_policy says what each saves):
 # none / full / XLA's dot policies, save_* = keep these named tensors in HBM, offload_* = keep
-# them in host memory (TPU pinned_host), recompute the rest in the backward pass.
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_attn", "save_attn_out",
+# them in host memory (TPU pinned_host), recompute the rest in the backward pass. auto = the
+# fewest-FLOPs policy that fits the devices' memory, chosen by compiling the candidates
+# (qwen3_jax.remat_search: at startup by train.build, for a slice by launch/aot_compile.py).
+REMAT_POLICIES = ("auto", "none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_attn", "save_attn_out",
                   "save_mlp", "save_attn_mlp", "offload_context", "offload_attn", "offload_attn_mlp")
 
 
@@ -73,17 +75,20 @@ class ModelConfig:
     # Numerics and implementation choices (not part of the architecture).
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), reference up to 1,024 tokens, chunked beyond,
+    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), reference up to 256 tokens, chunked beyond,
     # resolved for the mesh the step is traced for (qwen3_jax.model.attention_ops.resolve_impl)
     attention_impl: str = "auto"
-    attention_block: int = 512
+    # tile of the chunked and splash kernels; None: each kernel's own (attention_ops.DEFAULT_BLOCK)
+    attention_block: int | None = None
     # splash only: one backward kernel for dK, dV and dQ (scores recomputed once, not twice:
     # attention FLOPs with full remat 1.5x instead of 1.83x the model's count), at the cost of
     # up to 16 unreduced dQ copies of the layer's queries alive in its backward pass (AOT:
     # 235b-a22b at 32K on v5p-1024 1.60x -> 1.42x the model's FLOPs, same peak memory)
     splash_fused_bwd: bool = True
     moe_impl: str = "auto"
-    remat: str = "full"
+    # auto: resolved by train.build before the step is traced (on a CPU: 'none' whenever it fits
+    # the host's RAM); a model traced outside it (tests, inference) checkpoints as 'full'
+    remat: str = "auto"
     scan_layers: bool = True
 
     def __post_init__(self):
@@ -110,6 +115,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.moe_ffn_dim must be > 0 for MoE, got {self.moe_ffn_dim}")
             if self.decoder_sparse_step <= 0:
                 raise ValueError(f"ModelConfig.decoder_sparse_step must be > 0, got {self.decoder_sparse_step}")
+        if self.attention_block is not None and self.attention_block <= 0:
+            raise ValueError(f"ModelConfig.attention_block must be > 0 or None, got {self.attention_block}")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"ModelConfig.mlp_only_layers has indices outside 0..{self.num_layers - 1}: {bad}")

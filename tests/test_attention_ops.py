@@ -175,8 +175,15 @@ def test_dispatcher():
     q, k, v = _qkv(1, 16, 2, 1, 8)
     np.testing.assert_allclose(ops.attention(q, k, v, impl="chunked", block=4),
                                ops.attention(q, k, v, impl="reference"), atol=1e-5)
-    assert ops.resolve_impl("auto", 512, jnp.float32) == "reference"
+    assert ops.resolve_impl("auto", 256, jnp.float32) == "reference"
+    assert ops.resolve_impl("auto", 512, jnp.float32) == "chunked"
     assert ops.resolve_impl("auto", 8192, jnp.bfloat16) == "chunked"
+    # block None: each kernel's own tile (chunked 256); the result does not depend on it
+    q, k, v = _qkv(1, 600, 2, 1, 8)
+    np.testing.assert_allclose(ops.attention(q, k, v, impl="chunked"),
+                               ops.attention(q, k, v, impl="chunked", block=ops.DEFAULT_BLOCK["chunked"]), atol=0)
+    np.testing.assert_allclose(ops.attention(q, k, v, impl="chunked"), ops.attention(q, k, v, impl="reference"),
+                               atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention impl"):
         ops.attention(q, k, v, impl="nope")
     with pytest.raises(ValueError, match="self-attention"):

@@ -33,10 +33,10 @@ def test_stage_and_model_files_combine(stage, model):
     assert cfg.rope_theta == (1e6 if stage == "stage3" else 1e4)
     if stage == "stage3":
         assert gin.query_parameter("%SEQ_LEN") == 32768 == tc.seq_len
-    assert cfg.attention_impl == "auto"  # every stage: splash on TPU, chunked on CPU beyond 1,024 tokens
+    assert cfg.attention_impl == "auto"  # every stage: splash on TPU, chunked on CPU beyond 256 tokens
     assert tc.steps == gin.query_parameter("%STEPS") and tc.optim.schedule.kind in ("wsd", "cosine")
     if model.startswith("qwen3-"):
-        assert cfg.compute_dtype == "bfloat16" and cfg.remat == "full"  # small-moe's CPU overrides are gone
+        assert cfg.compute_dtype == "bfloat16" and cfg.remat == "auto"  # small-moe's CPU overrides are gone
 
 
 @pytest.mark.parametrize("slice_file", sorted(p.name for p in (ROOT / "configs" / "slices").glob("*.gin")))

@@ -119,7 +119,7 @@ def _temp_bytes(seq_len: int, *bindings: str) -> int:
 
 @pytest.mark.slow
 def test_long_sequences_use_linear_attention_memory():
-    """cpu_smoke at 8K and 32K tokens: the default attention ('auto' -> chunked beyond 1,024) keeps
+    """cpu_smoke at 8K and 32K tokens: the default attention ('auto' -> chunked beyond 256) keeps
     the step's temporaries growing no faster than the tokens; the reference kernel grows ~T^2."""
     m8, m32 = _temp_bytes(8192), _temp_bytes(32768)
     assert m32 < 4 * m8, (m8, m32)

@@ -24,7 +24,8 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, re
 
 
 def test_policy_names_and_error():
-    assert set(REMAT_POLICIES) == {"none", "full", "dots", "dots_no_batch"} | set(REMAT_NAMES)
+    assert set(REMAT_POLICIES) == {"auto", "none", "full", "dots", "dots_no_batch"} | set(REMAT_NAMES)
+    assert ModelConfig().remat == "auto"
     with pytest.raises(ValueError, match="remat='save_everything' is not one of .*save_attn_out"):
         ModelConfig(remat="save_everything")
 
@@ -105,6 +106,55 @@ def test_search_prunes_dominated_and_hopeless():
     remat_search.search(compile_policy, ["save_attn_out", "offload_attn", "full"], headroom=0.9)
     assert compiled == ["save_attn_out"]
     assert "save_attn_out" in remat_search.format_rows(rows, choice, 0.9)
+
+
+def _auto_program(monkeypatch=None, memory=None):
+    from qwen3_jax.train.build import build
+    from qwen3_jax.train.config import TrainConfig
+
+    if memory is not None:
+        monkeypatch.setattr(remat_search, "device_memory_bytes", lambda device: memory)
+    cfg = get_config("tiny-dense", compute_dtype="float32", num_layers=3)
+    tc = TrainConfig(steps=2, seq_len=128, batch_size=8, checkpoint_every=2)
+    return cfg, tc, build(cfg, tc, jax.devices()[:1])
+
+
+def test_build_auto_on_cpu_compiles_none_once_and_runs_that_program(capsys):
+    """remat='auto' on this host: 'none' fits its RAM, every other candidate keeps less (pruned),
+    so exactly one program is compiled, the same program an explicit remat='none' builds."""
+    from qwen3_jax.train.build import build, program_fingerprint
+
+    cfg, tc, program = _auto_program()
+    assert program.model.remat == "none" and program.compiled is not None
+    assert [r["policy"] for r in program.remat_rows if r["compiled"]] == ["none"]
+    assert all(r["reason"].startswith("dominated by none") for r in program.remat_rows if not r["compiled"])
+    explicit = build(cfg.replace(remat="none"), tc, jax.devices()[:1])
+    assert program_fingerprint(program.lowered) == program_fingerprint(explicit.lower())
+    assert "remat auto -> 'none'" in capsys.readouterr().out
+
+
+def test_build_auto_with_little_memory_picks_a_policy_that_fits(monkeypatch):
+    """Memory between what full remat and 'none' need: the choice is not 'none', fits, and its
+    compiled peak is the one the search measured; with less than full remat needs, a clear error."""
+    from qwen3_jax.aot import peak_bytes
+    from qwen3_jax.train.config import TrainingError
+
+    from qwen3_jax.train.build import build
+
+    cfg, tc, roomy = _auto_program()
+    none_peak = roomy.remat_rows[0]["peak_gib"] * 2**30
+    full_peak, _ = peak_bytes(build(cfg.replace(remat="full"), tc, jax.devices()[:1]).lower().compile()
+                              .memory_analysis(), "cpu")
+    assert full_peak < none_peak
+    memory = int((full_peak + none_peak) / 2 / remat_search.HEADROOM)
+    _, _, program = _auto_program(monkeypatch, memory)
+    assert program.model.remat not in ("none", "auto")
+    peak, _ = peak_bytes(program.compiled.memory_analysis(), "cpu")
+    assert peak <= remat_search.HEADROOM * memory
+    rows = {r["policy"]: r for r in program.remat_rows}
+    assert rows["none"]["compiled"] and not rows["none"]["fits"]
+    with pytest.raises(TrainingError, match="remat='auto': no remat policy fits"):
+        _auto_program(monkeypatch, int(full_peak * 0.5))
 
 
 def test_candidates_for_model_and_platform():

@@ -40,7 +40,9 @@ REMAT_NAMES = {  # policy -> (names kept in HBM, names offloaded to host memory)
 
 
 def remat_policy(name: str):
-    """The `jax.checkpoint` policy of `ModelConfig.remat` (None for 'none': no checkpoint)."""
+    """The `jax.checkpoint` policy of `ModelConfig.remat` (None for 'none': no checkpoint).
+    'auto' reaches the model only when it is traced outside `qwen3_jax.train.build` (which picks a
+    policy by compiling): it then saves nothing, as 'full' does."""
     if name == "none":
         return None
     if name in REMAT_NAMES:
@@ -50,7 +52,7 @@ def remat_policy(name: str):
         return jax.checkpoint_policies.save_and_offload_only_these_names(
             names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
             offload_src="device", offload_dst="pinned_host")
-    return {"full": jax.checkpoint_policies.nothing_saveable,
+    return {"full": jax.checkpoint_policies.nothing_saveable, "auto": jax.checkpoint_policies.nothing_saveable,
             "dots": jax.checkpoint_policies.dots_saveable,
             "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 

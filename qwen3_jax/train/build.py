@@ -1,7 +1,9 @@
 """One builder from (model config, train config, devices) to the compiled train step.
 
 `build()` returns a `Program`: the mesh, the abstract train state with its shardings, the batch
-spec, the jitted train and eval steps. The training loop runs `program.lower().compile()`; the
+spec, the jitted train and eval steps. With `model.remat == 'auto'` it compiles the remat
+candidates on the devices and returns the chosen one's Program, its step compiled
+(`qwen3_jax.remat_search.at_startup`). The training loop runs `program.lower().compile()`; the
 AOT tool (`launch/aot_compile.py`) compiles the same `program.lower()` for a TPU slice's devices.
 Nothing here reads gin or files, so what the AOT report describes is the program train.py runs
 on that topology: attention resolved for the target backend, remat, loss chunk, micro-batches,
@@ -46,6 +48,12 @@ class Program:
     distill: Any = None  # train.teacher: a qwen3_jax.train.distill.Distiller; the step then takes its params
     rollout: Callable | None = None  # on-policy: jitted (params, prompts, step, eos_id) -> the step's batch
     abstract_prompts: dict[str, jax.ShapeDtypeStruct] | None = None  # its [B, P] prompt rows
+    # remat='auto' (qwen3_jax.remat_search.at_startup): the step already compiled for the chosen
+    # policy, the search's rows, the seconds the search took
+    lowered: jax.stages.Lowered | None = None
+    compiled: jax.stages.Compiled | None = None
+    remat_rows: list[dict] | None = None
+    compile_s: float | None = None
 
     def lower_rollout(self) -> jax.stages.Lowered | None:
         """The on-policy sampling program (qwen3_jax.train.onpolicy), None off-policy."""
@@ -90,6 +98,11 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
     the devices or the parameters do not divide, a batch the data shards do not divide, a
     sequence length the model or the attention kernel cannot take."""
     tc.validate()
+    if model.remat == "auto":  # the cheapest policy that fits these devices, chosen by compiling
+        from qwen3_jax import remat_search
+
+        return remat_search.at_startup(lambda policy: build(model.replace(remat=policy), tc, devices, num_slices,
+                                                            process_count))
     try:
         mesh = sharding.make_mesh(tc.mesh, devices, num_slices)
         fallbacks = sharding.check_shardable(param_specs(model), mesh)

@@ -93,6 +93,7 @@ def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
     if tc.make_data is None:
         raise TrainingError("train.make_data is not set: nothing to train on")
     program = build(model, tc, devices)
+    model = program.model  # remat='auto' resolved
     if tc.init_from is not None:
         try:
             root, _ = ckpt.checkpoint_root(tc.init_from)
@@ -174,10 +175,10 @@ class _Run:
         if tc.make_eval_data is not None and tc.eval_every:
             self.eval_bytes_V = eval_bytes_table(program, data_it, model.vocab_size)
         t0 = time.time()
-        lowered = program.lower()
+        lowered = program.lowered or program.lower()  # remat='auto': compiled by build()'s search
         fingerprint = program_fingerprint(lowered)
-        step_fn = lowered.compile()
-        compile_s = time.time() - t0
+        step_fn = program.compiled or lowered.compile()
+        compile_s = time.time() - t0 + (program.compile_s or 0.0)
         if self.signals.requested:
             print(f"{self.signals.requested}: stopped before the first step; nothing new to save", flush=True)
             return {"step": start, "metrics": {}, "step_program": fingerprint, "interrupted": self.signals.requested}
