@@ -1,6 +1,7 @@
 """Train-step speed and memory on this machine: step time, tokens/s, model TFLOP/s, peak memory.
 
   python benchmarks/bench_train.py [--steps 5] [--only smoke|slice]
+  python benchmarks/bench_train.py --tiles     # attention on a CPU: reference vs chunked tile sizes
 
 Rows: the cpu_smoke model (small MoE, 8 x 256 tokens) and a 4-layer slice of qwen3-0.6b at
 4,096 tokens (batch 1), each with fp32 and bf16 compute (fp32 master parameters, AdamW).
@@ -85,6 +86,28 @@ def sweep(steps: int, max_run_t: int):
             print(f"| {T} | {impl} | {gib:.2f} | {run} |", flush=True)
 
 
+def tiles(steps: int):
+    """The attention `auto` picks on a CPU (attention_ops.AUTO_REFERENCE_MAX_T, DEFAULT_BLOCK):
+    the demo's model (small-moe, fp32, remat none, blocked experts) at its stage shapes, reference
+    vs chunked with 128/256/512-token tiles."""
+    from qwen3_jax.config import get_config
+    from qwen3_jax.model.attention_ops import DEFAULT_BLOCK, resolve_impl
+
+    print("\n| batch x T | attention | step s | tokens/s | vs reference |")
+    print("|---|---|---|---|---|")
+    for batch, T in ((8, 256), (2, 1024), (2, 2048)):
+        auto = resolve_impl("auto", T, "float32", jax.default_backend())
+        ref = None
+        for impl, block in (("reference", None), ("chunked", 128), ("chunked", 256), ("chunked", 512)):
+            cfg = get_config("small-moe", compute_dtype="float32", remat="none", rope_theta=1e6,
+                             attention_impl=impl, attention_block=block)
+            dt = measure(cfg, batch, T, steps)[1]
+            ref = ref or dt
+            name = impl + (f" {block}" if block else "")
+            mark = " (auto)" if (impl, block) == (auto, DEFAULT_BLOCK.get(auto)) else ""
+            print(f"| {batch}x{T} | {name}{mark} | {dt:.3f} | {batch * T / dt:,.0f} | {ref / dt:.2f}x |", flush=True)
+
+
 def measure(cfg, batch, seq_len, steps):
     prog = program(cfg, batch, seq_len)
     compiled = prog.lower().compile()
@@ -113,9 +136,13 @@ def main():
     p.add_argument("--loss-chunk", type=int, default=2048, help="0: full logits at once")
     p.add_argument("--sweep", action="store_true", help="stage-3 memory sweep T=4K..32K instead")
     p.add_argument("--max-run-t", type=int, default=32768, help="sweep: run steps only up to this T")
+    p.add_argument("--tiles", action="store_true", help="the CPU attention choice: reference vs chunked tiles")
     args = p.parse_args()
     if args.sweep:
         sweep(args.steps, args.max_run_t)
+        return
+    if args.tiles:
+        tiles(args.steps)
         return
     from qwen3_jax.config import get_config
 

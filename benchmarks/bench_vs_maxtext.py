@@ -13,15 +13,17 @@ ours (> 1: ours is faster).
 
 Settings:
   default  each side as documented for CPU. Ours: ModelConfig's defaults (moe_impl='auto',
-           i.e. the blocked expert form on CPU; its default remat; attention auto = reference
-           at 1,024 tokens) and TrainConfig's (loss in 2,048-position pieces), through
+           i.e. the blocked expert form on CPU; remat='auto', i.e. the fewest-FLOPs policy
+           that fits, 'none' on this host; attention auto = chunked in 256-token tiles at
+           1,024 tokens) and TrainConfig's (loss in 2,048-position pieces), through
            qwen3_jax.train.build.build — the builder launch/train.py uses. MaxText:
            `maxtext.trainers.pre_train.train` with base.yml's defaults (remat full, scanned
            layers, sparse_matmul) plus hardware=cpu, attention=dot_product, megablox=false (its
            Pallas kernel is TPU-only).
-  matched  the same work on both sides as far as the two allow: full remat on both, and the
-           same expert form, `jax.lax.ragged_dot` over the sorted assignments (ours
-           moe_impl='ragged', MaxText sparse_matmul=true megablox=false); loss in one piece.
+  matched  the same work on both sides as far as the two allow: full remat on both, attention
+           materialising the scores (ours reference, MaxText dot_product), and the same expert
+           form, `jax.lax.ragged_dot` over the sorted assignments (ours moe_impl='ragged',
+           MaxText sparse_matmul=true megablox=false); loss in one piece.
 
 Measured 2026-11-29 on the 2-core box with nothing else running (`--runs 3 --settings default`;
 `--runs 1 --settings matched`), s/step, median over runs:
@@ -129,7 +131,7 @@ def our_config(case: str, setting: str):
     preset = "qwen3-0.6b" if case == "dense" else "qwen3-30b-a3b"
     over = dict(SHAPES, compute_dtype="float32", param_dtype="float32", **(MOE if case == "moe" else {}))
     if setting == "matched":
-        over.update(remat="full", moe_impl="ragged") if case == "moe" else over.update(remat="full")
+        over.update(remat="full", attention_impl="reference", **({"moe_impl": "ragged"} if case == "moe" else {}))
     return get_config(preset, **over)
 
 
@@ -151,7 +153,7 @@ def ours_worker(case: str, setting: str, steps: int) -> None:
     batch = dict(tokens=tok, targets=np.roll(tok, -1, 1), loss_mask=np.ones((BATCH, SEQ), np.float32),
                  segment_ids=np.ones((BATCH, SEQ), np.int32),
                  positions=np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)))
-    step = prog.lower().compile()
+    step = prog.compiled or prog.lower().compile()  # remat='auto': compiled by build()
     times, loss = [], None
     for _ in range(steps):
         t = time.perf_counter()
@@ -160,7 +162,7 @@ def ours_worker(case: str, setting: str, steps: int) -> None:
         times.append(time.perf_counter() - t)
     from qwen3_jax.model.moe_compute import resolve_impl
 
-    info = dict(remat=cfg.remat, attention=prog.attention, loss_chunk=tc.loss_chunk,
+    info = dict(remat=prog.model.remat, attention=prog.attention, loss_chunk=tc.loss_chunk,
                 moe_impl=resolve_impl(cfg.moe_impl, "cpu", cfg.d_model, cfg.moe_ffn_dim) if cfg.is_moe else "-")
     # the compile happened before the loop: all steps count but the first (warm-up)
     print(RESULT_TAG + json.dumps(dict(step_s=statistics.median(times[1:]), steps=times, loss=loss, **info)),

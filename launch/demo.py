@@ -72,6 +72,24 @@ def sample(workdir: Path, hf_dir: Path, spm_model: Path, n_new: int = 48) -> str
     return "\n".join(lines)
 
 
+def evaluate(work: Path, parts: dict, seq_len: int, max_batches: int) -> str:
+    """Held-out bits per byte of the final checkpoint (launch/evaluate.py: the documents training
+    never saw), per dataset and pooled over both (total bits / total bytes)."""
+    import json
+    import math
+
+    print(f"\n=== held-out bits per byte after stage 3 ({seq_len} tokens) ===", flush=True)
+    out = work / "heldout.json"
+    sh(["launch/evaluate.py", "--checkpoint", str(work / "stage3"), *[a for k, v in sorted(parts.items())
+        for a in ("--data", f"{k}={v}")], "--seq_len", str(seq_len), "--batch_size", "2",
+        "--max_batches", str(max_batches), "--json", str(out)])
+    held = json.loads(out.read_text())["heldout"]
+    bits = sum(r["loss"] * r["tokens"] for r in held.values()) / math.log(2)
+    pooled = bits / sum(r["bytes"] for r in held.values())
+    return ", ".join(f"{k} {r['bits_per_byte']:.3f}" for k, r in sorted(held.items())) + \
+        f", pooled {pooled:.3f} bits/byte"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
@@ -112,13 +130,17 @@ def main(argv=None) -> int:
         stage("stage3", work, n(40), 2048, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "lr_schedule.peak_lr=3e-4",
               "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)", **kw)
 
+    heldout = evaluate(work, parts, seq_len=256 if args.quick else 2048, max_batches=2 if args.quick else 8)
+    trained_s = time.time() - t0
+
     print("\n=== export stage 3 to Hugging Face ===", flush=True)
     hf_dir = work / "hf"
     sh(["launch/convert_hf.py", "export", "--checkpoint", str(work / "stage3"), "--out", str(hf_dir),
         "--dtype", "float32", "--tokenizer", str(spm_model), "--overwrite"])
     print(f"\n=== sample (temperature 0.7, top-k 40, prompt {PROMPT!r}) ===", flush=True)
     print(sample(work / "stage3", hf_dir, spm_model), flush=True)
-    print(f"\ndemo finished in {time.time() - t0:.0f}s: runs in {work}/stage{{1,2,3}} (metrics.jsonl, tensorboard/), "
+    print(f"\nheld-out after stage 3: {heldout}; data + 3 stages + eval in {trained_s:.0f} s", flush=True)
+    print(f"demo finished in {time.time() - t0:.0f}s: runs in {work}/stage{{1,2,3}} (metrics.jsonl, tensorboard/), "
           f"Hugging Face folder {hf_dir}", flush=True)
     return 0
 

@@ -2,6 +2,7 @@
 the logged metrics (tokens/s, TFLOP/s, MFU, eval loss), and `make demo` in miniature."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -171,3 +172,7 @@ def test_demo_quick_runs_the_three_stages_exports_and_agrees_with_transformers(d
     assert (hf / "config.json").exists() and list(hf.glob("*.safetensors"))
     assert "[transformers] loads the export; first 16 greedy tokens agree with ours" in r.stdout
     assert "[qwen3_jax] import os" in r.stdout and "demo finished" in r.stdout
+    m = re.search(r"held-out after stage 3: code ([\d.]+), docs ([\d.]+), pooled ([\d.]+) bits/byte", r.stdout)
+    assert m and all(0 < float(x) < 16 for x in m.groups()), r.stdout[-3000:]
+    held = json.loads((tmp_path / "demo" / "heldout.json").read_text())["heldout"]
+    assert set(held) == {"code", "docs"} and abs(held["code"]["bits_per_byte"] - float(m.group(1))) < 1e-3

@@ -20,8 +20,7 @@ Implementations:
 
 `block` None is the kernel's own tile (DEFAULT_BLOCK): 512 for splash; 256 for chunked, which on
 a CPU train step (small-moe, 2,048 tokens) runs 1.4x faster than 512-token tiles and 2.6x faster
-than reference, and at 1,024 tokens 1.9x faster than reference (benchmarks/bench_attention.py
---train_step).
+than reference, and at 1,024 tokens 1.9x faster than reference (benchmarks/bench_train.py --tiles).
 """
 
 from __future__ import annotations

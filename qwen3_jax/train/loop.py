@@ -206,7 +206,8 @@ class _Run:
             print(f"on-policy: the student samples {tc.seq_len - tc.onpolicy_prompt_len + 1} tokens after prompts of "
                   f"up to {tc.onpolicy_prompt_len} tokens ({tc.onpolicy_sampling()}, end-of-text id {eos})", flush=True)
         print(f"training {model.name} ({'MoE' if model.is_moe else 'dense'}) on {len(self.devs)} "
-              f"{self.devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}: "
+              f"{self.devs[0].platform} device(s), mesh {dict(program.mesh.shape)}, attention {program.attention}, "
+              f"remat {model.remat}: "
               f"steps {start}->{tc.steps}, {self.tokens_per_step:,} tokens/step, {self.fpt / 1e9:.3f} GFLOP/token, "
               f"step program {fingerprint}", flush=True)
         prefetch = BatchPrefetcher(data_it, lambda b: _global_batch(b, program))
