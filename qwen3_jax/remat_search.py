@@ -145,6 +145,10 @@ def format_rows(rows: list[dict], choice: str | None, headroom: float) -> str:
     return "\n".join(lines)
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def device_memory_bytes(device) -> int | None:
     """Memory one device may use: the allocator's limit on an accelerator; on a CPU, the host's RAM
     shared equally by its CPU devices (as `aot.parse_topology('cpu')`). None when unknown."""
@@ -198,8 +202,8 @@ def at_startup(build_policy: Callable[[str], Any], headroom: float = HEADROOM):
     program = built[choice]
     program.remat_rows, program.compile_s = rows, time.time() - t0
     compiled = sum(r["compiled"] for r in rows)
-    peak = next(r["peak_gib"] for r in rows if r["policy"] == choice)
-    print(f"remat auto -> {choice!r}: peak {peak:.2f} of {limit / 2**30:.1f} GiB per {device.platform} device "
+    peak = next(r["peak_gib"] for r in rows if r["policy"] == choice) * 2**30
+    print(f"remat auto -> {choice!r}: peak {_size(peak)} of {_size(limit)} per {device.platform} device "
           f"({compiled} of {len(rows)} candidates compiled)", flush=True)
     if compiled > 1:
         print(format_rows(rows, choice, headroom), flush=True)

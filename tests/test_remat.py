@@ -114,8 +114,8 @@ def _auto_program(monkeypatch=None, memory=None):
 
     if memory is not None:
         monkeypatch.setattr(remat_search, "device_memory_bytes", lambda device: memory)
-    cfg = get_config("tiny-dense", compute_dtype="float32", num_layers=3)
-    tc = TrainConfig(steps=2, seq_len=128, batch_size=8, checkpoint_every=2)
+    cfg = get_config("tiny-dense", compute_dtype="float32", num_layers=2)
+    tc = TrainConfig(steps=2, seq_len=64, batch_size=4, checkpoint_every=2)
     return cfg, tc, build(cfg, tc, jax.devices()[:1])
 
 
