@@ -58,6 +58,14 @@ MEMORY_FIELDS = {
 }
 
 
+def cpu_device_memory() -> int:
+    """The host's RAM shared equally by this process's CPU devices: what one CPU device may use."""
+    import jax
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // max(len(jax.local_devices(backend="cpu")), 1)
+
+
 def parse_topology(name: str, num_slices: int = 1) -> dict:
     """'v5p-1024' / 'v6e-256' / 'v5p:8x8x8' -> {name (libtpu), chips, hbm_bytes_per_chip}; 'cpu':
     this host's devices, each with an equal share of its RAM."""
@@ -65,9 +73,8 @@ def parse_topology(name: str, num_slices: int = 1) -> dict:
         import jax
 
         n = len(jax.devices("cpu"))
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return {"accelerator": "cpu", "libtpu_name": f"host ({n} cpu devices)", "chips": n, "num_slices": 1,
-                "hbm_bytes_per_chip": ram // n, "wrap": (False, False, False)}
+                "hbm_bytes_per_chip": cpu_device_memory(), "wrap": (False, False, False)}
     m = re.fullmatch(r"(v\d+[a-z]*|v5litepod)[-:](.+)", name.strip().lower())
     if not m or m.group(1) not in CHIPS:
         raise ValueError(f"unknown TPU accelerator {name!r}; use e.g. v5p-1024, v6e-256, v5e-256, v4-128 "

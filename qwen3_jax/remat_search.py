@@ -16,7 +16,6 @@ fit keeps cannot fit either (skipped: "cannot fit").
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
@@ -151,12 +150,11 @@ def _size(nbytes: float) -> str:
 
 def device_memory_bytes(device) -> int | None:
     """Memory one device may use: the allocator's limit on an accelerator; on a CPU, the host's RAM
-    shared equally by its CPU devices (as `aot.parse_topology('cpu')`). None when unknown."""
+    shared equally by its CPU devices (`aot.cpu_device_memory`, as `--topology cpu`). None when unknown."""
     if device.platform == "cpu":
-        import jax
+        from qwen3_jax.aot import cpu_device_memory
 
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return ram // max(len(jax.local_devices(backend="cpu")), 1)
+        return cpu_device_memory()
     try:
         stats = device.memory_stats() or {}
     except Exception:  # noqa: BLE001  topology devices (AOT) have no allocator
@@ -195,10 +193,10 @@ def at_startup(build_policy: Callable[[str], Any], headroom: float = HEADROOM):
     policies = candidates(first.model, device.platform)
     choice, _, rows = search(compile_policy, policies, headroom)
     if choice is None:
-        raise TrainingError(f"model_config.remat='auto': no remat policy fits {headroom:.0%} of "
-                            f"{limit / 2**30:.1f} GiB per {device.platform} device (full remat needs "
-                            f"{next((r['peak_gib'] for r in rows if r['policy'] == 'full'), float('nan')):.1f} GiB); "
-                            f"shrink BATCH_SIZE / SEQ_LEN, raise train.micro_batches or shard over more devices")
+        full = next((r["peak_gib"] * 2**30 for r in rows if r["policy"] == "full"), float("nan"))
+        raise TrainingError(f"model_config.remat='auto': no remat policy fits {headroom:.0%} of {_size(limit)} "
+                            f"per {device.platform} device (full remat needs {_size(full)}); shrink BATCH_SIZE / "
+                            f"SEQ_LEN, raise train.micro_batches or shard over more devices")
     program = built[choice]
     program.remat_rows, program.compile_s = rows, time.time() - t0
     compiled = sum(r["compiled"] for r in rows)
