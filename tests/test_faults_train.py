@@ -279,7 +279,7 @@ else:
     sys.unraisablehook = hook
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 with ocp.CheckpointManager(root) as m:
-    for _ in range(60):  # the echoes depend on timing: restore until some have come
+    for _ in range(300):  # the echoes depend on timing: restore until some have come (60 tries once gave none)
         try:
             m.restore(1, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
         except Exception:
