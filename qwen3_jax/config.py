@@ -20,8 +20,37 @@ MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "megablox")
 # them in host memory (TPU pinned_host), recompute the rest in the backward pass. auto = the
 # fewest-FLOPs policy that fits the devices' memory, chosen by compiling the candidates
 # (qwen3_jax.remat_search: at startup by train.build, for a slice by launch/aot_compile.py).
-REMAT_POLICIES = ("auto", "none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_attn", "save_attn_out",
-                  "save_mlp", "save_attn_mlp", "offload_context", "offload_attn", "offload_attn_mlp")
+# Tensors a layer names with `jax.ad_checkpoint.checkpoint_name` (per token, bf16 at Qwen3 sizes):
+#   qkv_proj  q, k, v projections before QK-norm and RoPE        (N+2K)·H   (model/attention.py)
+#   context   attention output [B,T,N,H]; splash also names its log-sum-exp with it   N·H
+#   out_proj  o_proj output, the attention block's residual update  D
+#   mlp_wi    dense SwiGLU gate and up projections                  2·F        (model/layers.py)
+#   moe_wi    the experts' gate and up projections, per assignment  2·k·F      (model/moe_compute.py)
+#             (dropless expert parallelism: of the first moe_saved_rows·N·k rows of the
+#             worst-case receive buffer; the rest are always recomputed, model/moe_ep.py)
+# A policy keeps (in HBM) or offloads (to host memory) the named tensors and recomputes the rest
+# of the layer in the backward pass; the layer input (the scan carry) is always kept. Keeping
+# moe_wi saves recomputing 2 of the experts' 3 matmuls (the down projection's output is still
+# recomputed: the router weights' gradient needs it).
+REMAT_NAMES = {  # policy -> (names kept in HBM, names offloaded to host memory)
+    "save_qkv_proj": (("qkv_proj",), ()),
+    "save_attn": (("qkv_proj", "context"), ()),
+    "save_attn_out": (("qkv_proj", "context", "out_proj"), ()),
+    "save_mlp": (("mlp_wi",), ()),
+    "save_attn_mlp": (("qkv_proj", "context", "out_proj", "mlp_wi"), ()),
+    "save_moe": (("moe_wi",), ()),
+    "save_attn_moe": (("qkv_proj", "context", "out_proj", "moe_wi"), ()),
+    "offload_context": ((), ("context",)),
+    "offload_attn": ((), ("qkv_proj", "context", "out_proj")),
+    "offload_attn_mlp": ((), ("qkv_proj", "context", "out_proj", "mlp_wi")),
+    "save_moe_offload_attn": (("moe_wi",), ("qkv_proj", "context", "out_proj")),
+}
+REMAT_POLICIES = ("auto", "none", "full", "dots", "dots_no_batch", *REMAT_NAMES)
+
+
+def remat_keeps(policy: str, name: str) -> bool:
+    """Whether `policy` keeps (in HBM or host memory) the tensors named `name`."""
+    return name in sum(REMAT_NAMES.get(policy, ((), ())), ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +118,12 @@ class ModelConfig:
     # auto: resolved by train.build before the step is traced (on a CPU: 'none' whenever it fits
     # the host's RAM); a model traced outside it (tests, inference) checkpoints as 'full'
     remat: str = "auto"
+    # expert parallelism, dropless, under a remat policy that keeps `moe_wi`: the receive buffer is
+    # sized for the worst case (every token of the expert group on this device), so the policy keeps
+    # the experts' gate/up outputs of its first ceil(moe_saved_rows · N·k) sorted rows (N·k = what
+    # a device receives on average); the rows past them, there only when routing sends a device
+    # more, are computed apart and recomputed in the backward pass (qwen3_jax.model.moe_ep)
+    moe_saved_rows: float = 1.25
     scan_layers: bool = True
 
     def __post_init__(self):
@@ -115,6 +150,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.moe_ffn_dim must be > 0 for MoE, got {self.moe_ffn_dim}")
             if self.decoder_sparse_step <= 0:
                 raise ValueError(f"ModelConfig.decoder_sparse_step must be > 0, got {self.decoder_sparse_step}")
+        if self.moe_saved_rows <= 0:
+            raise ValueError(f"ModelConfig.moe_saved_rows must be > 0, got {self.moe_saved_rows}")
         if self.attention_block is not None and self.attention_block <= 0:
             raise ValueError(f"ModelConfig.attention_block must be > 0 or None, got {self.attention_block}")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]

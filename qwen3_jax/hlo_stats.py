@@ -20,6 +20,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from qwen3_jax.model.moe_compute import OVERFLOW_SCOPE
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
@@ -331,7 +333,9 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
     scan, micro-batches), which XLA's cost_analysis counts once. Kernels (custom calls) that
     cost_analysis does not see: ragged_dot / megablox gmm and tgmm count 2·rows·K·N with
     `ragged_rows` rows (the assignments this device really receives) instead of their buffer's
-    worst case; splash attention 4 (forward), 8 (dK,dV), 6 (dQ) or 10 (fused dK,dV,dQ) ·B·N·T·S·H,
+    worst case, those over the rows past a buffer's saved part (moe_compute.OVERFLOW_SCOPE:
+    rows there only when routing sends a device more than ModelConfig.moe_saved_rows x its
+    share) none; splash attention 4 (forward), 8 (dK,dV), 6 (dQ) or 10 (fused dK,dV,dQ) ·B·N·T·S·H,
     halved when causal (the two-kernel backward recomputes the scores twice: 1.83x the model's
     attention count with full remat; the fused one once: 1.5x).
     Elementwise work (norms, softmax, SwiGLU gating) is not counted: it is < 1% here.
@@ -395,6 +399,8 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
                 else:
                     continue
                 rows = min(M, ragged_rows) if ragged_rows else M
+                if ragged_rows and OVERFLOW_SCOPE in tag:  # past the saved rows: none expected
+                    rows = 0
                 out["grouped_matmul"] += mult[c] * 2.0 * rows * K * N
                 out["grouped_matmul_buffer"] += mult[c] * 2.0 * M * K * N
     res = dict(out)

@@ -1,17 +1,21 @@
-"""Pick the layer remat policy for a slice: compile the candidates, keep the fewest FLOPs that fit.
+"""Pick the layer remat policy for a slice: compile the candidates, keep the fastest that fits.
 
 `launch/aot_compile.py --remat auto` (pruned) and `--remat_search` (every candidate) call `search`
 with a function that compiles the real step for one policy (`model_config.remat = '<policy>'`,
 everything else from the training command's gin files) and returns its AOT report. The choice:
 among the candidates whose peak HBM is at most `headroom` x HBM (and whose host-offloaded
-buffers fit the host's RAM per chip), the fewest compiled FLOPs; FLOPs within 0.5% of each other
-count as a tie, broken by the predicted step time (`qwen3_jax.step_time`). Nothing is changed
-silently: the result is a report row per candidate and the gin line to write into the slice file.
+buffers fit the host's RAM per chip), the fewest compiled FLOPs among those whose predicted step
+time (`qwen3_jax.step_time`, TPU targets) is within 2% of the fastest's. Fewer FLOPs are not
+always faster: keeping the MoE experts' gate/up outputs (`moe_wi`) saves recomputing two of their
+three matmuls, but on an HBM-bound step the extra ops over the dropless buffer cost more than the
+FLOPs save (235B-A22B stage 1, benchmarks/aot_reports/235b_s1.json). Without a prediction (train.py
+at startup) FLOPs alone decide, within 0.5%. Nothing is changed silently: the result is a report
+row per candidate and the gin line to write into the slice file.
 
-Pruning (`--remat auto`): a policy that keeps fewer of the tensors a fitting policy keeps can only
-recompute more, one that keeps the same ones but offloads at least as many can only move more to
-the host (skipped: "dominated"); one that keeps in HBM a superset of what a policy that does not
-fit keeps cannot fit either (skipped: "cannot fit").
+Pruning (`--remat auto`): a policy that keeps fewer of the tensors a fitting policy keeps, and no
+more of them in HBM, can only recompute more; one that keeps the same ones but offloads at least
+as many can only move more to the host (skipped: "dominated"); one that keeps in HBM a superset
+of what a policy that does not fit keeps cannot fit either (skipped: "cannot fit").
 """
 
 from __future__ import annotations
@@ -20,14 +24,14 @@ import time
 from typing import Any, Callable
 
 from qwen3_jax import step_time
-from qwen3_jax.config import REMAT_POLICIES, ModelConfig
-from qwen3_jax.model.transformer import REMAT_NAMES
+from qwen3_jax.config import REMAT_NAMES, REMAT_POLICIES, ModelConfig
 
 HEADROOM = 0.9
 FLOPS_TIE = 0.005
+TIME_TIE = 0.02
 # most kept first: the first candidates that fit prune the rest
-CANDIDATES = ("none", "save_attn_mlp", "offload_attn_mlp", "save_attn_out", "offload_attn", "save_mlp",
-              "save_attn", "save_qkv_proj", "offload_context", "full")
+CANDIDATES = ("none", "save_attn_mlp", "save_attn_moe", "offload_attn_mlp", "save_moe_offload_attn", "save_attn_out",
+              "offload_attn", "save_mlp", "save_moe", "save_attn", "save_qkv_proj", "offload_context", "full")
 _EVERYTHING = frozenset({"*"})  # 'none' keeps every intermediate
 
 
@@ -48,21 +52,22 @@ def _subset(a: frozenset, b: frozenset) -> bool:
 
 
 def candidates(cfg: ModelConfig, platform: str, only: list[str] | None = None) -> list[str]:
-    """The policies to try for `cfg` on `platform`, most kept first. Without `only`: no MLP names
-    for a model without dense layers (they would repeat the attention-only policies), no host
-    offload off TPU (the host's RAM is the device's memory there)."""
+    """The policies to try for `cfg` on `platform`, most kept first. Without `only`: no dense-MLP
+    (MoE) names for a model without dense (MoE) layers (they would repeat the attention-only
+    policies), no host offload off TPU (the host's RAM is the device's memory there)."""
     if only:
         bad = [p for p in only if p not in REMAT_POLICIES]
         if bad:
             raise ValueError(f"remat candidates {bad} are not among ModelConfig.remat's {REMAT_POLICIES}")
         return list(only)
-    has_dense = any(not moe for moe, _, _ in cfg.layer_runs())
+    kinds = {moe for moe, _, _ in cfg.layer_runs()}
     out = []
     for p in CANDIDATES:
         names = kept(p)[0]
-        if not has_dense and names != _EVERYTHING and "mlp_wi" in names:
+        if names != _EVERYTHING and (("mlp_wi" in names and False not in kinds) or
+                                     ("moe_wi" in names and True not in kinds)):
             continue
-        if platform != "tpu" and p.startswith("offload_"):
+        if platform != "tpu" and kept(p) is not None and kept(p)[0] != kept(p)[1]:  # host offload
             continue
         out.append(p)
     return out
@@ -89,7 +94,7 @@ def _skip(policy: str, rows: list[dict]) -> str | None:
             continue
         same = k[0] == other[0]
         offloads_more = not (other[0] - other[1]) - (k[0] - k[1]) if same else False
-        if r["fits"] and ((_subset(k[0], other[0]) and not same) or offloads_more):
+        if r["fits"] and ((_subset(k[0], other[0]) and _subset(k[1], other[1]) and not same) or offloads_more):
             return f"dominated by {r['policy']} (keeps {'the same tensors, no more in HBM,' if same else 'more'} and fits)"
         if not r["fits"] and _subset(other[1], k[1]) and _subset(other[0], k[0]):
             return f"cannot fit: keeps in HBM at least what {r['policy']} keeps, which does not fit"
@@ -122,6 +127,9 @@ def search(compile_policy: Callable[[str], dict], policies: list[str], headroom:
     ok = [r for r in rows if r["compiled"] and r["fits"]]
     if not ok:
         return None, None, rows
+    if all(r["estimate_s"] for r in ok):  # the fastest predicted, then the fewest FLOPs
+        fastest = min(r["estimate_s"] for r in ok)
+        ok = [r for r in ok if r["estimate_s"] <= fastest * (1 + TIME_TIE)]
     least = min(r["flops_per_chip"] for r in ok)
     tied = [r for r in ok if r["flops_per_chip"] <= least * (1 + FLOPS_TIE)]
     best = min(tied, key=lambda r: (r["estimate_s"] if r["estimate_s"] is not None else 0.0, r["flops_per_chip"]))
@@ -129,7 +137,8 @@ def search(compile_policy: Callable[[str], dict], policies: list[str], headroom:
 
 
 def format_rows(rows: list[dict], choice: str | None, headroom: float) -> str:
-    lines = [f"  remat candidates (fits: peak <= {headroom:.0%} of HBM; fewest FLOPs, then predicted time):",
+    lines = [f"  remat candidates (fits: peak <= {headroom:.0%} of HBM; the fastest predicted step within "
+             f"{TIME_TIE:.0%}, then fewest FLOPs):",
              f"    {'policy':<18} {'peak GiB':>9} {'host GiB':>9} {'FLOPs/model':>12} {'est. step':>10} {'MFU':>5}"]
     for r in rows:
         mark = "*" if r["policy"] == choice else " "

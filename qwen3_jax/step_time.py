@@ -23,9 +23,11 @@ it with one published MaxText figure (benchmarks/bench_aot.py --published).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from qwen3_jax import hlo_stats
+from qwen3_jax.model.moe_compute import OVERFLOW_SCOPE
 
 OVERLAP = 0.9  # share of the compute/HBM time collectives and host transfers can hide behind
 
@@ -158,13 +160,18 @@ def hbm_bytes(hlo_text: str, ragged_rows: float | None = None) -> float:
             if op in _FREE or op.endswith("-done"):
                 continue
             nbytes = size[name] + sum(size.get(o, 0) for o in operands)
-            if op == "dynamic-update-slice" and len(operands) > 1:
+            if op in ("dynamic-update-slice-start", "dynamic-slice-start"):  # async, e.g. remat offload
+                moved, host = _moved_slice(hlo_stats._INSTR.match(line).group(2))
+                nbytes = moved if host else 2 * moved  # a host-memory side moves over PCIe, not HBM
+            elif op == "dynamic-update-slice" and len(operands) > 1:
                 nbytes = 2 * size.get(operands[1], 0)
             elif op == "dynamic-slice":
                 nbytes = 2 * size[name]
             elif op == "fusion":
                 called = re.search(r"calls=%?([\w.\-]+)", line)
                 nbytes = _fusion_bytes(name, operands, comps.get(called.group(1), []) if called else [], size, comps)
+            elif ragged_rows and op == "custom-call" and _GMM.search(line) and OVERFLOW_SCOPE in line:
+                nbytes = 0.0  # grouped matmuls past a buffer's saved rows: no rows expected, no tiles run
             elif ragged_rows and (op == "ragged-all-to-all" or (op == "custom-call" and _GMM.search(line))):
                 nbytes = sum(size.get(n, 0) * (min(1.0, ragged_rows / lead[n]) if lead.get(n) else 1.0)
                              for n in (name, *operands))
@@ -240,9 +247,18 @@ def _fusion_bytes(name: str, operands: list[str], lines: list[str], size: dict, 
     return total
 
 
+def _moved_slice(type_text: str) -> tuple[int, bool]:
+    """An async dynamic-(update-)slice's bytes moved (the slice: the second array of its
+    ((operands), result, context) type) and whether its buffer is in host memory (S(5))."""
+    arrays = [(dt, dims) for dt, dims in hlo_stats._shapes(type_text) if dims]
+    dt, dims = arrays[1] if len(arrays) > 1 else arrays[0]
+    return hlo_stats._DTYPE_BYTES.get(dt, 4) * math.prod(dims), "S(5)" in type_text
+
+
 def offload_bytes(hlo_text: str) -> float:
     """Bytes per device the step copies from HBM to host memory (remat offload), × trip counts:
-    outputs of ops placed in host memory space S(5)."""
+    outputs of ops placed in host memory space S(5), and the slices async dynamic-update-slices
+    write into a host buffer (the layer scan's stacked offloaded residuals)."""
     comps, entry = hlo_stats._computations(hlo_text)
     if entry is None:
         return 0.0
@@ -253,7 +269,9 @@ def offload_bytes(hlo_text: str) -> float:
             continue
         for line in lines:
             m = hlo_stats._INSTR.match(line)
-            if m and m.group(3) in ("copy-start", "copy", "dynamic-update-slice", "fusion") and "S(5)" in m.group(2):
+            if m and m.group(3) == "dynamic-update-slice-start" and "S(5)" in m.group(2):
+                total += mult[c] * _moved_slice(m.group(2))[0]
+            elif m and m.group(3) in ("copy-start", "copy", "dynamic-update-slice", "fusion") and "S(5)" in m.group(2):
                 host = [t for t in re.findall(r"\w+\[[\d,]*\]\{[^}]*S\(5\)[^}]*\}", m.group(2))]
                 total += mult[c] * sum(hlo_stats._nbytes(t) for t in host[:1])
     return total

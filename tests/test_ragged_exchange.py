@@ -173,7 +173,7 @@ def _gather_fn(mesh_name, capacity_factor=None):
                    compiler_options=XLA_OPTS)
 
 
-def _emulated_ragged(mesh_name, x, w, ids, gate, up, down, capacity_factor=None):
+def _emulated_ragged(mesh_name, x, w, ids, gate, up, down, capacity_factor=None, saved=None):
     """moe_ep's ragged exchange, device by device as experts_parallel lays it out: the batch is
     split over (fsdp, expert) in that order, each fsdp index an independent expert group."""
     cfg = MESHES[mesh_name]
@@ -181,7 +181,7 @@ def _emulated_ragged(mesh_name, x, w, ids, gate, up, down, capacity_factor=None)
     n = TOKENS // (X * groups)
     E_loc = E // X
     cap = moe_ep.capacity_per_source(n, K, E, capacity_factor)
-    body = functools.partial(moe_ep._ragged_body, cap=cap, tensor_axes=())
+    body = functools.partial(moe_ep._ragged_body, cap=cap, tensor_axes=(), saved=saved)
     out = []
     for g in range(groups):
         per_device = []
@@ -204,6 +204,19 @@ def test_ragged_exchange_equals_gather_exchange_dropless(routing):
         np.testing.assert_allclose(gathered, want, rtol=1e-5, atol=1e-5, err_msg=f"gather {mesh_name}")
         got = _emulated_ragged(mesh_name, x, w, ids, gate, up, down)
         np.testing.assert_allclose(got, gathered, rtol=1e-5, atol=1e-5, err_msg=f"ragged {routing} {mesh_name}")
+
+
+@pytest.mark.parametrize("routing", ["random", "skewed", "one_expert"])
+def test_ragged_exchange_with_saved_rows_is_dropless(routing):
+    """moe_saved_rows: the buffer's rows past ceil(saved·N·k) go through their own grouped
+    matmuls. Below 1 (every device overflows it), at 1.25 (the skewed routings overflow) and at
+    the worst case, the result is the gather exchange's: nothing is dropped."""
+    x, w, gate, up, down = _inputs(5)
+    ids = jnp.asarray(_routing(routing, 6), jnp.int32)
+    gathered = _gather_fn("ep4_fsdp2")(x, w, ids, gate, up, down)
+    for saved in (0.5, 1.25, 4.0):
+        got = _emulated_ragged("ep4_fsdp2", x, w, ids, gate, up, down, saved=saved)
+        np.testing.assert_allclose(got, gathered, rtol=1e-5, atol=1e-5, err_msg=f"saved {saved}")
 
 
 @pytest.mark.parametrize("routing", ["random", "skewed", "one_expert"])

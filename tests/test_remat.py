@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from qwen3_jax import remat_search
-from qwen3_jax.config import REMAT_POLICIES, ModelConfig, get_config
-from qwen3_jax.model.transformer import REMAT_NAMES, create_model
+from qwen3_jax.config import REMAT_NAMES, REMAT_POLICIES, ModelConfig, get_config
+from qwen3_jax.model.transformer import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
@@ -30,9 +30,10 @@ def test_policy_names_and_error():
         ModelConfig(remat="save_everything")
 
 
-def _loss_and_grads(preset: str, policies, scan: bool = True):
+def _loss_and_grads(preset: str, policies, scan: bool = True, moe_impl: str = "dense"):
     """One jitted program: loss and gradients of the same parameters under each policy."""
-    cfgs = [get_config(preset, compute_dtype="float32", moe_impl="dense", remat=p, scan_layers=scan) for p in policies]
+    cfgs = [get_config(preset, compute_dtype="float32", moe_impl=moe_impl, remat=p, scan_layers=scan)
+            for p in policies]
     graphs, state = [], None
     for cfg in cfgs:
         g, st = nnx.split(create_model(cfg, seed=0))
@@ -51,12 +52,14 @@ def _loss_and_grads(preset: str, policies, scan: bool = True):
 @pytest.mark.parametrize("preset,policies", [
     pytest.param("tiny-dense", REMAT_POLICIES, marks=pytest.mark.slow),  # one program, 12 policies
     ("tiny-dense", ("none", "save_attn_mlp", "offload_attn_mlp", "save_qkv_proj")),
-    ("tiny-moe", ("none", "full", "save_attn_out", "offload_attn")),  # MoE layers name nothing inside
+    ("tiny-moe", ("none", "full", "save_attn_out", "offload_attn")),
+    ("tiny-moe-blocked", ("none", "save_moe", "save_attn_moe", "save_moe_offload_attn")),  # names moe_wi
 ])
 def test_every_policy_matches_no_remat(preset, policies):
     """fp32 on CPU: values and gradients of every policy equal remat='none''s (recomputation
     repeats the same ops, so equal to rounding)."""
-    out = _loss_and_grads(preset, policies)
+    impl = "blocked" if preset.endswith("-blocked") else "dense"
+    out = _loss_and_grads(preset.removesuffix("-blocked"), policies, moe_impl=impl)
     (l0, g0) = out[0]
     for p, (l, g) in zip(policies, out):
         assert float(l) == pytest.approx(float(l0), rel=1e-6), p
@@ -64,20 +67,23 @@ def test_every_policy_matches_no_remat(preset, policies):
             assert jnp.allclose(a, b, rtol=1e-5, atol=1e-7), p
 
 
-def _saved_names(policy: str) -> set[str]:
+def _saved_names(policy: str, preset: str = "tiny-dense") -> set[str]:
     """The checkpoint names among the residuals one layer keeps for its backward pass."""
-    cfg = get_config("tiny-dense", compute_dtype="float32", remat=policy, scan_layers=False, num_layers=1)
+    cfg = get_config(preset, compute_dtype="float32", remat=policy, scan_layers=False, num_layers=1,
+                     moe_impl="blocked")
     g, st = nnx.split(create_model(cfg))
     tok = jnp.zeros((1, 16), jnp.int32)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         jax.ad_checkpoint.print_saved_residuals(lambda s: jnp.sum(nnx.merge(g, s)(tok)), st)
-    return {n for n in ("qkv_proj", "context", "out_proj", "mlp_wi") if f"named '{n}'" in out.getvalue()}
+    return {n for n in ("qkv_proj", "context", "out_proj", "mlp_wi", "moe_wi") if f"named '{n}'" in out.getvalue()}
 
 
-@pytest.mark.parametrize("policy", ["full", "save_qkv_proj", "save_attn_out", "save_mlp", "save_attn_mlp"])
-def test_policy_keeps_what_it_names(policy):
-    assert _saved_names(policy) == set(remat_search.kept(policy)[1] if policy != "full" else ())
+@pytest.mark.parametrize("policy,preset", [(p, "tiny-dense") for p in
+                                           ("full", "save_qkv_proj", "save_attn_out", "save_mlp", "save_attn_mlp")] +
+                         [("save_moe", "tiny-moe"), ("save_attn_moe", "tiny-moe")])
+def test_policy_keeps_what_it_names(policy, preset):
+    assert _saved_names(policy, preset) == set(remat_search.kept(policy)[1] if policy != "full" else ())
 
 
 def test_search_prunes_dominated_and_hopeless():
@@ -106,6 +112,34 @@ def test_search_prunes_dominated_and_hopeless():
     remat_search.search(compile_policy, ["save_attn_out", "offload_attn", "full"], headroom=0.9)
     assert compiled == ["save_attn_out"]
     assert "save_attn_out" in remat_search.format_rows(rows, choice, 0.9)
+
+
+def test_search_prefers_the_faster_prediction_over_fewer_flops():
+    """An offloading policy that keeps more (fewer FLOPs) does not prune one that keeps less but
+    more of it in HBM; the choice is the fastest predicted step, and among predictions within 2%
+    of it the fewest FLOPs; without predictions (train.py's startup search) the fewest FLOPs."""
+    peak = {"save_attn_moe": 120, "save_moe_offload_attn": 80, "save_attn_out": 70, "full": 30}
+    flops = {"save_attn_moe": 105, "save_moe_offload_attn": 109, "save_attn_out": 122, "full": 135}
+
+    def run(est):
+        compiled = []
+
+        def compile_policy(p):
+            compiled.append(p)
+            return {"bytes_per_chip_peak": peak[p], "hbm_bytes_per_chip": 100, "flops_per_chip": flops[p],
+                    "flops_ratio_compiled_to_model": flops[p] / 100, "libtpu_topology": "v5p:2x2x1",
+                    "step_time": {"estimate_s": est[p]} if est else {}}
+
+        choice, _, rows = remat_search.search(compile_policy, list(peak), headroom=0.9)
+        return choice, compiled, rows
+
+    choice, compiled, rows = run({"save_attn_moe": 1.0, "save_moe_offload_attn": 11.3, "save_attn_out": 9.5,
+                                  "full": 10.0})
+    assert compiled == ["save_attn_moe", "save_moe_offload_attn", "save_attn_out"] and choice == "save_attn_out"
+    assert [r["reason"] for r in rows if not r["compiled"]][0].startswith("dominated")  # full
+    assert run({"save_attn_moe": 1.0, "save_moe_offload_attn": 9.6, "save_attn_out": 9.5, "full": 10.0})[0] == \
+        "save_moe_offload_attn"  # within 2%: fewer FLOPs
+    assert run(None)[0] == "save_moe_offload_attn"
 
 
 def _auto_program(monkeypatch=None, memory=None):
@@ -160,8 +194,10 @@ def test_build_auto_with_little_memory_picks_a_policy_that_fits(monkeypatch):
 def test_candidates_for_model_and_platform():
     moe = remat_search.candidates(get_config("qwen3-30b-a3b"), "tpu")
     assert "save_attn_out" in moe and "offload_attn" in moe and not any("mlp" in p for p in moe)
+    assert moe.index("save_attn_moe") < moe.index("save_moe_offload_attn") < moe.index("save_attn_out")
     dense = remat_search.candidates(get_config("qwen3-8b"), "cpu")
-    assert "save_attn_mlp" in dense and not any(p.startswith("offload") for p in dense)
+    assert "save_attn_mlp" in dense and not any(p.startswith("offload") or "moe" in p for p in dense)
+    assert "save_moe_offload_attn" not in remat_search.candidates(get_config("qwen3-30b-a3b"), "cpu")
     assert dense[0] == "none" and dense[-1] == "full"
     with pytest.raises(ValueError, match="bogus"):
         remat_search.candidates(get_config("qwen3-8b"), "tpu", ["bogus"])

@@ -8,7 +8,9 @@ traced and lowered in the main thread and compiled ahead on two worker threads (
 XLA releases the GIL), overlapping each other and the cheap tests that run first.
 """
 
+import contextlib
 import functools
+import io
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -267,6 +269,50 @@ def test_megablox_grouped_matmuls_match_ragged_dot():
     for a, b in zip(got_g, ref_g):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     assert bool(jnp.all(y[160:] == 0))
+
+
+@pytest.mark.parametrize("kernel", ["ragged_dot", "megablox_interpret"])
+def test_grouped_swiglu_split_at_saved_rows_is_exact(kernel):
+    """keep_rows (expert parallelism's named part of a worst-case buffer): the first keep_rows
+    sorted rows and the rest are gathered and computed apart. Cut inside a group (some rows in
+    the rest), at a group's end and past the live rows, values and gradients equal the unsplit
+    computation's, also under a remat policy that keeps `moe_wi`; and that policy keeps the
+    gate/up outputs of keep_rows rows, not of the buffer."""
+    R, D, F, G = 256, 128, 256, 2
+    ks = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(ks[0], (R, D), jnp.float32)
+    w = [jax.random.normal(k, (G, D, F), jnp.float32) / D ** 0.5 for k in ks[1:3]]
+    w.append(jax.random.normal(ks[3], (G, F, D), jnp.float32) / F ** 0.5)
+    sizes = jnp.array([100, 60], jnp.int32)
+    order = jax.random.permutation(ks[4], R)
+    live = np.asarray(order)[:160]  # x's rows inside the groups
+    keep_policy = jax.checkpoint_policies.save_only_these_names("moe_wi")
+
+    def f(keep, x, *w):
+        return moe_compute.grouped_swiglu_gathered(x, order, sizes, *w, kernel, keep)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=XLA_OPTS)
+    def value_and_grad(keep, remat, x, *w):
+        def loss(x, *w):
+            g = functools.partial(f, keep)
+            y = jax.checkpoint(g, policy=keep_policy)(x, *w) if remat else g(x, *w)
+            return jnp.sum(jnp.sin(y))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, *w)
+
+    ref, ref_g = value_and_grad(None, False, x, *w)
+    for keep in (64, 100, 200):
+        for remat in (False, True):
+            got, got_g = value_and_grad(keep, remat, x, *w)
+            np.testing.assert_allclose(got, ref, rtol=2e-5, err_msg=f"keep {keep}")
+            got_g, want_g = (got_g[0][live], *got_g[1:]), (ref_g[0][live], *ref_g[1:])
+            for a, b in zip(got_g, want_g):
+                np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=f"keep {keep} remat {remat}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(lambda *w: jnp.sum(f(64, x, *w)), policy=keep_policy),
+                                                *w)
+    named = [line for line in out.getvalue().splitlines() if "named 'moe_wi'" in line]
+    assert len(named) == 2 and all(f"[64,{F}]" in line for line in named), out.getvalue()
 
 
 # -- whole model: sharded loss and gradients equal the single-device run ------------------------------

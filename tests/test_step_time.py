@@ -132,3 +132,23 @@ def test_hbm_bytes_slices_read_through_a_nested_fusion():
   ROOT %f = f32[4,8]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%inner
 }""")
     assert "%inner" in nested and step_time.hbm_bytes(nested) == step_time.hbm_bytes(_HLO)
+
+
+def test_async_offload_slices_count_the_slice_on_each_side():
+    """Remat offload in a layer scan: async dynamic-update-slices write each trip's [4,8] slice
+    into a stacked host buffer (S(5)) and dynamic-slices read it back. HBM counts the 128 B
+    slice once per op (the other side is the host), not the 384 B stack; the host offload counts
+    the slices written (the estimate doubles it for the read back)."""
+    host = "f32[3,4,8]{2,1,0:S(5)}"
+    body_ops = f"""  %st = (({host}, f32[1,4,8]{{2,1,0}}, s32[], s32[], s32[]), {host}, u32[]) dynamic-update-slice-start(%acc, %r, %i, %z, %z)
+  %acc2 = {host} dynamic-update-slice-done(%st)
+  %rd = (({host}, s32[], s32[], s32[]), f32[1,4,8]{{2,1,0}}, u32[]) dynamic-slice-start(%acc2, %i, %z, %z), dynamic_slice_sizes={{1,4,8}}
+  %back = f32[1,4,8]{{2,1,0}} dynamic-slice-done(%rd)
+"""
+    hlo = _HLO.replace("  %acc2 = f32[3,4,8]{2,1,0} fusion(%acc, %y, %i), kind=kLoop, calls=%fused_update\n",
+                       "  %z = s32[] constant(0)\n  %r = f32[1,4,8]{2,1,0} bitcast(%y)\n" + body_ops)
+    hlo = hlo.replace("f32[3,4,8]{2,1,0}) tuple(%i2", f"{host}) tuple(%i2")
+    assert "dynamic-update-slice-start" in hlo
+    base = step_time.hbm_bytes(_HLO) - 3 * (128 + 128 + 4)  # without the in-place update fusion
+    assert step_time.hbm_bytes(hlo) == base + 3 * (128 + 128)
+    assert step_time.offload_bytes(hlo) == 3 * 128

@@ -264,7 +264,7 @@ def _splash_kernel(num_heads, seq_len, block, interpret, fused_bwd=False):
                    block_q_dq=block, block_kv_dq=block)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, **bwd)
     # its output and log-sum-exp (the backward's residuals) carry the remat name of attention's
-    # output: a policy that keeps "context" keeps both (qwen3_jax.model.transformer.REMAT_NAMES)
+    # output: a policy that keeps "context" keeps both (qwen3_jax.config.REMAT_NAMES)
     return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                               residual_checkpoint_name="context", interpret=interpret)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen3_jax import sharding
-from qwen3_jax.config import ModelConfig
+from qwen3_jax.config import ModelConfig, remat_keeps
 from qwen3_jax.model import moe_compute, moe_ep
 from qwen3_jax.model.layers import param
 
@@ -71,6 +71,8 @@ class MoE(nnx.Module):
         self.up = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), cfg)
         self.down = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), cfg)
         self.k, self.norm_topk_prob, self.impl = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.moe_impl
+        # the part of expert parallelism's worst-case buffer whose gate/up outputs the policy keeps
+        self.saved_rows = cfg.moe_saved_rows if remat_keeps(cfg.remat, "moe_wi") else None
 
     def __call__(self, x_BTD, token_mask_BT, bias_E=None):
         """Output [B,T,D] and the router statistics (training)."""
@@ -93,7 +95,8 @@ class MoE(nnx.Module):
             # cast before the shard_map: the weights' all-gather over fsdp and their gradients'
             # reduction then move compute-dtype bytes, as GSPMD does for the dense layers
             params = tuple(p.astype(x_BTD.dtype) for p in params)
-            return moe_ep.experts_parallel(x_BTD, weights, ids_BTk, *params, ctx=ep, form=self.impl)
+            return moe_ep.experts_parallel(x_BTD, weights, ids_BTk, *params, ctx=ep, form=self.impl,
+                                           saved=self.saved_rows)
         ctx = sharding.active()  # auto: the backend the step is traced for (AOT: the target's)
         platform = ctx.platform if ctx is not None else jax.default_backend()
         sharded = ctx is not None and ctx.mesh.size > 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qwen3_jax.config import MOE_IMPLS
 
@@ -99,23 +100,73 @@ def megablox_ok(d_model: int, ffn_local: int) -> bool:
     return d_model % 128 == 0 and ffn_local % 128 == 0
 
 
-def grouped_swiglu(xs_RD, group_sizes_E, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot"):
-    """SwiGLU experts over rows sorted by expert, `group_sizes_E` rows each; rows past their sum
-    give 0. kernel: `ragged_dot` (jax.lax, any backend), `megablox` (TPU) or `megablox_interpret`
-    (the Pallas interpreter, tests)."""
+OVERFLOW_SCOPE = "moe_overflow"  # names the grouped matmuls over a dropless buffer's rows past the
+# saved ones (HLO op_name): the AOT report counts them at the rows expected there, none
+
+
+def _swiglu_h(xs_RD, group_sizes_E, gate_EDF, up_EDF, kernel: str, name: str | None):
+    """silu(x·gate) · (x·up) over sorted rows (0 past the groups); the two projections are
+    named `name` for the remat policies (`moe_wi`), or left unnamed (None)."""
     dt = xs_RD.dtype
+    tag = (lambda t: checkpoint_name(t, name)) if name else (lambda t: t)
     if kernel.startswith("megablox"):
         interp = kernel.endswith("interpret")
-        # gmm leaves the rows past the groups unwritten (garbage): zero them, so that neither
-        # values nor (0 * NaN) gradients leak from the empty tail
-        live_R1 = (jnp.arange(xs_RD.shape[0]) < jnp.sum(group_sizes_E))[:, None]
-        g = _gmm(xs_RD, gate_EDF, group_sizes_E, dt, interp)
-        u = _gmm(xs_RD, up_EDF, group_sizes_E, dt, interp)
-        h = jnp.where(live_R1, jax.nn.silu(g) * u, 0)
-        return jnp.where(live_R1, _gmm(h, down_EFD, group_sizes_E, dt, interp), 0)
-    g = jax.lax.ragged_dot(xs_RD, gate_EDF.astype(dt), group_sizes_E)
-    u = jax.lax.ragged_dot(xs_RD, up_EDF.astype(dt), group_sizes_E)
-    return jax.lax.ragged_dot(jax.nn.silu(g) * u, down_EFD.astype(dt), group_sizes_E)
+        g = tag(_gmm(xs_RD, gate_EDF, group_sizes_E, dt, interp))
+        u = tag(_gmm(xs_RD, up_EDF, group_sizes_E, dt, interp))
+        return jnp.where(_live(xs_RD, group_sizes_E), jax.nn.silu(g) * u, 0)
+    g = tag(jax.lax.ragged_dot(xs_RD, gate_EDF.astype(dt), group_sizes_E))
+    u = tag(jax.lax.ragged_dot(xs_RD, up_EDF.astype(dt), group_sizes_E))
+    return jax.nn.silu(g) * u
+
+
+def _live(x_RD, group_sizes_E):
+    """[R,1]: the rows inside the groups. gmm leaves the rows past them unwritten (garbage): they
+    are zeroed, so that neither values nor (0 * NaN) gradients leak from the empty tail."""
+    return (jnp.arange(x_RD.shape[0]) < jnp.sum(group_sizes_E))[:, None]
+
+
+def _down(h_RF, group_sizes_E, down_EFD, kernel: str):
+    dt = h_RF.dtype
+    if kernel.startswith("megablox"):
+        y = _gmm(h_RF, down_EFD, group_sizes_E, dt, kernel.endswith("interpret"))
+        return jnp.where(_live(h_RF, group_sizes_E), y, 0)
+    return jax.lax.ragged_dot(h_RF, down_EFD.astype(dt), group_sizes_E)
+
+
+def grouped_swiglu(xs_RD, group_sizes_E, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot",
+                   name: str | None = "moe_wi"):
+    """SwiGLU experts over rows sorted by expert, `group_sizes_E` rows each; rows past their sum
+    give 0. kernel: `ragged_dot` (jax.lax, any backend), `megablox` (TPU) or `megablox_interpret`
+    (the Pallas interpreter, tests). The gate/up outputs are named `name` (remat)."""
+    return _down(_swiglu_h(xs_RD, group_sizes_E, gate_EDF, up_EDF, kernel, name), group_sizes_E, down_EFD, kernel)
+
+
+def split_groups(group_sizes_E, keep: int):
+    """Group sizes of the first `keep` sorted rows and of the rows after them."""
+    ends_E = jnp.cumsum(group_sizes_E)
+    keep_E = jnp.clip(ends_E, 0, keep) - jnp.clip(ends_E - group_sizes_E, 0, keep)
+    return keep_E.astype(group_sizes_E.dtype), (group_sizes_E - keep_E).astype(group_sizes_E.dtype)
+
+
+def grouped_swiglu_gathered(x_RD, order_R, group_sizes_E, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot",
+                            keep_rows: int | None = None):
+    """grouped_swiglu over the rows x_RD[order_R] (sorted by expert), returned in x's order.
+    keep_rows (< R: a worst-case-sized buffer): the first keep_rows sorted rows and the rest are
+    gathered and computed apart; only the first part's gate/up outputs are named `moe_wi` (what
+    a remat policy keeps is then keep_rows rows, not the worst case), the rest's grouped
+    matmuls run under OVERFLOW_SCOPE (rows there only when routing sends more than keep_rows)."""
+    R = x_RD.shape[0]
+    if keep_rows is None or keep_rows >= R:
+        ys_RD = grouped_swiglu(jnp.take(x_RD, order_R, axis=0), group_sizes_E, gate_EDF, up_EDF, down_EFD, kernel)
+    else:
+        keep_E, rest_E = split_groups(group_sizes_E, keep_rows)
+        y_keep = grouped_swiglu(jnp.take(x_RD, order_R[:keep_rows], axis=0), keep_E, gate_EDF, up_EDF, down_EFD,
+                                kernel)
+        with jax.named_scope(OVERFLOW_SCOPE):
+            y_rest = grouped_swiglu(jnp.take(x_RD, order_R[keep_rows:], axis=0), rest_E, gate_EDF, up_EDF,
+                                    down_EFD, kernel, name=None)
+        ys_RD = jnp.concatenate([y_keep, y_rest], axis=0)
+    return jnp.take(ys_RD, jnp.argsort(order_R), axis=0)
 
 
 def experts_sorted(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot"):
@@ -176,7 +227,8 @@ def experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, block: int =
     gate_GDF = jnp.take(gate_EDF.astype(dt), eid_G, axis=0)
     up_GDF = jnp.take(up_EDF.astype(dt), eid_G, axis=0)
     down_GFD = jnp.take(down_EFD.astype(dt), eid_G, axis=0)
-    h_GCF = jax.nn.silu(jnp.einsum("gcd,gdf->gcf", x_GCD, gate_GDF)) * jnp.einsum("gcd,gdf->gcf", x_GCD, up_GDF)
+    g_GCF = checkpoint_name(jnp.einsum("gcd,gdf->gcf", x_GCD, gate_GDF), "moe_wi")
+    h_GCF = jax.nn.silu(g_GCF) * checkpoint_name(jnp.einsum("gcd,gdf->gcf", x_GCD, up_GDF), "moe_wi")
     y_RD = jnp.einsum("gcf,gfd->gcd", h_GCF, down_GFD).reshape(G * C, D)
     y_NkD = jnp.take(y_RD, pos_A, axis=0, mode="fill", fill_value=0).reshape(N, k, D)
     return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(dt))

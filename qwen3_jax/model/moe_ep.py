@@ -20,7 +20,11 @@ Exchange strategies (`sharding.use_rules(..., moe_exchange=...)`):
   auto    ragged on TPU/GPU, gather on CPU.
 
 Dropless by default: the receive buffer holds the worst case (X·N·k rows: every token of the
-expert group choosing this device), so no routing skew loses a token. With `capacity_factor=c`
+expert group choosing this device), so no routing skew loses a token. Its sorted rows go through
+the grouped matmuls in two parts: the first ceil(ModelConfig.moe_saved_rows · N·k), whose gate/up
+outputs are named `moe_wi` (the remat policies that keep them then keep ~1.25x what a device
+receives on average, not the worst case), and the rest, reached only when routing sends this
+device more than that, recomputed in the backward pass. With `capacity_factor=c`
 each device sends at most ceil(c·N·k/E) assignments per expert (the rest are dropped, first
 come first served in token order) and the buffers shrink to E·that.
 
@@ -39,11 +43,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from qwen3_jax import sharding
 from qwen3_jax.model import moe_compute
-from qwen3_jax.model.moe_compute import grouped_swiglu, megablox_ok  # noqa: F401 (megablox_ok: re-export)
+from qwen3_jax.model.moe_compute import grouped_swiglu_gathered, megablox_ok  # noqa: F401 (megablox_ok: re-export)
 
 EXCHANGES = ("auto", "gather", "ragged")
 
@@ -99,8 +104,8 @@ def local_experts(x_MD, w_Mk, local_Mk, gate, up, down, form: str, cap_rows: int
         slot = jnp.where(flat < E_loc, slot, cap_rows)  # out of range: dropped by the scatter
         buf_ECD = jnp.zeros((E_loc, cap_rows, D), dt).at[flat, slot].set(
             jnp.repeat(x_MD, k, axis=0), mode="drop")
-        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ECD, gate.astype(dt))) * \
-            jnp.einsum("ecd,edf->ecf", buf_ECD, up.astype(dt))
+        h = jax.nn.silu(checkpoint_name(jnp.einsum("ecd,edf->ecf", buf_ECD, gate.astype(dt)), "moe_wi")) * \
+            checkpoint_name(jnp.einsum("ecd,edf->ecf", buf_ECD, up.astype(dt)), "moe_wi")
         out_ECD = jnp.einsum("ecf,efd->ecd", h, down.astype(dt))
         y_AD = out_ECD.at[flat, slot].get(mode="fill", fill_value=0)
         return jnp.einsum("mkd,mk->md", y_AD.reshape(M, k, D), w_Mk)
@@ -175,8 +180,14 @@ def unsort_combine(ys_AD, order_A, w_Nk):
     return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(ys_AD.dtype))
 
 
+def saved_rows(n_tokens: int, k: int, factor: float | None) -> int | None:
+    """Rows of the dropless receive buffer whose gate/up outputs are named `moe_wi`:
+    ceil(factor · N·k), N·k being what a device receives on average (None: every row)."""
+    return None if factor is None else math.ceil(factor * n_tokens * k)
+
+
 def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel="ragged_dot",
-                 comm=LaxCollectives()):
+                 comm=LaxCollectives(), saved=None):
     X = comm.axis_size()
     E_loc = gate.shape[0]
     E = X * E_loc
@@ -195,8 +206,8 @@ def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel
     buf_RD = comm.ragged_all_to_all(xs_AD, _buffer((rows, D), dt, xs_AD), in_off, send, out_off, recv)
     # 3. sort the buffer by local expert, grouped matmul, back to the buffer's order
     order_R, group_sizes = buffer_order(recv_XE, rows)
-    ys_RD = grouped_swiglu(jnp.take(buf_RD, order_R, axis=0), group_sizes, gate, up, down, kernel)
-    ys_RD = jnp.take(ys_RD, jnp.argsort(order_R), axis=0)
+    keep = saved_rows(N, k, saved) if cap is None else None  # a capacity bounds the buffer already
+    ys_RD = grouped_swiglu_gathered(buf_RD, order_R, group_sizes, gate, up, down, kernel, keep)
     # 4. back to the sources, into their sorted layout; un-sort and combine
     back_off = comm.all_to_all(in_off)
     ys_AD = comm.ragged_all_to_all(ys_RD, _buffer((A, D), dt, ys_RD), recv_off, recv, back_off, send)
@@ -215,9 +226,11 @@ def resolve_exchange(ctx: sharding.Context) -> str:
 
 
 def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
-                     ctx: sharding.Context, form: str = "auto"):
+                     ctx: sharding.Context, form: str = "auto", saved: float | None = None):
     """The MoE expert computation with experts split over the `expert` mesh axis → [B,T,D].
-    `form`: ModelConfig.moe_impl, resolved here for the devices' platform and local ffn width."""
+    `form`: ModelConfig.moe_impl, resolved here for the devices' platform and local ffn width.
+    `saved`: ModelConfig.moe_saved_rows (ragged exchange, dropless: the receive buffer's rows,
+    × N·k, whose gate/up outputs the remat policies may keep; None: all)."""
     mesh, rules = ctx.mesh, ctx.rules
     B, T, D = x_BTD.shape
     E = gate_EDF.shape[0]
@@ -246,7 +259,7 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
         # but an explicit 'ragged', which asks for lax.ragged_dot) when the dims allow
         if ctx.platform == "tpu" and form != "ragged" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
             kernel = "megablox"
-        body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, kernel=kernel)  # noqa: E731
+        body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, kernel=kernel, saved=saved)  # noqa: E731
 
     def per_device(x_ND, w_Nk, ids_Nk, gate, up, down):
         ids_Nk, w_Nk = apply_capacity(ids_Nk, w_Nk, E, cap)

@@ -13,34 +13,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen3_jax import sharding
-from qwen3_jax.config import ModelConfig
+from qwen3_jax.config import REMAT_NAMES, ModelConfig
 from qwen3_jax.model.attention import Attention
 from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param, rope_cos_sin
 from qwen3_jax.model.moe import MoE
 
-# Tensors a layer names with `jax.ad_checkpoint.checkpoint_name` (per token, bf16 at Qwen3 sizes):
-#   qkv_proj  q, k, v projections before QK-norm and RoPE        (N+2K)·H   (attention.py)
-#   context   attention output [B,T,N,H]; splash also names its log-sum-exp with it   N·H
-#   out_proj  o_proj output, the attention block's residual update  D
-#   mlp_wi    dense SwiGLU gate and up projections                  2·F        (layers.py)
-# A policy keeps (in HBM) or offloads (to host memory) the named tensors and recomputes the rest
-# of the layer in the backward pass; the layer input (the scan carry) is always kept. MoE layers
-# name nothing inside the experts: with dropless expert parallelism their buffers are the worst
-# case (every token of the expert group on one device), too large to keep.
-REMAT_NAMES = {  # policy -> (names kept in HBM, names offloaded to host memory)
-    "save_qkv_proj": (("qkv_proj",), ()),
-    "save_attn": (("qkv_proj", "context"), ()),
-    "save_attn_out": (("qkv_proj", "context", "out_proj"), ()),
-    "save_mlp": (("mlp_wi",), ()),
-    "save_attn_mlp": (("qkv_proj", "context", "out_proj", "mlp_wi"), ()),
-    "offload_context": ((), ("context",)),
-    "offload_attn": ((), ("qkv_proj", "context", "out_proj")),
-    "offload_attn_mlp": ((), ("qkv_proj", "context", "out_proj", "mlp_wi")),
-}
-
 
 def remat_policy(name: str):
-    """The `jax.checkpoint` policy of `ModelConfig.remat` (None for 'none': no checkpoint).
+    """The `jax.checkpoint` policy of `ModelConfig.remat` (None for 'none': no checkpoint; the
+    named tensors each policy keeps: qwen3_jax.config.REMAT_NAMES).
     'auto' reaches the model only when it is traced outside `qwen3_jax.train.build` (which picks a
     policy by compiling): it then saves nothing, as 'full' does."""
     if name == "none":

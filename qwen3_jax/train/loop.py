@@ -44,8 +44,8 @@ from qwen3_jax.train.workdir_lock import WorkdirLock
 
 # Fields a later stage may change when it starts from an earlier stage's parameters.
 STAGE_MUTABLE = {"name", "rope_theta", "rope_scaling", "max_position_embeddings", "param_dtype", "compute_dtype",
-                 "attention_impl", "attention_block", "splash_fused_bwd", "moe_impl", "remat", "scan_layers",
-                 "router_aux_loss_coef"}
+                 "attention_impl", "attention_block", "splash_fused_bwd", "moe_impl", "remat", "moe_saved_rows",
+                 "scan_layers", "router_aux_loss_coef"}
 
 
 def _check_same_architecture(prev: ModelConfig, cfg: ModelConfig, where: str) -> None:
