@@ -20,11 +20,11 @@ Exchange strategies (`sharding.use_rules(..., moe_exchange=...)`):
   auto    ragged on TPU/GPU, gather on CPU.
 
 Dropless by default: the receive buffer holds the worst case (X·N·k rows: every token of the
-expert group choosing this device), so no routing skew loses a token. Its sorted rows go through
-the grouped matmuls in two parts: the first ceil(ModelConfig.moe_saved_rows · N·k), whose gate/up
-outputs are named `moe_wi` (the remat policies that keep them then keep ~1.25x what a device
-receives on average, not the worst case), and the rest, reached only when routing sends this
-device more than that, recomputed in the backward pass. With `capacity_factor=c`
+expert group choosing this device), so no routing skew loses a token. Under a remat policy that
+keeps the experts' gate/up outputs (`moe_wi`), its sorted rows go through the grouped matmuls in
+two parts: the first ceil(ModelConfig.moe_saved_rows · N·k), whose outputs are named and kept
+(~1.25x what a device receives on average, not the worst case), and the rest, there only when
+routing sends this device more, recomputed in the backward pass. With `capacity_factor=c`
 each device sends at most ceil(c·N·k/E) assignments per expert (the rest are dropped, first
 come first served in token order) and the buffers shrink to E·that.
 
