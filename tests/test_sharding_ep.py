@@ -274,8 +274,8 @@ def test_megablox_grouped_matmuls_match_ragged_dot():
 @pytest.mark.parametrize("kernel", ["ragged_dot", "megablox_interpret"])
 def test_grouped_swiglu_split_at_saved_rows_is_exact(kernel):
     """keep_rows (expert parallelism's named part of a worst-case buffer): the first keep_rows
-    sorted rows and the rest are gathered and computed apart. Cut inside a group (some rows in
-    the rest), at a group's end and past the live rows, values and gradients equal the unsplit
+    sorted rows and the rest are gathered and computed apart. Cut inside a group (rows in the
+    rest) and past the live rows (the common case: none), values and gradients equal the unsplit
     computation's, also under a remat policy that keeps `moe_wi`; and that policy keeps the
     gate/up outputs of keep_rows rows, not of the buffer."""
     R, D, F, G = 256, 128, 256, 2
@@ -300,7 +300,7 @@ def test_grouped_swiglu_split_at_saved_rows_is_exact(kernel):
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, *w)
 
     ref, ref_g = value_and_grad(None, False, x, *w)
-    for keep in (64, 100, 200):
+    for keep in (64, 200):
         for remat in (False, True):
             got, got_g = value_and_grad(keep, remat, x, *w)
             np.testing.assert_allclose(got, ref, rtol=2e-5, err_msg=f"keep {keep}")
