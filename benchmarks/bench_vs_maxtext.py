@@ -25,14 +25,20 @@ Settings:
            form, `jax.lax.ragged_dot` over the sorted assignments (ours moe_impl='ragged',
            MaxText sparse_matmul=true megablox=false); loss in one piece.
 
-Measured 2026-11-30 on the 2-core box with nothing else running, s/step (dense: `--runs 3
---settings default --only dense`, median over runs; MoE: one run), after remat='auto' and
-256-token chunked tiles became the CPU defaults:
+Measured 2026-11-30 on the 2-core box with nothing else running, s/step, median over 3 runs
+(`--runs 3 --settings default --only dense|moe`, `--runs 3 --settings matched --only dense|moe`;
+each row one invocation), after remat='auto' and 256-token chunked tiles became the CPU defaults:
 
 | case | setting | ours | MaxText | MaxText / ours |
 |---|---|---|---|---|
 | dense | default | 10.63 (10.77, 9.92, 10.63) | 16.17 (16.35, 16.17, 15.32) | 1.52x |
-| MoE | default | 10.61 (1 run) | 45.02 | 4.24x |
+| MoE | default | 10.66 (11.44, 10.66, 10.10) | 38.53 (42.40, 36.42, 38.53) | 3.61x |
+| dense | matched | 10.53 (10.67, 10.39, 10.53) | 12.62 (12.64, 12.17, 12.62) | 1.20x |
+| MoE | matched | 34.04 (34.04, 34.72, 33.61) | 36.05 (38.61, 36.05, 35.44) | 1.06x |
+
+Doing the same work, ours is 1.20x (dense) and 1.06x (MoE) MaxText's speed; the rest of the
+default setting's lead comes from the CPU defaults (blocked experts, no remat when it fits,
+chunked attention).
 
 Before (2026-11-29, full remat, reference attention at 1,024 tokens; `--runs 3 --settings
 default`, `--runs 1 --settings matched`):
