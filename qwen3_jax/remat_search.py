@@ -63,11 +63,11 @@ def candidates(cfg: ModelConfig, platform: str, only: list[str] | None = None) -
     kinds = {moe for moe, _, _ in cfg.layer_runs()}
     out = []
     for p in CANDIDATES:
-        names = kept(p)[0]
+        names, in_hbm = kept(p)
         if names != _EVERYTHING and (("mlp_wi" in names and False not in kinds) or
                                      ("moe_wi" in names and True not in kinds)):
             continue
-        if platform != "tpu" and kept(p) is not None and kept(p)[0] != kept(p)[1]:  # host offload
+        if platform != "tpu" and names != in_hbm:  # host offload
             continue
         out.append(p)
     return out

@@ -49,17 +49,16 @@ def _loss_and_grads(preset: str, policies, scan: bool = True, moe_impl: str = "d
     return jax.jit(lambda st: [jax.value_and_grad(loss)(st, g) for g in graphs])(state)
 
 
-@pytest.mark.parametrize("preset,policies", [
-    pytest.param("tiny-dense", REMAT_POLICIES, marks=pytest.mark.slow),  # one program, 12 policies
-    ("tiny-dense", ("none", "save_attn_mlp", "offload_attn_mlp", "save_qkv_proj")),
-    ("tiny-moe", ("none", "full", "save_attn_out", "offload_attn")),
-    ("tiny-moe-blocked", ("none", "save_moe", "save_attn_moe", "save_moe_offload_attn")),  # names moe_wi
+@pytest.mark.parametrize("preset,moe_impl,policies", [
+    pytest.param("tiny-dense", "dense", REMAT_POLICIES, marks=pytest.mark.slow),  # one program, every policy
+    ("tiny-dense", "dense", ("none", "save_attn_mlp", "offload_attn_mlp", "save_qkv_proj")),
+    ("tiny-moe", "dense", ("none", "full", "save_attn_out", "offload_attn")),
+    ("tiny-moe", "blocked", ("none", "save_moe", "save_attn_moe", "save_moe_offload_attn")),  # names moe_wi
 ])
-def test_every_policy_matches_no_remat(preset, policies):
+def test_every_policy_matches_no_remat(preset, moe_impl, policies):
     """fp32 on CPU: values and gradients of every policy equal remat='none''s (recomputation
     repeats the same ops, so equal to rounding)."""
-    impl = "blocked" if preset.endswith("-blocked") else "dense"
-    out = _loss_and_grads(preset.removesuffix("-blocked"), policies, moe_impl=impl)
+    out = _loss_and_grads(preset, policies, moe_impl=moe_impl)
     (l0, g0) = out[0]
     for p, (l, g) in zip(policies, out):
         assert float(l) == pytest.approx(float(l0), rel=1e-6), p
