@@ -137,8 +137,10 @@ def search(compile_policy: Callable[[str], dict], policies: list[str], headroom:
 
 
 def format_rows(rows: list[dict], choice: str | None, headroom: float) -> str:
-    lines = [f"  remat candidates (fits: peak <= {headroom:.0%} of HBM; the fastest predicted step within "
-             f"{TIME_TIE:.0%}, then fewest FLOPs):",
+    fit = [r for r in rows if r["compiled"] and r["fits"]]
+    rule = f"the fastest predicted step within {TIME_TIE:.0%}, then fewest FLOPs" \
+        if fit and all(r["estimate_s"] for r in fit) else "fewest FLOPs (no step-time prediction)"
+    lines = [f"  remat candidates (fits: peak <= {headroom:.0%} of HBM; {rule}):",
              f"    {'policy':<18} {'peak GiB':>9} {'host GiB':>9} {'FLOPs/model':>12} {'est. step':>10} {'MFU':>5}"]
     for r in rows:
         mark = "*" if r["policy"] == choice else " "

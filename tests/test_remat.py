@@ -138,7 +138,10 @@ def test_search_prefers_the_faster_prediction_over_fewer_flops():
     assert [r["reason"] for r in rows if not r["compiled"]][0].startswith("dominated")  # full
     assert run({"save_attn_moe": 1.0, "save_moe_offload_attn": 9.6, "save_attn_out": 9.5, "full": 10.0})[0] == \
         "save_moe_offload_attn"  # within 2%: fewer FLOPs
-    assert run(None)[0] == "save_moe_offload_attn"
+    assert "the fastest predicted step" in remat_search.format_rows(rows, choice, 0.9)
+    choice, _, rows = run(None)
+    assert choice == "save_moe_offload_attn"
+    assert "fewest FLOPs (no step-time prediction)" in remat_search.format_rows(rows, choice, 0.9)
 
 
 def _auto_program(monkeypatch=None, memory=None):
