@@ -18,8 +18,9 @@ MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "megablox")
 # Per-layer rematerialisation (qwen3_jax.model.transformer.remat_policy says what each saves):
 # none / full / XLA's dot policies, save_* = keep these named tensors in HBM, offload_* = keep
 # them in host memory (TPU pinned_host), recompute the rest in the backward pass. auto = the
-# fewest-FLOPs policy that fits the devices' memory, chosen by compiling the candidates
-# (qwen3_jax.remat_search: at startup by train.build, for a slice by launch/aot_compile.py).
+# fewest-FLOPs policy that fits the devices' memory (for a TPU slice: among those within 2% of the
+# fastest predicted step), chosen by compiling the candidates (qwen3_jax.remat_search: at startup
+# by train.build, for a slice by launch/aot_compile.py).
 # Tensors a layer names with `jax.ad_checkpoint.checkpoint_name` (per token, bf16 at Qwen3 sizes):
 #   qkv_proj  q, k, v projections before QK-norm and RoPE        (N+2K)·H   (model/attention.py)
 #   context   attention output [B,T,N,H]; splash also names its log-sum-exp with it   N·H
