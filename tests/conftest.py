@@ -53,3 +53,6 @@ def spm512(data_dir):
 
     parts = prepare_builtin(str(data_dir / "spm512"), "spm", spm_vocab_size=512)  # prepared: a no-op
     return {**parts, "tokenizer": str(data_dir / "spm512" / "spm512" / "spm.model")}
+
+
+from gcs_server import gcs_bucket, gcs_server  # noqa: E402,F401  (fixtures: a real GCS API server)
