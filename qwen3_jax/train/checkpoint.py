@@ -18,14 +18,14 @@ name and finalises it atomically, so a crash never leaves a half-written step be
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
-
 from qwen3_jax.params import flatten, nest, param_specs
 
 # The items of one checkpoint step (see the module docstring); training writes all seven.
@@ -33,9 +33,10 @@ PARAMS, MODEL_CONFIG, META = "params", "model_config", "meta"
 OPT_STATE, TRAIN_STATE, DATA, GUARD = "opt_state", "train_state", "data", "guard"
 
 
-def checkpoint_root(path: str | os.PathLike) -> tuple[Path, int | None]:
-    """(manager root, step or None) for a workdir, a checkpoints root, or one step folder."""
-    path = Path(path)
+def checkpoint_root(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
+    """(manager root, step or None) for a workdir, a checkpoints root, or one step folder (local
+    or on a bucket)."""
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if (path / "checkpoints").is_dir():
@@ -49,10 +50,15 @@ def checkpoint_root(path: str | os.PathLike) -> tuple[Path, int | None]:
 
 
 def manager(root: str | os.PathLike, *, max_to_keep: int | None = None, keep_period: int | None = None,
-            enable_async: bool = False, create: bool = True) -> ocp.CheckpointManager:
+            enable_async: bool = False, create: bool = True, cleanup_unfinished: bool = False
+            ) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager on `root` (a local folder or `gs://`). Orbax commits a step by
+    renaming its temporary folder (local) or by writing `commit_success.txt` last (object
+    stores); `cleanup_unfinished` removes the steps of saves that never committed, in either form."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=create,
-                                           enable_async_checkpointing=enable_async)
-    return ocp.CheckpointManager(Path(root).absolute(), options=options)
+                                           enable_async_checkpointing=enable_async,
+                                           cleanup_tmp_directories=cleanup_unfinished)
+    return ocp.CheckpointManager(storage.path(root), options=options)
 
 
 def latest_step(root: str | os.PathLike) -> int | None:
@@ -79,7 +85,7 @@ def read_model_config(root: str | os.PathLike, step: int) -> ModelConfig:
 
 
 def read_meta(root: str | os.PathLike, step: int) -> dict[str, Any]:
-    if not (Path(root) / str(step) / META).exists():
+    if not (storage.path(root) / str(step) / META).exists():
         return {}
     with manager(root, create=False) as mgr:
         return dict(mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
