@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -43,7 +42,7 @@ def main(argv=None) -> int:
 
     import gin
 
-    from qwen3_jax import configurables
+    from qwen3_jax import configurables, storage
     from qwen3_jax.train.config import TrainingError
     from qwen3_jax.train.loop import train
     from qwen3_jax.train.workdir_lock import WorkdirLock
@@ -66,10 +65,10 @@ def main(argv=None) -> int:
     try:
         with WorkdirLock(workdir, enabled=primary):  # before anything is written into the workdir
             if primary:
-                (Path(workdir) / "config.gin").write_text(gin.config_str())
+                storage.write_text(storage.path(workdir) / "config.gin", gin.config_str())
             summary = train(workdir, model, tc)
             if primary:
-                (Path(workdir) / "operative_config.gin").write_text(gin.operative_config_str())
+                storage.write_text(storage.path(workdir) / "operative_config.gin", gin.operative_config_str())
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

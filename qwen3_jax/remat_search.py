@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from qwen3_jax import step_time
+from qwen3_jax import hosts, step_time
 from qwen3_jax.config import REMAT_NAMES, REMAT_POLICIES, ModelConfig
 
 HEADROOM = 0.9
@@ -203,6 +203,9 @@ def at_startup(build_policy: Callable[[str], Any], headroom: float = HEADROOM):
 
     policies = candidates(first.model, device.platform)
     choice, _, rows = search(compile_policy, policies, headroom)
+    choice = hosts.broadcast_str(choice or "") or None  # every host runs process 0's choice
+    if choice is not None and (choice not in built or built[choice].compiled is None):
+        compile_policy(choice)
     if choice is None:
         full = next((r["peak_gib"] * 2**30 for r in rows if r["policy"] == "full"), float("nan"))
         raise TrainingError(f"model_config.remat='auto': no remat policy fits {headroom:.0%} of {_size(limit)} "
@@ -211,7 +214,7 @@ def at_startup(build_policy: Callable[[str], Any], headroom: float = HEADROOM):
     program = built[choice]
     program.remat_rows, program.compile_s = rows, time.time() - t0
     compiled = sum(r["compiled"] for r in rows)
-    peak = next(r["peak_gib"] for r in rows if r["policy"] == choice) * 2**30
+    peak = next((r["peak_gib"] for r in rows if r["policy"] == choice), float("nan")) * 2**30
     print(f"remat auto -> {choice!r}: peak {_size(peak)} of {_size(limit)} per {device.platform} device "
           f"({compiled} of {len(rows)} candidates compiled)", flush=True)
     if compiled > 1:

@@ -23,11 +23,12 @@ asks a gRPC API the emulators do not serve (a 60 s timeout per bucket).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
-from typing import Union
+from typing import Callable, Iterator, Union
 
 from etils import epath
 
@@ -135,13 +136,11 @@ def move_tree(src: PathLike, dst: PathLike, *, last: str | None = None) -> None:
         shutil.move(os.fspath(src), os.fspath(dst))
         return
     fs = _fs(src)
-    files = [f for f in fs.find(os.fspath(src))]
-    base = os.fspath(src).split("://", 1)[1].rstrip("/")
-    for f in files:
-        fs.copy(f, os.fspath(dst) + f[len(base):])
-    marker = [f for f in files if last and f.endswith("/" + last)]
-    for f in marker + [f for f in files if f not in marker]:
-        fs.rm_file(f)
+    files = list_files(src)
+    for rel in files:
+        fs.copy(os.fspath(src / rel), os.fspath(dst / rel))
+    for rel in sorted(files, key=lambda r: r != last):  # the marker first
+        fs.rm_file(os.fspath(src / rel))
     fs.invalidate_cache()
 
 
@@ -162,17 +161,24 @@ def upload_tree(local_dir: PathLike, dst: PathLike, *, last: str | None = None) 
             target.write_bytes(f.read())
 
 
+def list_files(p: PathLike) -> list[str]:
+    """Every file under folder `p`, as paths relative to it, sorted (one listing call on a bucket)."""
+    p = path(p)
+    if is_remote(p):
+        base = os.fspath(p).split("://", 1)[1].rstrip("/") + "/"
+        return sorted(f[len(base):] for f in _fs(p).find(os.fspath(p)) if f.startswith(base))
+    root = os.fspath(p)
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
 def download_tree(src: PathLike, local_dir: PathLike) -> None:
     """Copies every file under `src` into the local folder `local_dir` (same relative names)."""
     src = path(src)
-    for f in sorted(src.rglob("*")):
-        if f.is_dir():
-            continue
-        rel = os.path.relpath(os.fspath(f), os.fspath(src))
+    for rel in list_files(src):
         out = os.path.join(os.fspath(local_dir), rel)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "wb") as g:
-            g.write(f.read_bytes())
+            g.write((src / rel).read_bytes())
 
 
 class AppendLog:

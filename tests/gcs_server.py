@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
+import threading
 import urllib.request
 
 import pytest
@@ -47,6 +49,10 @@ def gcs_server():
 
     server = FakeGCSServer()
     server.start()  # sets STORAGE_EMULATOR_HOST
+    # The wrapper pipes the server's request log to us; unread, the pipe fills and the server stops
+    # answering (measured: a training run hangs after a few hundred requests). Drain it.
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
+                     daemon=True).start()
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     try:

@@ -50,14 +50,11 @@ def checkpoint_root(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
 
 
 def manager(root: str | os.PathLike, *, max_to_keep: int | None = None, keep_period: int | None = None,
-            enable_async: bool = False, create: bool = True, cleanup_unfinished: bool = False
-            ) -> ocp.CheckpointManager:
+            enable_async: bool = False, create: bool = True) -> ocp.CheckpointManager:
     """An orbax CheckpointManager on `root` (a local folder or `gs://`). Orbax commits a step by
-    renaming its temporary folder (local) or by writing `commit_success.txt` last (object
-    stores); `cleanup_unfinished` removes the steps of saves that never committed, in either form."""
+    renaming its temporary folder (local) or by writing `commit_success.txt` last (object stores)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=create,
-                                           enable_async_checkpointing=enable_async,
-                                           cleanup_tmp_directories=cleanup_unfinished)
+                                           enable_async_checkpointing=enable_async)
     return ocp.CheckpointManager(storage.path(root), options=options)
 
 
@@ -78,17 +75,22 @@ def save_params(root: str | os.PathLike, step: int, flat: Mapping[str, Any], cfg
         mgr.wait_until_finished()
 
 
+def read_item(root: str | os.PathLike, step: int, item: str, args: ocp.args.CheckpointArgs) -> Any:
+    """One item of a step, read by its orbax handler alone. Unlike a manager's restore this holds
+    no cross-process barrier, so each host of a job can try a step, and the hosts then agree on
+    the outcome (qwen3_jax.train.hosts) instead of one of them waiting for a host that failed."""
+    handler = {ocp.args.JsonRestore: ocp.JsonCheckpointHandler}.get(type(args), ocp.StandardCheckpointHandler)
+    return handler().restore(storage.path(root) / str(step) / item, args=args)
+
+
 def read_model_config(root: str | os.PathLike, step: int) -> ModelConfig:
-    with manager(root, create=False) as mgr:
-        d = mgr.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
-    return ModelConfig.from_dict(d)
+    return ModelConfig.from_dict(read_item(root, step, MODEL_CONFIG, ocp.args.JsonRestore()))
 
 
 def read_meta(root: str | os.PathLike, step: int) -> dict[str, Any]:
     if not (storage.path(root) / str(step) / META).exists():
         return {}
-    with manager(root, create=False) as mgr:
-        return dict(mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+    return dict(read_item(root, step, META, ocp.args.JsonRestore()))
 
 
 def restore_params_numpy(path: str | os.PathLike, step: int | None = None

@@ -8,6 +8,9 @@ Nothing here runs unless one of these is set:
                                     background thread), printing "[fault] commit of step N: sleeping"
   QWEN3_FAULT_ENOSPC_FROM_STEP=N    the commit of every checkpoint of step >= N fails with
                                     OSError(ENOSPC) as a full disk does, leaving its temporary folder
+  QWEN3_FAULT_UNREADABLE=STEP:PROC  process PROC (jax.process_index()) cannot read checkpoint step
+                                    STEP (its restore raises OSError, as a lost shard file would);
+                                    the other processes read it fine
   QWEN3_FAULT_SCALE_AT=STEP:FACTOR  before running step STEP (once per process), multiply the final
                                     norm's scale by FACTOR (e.g. 1e4: a loss spike; nan: non-finite)
 """
@@ -20,6 +23,7 @@ import os
 COMMIT_SLEEP = "QWEN3_FAULT_COMMIT_SLEEP_S"
 ENOSPC_FROM = "QWEN3_FAULT_ENOSPC_FROM_STEP"
 SCALE_AT = "QWEN3_FAULT_SCALE_AT"
+UNREADABLE = "QWEN3_FAULT_UNREADABLE"
 
 _installed = False
 
@@ -35,20 +39,34 @@ def install() -> None:
 
     from orbax.checkpoint._src.path import atomicity
 
-    original = atomicity.AtomicRenameTemporaryPath.finalize
+    def wrap(original):  # local disks commit by rename, buckets by a commit file
+        async def finalize(self, *args, **kwargs):
+            name = self._final_path.name
+            if name.isdigit():  # a step folder (not an item inside one)
+                if sleep_s:
+                    print(f"[fault] commit of step {name}: sleeping {sleep_s} s", flush=True)
+                    await asyncio.sleep(float(sleep_s))
+                if enospc and int(name) >= int(enospc):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._tmp_path))
+            return await original(self, *args, **kwargs)
+        return finalize
 
-    async def finalize(self, *args, **kwargs):
-        name = self._final_path.name
-        if name.isdigit():  # a step folder (not an item inside one)
-            if sleep_s:
-                print(f"[fault] commit of step {name}: sleeping {sleep_s} s", flush=True)
-                await asyncio.sleep(float(sleep_s))
-            if enospc and int(name) >= int(enospc):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._tmp_path))
-        return await original(self, *args, **kwargs)
-
-    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        cls.finalize = wrap(cls.finalize)
     _installed = True
+
+
+def check_readable(step: int) -> None:
+    """Raises OSError when QWEN3_FAULT_UNREADABLE names `step` and this process."""
+    spec = os.environ.get(UNREADABLE)
+    if not spec:
+        return
+    at, proc = (int(x) for x in spec.split(":"))
+    import jax
+
+    if at == step and proc == jax.process_index():
+        print(f"[fault] process {proc}: checkpoint step {step} unreadable", flush=True)
+        raise OSError(errno.EIO, f"[fault] step {step} unreadable on process {proc}")
 
 
 _scaled: set[int] = set()

@@ -12,7 +12,14 @@ the next global batch is prepared in a thread (qwen3_jax.train.prefetch) while a
 Checkpoints, evals and samples wait for their step as before. Skipped updates (non-finite or a
 loss spike, qwen3_jax.train.spike_guard) are decided on device; too many in a row roll the run
 back to the last checkpoint written before the first of them. SIGTERM and SIGINT save and stop;
-one run per workdir (qwen3_jax.train.workdir_lock).
+one run per workdir (qwen3_jax.train.workdir_lock). The workdir may be local or a bucket
+(qwen3_jax.storage).
+
+With several processes (hosts), process 0 decides and the others follow (qwen3_jax.train.hosts):
+the restore step (one any host cannot read is skipped by all), the remat policy and the data
+position decision; process 0 alone writes the lock, metrics and model_config.json. A signal that
+reaches one host stops all of them at the same step (JAX's preemption sync point): each saves
+that step and exits.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -30,8 +36,10 @@ import numpy as np
 
 from data_pipeline.pipeline import BATCH_KEYS, to_global
 from data_pipeline.shards import ShardError
+from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.train import checkpoint as ckpt
+from qwen3_jax import hosts
 from qwen3_jax.train import distill, faults
 from qwen3_jax.train.build import Program, build, program_fingerprint
 from qwen3_jax.train.config import TrainConfig, TrainingError
@@ -57,16 +65,23 @@ def _check_same_architecture(prev: ModelConfig, cfg: ModelConfig, where: str) ->
 
 
 class _Signals:
-    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint
-    and stops. A second SIGINT interrupts at once (KeyboardInterrupt), without saving."""
+    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C) stop the run after saving a checkpoint.
+    A second SIGINT interrupts at once (KeyboardInterrupt), without saving.
+
+    One process: the signal sets `requested` and the loop stops after the current step. Several:
+    SIGTERM is left to JAX's preemption notifier and a SIGINT is forwarded to it (`hosts`), so
+    every host learns of it and `stop()` turns True on all of them at the same step."""
 
     def __init__(self):
-        self.requested: str | None = None
+        self.requested: str | None = None  # the signal this process received
+        self.stopping = False  # every host stops after this step
         self._old: dict = {}
+        self.preemption = hosts.PreemptionSync()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            sigs = (signal.SIGINT,) if self.preemption.enabled else (signal.SIGTERM, signal.SIGINT)
+            for sig in sigs:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -77,19 +92,33 @@ class _Signals:
         if signum == signal.SIGINT:
             print("SIGINT: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without "
                   "saving)", file=sys.stderr, flush=True)
+            if self.preemption.enabled:
+                self.preemption.forward_sigint()
+
+    def stop(self) -> bool:
+        """Called once per step: True when the run must save this step and stop (on every host)."""
+        if self.preemption.enabled:
+            if self.preemption.reached():
+                self.stopping = True
+                self.requested = self.requested or "SIGTERM"
+                print(f"preemption sync point (process {jax.process_index()}): every host saves this step and "
+                      f"stops", flush=True)
+        else:
+            self.stopping = self.requested is not None
+        return self.stopping
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
-def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
+def train(workdir: storage.PathLike, model: ModelConfig, tc: TrainConfig, *,
           devices: Sequence[Any] | None = None) -> dict:
     """Trains `model` to `tc.steps` optimizer steps, resuming from `workdir`'s newest readable
     checkpoint. Returns a summary dict (final step, last metrics, step program fingerprint, and
     `interrupted`: "SIGTERM"/"SIGINT" when a signal stopped it). Raises TrainingError for anything
     that stops the run or leaves it incomplete (after saving what it can)."""
-    workdir_p = Path(workdir)
+    workdir_p = storage.path(workdir)
     if tc.make_data is None:
         raise TrainingError("train.make_data is not set: nothing to train on")
     program = build(model, tc, devices)
@@ -110,7 +139,7 @@ def train(workdir: str | Path, model: ModelConfig, tc: TrainConfig, *,
 class _Run:
     """One invocation of train(): resume, compile, the overlapped step loop, rollback, stop."""
 
-    def __init__(self, workdir: Path, model: ModelConfig, tc: TrainConfig, program: Program, primary: bool,
+    def __init__(self, workdir: storage.epath.Path, model: ModelConfig, tc: TrainConfig, program: Program, primary: bool,
                  signals: _Signals):
         self.workdir, self.model, self.tc, self.program, self.primary = workdir, model, tc, program, primary
         self.signals = signals
@@ -133,8 +162,7 @@ class _Run:
     def run(self) -> dict:
         tc, model, workdir = self.tc, self.model, self.workdir
         if self.primary:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "model_config.json").write_text(model.to_json())
+            storage.write_text(workdir / "model_config.json", model.to_json())
         data_it = self.make_data()
         check_vocab(data_it, model.vocab_size)
         if tc.make_eval_data is not None:
@@ -179,7 +207,7 @@ class _Run:
         fingerprint = program_fingerprint(lowered)
         step_fn = program.compiled or lowered.compile()
         compile_s = time.time() - t0 + (program.compile_s or 0.0)
-        if self.signals.requested:
+        if self.signals.requested and not self.signals.preemption.enabled:
             print(f"{self.signals.requested}: stopped before the first step; nothing new to save", flush=True)
             return {"step": start, "metrics": {}, "step_program": fingerprint, "interrupted": self.signals.requested}
         self.tokens_per_step = tc.batch_size * tc.seq_len
@@ -253,7 +281,7 @@ class _Run:
             step += 1
             verdict = self._report(*pending) if pending is not None else None
             pending = (step, metrics)
-            stopping = (self.signals.requested is not None or step == tc.steps
+            stopping = (self.signals.stop() or step == tc.steps
                         or (tc.stop_after is not None and step - start >= tc.stop_after))
             evals = tc.make_eval_data is not None and tc.eval_every and step % tc.eval_every == 0
             samples = tc.sample_every and tc.sample_prompts and step % tc.sample_every == 0
@@ -275,6 +303,7 @@ class _Run:
                               tc.sample_tokens, self.primary)
             if saving:
                 self.ckpts.save(step, state, pos, self.model, self.meta)
+                self.writer.flush()
                 saved = step
             if stopping:
                 break

@@ -1,16 +1,22 @@
-"""Model FLOPs, MFU, and where metrics go: console progress line, metrics.jsonl, TensorBoard."""
+"""Model FLOPs, MFU, and where metrics go: console progress line, metrics.jsonl, TensorBoard.
+
+The workdir may be local or a bucket (qwen3_jax.storage): metrics.jsonl is an `AppendLog` (on a
+bucket rewritten at most every 10 s and at each checkpoint), TensorBoard events are written to a
+local folder and copied under `<workdir>/tensorboard/` at the same moments."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip/GPU (vendor figures).
@@ -55,11 +61,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True, ca
     return 3 * forward if training else forward
 
 
-def truncate_metrics(workdir: str | Path, step: int) -> int:
+def truncate_metrics(workdir: storage.PathLike, step: int) -> int:
     """Keeps the lines of metrics.jsonl up to `step` (a resume or rollback to `step` writes the later
     steps again, so no step appears twice); the lines taken out are appended to
     metrics.rolled_back.jsonl, never dropped. Returns how many were moved."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = storage.path(workdir) / "metrics.jsonl"
     if not path.exists():
         return 0
     keep, moved = [], []
@@ -70,11 +76,10 @@ def truncate_metrics(workdir: str | Path, step: int) -> int:
             ok = False  # a line cut short by a kill
         (keep if ok else moved).append(line if line.endswith("\n") else line + "\n")
     if moved:
-        with open(path.with_name("metrics.rolled_back.jsonl"), "a") as f:
-            f.writelines(moved)
-        tmp = path.with_name(f"metrics.jsonl.tmp{os.getpid()}")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        rolled = storage.AppendLog(path.with_name("metrics.rolled_back.jsonl"))
+        rolled.write("".join(moved))
+        rolled.close()
+        storage.write_text(path, "".join(keep))
         print(f"metrics.jsonl: moved {len(moved)} line(s) after step {step} to metrics.rolled_back.jsonl "
               f"(those steps run again)", flush=True)
     return len(moved)
@@ -97,21 +102,46 @@ def _summary_writer():
     return SummaryWriter
 
 
+class _TensorBoard:
+    """TensorBoard event files under `<workdir>/tensorboard`: written there directly on a local
+    disk; on a bucket written to a local folder and copied up at each `flush()` (tensorboardX's own
+    GCS writer needs google-cloud-storage internals it does not keep up with)."""
+
+    def __init__(self, workdir: storage.PathLike):
+        self.target = storage.path(workdir) / "tensorboard"
+        self.local = tempfile.mkdtemp(prefix="qwen3-jax-tb-") if storage.is_remote(self.target) else None
+        self.writer = _summary_writer()(self.local or os.fspath(self.target))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self.local is not None:
+            self.writer.flush()
+            storage.upload_tree(self.local, self.target)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.local is not None:
+            storage.upload_tree(self.local, self.target)
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
 class MetricsWriter:
     """Writes each step's scalars to metrics.jsonl and TensorBoard, and a progress line to stdout
     (the first step of a run, then every `log_every` steps, and the last)."""
 
-    def __init__(self, workdir: str | Path, total_steps: int, *, log_every: int = 10, enabled: bool = True):
-        self.workdir, self.total_steps, self.log_every, self.enabled = Path(workdir), total_steps, log_every, enabled
+    def __init__(self, workdir: storage.PathLike, total_steps: int, *, log_every: int = 10, enabled: bool = True):
+        self.workdir = storage.path(workdir)
+        self.total_steps, self.log_every, self.enabled = total_steps, log_every, enabled
         self._logged_first = False
         self.write_error: str | None = None
         self.first_line_extra = ""  # appended to the first progress line (e.g. the compile time)
         self._jsonl = None
         self._tb = None
         if enabled:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-            self._tb = _summary_writer()(str(self.workdir / "tensorboard"))
+            self._jsonl = storage.AppendLog(self.workdir / "metrics.jsonl")
+            self._tb = _TensorBoard(self.workdir)
         self._t0 = time.time()
         self._first_step: int | None = None
 
@@ -134,7 +164,6 @@ class MetricsWriter:
             try:
                 self._jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **flat, **tables})
                                   + "\n")
-                self._jsonl.flush()
             except OSError as e:  # e.g. a full disk: say so once, keep training
                 if self.write_error is None:
                     self.write_error = f"{self.workdir / 'metrics.jsonl'}: {e}"
@@ -152,12 +181,24 @@ class MetricsWriter:
         elif prefix != "train" and self.enabled:
             print(f"[{prefix}] step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
 
+    def flush(self) -> None:
+        """Makes everything written so far visible in the workdir (on a bucket: uploads it); called
+        at each checkpoint."""
+        try:
+            for f in (self._jsonl, self._tb):
+                if f is not None:
+                    f.flush()
+        except OSError as e:
+            if self.write_error is None:
+                self.write_error = f"{self.workdir}: {e}"
+                print(f"WARNING: writing metrics failed ({e})", flush=True)
+
     def rewind(self, step: int) -> None:
         """After a rollback to `step`: metrics.jsonl keeps the lines up to it (see truncate_metrics)."""
         if self._jsonl is not None:
             self._jsonl.close()
             truncate_metrics(self.workdir, step)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+            self._jsonl = storage.AppendLog(self.workdir / "metrics.jsonl")
 
     def progress_line(self, step: int, m: Mapping[str, float]) -> str:
         if self._first_step is None:

@@ -10,30 +10,38 @@ The items of a step are named in `qwen3_jax.train.checkpoint`. `RunCheckpoints` 
     arrays readable) and falls back to older ones, printing one line per skipped step with the
     reason; a skipped step is moved to `<workdir>/skipped_checkpoints/` (kept, never deleted), so
     the run can write that step again.
-  * `clean_unfinished` removes `*.orbax-checkpoint-tmp-*` folders: saves that never committed.
+  * `clean_unfinished` removes the saves that never committed: `*.orbax-checkpoint-tmp-*` folders
+    on a local disk, step folders without `commit_success.txt` on a bucket (orbax decides which).
+
+Every path goes through qwen3_jax.storage, so the run folder may be local or `gs://`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint._src.path import temporary_paths
 
-from data_pipeline.checkpointing import DataRestore, DataSave
+from data_pipeline.checkpointing import DataRestore, DataSave, DataStateHandler
+from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.train import checkpoint as ckpt
-from qwen3_jax.train import spike_guard
+from qwen3_jax import hosts
+from qwen3_jax.train import faults, spike_guard
 from qwen3_jax.train.config import TrainingError
 from qwen3_jax.train.step import TrainState
 
 REQUIRED = (ckpt.PARAMS, ckpt.OPT_STATE, ckpt.TRAIN_STATE, ckpt.DATA, ckpt.MODEL_CONFIG, ckpt.META)
-TMP_MARK = ".orbax-checkpoint-tmp"
+COMMIT_FILE = "commit_success.txt"  # orbax's completion marker of a step on an object store
 
 
 def _one_line(e: BaseException, limit: int = 240) -> str:
@@ -109,20 +117,21 @@ def counters(state: TrainState) -> dict:
     return out
 
 
-def clean_unfinished(root: Path) -> list[str]:
-    """Removes the temporary folders of saves that never committed; returns their names."""
-    gone = []
+def clean_unfinished(root: epath.Path) -> list[str]:
+    """Removes the saves that never committed (as orbax recognises them: a temporary folder name
+    locally, no commit file on a bucket); returns their names."""
     if not root.is_dir():
-        return gone
-    for p in sorted(root.iterdir()):
-        if TMP_MARK in p.name and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            print(f"removed {p} (a checkpoint save interrupted before its commit)", flush=True)
-            gone.append(p.name)
+        return []
+    unfinished = asyncio.run(temporary_paths.all_temporary_paths(root))
+    gone = []
+    for tmp in sorted((t.get() for t in unfinished), key=str):
+        storage.remove_tree(tmp)
+        print(f"removed {tmp} (a checkpoint save interrupted before its commit)", flush=True)
+        gone.append(tmp.name)
     return gone
 
 
-def _problem(step_dir: Path) -> str | None:
+def _problem(step_dir: epath.Path) -> str | None:
     """Why a committed step folder cannot be resumed from (cheap checks), or None."""
     missing = [i for i in REQUIRED if not (step_dir / i).is_dir()]
     if missing:
@@ -136,7 +145,7 @@ def _problem(step_dir: Path) -> str | None:
 
 
 class RunCheckpoints:
-    def __init__(self, root: Path, *, keep_last: int | None, keep_every: int | None, enable_async: bool):
+    def __init__(self, root: epath.Path, *, keep_last: int | None, keep_every: int | None, enable_async: bool):
         self.root = root
         self.mgr = ckpt.manager(root, max_to_keep=keep_last, keep_period=keep_every, enable_async=enable_async)
         absl_logger = logging.getLogger("absl")  # for the process: orbax's threads may log after close()
@@ -202,50 +211,53 @@ class RunCheckpoints:
 
     # --- restoring ---------------------------------------------------------------------
     def restore(self, step: int, abstract: TrainState, window: int) -> TrainState:
-        got = self.mgr.restore(step, args=ocp.args.Composite(**{
-            ckpt.PARAMS: ocp.args.StandardRestore(abstract.params),
-            ckpt.OPT_STATE: ocp.args.StandardRestore(abstract.opt_state),
-            ckpt.TRAIN_STATE: ocp.args.StandardRestore(counters(abstract))}))
-        t = got[ckpt.TRAIN_STATE]
-        return TrainState(params=got[ckpt.PARAMS], opt_state=got[ckpt.OPT_STATE], step=t["step"], rng=t["rng"],
-                          nonfinite_in_a_row=t["nonfinite_in_a_row"], nonfinite_total=t["nonfinite_total"],
-                          moe=t.get("moe", {}), guard=self._restore_guard(step, abstract.guard, window))
+        """Step `step` onto `abstract`'s shardings, read item by item without cross-process
+        barriers (`ckpt.read_item`): the caller makes the hosts agree on the outcome."""
+        faults.check_readable(step)
+        read = lambda item, tree: ckpt.read_item(self.root, step, item, ocp.args.StandardRestore(tree))  # noqa: E731
+        t = read(ckpt.TRAIN_STATE, counters(abstract))
+        return TrainState(params=read(ckpt.PARAMS, abstract.params), opt_state=read(ckpt.OPT_STATE, abstract.opt_state),
+                          step=t["step"], rng=t["rng"], nonfinite_in_a_row=t["nonfinite_in_a_row"],
+                          nonfinite_total=t["nonfinite_total"], moe=t.get("moe", {}),
+                          guard=self._restore_guard(step, abstract.guard, window))
 
     def _restore_guard(self, step: int, abstract_guard, window: int):
         """The spike guard's window; an empty one for checkpoints without it or another window size."""
         why = "written before the guard existed"
         if (self.root / str(step) / ckpt.GUARD).is_dir():
             try:
-                return self.mgr.restore(step, args=ocp.args.Composite(**{
-                    ckpt.GUARD: ocp.args.StandardRestore(abstract_guard)}))[ckpt.GUARD]
+                return ckpt.read_item(self.root, step, ckpt.GUARD, ocp.args.StandardRestore(abstract_guard))
             except Exception as e:  # noqa: BLE001 - e.g. train.spike_window changed
                 why = f"not restorable onto train.spike_window={window}: {_one_line(e, 80)}"
         print(f"checkpoint step {step}: spike guard starts with an empty window ({why})", flush=True)
-        import jax
-
         return jax.device_put(spike_guard.init_guard(window), jax.tree.map(lambda a: a.sharding, abstract_guard))
 
     def restore_data(self, step: int, data_it, on_mismatch: str, remake: Callable[[int], Any]):
-        """The data iterator at the checkpoint's position; see `TrainConfig.data_state_mismatch`."""
+        """The data iterator at the checkpoint's position; see `TrainConfig.data_state_mismatch`.
+        Each host restores its own data shards; if any host cannot, all take the same decision."""
+        error = None
         try:
-            self.mgr.restore(step, args=ocp.args.Composite(**{ckpt.DATA: DataRestore(data_it)}))
-            return data_it
+            DataStateHandler().restore(self.root / str(step) / ckpt.DATA, DataRestore(data_it))
         except (ValueError, KeyError, FileNotFoundError) as e:
-            if on_mismatch != "restart":
-                raise TrainingError(f"the data position saved at step {step} does not fit this data pipeline ({e}). "
-                                    f"If the data, batch size or make_dataset.data_shards changed on purpose, set "
-                                    f"train.data_state_mismatch='restart' to continue with freshly shuffled "
-                                    f"data") from None
-            print(f"WARNING: data position of step {step} not restorable ({e}); continuing with data reshuffled "
-                  f"(seed offset {step})", file=sys.stderr, flush=True)
-            return remake(step)
+            error = str(e)
+        failed = hosts.failed_processes(error is None)
+        if not failed:
+            return data_it
+        error = error or f"not restorable on process(es) {', '.join(map(str, failed))}"
+        if on_mismatch != "restart":
+            raise TrainingError(f"the data position saved at step {step} does not fit this data pipeline ({error}). "
+                                f"If the data, batch size or make_dataset.data_shards changed on purpose, set "
+                                f"train.data_state_mismatch='restart' to continue with freshly shuffled data")
+        print(f"WARNING: data position of step {step} not restorable ({error}); continuing with data reshuffled "
+              f"(seed offset {step})", file=sys.stderr, flush=True)
+        return remake(step)
 
     def restore_latest(self, abstract: TrainState, window: int, check: Callable[[ModelConfig, str], None],
                        below: int | None = None) -> tuple[int, TrainState] | None:
         """(step, state) of the newest complete, readable step (< `below` when given); None when
         there is no checkpoint. Unusable newer steps are reported and moved aside. `check` raises
         TrainingError for a checkpoint of another architecture (a configuration error, no fallback)."""
-        steps = [s for s in reversed(self.steps()) if below is None or s < below]
+        steps = hosts.broadcast_ints([s for s in reversed(self.steps()) if below is None or s < below])
         bad: list[tuple[int, str]] = []
         for step in steps:
             problem = _problem(self.root / str(step))
@@ -264,6 +276,9 @@ class RunCheckpoints:
                     problem = f"unreadable ({_one_line(e)})"  # its echoes stay quiet for the run
                 else:
                     undo_quiet()
+            failed = hosts.failed_processes(problem is None)  # a step any host cannot read is skipped by all
+            if failed and problem is None:
+                problem = f"unreadable on process(es) {', '.join(map(str, failed))}"
             if problem is not None:
                 print(f"WARNING: skipping checkpoint step {step} in {self.root}: {problem}", file=sys.stderr,
                       flush=True)
@@ -279,19 +294,15 @@ class RunCheckpoints:
 
     def move_aside(self, step: int, why: str) -> None:
         """Moves step `step` out of the manager's folder (kept, so the run can write that step again);
-        process 0 moves it, the others wait for it."""
-        import jax
-
+        process 0 moves it, the others wait for it. On a bucket the objects are copied and the
+        originals deleted, the commit file first: an interrupted move leaves an unfinished step
+        (cleaned at the next start) and a whole copy."""
         self.wait()
         if jax.process_index() == 0:
-            dest_root = self.root.parent / "skipped_checkpoints"
-            dest_root.mkdir(parents=True, exist_ok=True)
-            dest = dest_root / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
-            shutil.move(str(self.root / str(step)), str(dest))
+            dest = self.root.parent / "skipped_checkpoints" / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+            storage.move_tree(self.root / str(step), dest, last=COMMIT_FILE)
             print(f"moved checkpoint step {step} to {dest} ({why})", flush=True)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"moved checkpoint step {step} aside")
         self.mgr.reload()
 

@@ -1,11 +1,16 @@
-"""One training run per workdir: a lock file naming its holder (host, pid, start time).
+"""One training run per workdir: a lock object naming its holder (host, pid, start, heartbeat).
 
-`WorkdirLock(workdir)` creates `<workdir>/train.lock` atomically (O_CREAT | O_EXCL). A second
-run on the same workdir fails with one line naming the holder. A lock whose holder is gone —
-same host and the pid no longer exists, or an unreadable/empty file left by a crash mid-write —
-is taken over with a log line. A lock held from another host is never taken over: the message
-says to remove the file once that run is known to be dead. Only process 0 of a multi-process
-job takes the lock (the other processes share its workdir).
+`WorkdirLock(workdir)` creates `<workdir>/train.lock` only if it does not exist: O_EXCL on a local
+disk, a generation precondition (`ifGenerationMatch=0`) on a bucket (qwen3_jax.storage). A
+second run on the same workdir fails with one line naming the holder. Only process 0 of a
+multi-process job takes the lock (the other processes share its workdir).
+
+While held, a thread rewrites the lock's `beat` time every `beat_s` seconds. A lock is stale, and
+is taken over with a log line, when
+  * its holder ran on this host and that pid no longer exists, or
+  * its holder ran on another host and its heartbeat is older than `stale_after_s` (a preempted
+    TPU VM does not come back; its replacement has another name), or
+  * it is unreadable or empty (a crash while taking it).
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
-from pathlib import Path
 
+from qwen3_jax import storage
 from qwen3_jax.train.config import TrainingError
 
 LOCK_NAME = "train.lock"
@@ -38,12 +44,17 @@ def _describe(holder: dict) -> str:
 
 
 class WorkdirLock:
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
-        self.path = Path(workdir) / LOCK_NAME
+    def __init__(self, workdir: storage.PathLike, enabled: bool = True, *, beat_s: float = 60.0,
+                 stale_after_s: float = 900.0):
+        self.path = storage.path(workdir) / LOCK_NAME
         self.enabled = enabled
         self.held = False
         self.nested = False
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.time()}
+        self.beat_s, self.stale_after_s = beat_s, stale_after_s
+        now = time.time()
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": now, "beat": now}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "WorkdirLock":
         if self.enabled:
@@ -54,21 +65,25 @@ class WorkdirLock:
         self.release()
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()  # raises naming a live holder
-                if self.nested:
-                    return
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-            self.held = True
-            return
+            if storage.create_exclusive(self.path, json.dumps(self.me)):
+                self.held = True
+                self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
+                self._thread.start()
+                return
+            self._take_over_if_stale()  # raises naming a live holder
+            if self.nested:
+                return
         raise TrainingError(f"could not take the workdir lock {self.path} (it keeps changing); is another run "
                             f"starting on this workdir?")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            self.me["beat"] = time.time()
+            try:
+                storage.write_text(self.path, json.dumps(self.me))
+            except OSError as e:  # the next beat tries again; a lock is only stale after many
+                print(f"WARNING: refreshing the workdir lock {self.path} failed ({e})", file=sys.stderr, flush=True)
 
     def _take_over_if_stale(self) -> None:
         """Removes a stale lock (logging whose it was); raises naming a live holder."""
@@ -82,7 +97,7 @@ class WorkdirLock:
         except (ValueError, KeyError, TypeError):
             print(f"WARNING: taking over the unreadable workdir lock {self.path} ({text[:60]!r}), left by a run "
                   f"that died while taking it", file=sys.stderr, flush=True)
-            self.path.unlink(missing_ok=True)
+            self._remove()
             return
         if host == self.me["host"] and pid == self.me["pid"]:
             self.nested = True  # this process holds it already (launch/train.py, then train()): no-op
@@ -90,19 +105,36 @@ class WorkdirLock:
         if host == self.me["host"] and not _alive(pid):
             print(f"WARNING: taking over the stale workdir lock {self.path} of {_describe(holder)} "
                   f"(that process no longer exists)", file=sys.stderr, flush=True)
-            self.path.unlink(missing_ok=True)
+            self._remove()
             return
-        where = "" if host == self.me["host"] else f"; if that run is dead, remove {self.path}"
+        age = time.time() - float(holder.get("beat", holder.get("start", 0)))
+        if host != self.me["host"] and age > self.stale_after_s:
+            print(f"WARNING: taking over the stale workdir lock {self.path} of {_describe(holder)} (no heartbeat "
+                  f"for {age:.0f} s > {self.stale_after_s:.0f} s)", file=sys.stderr, flush=True)
+            self._remove()
+            return
+        where = ("" if host == self.me["host"] else
+                 f"; its heartbeat is {age:.0f} s old: taken over after {self.stale_after_s:.0f} s without one, or "
+                 f"remove {self.path} once that run is known to be dead")
         raise TrainingError(f"workdir {self.path.parent} is in use by another training run ({_describe(holder)}, "
                             f"lock {self.path}){where}")
+
+    def _remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
     def release(self) -> None:
         if not self.held:
             return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         try:
             holder = json.loads(self.path.read_text())
             if holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
-                self.path.unlink()
+                self._remove()
         except (OSError, ValueError):
             pass
         self.held = False
