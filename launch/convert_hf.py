@@ -10,17 +10,24 @@ one step folder. Both check their arguments, the source and the target before lo
 stream tensor by tensor and write to a temporary folder renamed at the end. With --overwrite,
 export replaces the files an export writes and keeps any others; import replaces a previous
 import (step 0) and refuses a folder holding anything else (a training workdir, say).
+
+Every path may be a bucket (`gs://...`). An import from one stages the folder locally (safetensors
+reads local files); an import to one lets orbax write step 0 there (its `commit_success.txt` marks
+the step complete). An export to one is built locally and uploaded with `config.json` written last
+(a folder without it is not a Hugging Face folder, so a reader never takes a partial upload for an
+export); --overwrite there deletes the old config.json first.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 
-def _rss_gib() -> float:
+def _rss_gib() -> float:  # /proc is this machine's, never a user path
     """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited across exec)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -34,31 +41,32 @@ def _rss_gib() -> float:
 
 
 def cmd_import(args) -> None:
-    from qwen3_jax import hf
+    from qwen3_jax import hf, storage
     from qwen3_jax.fileio import atomic_dir, check_target
     from qwen3_jax.train import checkpoint
 
     t0 = time.time()
-    src = Path(args.hf)
+    src = storage.path(args.hf)
     hf.np_dtype(args.dtype)
     cfg = hf.from_hf_config(hf.read_config(src), source=str(src / "config.json"), param_dtype=args.dtype)
-    folder, _ = hf.check_hf_params(src, cfg)  # names, shapes, every file's header: before any data is read
-    hf_dtype = folder.dtype()
     owned = {"0"}.__contains__  # an import writes step 0; anything else in --out is someone else's
     check_target(args.out, args.overwrite, owned=owned)
-    flat = hf.read_hf_params(src, cfg, dtype=args.dtype)
+    with storage.staged(src) as local:  # a remote folder's files, downloaded once
+        folder, _ = hf.check_hf_params(local, cfg)  # names, shapes, every file's header: before any data is read
+        hf_dtype = folder.dtype()
+        flat = hf.read_hf_params(local, cfg, dtype=args.dtype)
     import jax
 
     for k in list(flat):  # hand each array to jax now, one at a time, so orbax does not copy them all at once
         flat[k] = jax.device_put(flat[k])
-    with atomic_dir(args.out, overwrite=args.overwrite, owned=owned) as tmp:
-        checkpoint.save_params(tmp, 0, flat, cfg, meta={"source": str(src.absolute()), "hf_dtype": hf_dtype})
+    with atomic_dir(args.out, overwrite=args.overwrite, owned=owned, stage_remote=False) as tmp:
+        checkpoint.save_params(tmp, 0, flat, cfg, meta={"source": str(src), "hf_dtype": hf_dtype})
     n = sum(x.size for x in flat.values())
     print(f"imported {src} -> {args.out} (step 0): {n:,} parameters, {cfg.num_layers} layers, "
           f"{time.time() - t0:.1f}s, peak RSS {_rss_gib():.2f} GiB")
 
 
-def _export_step(path: str, step: int | None) -> tuple[Path, int]:
+def _export_step(path: str, step: int | None) -> tuple[os.PathLike, int]:
     """(checkpoint root, step) for --checkpoint / --step, checked without loading any parameters."""
     from qwen3_jax.train import checkpoint
 

@@ -4,6 +4,12 @@ The new folder and its files get the modes a plain `mkdir` / `open` would give t
 under the usual umask 022), not the 0700 / 0600 of a temporary folder. With `overwrite`, a writer
 can say which entries of an existing target are its own (`owned`): the others are refused by name,
 or, with `keep_others`, carried into the new folder unchanged (hard links, so nothing is copied).
+
+An object store (`gs://`) has no folder rename, so there completeness is a marker file written
+last (`last`, e.g. an HF folder's `config.json`): the writer's old entries go first (the marker
+before the rest), then the folder built in a local temporary folder is uploaded, marker last. The
+entries of others stay where they are. A writer whose own format marks completeness (orbax's
+`commit_success.txt`) writes into the target itself instead (`stage_remote=False`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+from etils import epath
 
 
 def umask() -> int:
@@ -37,14 +45,13 @@ def check_target(target: str | os.PathLike, overwrite: bool = False, *, owned: C
     kept when `keep_others`, otherwise refused by name. A file (not a folder) and a target whose
     nearest existing parent is not writable are refused too.
     """
-    target = Path(target)
+    from qwen3_jax import storage
+
+    target = storage.path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file, not a folder (choose another output path)")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{parent}: not writable, cannot create {target}")
+    if not storage.is_remote(target):
+        _check_writable(target)
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if not entries:
         return []
@@ -56,6 +63,15 @@ def check_target(target: str | os.PathLike, overwrite: bool = False, *, owned: C
         raise FileExistsError(f"{target} holds {', '.join(others[:8])}{more}, which this command does not write: "
                               f"--overwrite replaces only its own output; move them away or choose another folder")
     return others
+
+
+def _check_writable(target: epath.Path) -> None:
+    """The nearest existing parent of a local `target` lets this process create it."""
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent}: not writable, cannot create {target}")
 
 
 def _normalise_modes(root: Path) -> None:
@@ -89,14 +105,23 @@ def _link_or_copy(src, dst) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False, *, owned: Callable[[str], bool] | None = None,
-               keep_others: bool = False) -> Iterator[Path]:
+               keep_others: bool = False, last: str | None = None, stage_remote: bool = True
+               ) -> Iterator[Path | epath.Path]:
     """Yields a fresh temporary folder; on success it replaces `target`, on error it is removed.
 
     An existing non-empty `target` is refused unless `overwrite`; see `check_target` for `owned`
     and `keep_others` (the kept entries reappear in the new folder; the writer's own are replaced).
+    A remote `target`: the yielded folder is local and is uploaded with `last` (a top-level file
+    name, the folder's completion marker) written after everything else; with `stage_remote=False`
+    the writer gets `target` itself, cleared of its own old entries, and marks completion itself.
     """
-    target = Path(target)
+    from qwen3_jax import storage
+
     keep = check_target(target, overwrite, owned=owned, keep_others=keep_others)
+    if storage.is_remote(target):
+        yield from _remote_dir(storage.path(target), set(keep), last, stage_remote)
+        return
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -115,3 +140,34 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, *, owned: Cal
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def _remote_dir(target: epath.Path, keep: set[str], last: str | None, stage: bool) -> Iterator[Path | epath.Path]:
+    """`atomic_dir` for an object store (a generator body: yields the folder the writer fills)."""
+    from qwen3_jax import storage
+
+    if not stage:
+        clear_own_entries(target, keep, last)
+        yield target
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.tmp-") as tmp:
+        yield Path(tmp)
+        clear_own_entries(target, keep, last)
+        storage.upload_tree(tmp, target, last=last)
+
+
+def clear_own_entries(target: epath.Path, keep: set[str], last: str | None = None) -> None:
+    """Removes every top-level entry of a (remote) folder except `keep`, the marker `last` first,
+    so an interrupted replacement leaves a folder without its marker (incomplete), never a mix that
+    looks complete."""
+    from qwen3_jax import storage
+
+    if not target.is_dir():
+        return
+    names = sorted((p.name for p in target.iterdir() if p.name not in keep), key=lambda n: n != last)
+    for name in names:
+        entry = target / name
+        if entry.is_dir():
+            storage.remove_tree(entry)
+        else:
+            entry.unlink()

@@ -6,6 +6,13 @@ Face tensor with the slice of our parameter it fills and how its layout differs;
 export both read that one table. Conversion streams tensor by tensor: reading fills
 preallocated arrays (one copy of the model), writing converts one tensor at a time into
 size-bounded shards.
+
+Folders may be local or on an object store (`gs://`, through `qwen3_jax.storage`): config.json is
+read where it lies; safetensors files are read from local files, so a remote folder is staged into
+a local temporary folder first (`read_hf_params` does it; `SafetensorsFolder` takes a local folder).
+An export to an object store is built locally and uploaded with `config.json` written last: a
+folder without config.json is not a Hugging Face folder (`read_config` refuses it), so a reader
+never takes a half-uploaded export for a whole one.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+COMPLETE_MARKER = "config.json"  # written last into an object store: its presence means the export is whole
 # What an export writes (an --overwrite replaces these names, and keeps every other file of the folder).
 _EXPORT_NAMES = re.compile(r"config\.json|generation_config\.json|model\.safetensors\.index\.json|.*\.safetensors"
                            r"|tokenizer.*|vocab\.json|merges\.txt|special_tokens_map\.json|added_tokens\.json"
@@ -258,7 +267,8 @@ def to_hf(entry: Entry, parts: list[np.ndarray]) -> np.ndarray:
 # -- reading and writing folders ------------------------------------------------------------------
 
 class SafetensorsFolder:
-    """The tensors of a Hugging Face folder (single file or sharded with an index), read lazily.
+    """The tensors of a local Hugging Face folder (single file or sharded with an index), read lazily
+    (a remote folder: pass its `storage.staged` copy).
 
     Every failure (an unreadable or truncated file, a header that does not parse, a tensor the index
     places in a file that lacks it) is an HFConversionError naming the file and the tensor."""
@@ -336,7 +346,8 @@ class SafetensorsFolder:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    f = Path(path) / "config.json"
+    """A Hugging Face folder's config.json (local or remote); HFConversionError when absent or not JSON."""
+    f = storage.path(path) / "config.json"
     if not f.exists():
         raise HFConversionError(f"{f}: not found (is {path} a Hugging Face model folder?)")
     try:
@@ -369,7 +380,13 @@ def check_hf_params(path: str | os.PathLike, cfg: ModelConfig) -> tuple[Safetens
 
 
 def read_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Our flat parameters from the folder's safetensors, filled tensor by tensor into one copy."""
+    """Our flat parameters from the folder's safetensors, filled tensor by tensor into one copy (a
+    remote folder is staged into a local temporary folder while it is read)."""
+    with storage.staged(path) as local:
+        return _read_local_hf_params(local, cfg, dtype)
+
+
+def _read_local_hf_params(path: os.PathLike, cfg: ModelConfig, dtype: str) -> dict[str, np.ndarray]:
     from qwen3_jax.params import param_specs
 
     folder, table = check_hf_params(path, cfg)
@@ -423,13 +440,14 @@ def export_owns(name: str) -> bool:
 
 
 def write_hf_folder(flat: dict[str, Any], cfg: ModelConfig, path: str | os.PathLike, *, dtype: str = "bfloat16",
-                    tokenizer=None, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> Path:
+                    tokenizer=None, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> os.PathLike:
     """A complete Hugging Face folder (weights, config, generation config, tokenizer), written atomically.
 
     `tokenizer`: None, anything `hf_tokenizer.plan_tokenizer_export` takes ('qwen3', a folder, a
     tokenizer.json, a sentencepiece .model) or its result; it is checked before anything is written,
     and its eos / pad / bos ids go into config.json and generation_config.json. An existing folder
-    needs `overwrite`, which replaces the files an export writes and keeps any others."""
+    needs `overwrite`, which replaces the files an export writes and keeps any others. `path` may be
+    remote: the folder is built locally and uploaded, config.json last (`COMPLETE_MARKER`)."""
     from qwen3_jax.fileio import atomic_dir
     from qwen3_jax.hf_tokenizer import TokenizerExport, plan_tokenizer_export
 
@@ -437,14 +455,14 @@ def write_hf_folder(flat: dict[str, Any], cfg: ModelConfig, path: str | os.PathL
     if tokenizer is not None and not isinstance(tokenizer, TokenizerExport):
         tokenizer = plan_tokenizer_export(tokenizer, cfg.vocab_size, cfg.max_position_embeddings)
     hf_cfg = to_hf_config(cfg, dtype=dtype, token_ids=tokenizer.token_ids() if tokenizer else None)
-    with atomic_dir(path, overwrite=overwrite, owned=export_owns, keep_others=True) as tmp:
+    with atomic_dir(path, overwrite=overwrite, owned=export_owns, keep_others=True, last=COMPLETE_MARKER) as tmp:
         write_hf_params(flat, cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2))
         if tokenizer is not None:
             tokenizer.write(tmp)
-    return Path(path)
+    return storage.path(path)
 
 
 def load_hf(path: str | os.PathLike, dtype: str | None = None, **overrides: Any):
@@ -453,12 +471,12 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **overrides: Any)
 
     dtype = dtype or "float32"
     overrides = {"param_dtype": dtype, "compute_dtype": dtype, **overrides}
-    cfg = from_hf_config(read_config(path), source=str(Path(path) / "config.json"), **overrides)
+    cfg = from_hf_config(read_config(path), source=str(storage.path(path) / "config.json"), **overrides)
     return model_from_flat(cfg, read_hf_params(path, cfg, dtype=cfg.param_dtype))
 
 
 def save_hf(model, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
-            dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> Path:
+            dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> os.PathLike:
     """Writes `model` as a Hugging Face folder that transformers loads (`Qwen3[Moe]ForCausalLM`)."""
     from qwen3_jax.params import flat_params
 

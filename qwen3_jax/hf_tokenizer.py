@@ -12,6 +12,10 @@ Qwen3 *base* models (Qwen3-*-Base: bos = eos = pad = 151643 `<|endoftext|>`, no 
 post-trained models' `<|im_end|>` belongs to a chat template, not to pretraining data. pad is the
 tokenizer's own pad token when it has one, else eos (as Qwen3 does); bos is the tokenizer's own
 (Qwen3 and our sentencepiece models have none; config.json then carries eos's id, as Qwen3's does).
+
+`--tokenizer` may name a bucket (`gs://...`): its tokenizer files alone (never a model folder's
+weights) are staged into a local temporary folder for the libraries that load them, and the plan
+holds every file's bytes, so nothing refers to the staged copy once planning is done.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qwen3_jax import storage
 from qwen3_jax.hf import HFConversionError
 
 QWEN3_EOS_ID = 151643        # <|endoftext|>
@@ -52,7 +57,7 @@ class TokenizerExport:
     bos: str | None = None
     bos_id: int | None = None
     unk: str | None = None
-    files: dict[str, bytes | Path] = dataclasses.field(default_factory=dict)  # name -> content or file to copy
+    files: dict[str, bytes | Path] = dataclasses.field(default_factory=dict)  # name -> content (a Path: read at the end)
 
     def token_ids(self) -> dict[str, int | None]:
         """config.json's / generation_config.json's bos, eos and pad ids."""
@@ -60,11 +65,9 @@ class TokenizerExport:
                 "eos_token_id": self.eos_id, "pad_token_id": self.pad_id}
 
     def write(self, folder: Path) -> None:
+        """Writes every file into `folder` (a local folder: an export's temporary one)."""
         for name, content in self.files.items():
-            if isinstance(content, Path):
-                (folder / name).write_bytes(content.read_bytes())
-            else:
-                (folder / name).write_bytes(content)
+            (folder / name).write_bytes(content)
 
 
 def default_token_ids(vocab_size: int) -> dict[str, int | None]:
@@ -76,20 +79,40 @@ def default_token_ids(vocab_size: int) -> dict[str, int | None]:
 
 def plan_tokenizer_export(spec: str | os.PathLike, vocab_size: int, max_length: int | None = None
                           ) -> TokenizerExport:
-    """The checked tokenizer files for `spec`; raises TokenizerExportError naming what is wrong."""
-    from data_pipeline.text_tokenizer import load_tokenizer, qwen3_tokenizer_dir
-
+    """The checked tokenizer files for `spec` (local or remote), every one's content in memory;
+    raises TokenizerExportError naming what is wrong."""
     spec = str(spec)
+    with storage.staged(_locate(spec), include=is_tokenizer_file) as local:
+        plan = _plan(spec, Path(local), vocab_size, max_length)
+        plan.files = {name: c.read_bytes() if isinstance(c, Path) else c for name, c in plan.files.items()}
+    return plan
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a folder's top-level `name` is a tokenizer file (what staging a remote folder fetches)."""
+    return name in TOKENIZER_FILES or name.endswith(".model")
+
+
+def _locate(spec: str):
+    """The file or folder `--tokenizer` names (local or remote), checked to exist."""
+    from data_pipeline.text_tokenizer import qwen3_tokenizer_dir
+
     if spec == "qwen3":
         try:
-            path = Path(qwen3_tokenizer_dir())
+            return storage.path(qwen3_tokenizer_dir())
         except FileNotFoundError as e:
             raise TokenizerExportError(f"--tokenizer qwen3: {e}") from None
-    else:
-        path = Path(spec)
-        if not path.exists():
-            raise TokenizerExportError(f"--tokenizer {spec}: no such file or folder (give 'qwen3', a tokenizer "
-                                       f"folder, a tokenizer.json or a sentencepiece .model)")
+    path = storage.path(spec)
+    if not path.exists():
+        raise TokenizerExportError(f"--tokenizer {spec}: no such file or folder (give 'qwen3', a tokenizer "
+                                   f"folder, a tokenizer.json or a sentencepiece .model)")
+    return path
+
+
+def _plan(spec: str, path: Path, vocab_size: int, max_length: int | None) -> TokenizerExport:
+    """The plan for a local tokenizer file or folder (`spec`: what the user named, for messages)."""
+    from data_pipeline.text_tokenizer import load_tokenizer
+
     spm_file = _spm_file(path)
     target = str(spm_file) if spm_file else str(path)
     if not spm_file and path.is_dir() and not (path / "tokenizer.json").exists() and not (

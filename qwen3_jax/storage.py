@@ -181,6 +181,30 @@ def download_tree(src: PathLike, local_dir: PathLike) -> None:
             g.write((src / rel).read_bytes())
 
 
+@contextlib.contextmanager
+def staged(p: PathLike, include: Callable[[str], bool] | None = None) -> Iterator[epath.Path]:
+    """`p` as a local path, for libraries that read only local files (safetensors, tokenizers,
+    sentencepiece): `p` itself when local; a remote file, or a remote folder's files (the top-level
+    names `include` accepts, all by default, and everything below them), downloaded one by one into
+    a temporary folder that is removed on exit."""
+    p = path(p)
+    if not is_remote(p):
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="qwen3-staged-") as tmp:
+        local = epath.Path(tmp) / p.name
+        if not p.is_dir():
+            _fs(p).get_file(os.fspath(p), os.fspath(local))
+            yield local
+            return
+        local.mkdir()
+        for rel in list_files(p):
+            if include is None or include(rel.split("/", 1)[0]):
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                _fs(p).get_file(os.fspath(p / rel), os.fspath(local / rel))
+        yield local
+
+
 class AppendLog:
     """A text file that grows by whole lines (metrics.jsonl). Local: appended and flushed per
     line. Object store (no append): the object's lines are read at open, kept, and the object is

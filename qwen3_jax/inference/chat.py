@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from qwen3_jax.inference.engine import Generation, Generator, ThinkingSpec
@@ -43,10 +42,12 @@ def _qwen3_tokenizer_dir() -> str:
 
 
 def read_chat_template(folder: str | os.PathLike | None) -> str | None:
-    """The jinja chat template of a tokenizer folder (None when it has none)."""
-    if folder is None or not Path(folder).is_dir():
+    """The jinja chat template of a tokenizer folder, local or remote (None when it has none)."""
+    from qwen3_jax import storage
+
+    if folder is None or not storage.path(folder).is_dir():
         return None
-    folder = Path(folder)
+    folder = storage.path(folder)
     if (folder / "chat_template.jinja").exists():
         return (folder / "chat_template.jinja").read_text()
     cfg = folder / "tokenizer_config.json"
