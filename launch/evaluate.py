@@ -9,13 +9,13 @@
 else the one the first dataset was prepared with (its stats.json). Held-out documents are the 2%
 training never saw (--heldout_fraction must match training's); --split all reads whole folders.
 Bits per byte: qwen3_jax/evaluate.py's docstring says exactly what is counted.
+Every path (--checkpoint, --hf, --tokenizer, --mc, --json) may be a bucket (`gs://...`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -27,23 +27,27 @@ def _parse_data(values: list[str]) -> dict[str, str]:
 
 
 def _default_tokenizer(args, data: dict[str, str]) -> str:
+    """--tokenizer, else the HF folder's tokenizer files, else the first dataset's (its stats.json)."""
+    from qwen3_jax import storage
+
     if args.tokenizer:
         return args.tokenizer
-    if args.hf and any(os.path.exists(os.path.join(args.hf, f)) for f in ("tokenizer.json", "vocab.json")):
+    if args.hf and any((storage.path(args.hf) / f).exists() for f in ("tokenizer.json", "vocab.json")):
         return args.hf
     for path in data.values():
-        with open(os.path.join(path, "stats.json")) as f:
-            name = json.load(f).get("tokenizer", "")
+        name = json.loads((storage.path(path) / "stats.json").read_text()).get("tokenizer", "")
         kind, _, tok = name.partition(":")
-        if kind in ("spm", "hf") and os.path.exists(tok):
+        if kind in ("spm", "hf") and storage.path(tok).exists():
             return tok
     raise ValueError("no tokenizer: pass --tokenizer (a .model, 'qwen3', or a tokenizer.json / HF folder)")
 
 
 def _check_args(args) -> tuple[dict[str, str], str | None]:
-    if args.checkpoint and not os.path.exists(args.checkpoint):
+    from qwen3_jax import storage
+
+    if args.checkpoint and not storage.path(args.checkpoint).exists():
         raise ValueError(f"--checkpoint {args.checkpoint}: does not exist")
-    if args.hf and not os.path.isfile(os.path.join(args.hf, "config.json")):
+    if args.hf and not (storage.path(args.hf) / "config.json").is_file():
         raise ValueError(f"--hf {args.hf}: not a Hugging Face folder (no config.json)")
     if not args.data and not args.mc:
         raise ValueError("nothing to evaluate: give --data NAME=DIR and/or --mc")
@@ -56,7 +60,7 @@ def _check_args(args) -> tuple[dict[str, str], str | None]:
     if args.mc:
         from qwen3_jax.evaluate import mc_path
         mc = mc_path(args.mc)
-        if not os.path.isfile(mc):
+        if not storage.path(mc).is_file():
             raise ValueError(f"--mc {args.mc}: file {mc} does not exist")
     return data, mc
 
@@ -115,18 +119,19 @@ def main(argv=None) -> int:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
 
-    from data_pipeline.text_tokenizer import load_tokenizer
     from qwen3_jax import evaluate as ev
+    from qwen3_jax import storage
+    from qwen3_jax.inference.loading import open_tokenizer
 
     t0 = time.time()
     try:
-        tok = load_tokenizer(tok_path)
+        tok = open_tokenizer(tok_path)
         if args.checkpoint:
             cfg, flat, step, _ = ev.load_checkpoint(args.checkpoint, args.step)
-            source = {"checkpoint": os.path.abspath(args.checkpoint), "step": step}
+            source = {"checkpoint": str(storage.path(args.checkpoint)), "step": step}
         else:
             cfg, flat = ev.load_hf_params(args.hf, args.dtype)
-            source = {"hf": os.path.abspath(args.hf)}
+            source = {"hf": str(storage.path(args.hf))}
         if args.compute_dtype:
             cfg = cfg.replace(compute_dtype=args.compute_dtype)
         examples = ev.load_multiple_choice(mc_file) if mc_file else None
@@ -150,8 +155,7 @@ def main(argv=None) -> int:
                "batch_size": args.batch_size, "split": args.split, "heldout": held}
         if mc is not None:
             out["multiple_choice"] = {"set": args.mc, **mc}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        storage.write_text(args.json, json.dumps(out, indent=2))
     return 0
 
 

@@ -202,21 +202,22 @@ def mc_path(name_or_path: str) -> str:
 
 
 def load_multiple_choice(name_or_path: str) -> list[dict]:
-    """Examples from a JSONL file (or a bundled set by name); errors name the file and line."""
+    """Examples from a JSONL file, local or remote (or a bundled set by name); errors name the file and line."""
+    from qwen3_jax import storage
+
     path = mc_path(name_or_path)
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"multiple-choice file {path} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                check_example(ex)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
-            out.append(ex)
+    for n, line in enumerate(storage.path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            check_example(ex)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        out.append(ex)
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
