@@ -137,8 +137,9 @@ def main(argv=None) -> int:
     print(aot.format_report(report) if "error" not in report else
           f"{report['model']} on {report['topology']}, mesh {report['mesh']}: DOES NOT FIT\n  {report['error']}")
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
+        from qwen3_jax import storage
+
+        storage.write_text(args.report, json.dumps(report, indent=2))  # a local file or a gs:// object
     return 0 if report["fits"] else 1
 
 
@@ -146,13 +147,11 @@ def run_search(args, files: list[str], extra: list[str], topo: dict, devices, po
     """Compiles the remat candidates (each the program train.py would run with that
     `model_config.remat`), prints the table and the gin line; returns the chosen one's report
     with the search in `remat_search`, or None when none fits."""
-    from pathlib import Path
-
-    from qwen3_jax import aot, configurables, remat_search
+    from qwen3_jax import aot, configurables, remat_search, storage
     from qwen3_jax.train.build import build, program_fingerprint
 
     headroom = args.headroom or remat_search.HEADROOM
-    cache = Path(args.remat_cache) if args.remat_cache else None
+    cache = storage.path(args.remat_cache) if args.remat_cache else None  # local or gs://
 
     def compile_policy(policy: str) -> dict:
         bindings = list(args.gin_param) + extra + [f"model_config.remat={policy!r}"]
@@ -166,8 +165,7 @@ def run_search(args, files: list[str], extra: list[str], topo: dict, devices, po
             print(f"compiling remat={policy!r} (step program {fingerprint}) ...", flush=True)
             report = aot.compile_report(program, topo, lowered=lowered)
             if cache:
-                cache.mkdir(parents=True, exist_ok=True)
-                (cache / f"{fingerprint}.json").write_text(json.dumps(report, indent=2))
+                storage.write_text(cache / f"{fingerprint}.json", json.dumps(report, indent=2))
         else:
             print(f"remat={policy!r}: step program {fingerprint} already compiled ({cache})", flush=True)
             report["hbm_bytes_per_chip"] = topo["hbm_bytes_per_chip"]  # this run's HBM (--hbm_gib)

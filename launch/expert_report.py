@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def _parse_data(values: list[str]) -> dict[str, str]:
@@ -29,7 +28,7 @@ def _parse_data(values: list[str]) -> dict[str, str]:
     return parse_named_datasets(values)
 
 
-def _data_from_config(workdir: Path) -> tuple[dict[str, str], float]:
+def _data_from_config(workdir) -> tuple[dict[str, str], float]:
     """({domain: folder}, heldout_fraction) of the run's `stage_mixture` bindings; several mixture
     names reading one folder (the built-in corpus) become one domain named after the folder."""
     for name in ("config.gin", "operative_config.gin"):
@@ -42,8 +41,11 @@ def _data_from_config(workdir: Path) -> tuple[dict[str, str], float]:
 
     from qwen3_jax import configurables
 
+    from qwen3_jax import storage
+
     try:
-        configurables.parse_gin([str(gin_file)], [])
+        with storage.staged(gin_file) as local:  # gin reads local files; a gs:// workdir's is fetched
+            configurables.parse_gin([str(local)], [])
     except Exception as e:  # noqa: BLE001 - any gin failure: say which file, ask for --data
         raise ValueError(f"{gin_file}: cannot be parsed ({str(e).splitlines()[0]}): pass --data NAME=DIR") from None
     if configurables.query("stage_mixture.weights") is None:
@@ -55,7 +57,7 @@ def _data_from_config(workdir: Path) -> tuple[dict[str, str], float]:
     out = {(names[0] if len(names) == 1 else os.path.basename(os.path.normpath(path))): path
            for path, names in by_path.items()}
     for d, path in out.items():
-        if not os.path.isfile(os.path.join(path, "stats.json")):
+        if not (storage.path(path) / "stats.json").is_file():
             raise ValueError(f"{gin_file}: dataset {d} folder {path} is not prepared here: pass --data NAME=DIR")
     return out, float(configurables.query("stage_mixture.heldout_fraction", 0.02))
 
@@ -76,8 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--no_router_bias", action="store_true", help="route without the aux-free bias of the run")
     p.add_argument("--skip_domains", action="store_true", help="heatmap only (no checkpoint, no data)")
     args = p.parse_args(argv)
-    workdir = Path(args.workdir)
-    out = Path(args.out) if args.out else workdir / "expert_load.png"
+    from qwen3_jax import storage
+
+    workdir = storage.path(args.workdir)  # local or gs://, as every path below
+    out = storage.path(args.out) if args.out else workdir / "expert_load.png"
 
     def fail(msg: str) -> int:
         print(f"expert_report.py: error: {msg}", file=sys.stderr)
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
             return fail(f"--{flag} {getattr(args, flag)}: must be > 0")
     if not workdir.is_dir():
         return fail(f"workdir {workdir} does not exist")
-    if not out.parent.is_dir():
+    if not storage.is_remote(out) and not out.parent.is_dir():  # an object store has no folders to create
         return fail(f"--out {out}: folder {out.parent} does not exist")
 
     from qwen3_jax.train import expert_report as er
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     load_LE = er.shares(counts_NLE.sum(0))
     loads_L = er.layer_loads(load_LE)
     worst = int(loads_L.argmax())
-    report: dict = {"workdir": str(workdir.absolute()), "steps": [steps[0], steps[-1]], "logged_steps": len(steps),
+    report: dict = {"workdir": str(workdir), "steps": [steps[0], steps[-1]], "logged_steps": len(steps),
                     "load_shares": load_LE.tolist(), "layer_load": loads_L.tolist(),
                     "worst_layer": {"moe_layer": worst, "load": float(loads_L[worst])}}
 

@@ -183,8 +183,9 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
                 "error": str(e).splitlines()[0][:500]}
     text = compiled.as_text()
     if hlo_dump:
-        with open(hlo_dump, "w") as f:
-            f.write(text)
+        from qwen3_jax import storage
+
+        storage.write_text(hlo_dump, text)  # a local file or a gs:// object
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -52,10 +51,12 @@ class TeacherSource:
 
 
 def find_teacher(path: str | os.PathLike) -> TeacherSource:
-    """Reads only the teacher's config: a Hugging Face folder (config.json) or our checkpoint."""
+    """Reads only the teacher's config: a Hugging Face folder (config.json) or our checkpoint, local
+    or on a bucket (`gs://`)."""
+    from qwen3_jax import storage
     from qwen3_jax.train import checkpoint as ckpt
 
-    p = Path(path)
+    p = storage.path(path)
     if not p.exists():
         raise TrainingError(f"train.teacher={str(path)!r}: no such file or folder")
     if (p / "config.json").is_file() and not (p / "checkpoints").is_dir():
@@ -65,7 +66,7 @@ def find_teacher(path: str | os.PathLike) -> TeacherSource:
             cfg = hf.from_hf_config(hf.read_config(p), source=str(p / "config.json"))
         except ValueError as e:
             raise TrainingError(f"train.teacher={str(path)!r}: {e}") from None
-        return TeacherSource(str(p.absolute()), "hf", None, cfg)
+        return TeacherSource(str(p), "hf", None, cfg)
     try:
         root, step = ckpt.checkpoint_root(p)
         step = step if step is not None else ckpt.latest_step(root)
@@ -74,7 +75,8 @@ def find_teacher(path: str | os.PathLike) -> TeacherSource:
                             f"checkpoint ({e})") from None
     if step is None:
         raise TrainingError(f"train.teacher={str(path)!r}: {root} holds no complete checkpoint")
-    return TeacherSource(str(Path(root).absolute() / str(step)), "checkpoint", step, ckpt.read_model_config(root, step))
+    return TeacherSource(str(storage.path(root) / str(step)), "checkpoint", step,
+                         ckpt.read_model_config(root, step))
 
 
 def teacher_config(source: TeacherSource, student: ModelConfig, seq_len: int) -> ModelConfig:
@@ -151,7 +153,9 @@ def load_teacher_params(d: Distiller):
 
     stored = param_specs(d.source.config)  # restored in the stored dtype, then cast on the devices
     target = nest({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_sh[k]) for k, s in stored.items()})
-    root = Path(d.source.path).parent
+    from qwen3_jax import storage
+
+    root = storage.path(d.source.path).parent
     with ckpt.manager(root, create=False) as mgr:
         params = mgr.restore(d.source.step, args=ocp.args.Composite(**{
             ckpt.PARAMS: ocp.args.StandardRestore(target)}))[ckpt.PARAMS]

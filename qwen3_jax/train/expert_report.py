@@ -27,13 +27,13 @@ counts are the ones training saw.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -50,7 +50,9 @@ class ReportError(ValueError):
 def read_expert_counts(metrics_path: str | os.PathLike, last: int | None = None) -> tuple[list[int], np.ndarray]:
     """(steps, counts [N, MoE layers, experts]) of the last `last` logged train steps (all when
     None) that carry `expert_counts`. A step logged twice (a resumed run) keeps its last line."""
-    path = Path(metrics_path)
+    from qwen3_jax import storage
+
+    path = storage.path(metrics_path)  # a local file or a gs:// object
     if not path.is_file():
         raise ReportError(f"{path}: no such file (a training workdir has metrics.jsonl)")
     by_step: dict[int, list] = {}
@@ -102,7 +104,8 @@ def heatmap_inches(num_layers: int, num_experts: int) -> tuple[float, float]:
 
 def plot_load_heatmap(shares_LE: np.ndarray, out: str | os.PathLike, *, title: str = "",
                       layer_labels: Sequence[str] | None = None) -> str:
-    """PNG heatmap of [MoE layers, experts] shares; cells annotated when the grid is small."""
+    """PNG heatmap of [MoE layers, experts] shares (written to `out`, local or gs://); cells
+    annotated when the grid is small."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,8 +130,12 @@ def plot_load_heatmap(shares_LE: np.ndarray, out: str | os.PathLike, *, title: s
     fig.colorbar(im, ax=ax, label="share of assignments")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    from qwen3_jax import storage
+
+    storage.write_bytes(out, png.getvalue())
     return str(out)
 
 
@@ -294,6 +301,8 @@ def format_table(report: dict) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+    """Writes `obj` as JSON to `path` (local or gs://, atomically); returns the path."""
+    from qwen3_jax import storage
+
+    storage.write_text(path, json.dumps(obj, indent=1))
     return str(path)
