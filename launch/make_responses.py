@@ -41,7 +41,6 @@ import os
 import sys
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 MODES = ("think", "no_think")
@@ -96,8 +95,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def read_prompts(path: str, limit: int | None = None) -> list[str | list[dict[str, Any]]]:
     """Prompts of a .jsonl ({"prompt": str} or {"messages": [...]}) or .txt (one per line) file;
-    ResponsesError naming file:line for a bad line."""
-    f = Path(path)
+    ResponsesError naming file:line for a bad line. `path` may be local or on a bucket (gs://)."""
+    from qwen3_jax import storage
+
+    f = storage.path(path)
     if not f.is_file():
         raise ResponsesError(f"--prompts {path}: no such file")
     if f.suffix not in (".jsonl", ".txt"):
@@ -135,11 +136,13 @@ def read_prompts(path: str, limit: int | None = None) -> list[str | list[dict[st
 
 def arg_plan(a: argparse.Namespace, prompts: list, teacher) -> dict:
     """The plan's keys known before the teacher is loaded (the rest: TOKENIZER_KEYS)."""
-    return {"version": 1, "kind": "responses", "loss_on": "response", "inputs": [os.path.abspath(a.prompts)],
+    from qwen3_jax import storage
+
+    return {"version": 1, "kind": "responses", "loss_on": "response", "inputs": [str(storage.path(a.prompts))],
             "prompts_sha1": hashlib.sha1(json.dumps(prompts).encode()).hexdigest(), "prompts": len(prompts),
             "modes": a.modes, "records": len(prompts) * len(a.modes), "shards": a.shards,
             "teacher": teacher.path, "teacher_step": teacher.step, "teacher_dtype": a.dtype,
-            "tokenizer_arg": a.tokenizer if a.tokenizer in (None, "qwen3") else os.path.abspath(a.tokenizer),
+            "tokenizer_arg": a.tokenizer if a.tokenizer in (None, "qwen3") else str(storage.path(a.tokenizer)),
             "thinking_budget": a.thinking_budget,
             "max_new_tokens": a.max_new_tokens, "sampling": {"temperature": a.temperature, "top_k": a.top_k,
                                                              "top_p": a.top_p},
@@ -173,11 +176,13 @@ def record(tg, prompt, result: dict[str, Any], thinking: bool) -> tuple[list[int
 def _complete(out: str, plan: dict) -> dict | None:
     """stats.json of a finished dataset written with these arguments (checked before the teacher loads)."""
     from data_pipeline.prepare import pending_shards, read_json
+    from qwen3_jax import storage
 
-    old = read_json(os.path.join(out, "plan.json")) if os.path.exists(os.path.join(out, "plan.json")) else None
+    plan_file, stats_file = storage.path(out) / "plan.json", storage.path(out) / "stats.json"
+    old = read_json(str(plan_file)) if plan_file.exists() else None
     if not old or any(old.get(k) != v for k, v in plan.items()) or pending_shards(out, old):
         return None
-    return read_json(os.path.join(out, "stats.json")) if os.path.exists(os.path.join(out, "stats.json")) else None
+    return read_json(str(stats_file)) if stats_file.exists() else None
 
 
 def make_responses(a: argparse.Namespace) -> dict:
@@ -186,6 +191,7 @@ def make_responses(a: argparse.Namespace) -> dict:
 
     from data_pipeline.prepare import (CRASH_ENV, ShardWriter, aggregate_stats, open_output, pending_shards,
                                        shard_bounds, write_json)
+    from qwen3_jax import storage
     from qwen3_jax.train.distill import find_teacher
 
     prompts = read_prompts(a.prompts, a.limit)
@@ -212,8 +218,9 @@ def make_responses(a: argparse.Namespace) -> dict:
     bar = None
     if not a.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(bounds[s + 1] - bounds[s] for s in todo), unit="resp", desc=os.path.basename(
-            os.path.normpath(a.out)), smoothing=0.1, file=sys.stderr)
+
+        bar = tqdm(total=sum(bounds[s + 1] - bounds[s] for s in todo), unit="resp", desc=storage.path(a.out).name,
+                   smoothing=0.1, file=sys.stderr)
     done_tokens = 0
     try:
         for s in todo:
@@ -243,10 +250,7 @@ def make_responses(a: argparse.Namespace) -> dict:
                         bar.set_postfix_str(f"{done_tokens / el:.0f} new tok/s", refresh=False)
                         bar.update(len(batch))
             except BaseException:
-                writer.writer.close()  # leave no partial shard behind (a re-run redoes it)
-                for f in os.listdir(a.out):
-                    if ".tmp" in f:
-                        os.remove(os.path.join(a.out, f))
+                writer.discard()  # leave no partial shard behind, local or staged for a bucket (a re-run redoes it)
                 raise
             writer.close()
             written.append(s)
@@ -258,7 +262,7 @@ def make_responses(a: argparse.Namespace) -> dict:
                  sampling=plan["sampling"], thinking_budget=plan["thinking_budget"],
                  max_new_tokens=plan["max_new_tokens"], seed=plan["seed"], prompts=P,
                  last_run_shards_written=written)
-    write_json(os.path.join(a.out, "stats.json"), stats)
+    write_json(str(storage.path(a.out) / "stats.json"), stats)  # a local folder or a bucket prefix
     return stats
 
 

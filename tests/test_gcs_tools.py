@@ -120,9 +120,10 @@ def test_interrupted_remote_export_is_incomplete(gcs_bucket, monkeypatch):
         hf.read_config(target)
 
 
-def test_generate_and_evaluate_from_bucket_export(gcs_bucket, in_tmp_cwd, capsys):
-    """An export with a tokenizer from the bucket, then generate (a few tokens) and evaluate (the
-    bundled multiple-choice set, results written to the bucket) reading that export."""
+def test_generate_evaluate_responses_from_bucket_export(gcs_bucket, in_tmp_cwd, capsys):
+    """An export with a tokenizer from the bucket, then reading that export: generate (a few
+    tokens), evaluate (the bundled multiple-choice set, results written to the bucket) and
+    make_responses (its dataset written to the bucket)."""
     from qwen3_jax import hf, storage
 
     cfg, flat = tiny_params(seed=1)
@@ -142,3 +143,12 @@ def test_generate_and_evaluate_from_bucket_export(gcs_bucket, in_tmp_cwd, capsys
         capsys.readouterr().err
     got = json.loads(storage.path(report).read_text())
     assert got["hf"] == hf_dir and got["multiple_choice"]["examples"] > 0
+
+    prompts = in_tmp_cwd / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def f"}) + "\n" + json.dumps({"prompt": "the fox"}) + "\n")
+    out = f"{gcs_bucket}/responses"
+    assert cli("make_responses").main(["--teacher", hf_dir, "--prompts", str(prompts), "--out", out, "--shards", "1",
+                                       "--modes", "no_think", "--max_new_tokens", "3", "--temperature", "0",
+                                       "--batch_size", "2", "--no_progress"]) == 0, capsys.readouterr().err
+    stats = json.loads((storage.path(out) / "stats.json").read_text())
+    assert stats["documents"] == 2 and (storage.path(out) / "shard-00000-of-00001.json").exists()
