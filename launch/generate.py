@@ -4,6 +4,7 @@
   python launch/generate.py --checkpoint runs/stage3 [--tokenizer qwen3|DIR|sp.model] --prompt ...
   python launch/generate.py --hf DIR --chat --thinking_budget 256 --prompt "Is 9.11 > 9.9?" --json
   python launch/generate.py --hf DIR --chat --no_thinking --prompts_file prompts.jsonl --json
+  python launch/generate.py --hf gs://BUCKET/hf/x --prompt "def fib(n):"   # any path may be a bucket
 
 --prompts_file: one JSON value per line, a string, {"prompt": "..."} or {"messages": [...]} (chat).
 Sampling: --temperature 0 (the default) is greedy; otherwise temperature -> top-k -> top-p with
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,9 +70,12 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def read_prompts(args) -> list:
+    """--prompt values, then --prompts_file's lines (the file local or on a bucket, gs://)."""
+    from qwen3_jax import storage
+
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
+        path = storage.path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts_file {path}: no such file")
         for n, line in enumerate(path.read_text().splitlines(), 1):
