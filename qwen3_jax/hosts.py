@@ -74,18 +74,21 @@ def sync(name: str) -> None:
 
 class PreemptionSync:
     """All hosts stop at the same step when any of them is told to stop (see the module
-    docstring). `reached()` is called once per step on every host, with a counter that grows by
-    one per call from the same start on every host (the preemption service's contract)."""
+    docstring). The service's contract: every host calls `reached(n)` once per step with the same
+    growing counter; when a notice arrives, the stop point is (the largest counter any host has
+    passed) + 1. We pass the data position in batches, which is the step number orbax passes from
+    its own `save` (it asks the same service), and `register(start)` before the first step so a
+    notice during compilation stops the job at its first step."""
 
     def __init__(self):
-        self.enabled = multi() and jax.config.jax_enable_preemption_service
-        self.calls = 0
+        self.enabled = multi() and bool(jax.config.jax_enable_preemption_service)
 
-    def reached(self) -> bool:
-        if not self.enabled:
-            return False
-        self.calls += 1
-        return multihost_utils.reached_preemption_sync_point(self.calls)
+    def register(self, counter: int) -> None:
+        if self.enabled:
+            multihost_utils.reached_preemption_sync_point(counter)
+
+    def reached(self, counter: int) -> bool:
+        return self.enabled and multihost_utils.reached_preemption_sync_point(counter)
 
     @staticmethod
     def forward_sigint() -> None:

@@ -95,10 +95,11 @@ class _Signals:
             if self.preemption.enabled:
                 self.preemption.forward_sigint()
 
-    def stop(self) -> bool:
-        """Called once per step: True when the run must save this step and stop (on every host)."""
+    def stop(self, counter: int) -> bool:
+        """Called once per step with the data position: True when the run must save this step and
+        stop (on every host)."""
         if self.preemption.enabled:
-            if self.preemption.reached():
+            if self.preemption.reached(counter):
                 self.stopping = True
                 self.requested = self.requested or "SIGTERM"
                 print(f"preemption sync point (process {jax.process_index()}): every host saves this step and "
@@ -202,6 +203,7 @@ class _Run:
 
         if tc.make_eval_data is not None and tc.eval_every:
             self.eval_bytes_V = eval_bytes_table(program, data_it, model.vocab_size)
+        self.signals.preemption.register(start)  # a notice from here on stops every host at step start + 1
         t0 = time.time()
         lowered = program.lowered or program.lower()  # remat='auto': compiled by build()'s search
         fingerprint = program_fingerprint(lowered)
@@ -281,7 +283,7 @@ class _Run:
             step += 1
             verdict = self._report(*pending) if pending is not None else None
             pending = (step, metrics)
-            stopping = (self.signals.stop() or step == tc.steps
+            stopping = (self.signals.stop(batches) or step == tc.steps
                         or (tc.stop_after is not None and step - start >= tc.stop_after))
             evals = tc.make_eval_data is not None and tc.eval_every and step % tc.eval_every == 0
             samples = tc.sample_every and tc.sample_prompts and step % tc.sample_every == 0
