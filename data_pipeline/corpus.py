@@ -16,12 +16,16 @@ and the progress bar's total. A file that cannot be read whole (truncated or cor
 unreadable parquet, a text file that is not UTF-8) raises `CorpusError` naming it: `count` reads
 every compressed/text file to the end, so a bad file is found before anything is written.
 
+Input files and globs may be on a bucket (`gs://b/raw/*.jsonl.zst`): they are read through
+`qwen3_jax.storage` (gcsfs; see data_pipeline.shards.data_path), streamed like local files.
+
 The built-in corpus, prepared for training runs on demand (`stage_mixture`), is cached under
 `BUILTIN_CACHE_DIR`, apart from the folders users name with --out.
 """
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
 import gzip
 import io
@@ -30,6 +34,8 @@ import os
 import sysconfig
 import zlib
 from typing import Iterator, NamedTuple
+
+from data_pipeline.shards import data_path, is_remote
 
 BUILTINS = ("builtin:python-stdlib", "builtin:python-stdlib-code", "builtin:python-stdlib-docs")
 SKIP_REASONS = ("malformed_json", "missing_text", "invalid_utf8", "empty")
@@ -85,12 +91,24 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 raise ValueError(f"unknown built-in corpus {spec!r}; known: {', '.join(BUILTINS)}")
             out.append(spec)
             continue
-        matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = _matches(spec)
         if not matches:
             raise FileNotFoundError(f"no input file matches {spec!r}")
         out.extend(matches)
     return out
+
+
+def _matches(spec: str) -> list[str]:
+    """The files a path or glob names (local or on a bucket), sorted."""
+    if not is_remote(spec):
+        matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+        return [m for m in matches if os.path.isfile(m)]
+    if not glob.has_magic(spec):
+        return [spec] if data_path(spec).is_file() else []
+    parts = spec.split("/")
+    k = next(i for i, part in enumerate(parts) if glob.has_magic(part))  # > 2: gs://bucket/...
+    root = "/".join(parts[:k])
+    return sorted(os.fspath(m) for m in data_path(root).glob("/".join(parts[k:])) if m.is_file())
 
 
 def _fmt(path: str) -> str:
@@ -126,7 +144,7 @@ def _zstd_chunks(path: str) -> Iterator[bytes]:
     stream_reader silently stops at the cut)."""
     import zstandard
     dctx, frame = zstandard.ZstdDecompressor(), None
-    with open(path, "rb") as f:
+    with _open_raw(path) as f:
         while data := f.read(1 << 18):
             while data:
                 frame = frame or dctx.decompressobj()
@@ -137,12 +155,32 @@ def _zstd_chunks(path: str) -> Iterator[bytes]:
         raise EOFError("the zstd stream ends inside a frame")
 
 
+def _open_raw(path: str):
+    """The file's bytes as stored (local or on a bucket)."""
+    return data_path(path).open("rb") if is_remote(path) else open(path, "rb")
+
+
 def _open_binary(path: str):
+    """The file's decompressed bytes (.gz, .zst or plain)."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        raw = _open_raw(path)
+        f = gzip.GzipFile(fileobj=raw, mode="rb")
+        f.myfileobj = raw  # GzipFile closes the file it holds here (as when it opens one itself)
+        return f
     if path.endswith(".zst"):
         return io.BufferedReader(_Chunks(_zstd_chunks(path)), 1 << 20)
-    return open(path, "rb")
+    return _open_raw(path)
+
+
+@contextlib.contextmanager
+def _parquet(path: str):
+    """The open pyarrow ParquetFile (from the path when local, else through a bucket file object)."""
+    import pyarrow.parquet as pq
+    if not is_remote(path):
+        yield pq.ParquetFile(path)
+        return
+    with _open_raw(path) as f:
+        yield pq.ParquetFile(f)
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -198,8 +236,8 @@ def _count_builtin(spec: str) -> int:
 def _count_file(spec: str) -> int:
     fmt = _fmt(spec)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-        return pq.ParquetFile(spec).metadata.num_rows
+        with _parquet(spec) as pf:
+            return pf.metadata.num_rows
     if fmt == "text":
         with _open_binary(spec) as f:
             data = f.read()
@@ -261,22 +299,26 @@ def _iter_file(spec: str, text_key: str, start: int) -> Iterator[Raw]:
                 if k > start:
                     yield Raw(spec, k, "json", line)
     else:
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(spec)
-        if text_key not in pf.schema_arrow.names:
-            for k in range(start + 1, pf.metadata.num_rows + 1):
-                yield Raw(spec, k, "none", None)
-            return
-        k = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
-            col = batch.column(0)
-            if k + len(col) <= start:
-                k += len(col)
-                continue
-            for v in col.to_pylist():
-                k += 1
-                if k > start:
-                    yield Raw(spec, k, "text" if isinstance(v, str) else "none", v)
+        with _parquet(spec) as pf:
+            yield from _iter_parquet(spec, pf, text_key, start)
+
+
+def _iter_parquet(spec: str, pf, text_key: str, start: int) -> Iterator[Raw]:
+    """Rows of an open parquet file as Raw records (the text column only)."""
+    if text_key not in pf.schema_arrow.names:
+        for k in range(start + 1, pf.metadata.num_rows + 1):
+            yield Raw(spec, k, "none", None)
+        return
+    k = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_key]):
+        col = batch.column(0)
+        if k + len(col) <= start:
+            k += len(col)
+            continue
+        for v in col.to_pylist():
+            k += 1
+            if k > start:
+                yield Raw(spec, k, "text" if isinstance(v, str) else "none", v)
 
 
 def _docstrings(path: str, text: str) -> str:
@@ -346,8 +388,8 @@ def first_keys(spec: str) -> list[str] | None:
         if spec.startswith("builtin:") or _fmt(spec) == "text":
             return None
         if _fmt(spec) == "parquet":
-            import pyarrow.parquet as pq
-            return list(pq.ParquetFile(spec).schema_arrow.names)
+            with _parquet(spec) as pf:
+                return list(pf.schema_arrow.names)
         for raw in _iter_file(spec, "", 0):
             if raw.line > 100:  # no JSON object near the start: nothing to suggest
                 return None

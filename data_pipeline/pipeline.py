@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from data_pipeline.shards import ShardSource
+from data_pipeline.shards import ShardSource, data_path, load_npy
 from data_pipeline.transforms import BATCH_DTYPES, BATCH_KEYS  # noqa: F401  (re-exported: their home is transforms)
 from data_pipeline.transforms import Finish, Parse, Row, SplitLong, fix_json_state
 
@@ -125,12 +125,12 @@ def resolve(data) -> list[DatasetSpec]:
 
 
 def load_stats(path: str) -> dict:
+    """stats.json of the prepared dataset at `path` (a local folder or a bucket prefix)."""
     f = os.path.join(path, "stats.json")
-    if not os.path.exists(f):
+    if not data_path(f).exists():
         raise FileNotFoundError(f"{path} is not a complete prepared dataset (no stats.json); run prepare.py")
     try:
-        with open(f) as fh:
-            return json.load(fh)
+        return json.loads(data_path(f).read_text())
     except ValueError as e:
         raise ValueError(f"{f}: not valid JSON ({e}); delete it, re-run prepare.py (same arguments)") from None
 
@@ -138,7 +138,7 @@ def load_stats(path: str) -> dict:
 def doc_lengths(path: str) -> np.ndarray:
     """Lengths (tokens incl. separator) of all documents of a prepared dataset, in record order."""
     st = load_stats(path)
-    return np.concatenate([np.load(os.path.join(path, s.replace(".array_record", ".lengths.npy")))
+    return np.concatenate([load_npy(os.path.join(path, s.replace(".array_record", ".lengths.npy")))
                            for s in st["shards"]]).astype(np.int64)
 
 

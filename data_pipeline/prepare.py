@@ -19,6 +19,10 @@ without their .json (each shard is written under a temporary name and renamed wh
 Tokenization runs in --workers processes with a bounded number of batches in flight, so memory
 does not depend on corpus size. Bad records (malformed JSON, missing text field, invalid UTF-8,
 empty documents) are skipped and counted; with --strict the first one stops the run with file:line.
+An `--out` on a bucket (`gs://b/data/web`) gets the same files with the same completion rule: each
+shard is written to a local temporary folder and uploaded file by file, its .json last, and
+stats.json after every shard (an object store has no rename, but each upload is atomic).
+
 A bad *file* (truncated/corrupt .gz/.zst or parquet, a text file that is not UTF-8) stops the run
 before anything is written, naming it; with --skip-bad-files it is left out and listed under
 "skipped_files" in plan.json, stats.json and the summary. A run that yields no document at all
@@ -33,8 +37,10 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -43,6 +49,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from data_pipeline import corpus
+from data_pipeline.shards import data_path, folder_names, is_remote
+from data_pipeline.shards import write_text as _write_text
 from data_pipeline.text_tokenizer import load_tokenizer, train_sentencepiece
 
 PLAN_VERSION = 1
@@ -59,19 +67,24 @@ def shard_name(s: int, n: int) -> str:
 
 
 def read_json(path: str):
-    """The contents of a JSON file this module wrote, None when it is not valid JSON."""
+    """The contents of a JSON file this module wrote (local or on a bucket), None when it is not
+    valid JSON."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(data_path(path).read_text())
     except ValueError:
         return None
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """Writes `obj` to `path` atomically (local: a temporary file renamed; bucket: one upload)."""
+    _write_text(path, json.dumps(obj, indent=1))
+
+
+def _upload(local: str, dst: str) -> None:
+    """Copies local file `local` to `dst` on a bucket in one streamed upload (atomic), then removes it."""
+    with open(local, "rb") as f, data_path(dst).open("wb") as g:
+        shutil.copyfileobj(f, g, 1 << 24)
+    os.remove(local)
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -180,7 +193,8 @@ def _records(plan: dict, start: int) -> Iterator[tuple[int, corpus.Raw]]:
 
 class ShardWriter:
     """Shard `s` of `plan` in `out` under temporary names, renamed by close(), which writes the .json
-    last. A response dataset (plan "loss_on": "response", launch/make_responses.py) also keeps each
+    last (`out` on a bucket: written in a local temporary folder, uploaded by close()). `discard()`
+    drops an unfinished shard. A response dataset (plan "loss_on": "response", launch/make_responses.py) also keeps each
     record's prompt length (add(..., prompt_length=P)) in .prompt_lengths.npy (int32), and its
     `counts` in the shard's stats."""
 
@@ -188,7 +202,9 @@ class ShardWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
         self.shard = s
         self.final = os.path.join(out, shard_name(s, plan["shards"]))
-        self.tmp = f"{self.final}.tmp{os.getpid()}"
+        self._stage = tempfile.mkdtemp(prefix="prepare-shard-") if is_remote(out) else None
+        local = os.path.join(self._stage, shard_name(s, plan["shards"])) if self._stage else self.final
+        self.tmp = f"{local}.tmp{os.getpid()}"
         self.writer = ArrayRecordWriter(f"{self.tmp}.array_record", "group_size:1")
         self.lengths: list[int] = []
         self.prompt_lengths: list[int] | None = [] if plan.get("loss_on") == "response" else None
@@ -220,14 +236,26 @@ class ShardWriter:
             renames.append(".prompt_lengths.npy")
             stats.update(prompt_tokens=sum(self.prompt_lengths), counts=dict(sorted(self.counts.items())))
         for ext in renames:
-            os.replace(f"{self.tmp}{ext}", f"{self.final}{ext}")
+            (_upload if self._stage else os.replace)(f"{self.tmp}{ext}", f"{self.final}{ext}")
         write_json(f"{self.final}.json", stats)  # the completion marker
+        self.discard()
         return stats
+
+    def discard(self) -> None:
+        """Closes the writer and removes this shard's temporary files (the finished ones stay)."""
+        self.writer.close()
+        if self._stage:
+            shutil.rmtree(self._stage, ignore_errors=True)
+            return
+        folder, prefix = os.path.split(self.tmp)
+        for f in os.listdir(folder):
+            if f.startswith(prefix):
+                os.remove(os.path.join(folder, f))
 
 
 def aggregate_stats(out: str, plan: dict, seconds: float, reasons: Sequence[str] = corpus.SKIP_REASONS) -> dict:
     """stats.json from the shards' .json files; `reasons`: the skip reasons always listed (0 or more)."""
-    parts = [json.load(open(os.path.join(out, shard_name(s, plan["shards"]) + ".json")))
+    parts = [json.loads(data_path(os.path.join(out, shard_name(s, plan["shards"]) + ".json")).read_text())
              for s in range(plan["shards"])]
     skipped, counts = collections.Counter(), collections.Counter()
     for p in parts:
@@ -262,29 +290,30 @@ def shard_bounds(plan: dict) -> list[int]:
 
 def pending_shards(out: str, plan: dict) -> list[int]:
     """The shards without their .json (the completion marker)."""
-    n = plan["shards"]
-    return [s for s in range(n) if not os.path.exists(os.path.join(out, shard_name(s, n) + ".json"))]
+    n, present = plan["shards"], folder_names(out)
+    return [s for s in range(n) if shard_name(s, n) + ".json" not in present]
 
 
 def open_output(out: str, plan: dict) -> dict | None:
     """Starts or resumes writing `plan`'s dataset in `out`: writes plan.json, or checks the one
     there (PrepareError naming the keys that differ). Returns the stats of a dataset already
     complete (nothing to do); otherwise removes a killed run's temporary files and returns None."""
-    os.makedirs(out, exist_ok=True)
+    if not is_remote(out):  # a bucket has no folders to make
+        os.makedirs(out, exist_ok=True)
     plan_path, stats_path = os.path.join(out, "plan.json"), os.path.join(out, "stats.json")
-    if os.path.exists(plan_path):
+    if data_path(plan_path).exists():
         old = read_json(plan_path)
         if old is None:
             raise PrepareError(f"{plan_path}: not valid JSON; delete {out} (or use another --out) and re-run")
         if diff := sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k)):
             raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
-        if os.path.exists(stats_path) and not pending_shards(out, old) and (st := read_json(stats_path)):
+        if data_path(stats_path).exists() and not pending_shards(out, old) and (st := read_json(stats_path)):
             return st  # complete; a shard whose .json was deleted is redone, an unreadable stats.json rewritten
     else:
         write_json(plan_path, plan)
-    for f in os.listdir(out):  # leftovers of a killed run
+    for f in folder_names(out):  # leftovers of a killed run
         if ".tmp" in f:
-            os.remove(os.path.join(out, f))
+            data_path(os.path.join(out, f)).unlink(missing_ok=True)
     return None
 
 
@@ -299,7 +328,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     stats_path = os.path.join(out, "stats.json")
     tok = load_tokenizer(tokenizer)
     plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit, skip_bad_files)
-    created = not os.path.isdir(out)
+    created = not data_path(out).is_dir()
     plan_path = os.path.join(out, "plan.json")
     if (st := open_output(out, plan)) is not None:
         return st
@@ -388,20 +417,15 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if writer is not None:  # failed mid-shard (e.g. --strict): leave no partial shard behind
-            writer.writer.close()
-            for f in os.listdir(out):
-                if ".tmp" in f:
-                    os.remove(os.path.join(out, f))
+            writer.discard()
     stats = aggregate_stats(out, plan, time.time() - t0)
     if stats["documents"] == 0:  # nothing worth keeping: leave no plan a corrected re-run would clash with
         for s in range(n):
             for ext in (".array_record", ".lengths.npy", ".json"):
-                if os.path.exists(f := os.path.join(out, shard_name(s, n) + ext)):
-                    os.remove(f)
+                data_path(os.path.join(out, shard_name(s, n) + ext)).unlink(missing_ok=True)
         for f in (stats_path, plan_path):
-            if os.path.exists(f):
-                os.remove(f)
-        if created and not os.listdir(out):
+            data_path(f).unlink(missing_ok=True)
+        if created and not is_remote(out) and not os.listdir(out):
             os.rmdir(out)
         raise _no_documents(plan, stats["skipped"])
     stats["last_run_shards_written"] = written
@@ -428,9 +452,9 @@ def parse_named_datasets(values: Sequence[str], flag: str = "--data") -> dict[st
             raise ValueError(f"{flag} {v!r}: expected NAME=DIR")
         if name in out:
             raise ValueError(f"{flag} {v!r}: dataset name {name!r} given twice")
-        if not os.path.isdir(path):
+        if not data_path(path).is_dir():
             raise ValueError(f"{flag} {v!r}: folder {path} does not exist")
-        if not os.path.isfile(os.path.join(path, "stats.json")):
+        if not data_path(os.path.join(path, "stats.json")).is_file():
             raise ValueError(f"{flag} {v!r}: {path} is not a prepared dataset folder (no stats.json)")
         out[name] = path
     return out

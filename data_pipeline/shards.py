@@ -10,13 +10,25 @@ A record that fails to read later (a corrupt chunk: checksum mismatch) or whose 
 match its length raises `ShardError` naming the shard file and the record index in it.
 The fix is the same for all: delete that shard's .json and re-run prepare.py (make_responses.py
 for a response dataset) with the same arguments, which rewrites just that shard.
+
+A dataset folder may be a bucket (`gs://b/data/web`): ArrayRecord reads `gs://` objects itself
+(its Google Cloud C++ client: credentials from GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+application-default file or the VM's metadata server; an emulator through
+CLOUD_STORAGE_EMULATOR_ENDPOINT, set here from STORAGE_EMULATOR_HOST), and the small files
+(.lengths.npy, stats.json) go through `qwen3_jax.storage`. A FUSE mount of the bucket is a local
+folder like any other. `data_path()` and its helpers are the data tools' way to a file that may be
+on a bucket: they import qwen3_jax (whose package import loads jax) only for a bucket URL, so
+prepare.py on local folders stays free of jax and keeps forking its worker processes.
 """
 from __future__ import annotations
 
+import io
 import os
+import socket
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 
 class ShardError(ValueError):
@@ -32,16 +44,89 @@ def _tool(stats: dict) -> str:
     return "make_responses.py" if stats.get("loss_on") == "response" else "prepare.py"
 
 
+# --- where the files live ----------------------------------------------------------------------
+def is_remote(p) -> bool:
+    """True for a bucket URL (`gs://...`): qwen3_jax.storage.is_remote's test, without importing it."""
+    return "://" in os.fspath(p)
+
+
+def _storage():
+    """qwen3_jax.storage, imported when a bucket URL needs it (importing qwen3_jax loads jax)."""
+    from qwen3_jax import storage
+    return storage
+
+
+def data_path(p) -> epath.Path:
+    """`p` as an etils.epath.Path: storage.path(p) for a bucket URL, an absolute local path otherwise."""
+    if is_remote(p):
+        return _storage().path(p)
+    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def write_text(p, text: str) -> None:
+    """Writes `p` atomically (bucket: one upload through storage.write_text; local: a temporary
+    file beside it, renamed)."""
+    if is_remote(p):
+        _storage().write_text(p, text)
+        return
+    tmp = f"{p}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, p)
+
+
+def use_emulator_for_array_record() -> None:
+    """Points ArrayRecord's GCS client at `STORAGE_EMULATOR_HOST` when that is set (the variable
+    gcsfs reads; the C++ client reads CLOUD_STORAGE_EMULATOR_ENDPOINT)."""
+    host = _storage().use_emulator_if_set()
+    if host:
+        os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", host if "://" in host else f"http://{host}")
+
+
+def check_gcs_reader(path: str) -> None:
+    """Before ArrayRecord opens `gs://` shards: fails (ShardError) when its C++ client would find no
+    credentials. Without any it asks the metadata server of a Google Cloud VM, and off Cloud it
+    retries that for many minutes instead of failing."""
+    use_emulator_for_array_record()
+    env = os.environ
+    if env.get("CLOUD_STORAGE_EMULATOR_ENDPOINT") or env.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return
+    gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+    if os.path.exists(os.path.join(gcloud, "application_default_credentials.json")):
+        return
+    try:
+        socket.getaddrinfo("metadata.google.internal", 80)
+    except OSError:
+        raise ShardError(f"{path}: no Google Cloud credentials to read its ArrayRecord shards with (not on a "
+                         f"Cloud VM, no GOOGLE_APPLICATION_CREDENTIALS, no `gcloud auth application-default "
+                         f"login`); set one, or mount the bucket with gcsfuse and read the local path") from None
+
+
+def folder_names(path: str) -> set[str]:
+    """The file names in folder `path` (local or a bucket prefix); empty when it does not exist."""
+    p = data_path(path)
+    return {c.name for c in p.iterdir()} if p.is_dir() else set()
+
+
+def load_npy(f: str) -> np.ndarray:
+    """A .npy file, local or on a bucket."""
+    if not is_remote(f):
+        return np.load(f)
+    return np.load(io.BytesIO(data_path(f).read_bytes()))
+
+
 def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
     """The document lengths of each shard of the dataset at `path`, checked against the shard
     files and the stats (ShardError naming the file otherwise)."""
     from array_record.python.array_record_module import ArrayRecordReader
     expected = stats.get("shard_documents") or [None] * len(stats["shards"])
     tool = _tool(stats)
-    out = []
+    if is_remote(path):
+        check_gcs_reader(path)
+    present, out = folder_names(path), []
     for name, want in zip(stats["shards"], expected):
         f = os.path.join(path, name)
-        if not os.path.isfile(f):
+        if name not in present:
             raise ShardError(f"{f}: missing (listed in {os.path.join(path, 'stats.json')}); {_fix(f, tool)}")
         try:
             reader = ArrayRecordReader(f)
@@ -55,7 +140,7 @@ def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
                              f"{_fix(f, tool)}")
         lengths_file = f.replace(".array_record", ".lengths.npy")
         try:
-            lengths = np.load(lengths_file)
+            lengths = load_npy(lengths_file)
         except (OSError, ValueError) as e:
             raise ShardError(f"{lengths_file}: unreadable ({e}); {_fix(f, tool)}") from None
         if lengths.shape != (n,):
@@ -69,14 +154,14 @@ def shard_prompt_lengths(path: str, stats: dict, lengths: Sequence[np.ndarray]) 
     dataset), checked against the records' `lengths` (ShardError naming the file otherwise)."""
     if stats.get("loss_on") != "response":
         return None
-    tool, out = _tool(stats), []
+    tool, out, present = _tool(stats), [], folder_names(path)
     for name, n in zip(stats["shards"], lengths):
         f = os.path.join(path, name)
         pl_file = f.replace(".array_record", ".prompt_lengths.npy")
-        if not os.path.isfile(pl_file):
+        if os.path.basename(pl_file) not in present:
             raise ShardError(f"{pl_file}: missing (stats.json says loss_on='response'); {_fix(f, tool)}")
         try:
-            pl = np.load(pl_file)
+            pl = load_npy(pl_file)
         except (OSError, ValueError) as e:
             raise ShardError(f"{pl_file}: unreadable ({e}); {_fix(f, tool)}") from None
         if pl.shape != n.shape:

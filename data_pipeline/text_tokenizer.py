@@ -17,6 +17,9 @@ Train a small sentencepiece BPE (byte fallback, identity normalisation so code
 keeps its whitespace, the same special tokens) on the built-in corpus:
 
     python -m data_pipeline.text_tokenizer train-spm --out runs/spm4k --vocab-size 4096
+
+Tokenizer files and folders may be on a bucket (`gs://b/tok/spm.model`): they are downloaded into
+a temporary folder to load, and the tokenizer keeps the URL as its name.
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
 import time
 from typing import Iterable, Protocol, Sequence
+
+from data_pipeline.shards import data_path, is_remote
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS, "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -167,10 +173,37 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """'qwen3', a tokenizer.json / HF folder, or a sentencepiece .model file."""
+    """'qwen3', a tokenizer.json / HF folder, or a sentencepiece .model file (local or on a bucket)."""
+    if is_remote(path):
+        return _load_remote(path)
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
     return HFTokenizer(path)
+
+
+def _load_remote(url: str) -> Tokenizer:
+    """The tokenizer file or (flat) HF folder at `url`, downloaded into a temporary folder (both
+    libraries read it whole when loading), named `<kind>:<url>` so a re-run's plan matches."""
+    src = data_path(url)
+    if not src.exists():
+        raise FileNotFoundError(f"tokenizer {url} does not exist")
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+        local = os.path.join(tmp, src.name)
+        if src.is_dir():
+            os.makedirs(local)
+            for f in src.iterdir():
+                if f.is_file():
+                    _download(f, os.path.join(local, f.name))
+        else:
+            _download(src, local)
+        tok = load_tokenizer(local)
+    tok.name = f"{tok.name.split(':', 1)[0]}:{url}"
+    return tok
+
+
+def _download(src, local: str) -> None:
+    with open(local, "wb") as f:
+        f.write(src.read_bytes())
 
 
 def train_sentencepiece(out_dir: str, vocab_size: int = 4096, corpus: str = "builtin:python-stdlib",
@@ -181,11 +214,23 @@ def train_sentencepiece(out_dir: str, vocab_size: int = 4096, corpus: str = "bui
     (blank-line separated, at most 4 KB) up to `max_chars` characters are the training sentences;
     a 4K vocabulary on the built-in corpus trains in ~10-30 s on 2 cores.
     """
+    model = os.path.join(out_dir, "spm.model")
+    if data_path(model).exists():
+        return model
+    if is_remote(out_dir):  # trained locally, then uploaded: spm.model (checked above) last
+        from qwen3_jax import storage
+        with tempfile.TemporaryDirectory(prefix="spm-") as tmp:
+            train_sentencepiece(tmp, vocab_size, corpus, max_chars, threads)
+            storage.upload_tree(tmp, out_dir, last="spm.model")
+        return model
+    _train_local(out_dir, vocab_size, corpus, max_chars, threads)
+    return model
+
+
+def _train_local(out_dir: str, vocab_size: int, corpus: str, max_chars: int, threads: int | None) -> None:
+    """train_sentencepiece into a local folder."""
     import sentencepiece as spm
     from data_pipeline import corpus as corpus_lib
-    model = os.path.join(out_dir, "spm.model")
-    if os.path.exists(model):
-        return model
     os.makedirs(out_dir, exist_ok=True)
 
     def sentences():
@@ -208,9 +253,8 @@ def train_sentencepiece(out_dir: str, vocab_size: int = 4096, corpus: str = "bui
         unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, eos_piece=EOS, control_symbols=list(SPECIAL_TOKENS[1:]),
         user_defined_symbols=["\n", "    ", "        "], num_threads=threads or os.cpu_count() or 1,
         minloglevel=2)
-    for ext in ("model", "vocab"):
+    for ext in ("vocab", "model"):  # spm.model last: it marks a finished training
         os.replace(f"{tmp_prefix}.{ext}", os.path.join(out_dir, f"spm.{ext}"))
-    return model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
