@@ -150,3 +150,28 @@ def test_errors_name_the_bucket_path(gcs_bucket, monkeypatch):
     monkeypatch.setattr(shards.socket, "getaddrinfo", no_metadata_server)
     with pytest.raises(shards.ShardError, match=f"^{missing}: no Google Cloud credentials"):
         shards.check_gcs_reader(missing)
+
+
+def test_inputs_on_a_bucket(gcs_bucket, spm512, tmp_path):
+    """--input globs of jsonl / .jsonl.gz / parquet on a bucket give the dataset local copies give."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.prepare import prepare
+    texts = [f"document {i}: " + "word " * i for i in range(12)]
+    lines = [json.dumps({"text": t}).encode() + b"\n" for t in texts]
+    storage.write_bytes(f"{gcs_bucket}/raw/a.jsonl", b"".join(lines[:4]))
+    storage.write_bytes(f"{gcs_bucket}/raw/b.jsonl.gz", gzip.compress(b"".join(lines[4:8])))
+    pq.write_table(pa.table({"text": texts[8:]}), tmp_path / "c.parquet")
+    storage.write_bytes(f"{gcs_bucket}/raw/c.parquet", (tmp_path / "c.parquet").read_bytes())
+    st = prepare([f"{gcs_bucket}/raw/*.jsonl*", f"{gcs_bucket}/raw/c.parquet"], spm512["tokenizer"],
+                 str(tmp_path / "out"), shards=1, workers=0, progress=False)
+    assert st["documents"] == 12 and st["inputs"] == [f"{gcs_bucket}/raw/{n}" for n in
+                                                       ("a.jsonl", "b.jsonl.gz", "c.parquet")]
+    from data_pipeline.text_tokenizer import load_tokenizer
+    tok = load_tokenizer(spm512["tokenizer"])
+    assert st["tokens"] == sum(len(tok.encode(t)) + 1 for t in texts)
+    with pytest.raises(FileNotFoundError, match=f"no input file matches '{gcs_bucket}/raw/\\*.txt'"):
+        prepare([f"{gcs_bucket}/raw/*.txt"], spm512["tokenizer"], str(tmp_path / "none"), progress=False)
