@@ -17,7 +17,8 @@ Object stores differ from a local disk in three ways that matter to a run:
 
 Emulators: with `STORAGE_EMULATOR_HOST` set (the variable Google's clients read), gcsfs talks to
 that server; `use_emulator_if_set()` (run when this module is imported) points tensorstore's `gcs`
-kvstore at it too (`TENSORSTORE_GCS_HTTP_URL`) and turns off gcsfs's zonal-bucket probe, which
+kvstore (`TENSORSTORE_GCS_HTTP_URL`) and Google's C++ storage client inside ArrayRecord
+(`CLOUD_STORAGE_EMULATOR_ENDPOINT`) at it too, and turns off gcsfs's zonal-bucket probe, which
 asks a gRPC API the emulators do not serve (a 60 s timeout per bucket).
 """
 
@@ -43,6 +44,7 @@ def use_emulator_if_set() -> str | None:
     if host:
         url = host if "://" in host else f"http://{host}"
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # Google's C++ client (ArrayRecord)
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     return host
 
@@ -66,10 +68,11 @@ def is_remote(p: PathLike) -> bool:
 
 
 def _fs(p: epath.Path):
-    """The fsspec file system serving a remote path."""
-    import fsspec
+    """The fsspec file system serving a remote path: the very instance epath (and so orbax) uses,
+    so a listing cached by one is invalidated for the other."""
+    from etils.epath import backend
 
-    return fsspec.filesystem(os.fspath(p).split("://", 1)[0])
+    return backend.fsspec_backend.fs(os.fspath(p))
 
 
 def write_text(p: PathLike, text: str) -> None:
@@ -159,6 +162,12 @@ def upload_tree(local_dir: PathLike, dst: PathLike, *, last: str | None = None) 
             target.parent.mkdir(parents=True, exist_ok=True)
         with open(os.path.join(local_dir, rel), "rb") as f:
             target.write_bytes(f.read())
+
+
+def forget_listings(p: PathLike) -> None:
+    """Drops this process's cached listings of a bucket (after another process changed it)."""
+    if is_remote(p):
+        _fs(path(p)).invalidate_cache()
 
 
 def list_files(p: PathLike) -> list[str]:

@@ -38,7 +38,8 @@ class GCS:
 
     def env(self) -> dict:
         """The variables a subprocess needs (already in os.environ while the server runs)."""
-        keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+        keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
         return {k: os.environ[k] for k in keys if k in os.environ}
 
 
@@ -54,12 +55,13 @@ def gcs_server():
     threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
                      daemon=True).start()
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
+    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = server.url
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     try:
         yield GCS(server)
     finally:
         server.stop()
-        for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
+        for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
             os.environ.pop(k, None)
 
 

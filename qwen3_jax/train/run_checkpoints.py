@@ -304,6 +304,7 @@ class RunCheckpoints:
             print(f"moved checkpoint step {step} to {dest} ({why})", flush=True)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"moved checkpoint step {step} aside")
+        storage.forget_listings(self.root)
         self.mgr.reload()
 
 
