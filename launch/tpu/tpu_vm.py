@@ -7,23 +7,33 @@
   add --num_slices N for multi-slice (nodes NAME-0 .. NAME-{N-1}), --dry-run to print the gcloud
   commands instead of running them.
 
-`train` starts launch/train.py with the same arguments on every worker of every slice, detached,
-each writing logs/train-<slice>-<worker>.log on its VM (`logs` tails them all). jax.distributed
-finds its peers from the TPU VM environment; multi-slice runs get the MEGASCALE_* variables from
-the queued resource. Checkpoints and data must live on storage every worker sees (a gs:// bucket).
+`install` copies the files git tracks in this checkout (as they are in the working tree, edits
+included; `git add` a new file to ship it) to ~/qwen3-jax on every worker: no run folders, data
+or virtual environments. `train` starts launch/train.py with the same arguments on every worker
+of every slice, detached, each writing logs/train-<slice>-<worker>.log on its VM (`logs` tails them
+all); it refuses to start a second one on a worker where one is running. jax.distributed finds its
+peers from the TPU VM environment; multi-slice runs get the MEGASCALE_* variables from the queued
+resource. The run folder (WORKDIR, PREVIOUS_STAGE) and the prepared data (DATA_ROOT) must be on a
+bucket every worker reads and writes (gs://...); `train` warns when the gin files it is given
+leave one of them on a local path. `stop` sends SIGTERM only (never SIGKILL): the hosts agree on
+a step, save it and exit 0 (docs/tpu.md, "Preemption and restarts").
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 REMOTE_DIR = "qwen3-jax"
+TRAIN_PATTERN = "[l]aunch/train.py"  # the bracket keeps pkill/pgrep from matching the shell that runs them
 RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5p": "v2-alpha-tpuv5", "v5e": "v2-alpha-tpuv5-lite",
            "v5litepod": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e"}
 
@@ -72,17 +82,69 @@ def create(g: Gcloud, args) -> None:
         time.sleep(30)
 
 
+def checkout_files() -> list[str]:
+    """The files git tracks in this checkout that exist in the working tree (no runs/, data/, hf/,
+    .venv: those are either ignored or untracked)."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached"], check=True,
+                             capture_output=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"install copies the files git tracks; {ROOT} is not a git checkout ({e})") from None
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
 def install(g: Gcloud, args) -> None:
-    """Copies this checkout (without runs/ and .git) to every worker and installs it."""
-    for node in nodes(args):
-        g("compute", "tpus", "tpu-vm", "scp", "--recurse", "--worker=all", str(ROOT), f"{node}:~/{REMOTE_DIR}")
-    ssh_all(g, args, f"cd ~/{REMOTE_DIR} && rm -rf .git runs && python3 -m pip install -q -U pip && "
+    """Copies this checkout's tracked files to ~/qwen3-jax on every worker and installs it there."""
+    files = checkout_files()
+    with tempfile.TemporaryDirectory(prefix="qwen3-jax-install-") as tmp:
+        tarball = os.path.join(tmp, f"{REMOTE_DIR}.tar.gz")
+        if g.dry:
+            print(f"# pack {len(files)} tracked files of {ROOT} into {tarball}")
+        else:
+            with tarfile.open(tarball, "w:gz") as tar:
+                for f in files:
+                    tar.add(ROOT / f, arcname=f)
+        for node in nodes(args):
+            g("compute", "tpus", "tpu-vm", "scp", "--worker=all", tarball, f"{node}:~/{REMOTE_DIR}.tar.gz")
+    ssh_all(g, args, f"mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/{REMOTE_DIR}.tar.gz -C ~/{REMOTE_DIR} && "
+                     f"rm ~/{REMOTE_DIR}.tar.gz && cd ~/{REMOTE_DIR} && python3 -m pip install -q -U pip && "
                      f"python3 -m pip install -q -e '.[tpu]' && python3 -c 'import jax; print(jax.device_count())'")
 
 
+def local_paths(train_args: list[str]) -> list[str]:
+    """The run paths (WORKDIR, PREVIOUS_STAGE, DATA_ROOT) the given launch/train.py arguments leave
+    on a worker's own disk, as 'NAME=value'; [] when none does or this checkout cannot tell (it
+    resolves the gin files as train.py will, which needs qwen3_jax importable here)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--gin", action="append", default=[])
+    p.add_argument("--gin_param", action="append", default=[])
+    p.add_argument("--workdir", default=None)
+    known, _ = p.parse_known_args(train_args)
+    try:
+        sys.path.insert(0, str(ROOT))
+        from qwen3_jax import configurables
+
+        configurables.parse_gin(known.gin, known.gin_param)
+        values = {"WORKDIR": known.workdir or configurables.query("%WORKDIR"),
+                  "PREVIOUS_STAGE": configurables.query("%PREVIOUS_STAGE"),
+                  "DATA_ROOT": configurables.query("%DATA_ROOT")}
+    except Exception:  # noqa: BLE001 - not installed here, or a bad configuration train.py will name
+        return []
+    return [f"{k}={v!r}" for k, v in values.items()
+            if isinstance(v, str) and "://" not in v and not v.startswith("builtin:")]
+
+
 def train(g: Gcloud, args) -> None:
+    local = local_paths(args.rest)
+    if local:
+        print(f"WARNING: {', '.join(local)} is a path on each worker's own disk: every host would see a "
+              f"different folder (checkpoints, the lock, the data). Put it on a bucket, e.g. "
+              f"--gin_param WORKDIR=\"'gs://BUCKET/runs/stage1'\" (docs/tpu.md)", file=sys.stderr, flush=True)
     train_args = shlex.join(args.rest)
+    # pgrep/pkill -f also see the shell running this command (its text names train.py): skip it ($$).
     ssh_all(g, args, f"cd ~/{REMOTE_DIR} && mkdir -p logs && "
+                     f"if pgrep -f '{TRAIN_PATTERN}' | grep -qvx \"$$\"; then "
+                     f"echo \"$(hostname): launch/train.py is already running here; stop it first\" >&2; exit 1; fi; "
                      f"nohup python3 launch/train.py {train_args} "
                      f"> logs/train-{{SLICE}}-$(hostname).log 2>&1 < /dev/null &")
 
@@ -92,8 +154,10 @@ def logs(g: Gcloud, args) -> None:
 
 
 def stop(g: Gcloud, args) -> None:
-    """SIGTERM: train.py saves a checkpoint and exits 0."""
-    ssh_all(g, args, "pkill -TERM -f launch/train.py || true")
+    """SIGTERM to launch/train.py on every worker: the hosts stop at the same step, save it and exit
+    0. Only SIGTERM: a SIGKILL before the save is committed would lose the steps since the last
+    checkpoint."""
+    ssh_all(g, args, f"pkill -TERM -f '{TRAIN_PATTERN}' || true")
 
 
 def delete(g: Gcloud, args) -> None:
@@ -122,7 +186,11 @@ def main(argv=None) -> int:
         args.rest = args.rest[1:]
     if args.command == "train" and not args.rest:
         p.error("train needs launch/train.py arguments, e.g. train -- --gin stage1.gin")
-    COMMANDS[args.command](Gcloud(args), args)
+    try:
+        COMMANDS[args.command](Gcloud(args), args)
+    except subprocess.CalledProcessError as e:
+        print(f"error: {shlex.join(e.cmd)} exited with {e.returncode}", file=sys.stderr)
+        return 1
     return 0
 
 
