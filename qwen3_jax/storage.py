@@ -52,6 +52,19 @@ def use_emulator_if_set() -> str | None:
 use_emulator_if_set()
 
 
+def _no_listing_cache() -> None:
+    """gcsfs caches folder listings for the life of the process by default. A run folder is
+    written by many hosts and read across runs (resume, stage handoff), so a cached listing goes
+    stale: every listing asks the server (fsspec's per-protocol defaults, before any instance)."""
+    import fsspec.config
+
+    for proto in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(proto, {})["use_listings_cache"] = False
+
+
+_no_listing_cache()
+
+
 def path(p: PathLike) -> epath.Path:
     """`p` as an epath.Path: a local path (made absolute) or an object-store URL, never mangled."""
     if isinstance(p, epath.Path) and is_remote(p):

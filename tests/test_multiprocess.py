@@ -4,9 +4,6 @@ processes (orbax multi-process) restores in one process onto a different 8-devic
 
 import json
 import os
-import random
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -14,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from train_utils import run_pair as _run_pair
 from train_utils import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,44 +80,6 @@ COMMON = textwrap.dedent('''
         aux = moe_lib.load_balancing_loss(st["counts"], st["prob_sum"], st["tokens"], cfg.num_experts)
         return jnp.mean(lse - tgt) + 0.01 * aux
 ''')
-
-
-BIND_ERRORS = ("address already in use", "failed to add port", "failed to bind", "eaddrinuse")
-
-
-def _free_port():
-    """A port that nothing listens on now, outside the kernel's ephemeral range (so an outgoing
-    connection of another process, gloo's included, cannot take it between this check and the
-    coordinator's bind; another test picking the same port is caught by `_run_pair`'s retry)."""
-    lo, hi = 32768, 60999
-    try:
-        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-    except (OSError, ValueError):
-        pass
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10000, lo) if lo > 11000 else rng.randrange(hi + 1, 65536)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port found")
-
-
-def _run_pair(make_args, env, timeout=600, tries=3):
-    """Starts processes 0 and 1 with a fresh coordinator port (make_args(pid, port) -> argv); if the
-    coordinator could not bind the port (taken between the check and the bind), retries on another
-    port. Returns (processes, logs)."""
-    for attempt in range(tries):
-        port = _free_port()
-        procs = [subprocess.Popen(make_args(i, port), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-        failed = any(p.returncode for p in procs)
-        if not (failed and any(e in log.lower() for log in logs for e in BIND_ERRORS)) or attempt == tries - 1:
-            return procs, logs
 
 
 @pytest.mark.slow

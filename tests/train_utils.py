@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +70,41 @@ def run(args, timeout=600, devices: int = 1, extra_env: dict | None = None):
 def popen(args, extra_env: dict | None = None):
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env(1, extra_env), cwd=ROOT)
+
+
+BIND_ERRORS = ("address already in use", "failed to add port", "failed to bind", "eaddrinuse")
+
+
+def free_port():
+    """A port that nothing listens on now, outside the kernel's ephemeral range (so an outgoing
+    connection of another process, gloo's included, cannot take it between this check and the
+    coordinator's bind; another test picking the same port is caught by `run_pair`'s retry)."""
+    lo, hi = 32768, 60999
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    except (OSError, ValueError):
+        pass
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, lo) if lo > 11000 else rng.randrange(hi + 1, 65536)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port found")
+
+
+def run_pair(make_args, env, timeout=600, tries=3):
+    """Starts processes 0 and 1 with a fresh coordinator port (make_args(pid, port) -> argv); if the
+    coordinator could not bind the port (taken between the check and the bind), retries on another
+    port. Returns (processes, logs)."""
+    for attempt in range(tries):
+        port = free_port()
+        procs = [subprocess.Popen(make_args(i, port), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+        failed = any(p.returncode for p in procs)
+        if not (failed and any(e in log.lower() for log in logs for e in BIND_ERRORS)) or attempt == tries - 1:
+            return procs, logs
