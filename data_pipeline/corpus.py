@@ -17,7 +17,7 @@ unreadable parquet, a text file that is not UTF-8) raises `CorpusError` naming i
 every compressed/text file to the end, so a bad file is found before anything is written.
 
 Input files and globs may be on a bucket (`gs://b/raw/*.jsonl.zst`): they are read through
-`qwen3_jax.storage` (gcsfs; see data_pipeline.shards.data_path), streamed like local files.
+`qwen3_jax.storage` (gcsfs; see qwen3_jax.storage.path), streamed like local files.
 
 The built-in corpus, prepared for training runs on demand (`stage_mixture`), is cached under
 `BUILTIN_CACHE_DIR`, apart from the folders users name with --out.
@@ -35,7 +35,7 @@ import sysconfig
 import zlib
 from typing import Iterator, NamedTuple
 
-from data_pipeline.shards import data_path, is_remote
+from qwen3_jax import storage
 
 BUILTINS = ("builtin:python-stdlib", "builtin:python-stdlib-code", "builtin:python-stdlib-docs")
 SKIP_REASONS = ("malformed_json", "missing_text", "invalid_utf8", "empty")
@@ -100,15 +100,15 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 def _matches(spec: str) -> list[str]:
     """The files a path or glob names (local or on a bucket), sorted."""
-    if not is_remote(spec):
+    if not storage.is_remote(spec):
         matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
         return [m for m in matches if os.path.isfile(m)]
     if not glob.has_magic(spec):
-        return [spec] if data_path(spec).is_file() else []
+        return [spec] if storage.path(spec).is_file() else []
     parts = spec.split("/")
     k = next(i for i, part in enumerate(parts) if glob.has_magic(part))  # > 2: gs://bucket/...
     root = "/".join(parts[:k])
-    return sorted(os.fspath(m) for m in data_path(root).glob("/".join(parts[k:])) if m.is_file())
+    return sorted(os.fspath(m) for m in storage.path(root).glob("/".join(parts[k:])) if m.is_file())
 
 
 def _fmt(path: str) -> str:
@@ -157,7 +157,7 @@ def _zstd_chunks(path: str) -> Iterator[bytes]:
 
 def _open_raw(path: str):
     """The file's bytes as stored (local or on a bucket)."""
-    return data_path(path).open("rb") if is_remote(path) else open(path, "rb")
+    return storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")
 
 
 def _open_binary(path: str):
@@ -176,7 +176,7 @@ def _open_binary(path: str):
 def _parquet(path: str):
     """The open pyarrow ParquetFile (from the path when local, else through a bucket file object)."""
     import pyarrow.parquet as pq
-    if not is_remote(path):
+    if not storage.is_remote(path):
         yield pq.ParquetFile(path)
         return
     with _open_raw(path) as f:

@@ -42,7 +42,8 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from data_pipeline.shards import ShardSource, data_path, load_npy
+from data_pipeline.shards import ShardSource, load_npy
+from qwen3_jax import storage
 from data_pipeline.transforms import BATCH_DTYPES, BATCH_KEYS  # noqa: F401  (re-exported: their home is transforms)
 from data_pipeline.transforms import Finish, Parse, Row, SplitLong, fix_json_state
 
@@ -127,10 +128,10 @@ def resolve(data) -> list[DatasetSpec]:
 def load_stats(path: str) -> dict:
     """stats.json of the prepared dataset at `path` (a local folder or a bucket prefix)."""
     f = os.path.join(path, "stats.json")
-    if not data_path(f).exists():
+    if not storage.path(f).exists():
         raise FileNotFoundError(f"{path} is not a complete prepared dataset (no stats.json); run prepare.py")
     try:
-        return json.loads(data_path(f).read_text())
+        return json.loads(storage.path(f).read_text())
     except ValueError as e:
         raise ValueError(f"{f}: not valid JSON ({e}); delete it, re-run prepare.py (same arguments)") from None
 

@@ -49,9 +49,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from data_pipeline import corpus
-from data_pipeline.shards import data_path, folder_names, is_remote
-from data_pipeline.shards import write_text as _write_text
+from data_pipeline.shards import folder_names
 from data_pipeline.text_tokenizer import load_tokenizer, train_sentencepiece
+from qwen3_jax import storage
 
 PLAN_VERSION = 1
 HIST_BUCKETS = 32  # document-length histogram: bucket k holds lengths in [2**k, 2**(k+1))
@@ -70,19 +70,19 @@ def read_json(path: str):
     """The contents of a JSON file this module wrote (local or on a bucket), None when it is not
     valid JSON."""
     try:
-        return json.loads(data_path(path).read_text())
+        return json.loads(storage.path(path).read_text())
     except ValueError:
         return None
 
 
 def write_json(path: str, obj) -> None:
     """Writes `obj` to `path` atomically (local: a temporary file renamed; bucket: one upload)."""
-    _write_text(path, json.dumps(obj, indent=1))
+    storage.write_text(path, json.dumps(obj, indent=1))
 
 
 def _upload(local: str, dst: str) -> None:
     """Copies local file `local` to `dst` on a bucket in one streamed upload (atomic), then removes it."""
-    with open(local, "rb") as f, data_path(dst).open("wb") as g:
+    with open(local, "rb") as f, storage.path(dst).open("wb") as g:
         shutil.copyfileobj(f, g, 1 << 24)
     os.remove(local)
 
@@ -202,7 +202,7 @@ class ShardWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
         self.shard = s
         self.final = os.path.join(out, shard_name(s, plan["shards"]))
-        self._stage = tempfile.mkdtemp(prefix="prepare-shard-") if is_remote(out) else None
+        self._stage = tempfile.mkdtemp(prefix="prepare-shard-") if storage.is_remote(out) else None
         local = os.path.join(self._stage, shard_name(s, plan["shards"])) if self._stage else self.final
         self.tmp = f"{local}.tmp{os.getpid()}"
         self.writer = ArrayRecordWriter(f"{self.tmp}.array_record", "group_size:1")
@@ -255,7 +255,7 @@ class ShardWriter:
 
 def aggregate_stats(out: str, plan: dict, seconds: float, reasons: Sequence[str] = corpus.SKIP_REASONS) -> dict:
     """stats.json from the shards' .json files; `reasons`: the skip reasons always listed (0 or more)."""
-    parts = [json.loads(data_path(os.path.join(out, shard_name(s, plan["shards"]) + ".json")).read_text())
+    parts = [json.loads(storage.path(os.path.join(out, shard_name(s, plan["shards"]) + ".json")).read_text())
              for s in range(plan["shards"])]
     skipped, counts = collections.Counter(), collections.Counter()
     for p in parts:
@@ -298,22 +298,22 @@ def open_output(out: str, plan: dict) -> dict | None:
     """Starts or resumes writing `plan`'s dataset in `out`: writes plan.json, or checks the one
     there (PrepareError naming the keys that differ). Returns the stats of a dataset already
     complete (nothing to do); otherwise removes a killed run's temporary files and returns None."""
-    if not is_remote(out):  # a bucket has no folders to make
+    if not storage.is_remote(out):  # a bucket has no folders to make
         os.makedirs(out, exist_ok=True)
     plan_path, stats_path = os.path.join(out, "plan.json"), os.path.join(out, "stats.json")
-    if data_path(plan_path).exists():
+    if storage.path(plan_path).exists():
         old = read_json(plan_path)
         if old is None:
             raise PrepareError(f"{plan_path}: not valid JSON; delete {out} (or use another --out) and re-run")
         if diff := sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k)):
             raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
-        if data_path(stats_path).exists() and not pending_shards(out, old) and (st := read_json(stats_path)):
+        if storage.path(stats_path).exists() and not pending_shards(out, old) and (st := read_json(stats_path)):
             return st  # complete; a shard whose .json was deleted is redone, an unreadable stats.json rewritten
     else:
         write_json(plan_path, plan)
     for f in folder_names(out):  # leftovers of a killed run
         if ".tmp" in f:
-            data_path(os.path.join(out, f)).unlink(missing_ok=True)
+            storage.path(os.path.join(out, f)).unlink(missing_ok=True)
     return None
 
 
@@ -328,7 +328,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     stats_path = os.path.join(out, "stats.json")
     tok = load_tokenizer(tokenizer)
     plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit, skip_bad_files)
-    created = not data_path(out).is_dir()
+    created = not storage.path(out).is_dir()
     plan_path = os.path.join(out, "plan.json")
     if (st := open_output(out, plan)) is not None:
         return st
@@ -422,10 +422,10 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     if stats["documents"] == 0:  # nothing worth keeping: leave no plan a corrected re-run would clash with
         for s in range(n):
             for ext in (".array_record", ".lengths.npy", ".json"):
-                data_path(os.path.join(out, shard_name(s, n) + ext)).unlink(missing_ok=True)
+                storage.path(os.path.join(out, shard_name(s, n) + ext)).unlink(missing_ok=True)
         for f in (stats_path, plan_path):
-            data_path(f).unlink(missing_ok=True)
-        if created and not is_remote(out) and not os.listdir(out):
+            storage.path(f).unlink(missing_ok=True)
+        if created and not storage.is_remote(out) and not os.listdir(out):
             os.rmdir(out)
         raise _no_documents(plan, stats["skipped"])
     stats["last_run_shards_written"] = written
@@ -452,9 +452,9 @@ def parse_named_datasets(values: Sequence[str], flag: str = "--data") -> dict[st
             raise ValueError(f"{flag} {v!r}: expected NAME=DIR")
         if name in out:
             raise ValueError(f"{flag} {v!r}: dataset name {name!r} given twice")
-        if not data_path(path).is_dir():
+        if not storage.path(path).is_dir():
             raise ValueError(f"{flag} {v!r}: folder {path} does not exist")
-        if not data_path(os.path.join(path, "stats.json")).is_file():
+        if not storage.path(os.path.join(path, "stats.json")).is_file():
             raise ValueError(f"{flag} {v!r}: {path} is not a prepared dataset folder (no stats.json)")
         out[name] = path
     return out

@@ -14,11 +14,10 @@ for a response dataset) with the same arguments, which rewrites just that shard.
 A dataset folder may be a bucket (`gs://b/data/web`): ArrayRecord reads `gs://` objects itself
 (its Google Cloud C++ client: credentials from GOOGLE_APPLICATION_CREDENTIALS, gcloud's
 application-default file or the VM's metadata server; an emulator through
-CLOUD_STORAGE_EMULATOR_ENDPOINT, set here from STORAGE_EMULATOR_HOST), and the small files
-(.lengths.npy, stats.json) go through `qwen3_jax.storage`. A FUSE mount of the bucket is a local
-folder like any other. `data_path()` and its helpers are the data tools' way to a file that may be
-on a bucket: they import qwen3_jax (whose package import loads jax) only for a bucket URL, so
-prepare.py on local folders stays free of jax and keeps forking its worker processes.
+CLOUD_STORAGE_EMULATOR_ENDPOINT, which qwen3_jax.storage sets from STORAGE_EMULATOR_HOST), and
+the small files (.lengths.npy, stats.json) go through `qwen3_jax.storage` (which does not import
+jax, so prepare.py keeps forking its worker processes). A FUSE mount of the bucket is a local
+folder like any other.
 """
 from __future__ import annotations
 
@@ -28,7 +27,8 @@ import socket
 from typing import Sequence
 
 import numpy as np
-from etils import epath
+
+from qwen3_jax import storage
 
 
 class ShardError(ValueError):
@@ -45,50 +45,11 @@ def _tool(stats: dict) -> str:
 
 
 # --- where the files live ----------------------------------------------------------------------
-def is_remote(p) -> bool:
-    """True for a bucket URL (`gs://...`): qwen3_jax.storage.is_remote's test, without importing it."""
-    return "://" in os.fspath(p)
-
-
-def _storage():
-    """qwen3_jax.storage, imported when a bucket URL needs it (importing qwen3_jax loads jax)."""
-    from qwen3_jax import storage
-    return storage
-
-
-def data_path(p) -> epath.Path:
-    """`p` as an etils.epath.Path: storage.path(p) for a bucket URL, an absolute local path otherwise."""
-    if is_remote(p):
-        return _storage().path(p)
-    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
-
-
-def write_text(p, text: str) -> None:
-    """Writes `p` atomically (bucket: one upload through storage.write_text; local: a temporary
-    file beside it, renamed)."""
-    if is_remote(p):
-        _storage().write_text(p, text)
-        return
-    tmp = f"{p}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, p)
-
-
-def use_emulator_for_array_record() -> None:
-    """Points ArrayRecord's GCS client at `STORAGE_EMULATOR_HOST` when that is set (the variable
-    gcsfs reads; the C++ client reads CLOUD_STORAGE_EMULATOR_ENDPOINT)."""
-    host = _storage().use_emulator_if_set()
-    if host:
-        os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", host if "://" in host else f"http://{host}")
-
-
 def check_gcs_reader(path: str) -> None:
     """Before ArrayRecord opens `gs://` shards: fails (ShardError) when its C++ client would find no
     credentials. Without any it asks the metadata server of a Google Cloud VM, and off Cloud it
     retries that for many minutes instead of failing."""
-    use_emulator_for_array_record()
-    env = os.environ
+    env = os.environ  # qwen3_jax.storage has set CLOUD_STORAGE_EMULATOR_ENDPOINT for an emulator
     if env.get("CLOUD_STORAGE_EMULATOR_ENDPOINT") or env.get("GOOGLE_APPLICATION_CREDENTIALS"):
         return
     gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
@@ -104,15 +65,15 @@ def check_gcs_reader(path: str) -> None:
 
 def folder_names(path: str) -> set[str]:
     """The file names in folder `path` (local or a bucket prefix); empty when it does not exist."""
-    p = data_path(path)
+    p = storage.path(path)
     return {c.name for c in p.iterdir()} if p.is_dir() else set()
 
 
 def load_npy(f: str) -> np.ndarray:
     """A .npy file, local or on a bucket."""
-    if not is_remote(f):
+    if not storage.is_remote(f):
         return np.load(f)
-    return np.load(io.BytesIO(data_path(f).read_bytes()))
+    return np.load(io.BytesIO(storage.path(f).read_bytes()))
 
 
 def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
@@ -121,7 +82,7 @@ def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
     from array_record.python.array_record_module import ArrayRecordReader
     expected = stats.get("shard_documents") or [None] * len(stats["shards"])
     tool = _tool(stats)
-    if is_remote(path):
+    if storage.is_remote(path):
         check_gcs_reader(path)
     present, out = folder_names(path), []
     for name, want in zip(stats["shards"], expected):

@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Iterable, Protocol, Sequence
 
-from data_pipeline.shards import data_path, is_remote
+from qwen3_jax import storage
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS, "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -174,7 +174,7 @@ class SentencePieceTokenizer:
 
 def load_tokenizer(path: str) -> Tokenizer:
     """'qwen3', a tokenizer.json / HF folder, or a sentencepiece .model file (local or on a bucket)."""
-    if is_remote(path):
+    if storage.is_remote(path):
         return _load_remote(path)
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
@@ -184,7 +184,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 def _load_remote(url: str) -> Tokenizer:
     """The tokenizer file or (flat) HF folder at `url`, downloaded into a temporary folder (both
     libraries read it whole when loading), named `<kind>:<url>` so a re-run's plan matches."""
-    src = data_path(url)
+    src = storage.path(url)
     if not src.exists():
         raise FileNotFoundError(f"tokenizer {url} does not exist")
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
@@ -215,10 +215,9 @@ def train_sentencepiece(out_dir: str, vocab_size: int = 4096, corpus: str = "bui
     a 4K vocabulary on the built-in corpus trains in ~10-30 s on 2 cores.
     """
     model = os.path.join(out_dir, "spm.model")
-    if data_path(model).exists():
+    if storage.path(model).exists():
         return model
-    if is_remote(out_dir):  # trained locally, then uploaded: spm.model (checked above) last
-        from qwen3_jax import storage
+    if storage.is_remote(out_dir):  # trained locally, then uploaded: spm.model (checked above) last
         with tempfile.TemporaryDirectory(prefix="spm-") as tmp:
             train_sentencepiece(tmp, vocab_size, corpus, max_chars, threads)
             storage.upload_tree(tmp, out_dir, last="spm.model")

@@ -24,6 +24,8 @@ import json
 import os
 import sys
 
+from qwen3_jax import storage
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles (or tests) at once
@@ -137,8 +139,6 @@ def main(argv=None) -> int:
     print(aot.format_report(report) if "error" not in report else
           f"{report['model']} on {report['topology']}, mesh {report['mesh']}: DOES NOT FIT\n  {report['error']}")
     if args.report:
-        from qwen3_jax import storage
-
         storage.write_text(args.report, json.dumps(report, indent=2))  # a local file or a gs:// object
     return 0 if report["fits"] else 1
 

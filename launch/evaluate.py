@@ -19,6 +19,8 @@ import json
 import sys
 import time
 
+from qwen3_jax import storage
+
 
 def _parse_data(values: list[str]) -> dict[str, str]:
     from data_pipeline.prepare import parse_named_datasets
@@ -28,8 +30,6 @@ def _parse_data(values: list[str]) -> dict[str, str]:
 
 def _default_tokenizer(args, data: dict[str, str]) -> str:
     """--tokenizer, else the HF folder's tokenizer files, else the first dataset's (its stats.json)."""
-    from qwen3_jax import storage
-
     if args.tokenizer:
         return args.tokenizer
     if args.hf and any((storage.path(args.hf) / f).exists() for f in ("tokenizer.json", "vocab.json")):
@@ -43,8 +43,6 @@ def _default_tokenizer(args, data: dict[str, str]) -> str:
 
 
 def _check_args(args) -> tuple[dict[str, str], str | None]:
-    from qwen3_jax import storage
-
     if args.checkpoint and not storage.path(args.checkpoint).exists():
         raise ValueError(f"--checkpoint {args.checkpoint}: does not exist")
     if args.hf and not (storage.path(args.hf) / "config.json").is_file():
@@ -120,7 +118,6 @@ def main(argv=None) -> int:
         return 2
 
     from qwen3_jax import evaluate as ev
-    from qwen3_jax import storage
     from qwen3_jax.inference.loading import open_tokenizer
 
     t0 = time.time()

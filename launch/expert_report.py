@@ -21,6 +21,8 @@ import argparse
 import os
 import sys
 
+from qwen3_jax import storage
+
 
 def _parse_data(values: list[str]) -> dict[str, str]:
     from data_pipeline.prepare import parse_named_datasets
@@ -40,8 +42,6 @@ def _data_from_config(workdir) -> tuple[dict[str, str], float]:
     import gin
 
     from qwen3_jax import configurables
-
-    from qwen3_jax import storage
 
     try:
         with storage.staged(gin_file) as local:  # gin reads local files; a gs:// workdir's is fetched
@@ -78,8 +78,6 @@ def main(argv=None) -> int:
     p.add_argument("--no_router_bias", action="store_true", help="route without the aux-free bias of the run")
     p.add_argument("--skip_domains", action="store_true", help="heatmap only (no checkpoint, no data)")
     args = p.parse_args(argv)
-    from qwen3_jax import storage
-
     workdir = storage.path(args.workdir)  # local or gs://, as every path below
     out = storage.path(args.out) if args.out else workdir / "expert_load.png"
 

@@ -21,6 +21,8 @@ import argparse
 import json
 import sys
 
+from qwen3_jax import storage
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
@@ -71,8 +73,6 @@ def parse(argv=None) -> argparse.Namespace:
 
 def read_prompts(args) -> list:
     """--prompt values, then --prompts_file's lines (the file local or on a bucket, gs://)."""
-    from qwen3_jax import storage
-
     prompts = list(args.prompt)
     if args.prompts_file:
         path = storage.path(args.prompts_file)

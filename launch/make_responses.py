@@ -43,6 +43,8 @@ import time
 import zlib
 from typing import Any, Iterator, Sequence
 
+from qwen3_jax import storage
+
 MODES = ("think", "no_think")
 TOKENIZER_KEYS = ("tokenizer", "vocab_size", "eos_id", "dtype")  # plan keys known once the tokenizer is loaded
 
@@ -96,8 +98,6 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def read_prompts(path: str, limit: int | None = None) -> list[str | list[dict[str, Any]]]:
     """Prompts of a .jsonl ({"prompt": str} or {"messages": [...]}) or .txt (one per line) file;
     ResponsesError naming file:line for a bad line. `path` may be local or on a bucket (gs://)."""
-    from qwen3_jax import storage
-
     f = storage.path(path)
     if not f.is_file():
         raise ResponsesError(f"--prompts {path}: no such file")
@@ -136,8 +136,6 @@ def read_prompts(path: str, limit: int | None = None) -> list[str | list[dict[st
 
 def arg_plan(a: argparse.Namespace, prompts: list, teacher) -> dict:
     """The plan's keys known before the teacher is loaded (the rest: TOKENIZER_KEYS)."""
-    from qwen3_jax import storage
-
     return {"version": 1, "kind": "responses", "loss_on": "response", "inputs": [str(storage.path(a.prompts))],
             "prompts_sha1": hashlib.sha1(json.dumps(prompts).encode()).hexdigest(), "prompts": len(prompts),
             "modes": a.modes, "records": len(prompts) * len(a.modes), "shards": a.shards,
@@ -176,8 +174,6 @@ def record(tg, prompt, result: dict[str, Any], thinking: bool) -> tuple[list[int
 def _complete(out: str, plan: dict) -> dict | None:
     """stats.json of a finished dataset written with these arguments (checked before the teacher loads)."""
     from data_pipeline.prepare import pending_shards, read_json
-    from qwen3_jax import storage
-
     plan_file, stats_file = storage.path(out) / "plan.json", storage.path(out) / "stats.json"
     old = read_json(str(plan_file)) if plan_file.exists() else None
     if not old or any(old.get(k) != v for k, v in plan.items()) or pending_shards(out, old):
@@ -191,7 +187,6 @@ def make_responses(a: argparse.Namespace) -> dict:
 
     from data_pipeline.prepare import (CRASH_ENV, ShardWriter, aggregate_stats, open_output, pending_shards,
                                        shard_bounds, write_json)
-    from qwen3_jax import storage
     from qwen3_jax.train.distill import find_teacher
 
     prompts = read_prompts(a.prompts, a.limit)

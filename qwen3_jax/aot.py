@@ -28,6 +28,7 @@ import math
 import os
 import re
 
+from qwen3_jax import storage
 from qwen3_jax import step_time
 from qwen3_jax.hlo_stats import collective_summary, hlo_flops
 from qwen3_jax.train.metrics import flops_per_token
@@ -183,8 +184,6 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
                 "error": str(e).splitlines()[0][:500]}
     text = compiled.as_text()
     if hlo_dump:
-        from qwen3_jax import storage
-
         storage.write_text(hlo_dump, text)  # a local file or a gs:// object
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.params import flatten, model_from_flat, nest
 
@@ -203,8 +204,6 @@ def mc_path(name_or_path: str) -> str:
 
 def load_multiple_choice(name_or_path: str) -> list[dict]:
     """Examples from a JSONL file, local or remote (or a bundled set by name); errors name the file and line."""
-    from qwen3_jax import storage
-
     path = mc_path(name_or_path)
     if not storage.path(path).is_file():
         raise FileNotFoundError(f"multiple-choice file {path} does not exist")

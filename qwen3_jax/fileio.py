@@ -23,18 +23,7 @@ from typing import Callable, Iterator
 
 from etils import epath
 
-
-def umask() -> int:
-    """The process umask, read without changing it where /proc allows."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
+from qwen3_jax import storage
 
 
 def check_target(target: str | os.PathLike, overwrite: bool = False, *, owned: Callable[[str], bool] | None = None,
@@ -45,8 +34,6 @@ def check_target(target: str | os.PathLike, overwrite: bool = False, *, owned: C
     kept when `keep_others`, otherwise refused by name. A file (not a folder) and a target whose
     nearest existing parent is not writable are refused too.
     """
-    from qwen3_jax import storage
-
     target = storage.path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file, not a folder (choose another output path)")
@@ -75,7 +62,7 @@ def _check_writable(target: epath.Path) -> None:
 
 
 def _normalise_modes(root: Path) -> None:
-    mask = umask()
+    mask = storage.umask()
     os.chmod(root, 0o777 & ~mask)
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
@@ -115,8 +102,6 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, *, owned: Cal
     name, the folder's completion marker) written after everything else; with `stage_remote=False`
     the writer gets `target` itself, cleared of its own old entries, and marks completion itself.
     """
-    from qwen3_jax import storage
-
     keep = check_target(target, overwrite, owned=owned, keep_others=keep_others)
     if storage.is_remote(target):
         yield from _remote_dir(storage.path(target), set(keep), last, stage_remote)
@@ -144,8 +129,6 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, *, owned: Cal
 
 def _remote_dir(target: epath.Path, keep: set[str], last: str | None, stage: bool) -> Iterator[Path | epath.Path]:
     """`atomic_dir` for an object store (a generator body: yields the folder the writer fills)."""
-    from qwen3_jax import storage
-
     if not stage:
         clear_own_entries(target, keep, last)
         yield target
@@ -160,8 +143,6 @@ def clear_own_entries(target: epath.Path, keep: set[str], last: str | None = Non
     """Removes every top-level entry of a (remote) folder except `keep`, the marker `last` first,
     so an interrupted replacement leaves a folder without its marker (incomplete), never a mix that
     looks complete."""
-    from qwen3_jax import storage
-
     if not target.is_dir():
         return
     names = sorted((p.name for p in target.iterdir() if p.name not in keep), key=lambda n: n != last)

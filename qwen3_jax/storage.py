@@ -33,7 +33,6 @@ from typing import Callable, Iterator, Union
 
 from etils import epath
 
-from qwen3_jax.fileio import umask
 
 PathLike = Union[str, os.PathLike]
 
@@ -86,6 +85,19 @@ def _fs(p: epath.Path):
     from etils.epath import backend
 
     return backend.fsspec_backend.fs(os.fspath(p))
+
+
+def umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def write_text(p: PathLike, text: str) -> None:

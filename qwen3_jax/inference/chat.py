@@ -26,6 +26,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from qwen3_jax import storage
 from qwen3_jax.inference.engine import Generation, Generator, ThinkingSpec
 from qwen3_jax.inference.sampling import SamplingConfig
 
@@ -43,8 +44,6 @@ def _qwen3_tokenizer_dir() -> str:
 
 def read_chat_template(folder: str | os.PathLike | None) -> str | None:
     """The jinja chat template of a tokenizer folder, local or remote (None when it has none)."""
-    from qwen3_jax import storage
-
     if folder is None or not storage.path(folder).is_dir():
         return None
     folder = storage.path(folder)

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qwen3_jax import storage
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.params import flatten, model_from_flat, nest, param_specs
@@ -53,7 +54,6 @@ class TeacherSource:
 def find_teacher(path: str | os.PathLike) -> TeacherSource:
     """Reads only the teacher's config: a Hugging Face folder (config.json) or our checkpoint, local
     or on a bucket (`gs://`)."""
-    from qwen3_jax import storage
     from qwen3_jax.train import checkpoint as ckpt
 
     p = storage.path(path)
@@ -153,8 +153,6 @@ def load_teacher_params(d: Distiller):
 
     stored = param_specs(d.source.config)  # restored in the stored dtype, then cast on the devices
     target = nest({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_sh[k]) for k, s in stored.items()})
-    from qwen3_jax import storage
-
     root = storage.path(d.source.path).parent
     with ckpt.manager(root, create=False) as mgr:
         params = mgr.restore(d.source.step, args=ocp.args.Composite(**{

@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
 
 
@@ -50,8 +51,6 @@ class ReportError(ValueError):
 def read_expert_counts(metrics_path: str | os.PathLike, last: int | None = None) -> tuple[list[int], np.ndarray]:
     """(steps, counts [N, MoE layers, experts]) of the last `last` logged train steps (all when
     None) that carry `expert_counts`. A step logged twice (a resumed run) keeps its last line."""
-    from qwen3_jax import storage
-
     path = storage.path(metrics_path)  # a local file or a gs:// object
     if not path.is_file():
         raise ReportError(f"{path}: no such file (a training workdir has metrics.jsonl)")
@@ -133,8 +132,6 @@ def plot_load_heatmap(shares_LE: np.ndarray, out: str | os.PathLike, *, title: s
     png = io.BytesIO()
     fig.savefig(png, format="png")
     plt.close(fig)
-    from qwen3_jax import storage
-
     storage.write_bytes(out, png.getvalue())
     return str(out)
 
@@ -302,7 +299,5 @@ def format_table(report: dict) -> str:
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:
     """Writes `obj` as JSON to `path` (local or gs://, atomically); returns the path."""
-    from qwen3_jax import storage
-
     storage.write_text(path, json.dumps(obj, indent=1))
     return str(path)
