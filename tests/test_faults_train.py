@@ -30,6 +30,7 @@ from qwen3_jax.train import checkpoint
 from qwen3_jax.train.faults import COMMIT_SLEEP, ENOSPC_FROM, SCALE_AT
 from train_utils import popen as _popen
 from train_utils import run as _run
+from train_utils import signal_at_step
 from train_utils import tiny_args
 
 SEED = int(os.environ.get("FAULT_SEED", random.randrange(1 << 30)))
@@ -206,11 +207,7 @@ def test_spikes_and_nans(reference, data_dir, tmp_path, case, fault, extra, code
 def test_sigint_saves_and_exits_130_then_resumes_exactly(reference, data_dir, tmp_path):
     work = tmp_path / "w"
     at = random.Random(SEED).randint(2, 10)
-    p = popen(_args(data_dir, work))
-    for line in p.stdout:
-        if line.startswith(f"step {at}/"):
-            p.send_signal(signal.SIGINT)
-            break
+    p = signal_at_step(_args(data_dir, work), at, signal.SIGINT, _CACHE)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 130 and "SIGINT: saved step" in out and "Traceback" not in out, (SEED, at, out)
     saved = checkpoint.latest_step(work / "checkpoints")

@@ -15,7 +15,7 @@ import pytest
 
 from qwen3_jax import storage
 from qwen3_jax.train import checkpoint
-from train_utils import ROOT, popen, run, tiny_args
+from train_utils import ROOT, run, signal_at_step, tiny_args
 
 COMMON = ("train.eval_every=0", "train.sample_every=0")
 
@@ -52,11 +52,7 @@ def test_sigkill_resume_on_a_bucket_is_bit_identical(data_dir, gcs_bucket, bucke
     work = gcs_bucket + "/killed"
     seed = int(os.environ.get("FAULT_SEED", random.randrange(10**6)))
     kill_at = random.Random(seed).randint(5, 11)
-    p = popen(_args(data_dir, work))
-    for line in p.stdout:
-        if line.startswith(f"step {kill_at}/"):
-            p.send_signal(signal.SIGKILL)
-            break
+    p = signal_at_step(_args(data_dir, work), kill_at, signal.SIGKILL)
     p.wait(timeout=300)
     assert p.returncode == -signal.SIGKILL, f"FAULT_SEED={seed}"
     r = run(_args(data_dir, work))

@@ -17,7 +17,7 @@ from qwen3_jax.train import checkpoint
 from qwen3_jax.train.config import OptimConfig, ScheduleConfig
 from qwen3_jax.train.optim import make_optimizer
 from qwen3_jax.train.step import init_state, make_train_step
-from train_utils import popen, run, tiny_args
+from train_utils import popen, run, signal_at_step, tiny_args
 
 
 def _batch(B=4, T=32, V=512, seed=0):
@@ -111,11 +111,7 @@ def test_sigkill_and_sigterm_resume_bit_identical(data_dir, tmp_path, reference)
     work = tmp_path / "killed"
     seed = int(os.environ.get("FAULT_SEED", random.randrange(1 << 30)))
     kill_at = random.Random(seed).randint(5, 10)
-    p = popen(tiny_args(data_dir, work))
-    for line in p.stdout:
-        if line.startswith(f"step {kill_at}/"):
-            p.send_signal(signal.SIGKILL)
-            break
+    p = signal_at_step(tiny_args(data_dir, work), kill_at, signal.SIGKILL)
     p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, f"FAULT_SEED={seed}"
     r = run(tiny_args(data_dir, work))

@@ -72,6 +72,17 @@ def popen(args, extra_env: dict | None = None):
                             env=env(1, extra_env), cwd=ROOT)
 
 
+def signal_at_step(args, step: int, sig, extra_env: dict | None = None) -> subprocess.Popen:
+    """Starts a run (`popen(args, extra_env)`) and sends it `sig` once it logs `step {step}/`; the
+    process is returned still running (its remaining output unread)."""
+    p = popen(args, extra_env)
+    for line in p.stdout:
+        if line.startswith(f"step {step}/"):
+            p.send_signal(sig)
+            break
+    return p
+
+
 BIND_ERRORS = ("address already in use", "failed to add port", "failed to bind", "eaddrinuse")
 
 
