@@ -205,16 +205,6 @@ def list_files(p: PathLike) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def download_tree(src: PathLike, local_dir: PathLike) -> None:
-    """Copies every file under `src` into the local folder `local_dir` (same relative names)."""
-    src = path(src)
-    for rel in list_files(src):
-        out = os.path.join(os.fspath(local_dir), rel)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "wb") as g:
-            g.write((src / rel).read_bytes())
-
-
 @contextlib.contextmanager
 def staged(p: PathLike, include: Callable[[str], bool] | None = None) -> Iterator[epath.Path]:
     """`p` as a local path, for libraries that read only local files (safetensors, tokenizers,
