@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     from qwen3_jax import aot, configurables
     from qwen3_jax.train.build import build
-    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.errors import TrainingError
 
     search = args.remat_search or args.remat == "auto"
     if args.remat == "auto":

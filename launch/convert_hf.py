@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     b.add_argument("--max-shard-gib", type=float, default=2.0)
     b.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    from qwen3_jax.hf import HFConversionError
+    from qwen3_jax.errors import HFConversionError
 
     try:
         (cmd_import if args.cmd == "import" else cmd_export)(args)

@@ -23,6 +23,8 @@ import sys
 
 from qwen3_jax import storage
 
+from qwen3_jax.errors import ReportError
+
 
 def _parse_data(values: list[str]) -> dict[str, str]:
     from data_pipeline.prepare import parse_named_datasets
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
 
     try:
         steps, counts_NLE = er.read_expert_counts(workdir / "metrics.jsonl", args.last)
-    except er.ReportError as e:
+    except ReportError as e:
         return fail(str(e))
     load_LE = er.shares(counts_NLE.sum(0))
     loads_L = er.layer_loads(load_LE)
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
                     split=None if args.split == "all" else "heldout", heldout_fraction=0.02 if hf is None else hf,
                     router_bias=bias)
             domains = er.specialization(per_domain, er.moe_layer_ids(cfg))
-        except (er.ReportError, FileNotFoundError, ValueError) as e:
+        except (ReportError, FileNotFoundError, ValueError) as e:
             return fail(str(e))
         ids = er.moe_layer_ids(cfg)
         report["worst_layer"]["layer"] = ids[worst]

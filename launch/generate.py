@@ -99,7 +99,7 @@ def read_prompts(args) -> list:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from qwen3_jax.hf import HFConversionError
+    from qwen3_jax.errors import HFConversionError
 
     try:
         prompts = read_prompts(args)

@@ -264,8 +264,8 @@ def make_responses(a: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse(argv)
     from data_pipeline.prepare import PrepareError
-    from qwen3_jax.hf import HFConversionError
-    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.errors import HFConversionError
+    from qwen3_jax.errors import TrainingError
 
     try:
         st = make_responses(a)

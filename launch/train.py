@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import gin
 
     from qwen3_jax import configurables, storage
-    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.errors import TrainingError
     from qwen3_jax.train.loop import train
     from qwen3_jax.train.workdir_lock import WorkdirLock
 

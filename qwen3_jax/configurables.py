@@ -29,7 +29,8 @@ from data_pipeline import pipeline
 from qwen3_jax.config import ModelConfig, get_config
 from qwen3_jax.sharding import MeshConfig
 from qwen3_jax.train import data
-from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig, TrainingError
+from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from qwen3_jax.errors import TrainingError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGE_MACROS = ("STEPS", "SEQ_LEN", "BATCH_SIZE", "CHECKPOINT_EVERY", "WORKDIR", "DATA_ROOT")

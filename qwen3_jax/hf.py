@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig, RopeScaling
+from qwen3_jax.errors import HFConversionError
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 COMPLETE_MARKER = "config.json"  # written last into an object store: its presence means the export is whole
@@ -40,10 +41,6 @@ _EXPORT_NAMES = re.compile(r"config\.json|generation_config\.json|model\.safeten
                            r"|chat_template\.jinja|spm\.model")
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
               "float16": np.dtype(np.float16)}
-
-
-class HFConversionError(ValueError):
-    """A Hugging Face folder or config that cannot be converted; the message names what."""
 
 
 def np_dtype(name: str) -> np.dtype:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen3_jax import storage
-from qwen3_jax.hf import HFConversionError
+from qwen3_jax.errors import HFConversionError, TokenizerExportError
 
 QWEN3_EOS_ID = 151643        # <|endoftext|>
 QWEN3_TOKENIZER_SIZE = 151_669
@@ -38,10 +38,6 @@ TOKENIZER_FILES = COPIED + PATCHED + ("tokenizer.model",)
 _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER, _SPM_UNUSED, _SPM_BYTE = 1, 2, 3, 4, 5, 6
 _PROBE = ("def f(x):\n    return  x + 1\t# 12345 ok\n\n\n        indented   three\r\nCafé naïve ∑ 你好世界 🙂 "
           "<|endoftext|> <|im_start|>user\nhi<|im_end|> <think>?</think>  \n  trailing   ")
-
-
-class TokenizerExportError(HFConversionError):
-    """A tokenizer that cannot be exported; the message names the file and the reason."""
 
 
 @dataclasses.dataclass

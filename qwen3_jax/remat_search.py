@@ -181,7 +181,7 @@ def at_startup(build_policy: Callable[[str], Any], headroom: float = HEADROOM):
     the host is short of RAM, and every other policy keeps less, so one program is compiled."""
     from qwen3_jax.aot import peak_bytes
     from qwen3_jax.hlo_stats import hlo_flops
-    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.errors import TrainingError
 
     t0 = time.time()
     first = build_policy("full")

@@ -14,6 +14,8 @@ from train_utils import ROOT, run, tiny_args
 
 from qwen3_jax.train import expert_report as er
 
+from qwen3_jax.errors import ReportError
+
 REPORT = str(ROOT / "launch" / "expert_report.py")
 
 
@@ -35,9 +37,9 @@ def test_js_divergence_matches_hand_computation():
     assert er.js_divergence([1, 0], [1, 1]) == pytest.approx(0.311278124459, abs=1e-9)
     a, b = [0.1, 0.6, 0.3], [0.5, 0.2, 0.3]
     assert er.js_divergence(a, b) == pytest.approx(er.js_divergence(b, a))  # symmetric
-    with pytest.raises(er.ReportError):
+    with pytest.raises(ReportError):
         er.js_divergence([1, 0], [1, 0, 0])
-    with pytest.raises(er.ReportError):
+    with pytest.raises(ReportError):
         er.js_divergence([0, 0], [1, 0])
 
 
@@ -53,7 +55,7 @@ def test_specialization_summarises_layers_and_pairs():
     assert top["top"][0] == [0, 1.0] and top["load"] == pytest.approx(4.0) and top["entropy"] == pytest.approx(0.0)
     assert rep["layers"][1]["domains"]["docs"]["entropy"] == pytest.approx(1.0)
     assert "specialization score" in er.format_table(rep)
-    with pytest.raises(er.ReportError):
+    with pytest.raises(ReportError):
         er.specialization({"code": code, "docs": docs[:1]})
 
 
@@ -70,9 +72,9 @@ def test_read_expert_counts_last_steps_and_resumed_lines(tmp_path):
     np.testing.assert_allclose(sh.sum(-1), 1.0)
     np.testing.assert_allclose(er.layer_loads(sh), [2 * 32 / 43, 2 * 5 / 6])
     (tmp_path / "dense.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
-    with pytest.raises(er.ReportError, match="dense.jsonl"):
+    with pytest.raises(ReportError, match="dense.jsonl"):
         er.read_expert_counts(tmp_path / "dense.jsonl")
-    with pytest.raises(er.ReportError, match="nothing.jsonl"):
+    with pytest.raises(ReportError, match="nothing.jsonl"):
         er.read_expert_counts(tmp_path / "nothing.jsonl")
 
 

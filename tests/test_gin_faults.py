@@ -61,7 +61,7 @@ def test_overriding_a_macro_binding_is_not_an_unused_macro():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.gin") if p.name != "base.gin"))
 def test_every_shipped_run_config_passes_the_checks(name):
     from qwen3_jax import configurables
-    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.errors import TrainingError
     required = ["TEACHER='runs/teacher'"] if name.startswith("distill") else []
     if required:  # a required macro left out is named
         with pytest.raises(TrainingError, match="macro %TEACHER .* is never set"):

@@ -12,6 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import qwen3_jax
+
+from qwen3_jax.errors import HFConversionError
 from qwen3_jax import hf
 from hf_utils import hf_config, hf_logits, random_hf_model, rel_err
 
@@ -130,13 +132,13 @@ def _copy(src: Path, dst: Path, drop=None, reshape=None, config=None):
 
 def test_missing_tensor_is_named(moe_folder, tmp_path):
     bad = _copy(moe_folder[0], tmp_path / "bad", drop="model.layers.1.mlp.experts.3.up_proj.weight")
-    with pytest.raises(hf.HFConversionError, match=r"missing tensor.*layers\.1\.mlp\.experts\.3\.up_proj"):
+    with pytest.raises(HFConversionError, match=r"missing tensor.*layers\.1\.mlp\.experts\.3\.up_proj"):
         qwen3_jax.load_hf(bad)
 
 
 def test_wrong_shape_names_tensor_and_both_shapes(moe_folder, tmp_path):
     bad = _copy(moe_folder[0], tmp_path / "bad", reshape="model.layers.0.self_attn.k_proj.weight")
-    with pytest.raises(hf.HFConversionError, match=r"k_proj\.weight has shape \(15, 32\), expected \(16, 32\)"):
+    with pytest.raises(HFConversionError, match=r"k_proj\.weight has shape \(15, 32\), expected \(16, 32\)"):
         qwen3_jax.load_hf(bad)
 
 
@@ -148,7 +150,7 @@ def test_wrong_shape_names_tensor_and_both_shapes(moe_folder, tmp_path):
 ])
 def test_bad_config_values_are_named(moe_folder, tmp_path, change, message):
     bad = _copy(moe_folder[0], tmp_path / "bad", config=change)
-    with pytest.raises(hf.HFConversionError, match=message):
+    with pytest.raises(HFConversionError, match=message):
         qwen3_jax.load_hf(bad)
 
 

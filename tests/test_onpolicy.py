@@ -17,7 +17,8 @@ from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params, nest
 from qwen3_jax.train import checkpoint, onpolicy
 from qwen3_jax.train.build import build
-from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig, TrainingError
+from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from qwen3_jax.errors import TrainingError
 from qwen3_jax.train.distill import load_teacher_params
 from train_utils import popen, run, tiny_args
 

@@ -173,7 +173,7 @@ def test_build_auto_with_little_memory_picks_a_policy_that_fits(monkeypatch):
     """Memory between what full remat and 'none' need: the choice is not 'none', fits, and its
     compiled peak is the one the search measured; with less than full remat needs, a clear error."""
     from qwen3_jax.aot import peak_bytes
-    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.errors import TrainingError
 
     from qwen3_jax.train.build import build
 

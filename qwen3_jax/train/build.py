@@ -25,7 +25,8 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.model.attention_ops import resolve_impl
 from qwen3_jax.params import param_specs
 from qwen3_jax.train import distill, onpolicy
-from qwen3_jax.train.config import TrainConfig, TrainingError
+from qwen3_jax.train.config import TrainConfig
+from qwen3_jax.errors import TrainingError
 from qwen3_jax.train.optim import make_optimizer
 from qwen3_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
 

@@ -12,17 +12,14 @@ import dataclasses
 from typing import Any, Callable
 
 from qwen3_jax.sharding import MeshConfig
+from qwen3_jax.errors import TrainingError
+from qwen3_jax.model.moe import AUX_LAYER_REDUCE
+from qwen3_jax.model.moe_ep import EXCHANGES as MOE_EXCHANGES
 
 SCHEDULES = ("cosine", "wsd", "constant")
 AUX_SCOPES = ("global", "micro_batch", "sequence")
-AUX_LAYER_REDUCE = ("mean", "sum")
 AUX_GLOBAL_COUNTS = ("exact", "running", "previous_step")
-MOE_EXCHANGES = ("auto", "gather", "ragged")
 DATA_STATE_MISMATCH = ("error", "restart")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or cannot go on; the message names the setting or file."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,7 +65,7 @@ def check_vocab(data_it, vocab_size: int, what: str = "train.make_data") -> None
     no prepared dataset are not checked."""
     from data_pipeline.pipeline import load_stats
 
-    from qwen3_jax.train.config import TrainingError
+    from qwen3_jax.errors import TrainingError
 
     for spec in getattr(data_it, "specs", None) or []:
         stats = load_stats(spec.path)

@@ -34,7 +34,7 @@ from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.params import flatten, model_from_flat, nest, param_specs
 from qwen3_jax.train import kd_loss
-from qwen3_jax.train.config import TrainingError
+from qwen3_jax.errors import TrainingError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,10 +40,7 @@ import numpy as np
 
 from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
-
-
-class ReportError(ValueError):
-    """A missing or malformed input; the message names the file or the value."""
+from qwen3_jax.errors import ReportError
 
 
 # -- load over training steps (metrics.jsonl) -------------------------------------------------------

@@ -42,7 +42,8 @@ from qwen3_jax.train import checkpoint as ckpt
 from qwen3_jax import hosts
 from qwen3_jax.train import distill, faults
 from qwen3_jax.train.build import Program, build, program_fingerprint
-from qwen3_jax.train.config import TrainConfig, TrainingError
+from qwen3_jax.train.config import TrainConfig
+from qwen3_jax.errors import TrainingError
 from qwen3_jax.train.data import check_vocab
 from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops, truncate_metrics
 from qwen3_jax.train.prefetch import BatchPrefetcher

@@ -37,7 +37,7 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.train import checkpoint as ckpt
 from qwen3_jax import hosts
 from qwen3_jax.train import faults, spike_guard
-from qwen3_jax.train.config import TrainingError
+from qwen3_jax.errors import TrainingError
 from qwen3_jax.train.step import TrainState
 
 REQUIRED = (ckpt.PARAMS, ckpt.OPT_STATE, ckpt.TRAIN_STATE, ckpt.DATA, ckpt.MODEL_CONFIG, ckpt.META)

@@ -23,7 +23,7 @@ import threading
 import time
 
 from qwen3_jax import storage
-from qwen3_jax.train.config import TrainingError
+from qwen3_jax.errors import TrainingError
 
 LOCK_NAME = "train.lock"
 
