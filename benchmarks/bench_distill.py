@@ -15,48 +15,23 @@ KD (train.teacher = the teacher, loss = (1-α)·LM + α·τ²·KD), same seed, s
 
 Columns: held-out loss (nats/token) and bits per byte per domain (qwen3_jax.evaluate.heldout_metrics
 on the documents training never saw; the teacher's own numbers on the first line), final train LM
-loss (mean of the last 10 steps), teacher-student top-1 agreement (last 10 steps), mean step time
+loss (mean of the last 10 steps), teacher-student top-1 agreement (last 10 steps), median step time
 (steps 3+) and its ratio to the LM-only student's: the cost of the teacher's forward and its
 output head (run twice per step: the KD chunks are rematerialised in the backward pass).
-Results go to OUT/results.json; `--cost_only` measures just the step cost.
+`--cost_only` measures just the step cost (report: distill_cost.json).
 
-Measured (2026-11-29, this 2-core box shared with other jobs, load average ~20): teacher = the small
-MoE after 157 of a planned 600 cpu_smoke steps (stopped early for time: held-out code 5.676 nats,
-3.066 bpb; docs 5.773, 2.555 bpb); students 150 steps x 8 x 256 tokens, α 0.5, τ 1, full vocabulary:
+On-policy (`--onpolicy`): from each seed's KD student above, `--onpolicy_steps` more steps,
+either on-policy (configs/distill_onpolicy.gin: prompts from the code/docs mixture, sampled
+completions, reverse KL, α = 1) or off-policy (distill_offpolicy.gin, same steps, tokens, lr).
+Measured on each student's own samples of held-out prompts (fixed keys): per-token reverse and
+forward KL to the teacher, the student's own NLL, and held-out loss.
 
-  run   seed  held code (bpb)    held docs (bpb)    top-1 agreement
-  lm     0    5.955 (3.217)      6.323 (2.798)      -
-  kd     0    6.043 (3.264)      6.229 (2.757)      0.416
-  lm     1    5.978 (3.229)      6.409 (2.836)      -
-  kd     1    5.965 (3.222)      6.263 (2.772)      0.329
+Each mode writes its report (date, machine, command line, settings, every run's numbers) to
+`--json` (default benchmarks/reports/distill.json, or distill_onpolicy.json with --onpolicy) as
+well as OUT/. The saved reports' tables, without running anything:
 
-KD lowers held-out docs loss in both seeds (-0.094, -0.145 nats; -0.041, -0.064 bpb); on code it is
-+0.087 and -0.013 (mean +0.037): with a teacher this weak (0.28 nats better than the student on code,
-0.55-0.64 on docs) the gain follows the teacher's margin. Step cost (`--cost_only`, one process,
-interleaved): LM-only 673 ms / 3.10 GFLOP, KD 1,444 ms / 7.53 GFLOP per step = 2.15x time, 2.43x
-FLOPs — the teacher has ~3x the student's active parameters and twice its d_model, and its output
-head runs twice (KD chunks rematerialised). Wall times of the training runs themselves (2.2-3.6
-s/step) swung with the machine's load and are not a measure of the teacher's cost.
-
-On-policy (`--onpolicy`): from each seed's KD student above, 60 more steps of 8 x 128 tokens,
-either on-policy (configs/distill_onpolicy.gin: 32-token prompts from the code/docs mixture, 97
-sampled tokens, reverse KL, α = 1, lr 5e-4) or off-policy (distill_offpolicy.gin, same steps,
-tokens, lr). Measured on each student's own samples of held-out prompts (4 batches per domain,
-fixed keys): per-token KL to the teacher, and held-out loss. 2026-11-29, same box, loaded:
-
-  student       seed  held code  held docs  rev KL  fwd KL
-  off-policy     0     6.176      6.229     0.530   0.446
-  +off-policy    0     6.133      6.171     0.470   0.397
-  +on-policy     0     6.307      6.165     0.360   0.350
-  off-policy     1     6.178      6.263     0.632   0.490
-  +off-policy    1     6.100      6.208     0.565   0.445
-  +on-policy     1     6.312      6.171     0.407   0.376
-
-On-policy lowers the KL on the student's own text 2-3x as much as more off-policy steps do
-(reverse KL -0.170/-0.225 vs -0.060/-0.067), as GKD reports; held-out docs loss is no worse
-(-0.006/-0.037 vs off-policy), held-out code loss is worse (+0.17/+0.21): the student now imitates
-a teacher that is itself weak on code. The on-policy step (rollout + teacher + student) took
-1.3-1.7 s vs 0.9-1.2 s off-policy, under load.
+  python benchmarks/bench_distill.py --from_json benchmarks/reports/distill_2026-11-29.json
+  python benchmarks/bench_distill.py --from_json benchmarks/reports/distill_onpolicy_2026-11-29.json
 """
 
 from __future__ import annotations
@@ -72,6 +47,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_report  # noqa: E402
+
 DOMAINS = ("code", "docs")
 
 
@@ -282,34 +260,60 @@ def run_onpolicy(args, seed: int, data, tokenizer) -> list[dict]:
     return rows
 
 
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
 def onpolicy_table(rows: list[dict]) -> str:
-    head = (f"{'student':<14} {'seed':>4} " + " ".join(f"{'held ' + d:>10}" for d in DOMAINS)
-            + f" {'rev KL':>8} {'fwd KL':>8} {'own NLL':>8} {'s/step':>7}")
-    lines = [head, "-" * len(head)]
+    lines = ["| student | seed | " + " | ".join(f"held {d}" for d in DOMAINS) + " | rev KL | fwd KL | own NLL | s/step |",
+             "|---|---|" + "---|" * (len(DOMAINS) + 4)]
     for r in rows:
         name = {"start": "off-policy", "off": "+off-policy", "on": "+on-policy"}[r["variant"]]
-        st = f"{r['step_time_s']:>7.2f}" if "step_time_s" in r else f"{'-':>7}"
-        lines.append(f"{name:<14} {r['seed']:>4} " + " ".join(f"{r['heldout'][d]['loss']:>10.4f}" for d in DOMAINS)
-                     + f" {r['samples']['reverse_kl']:>8.4f} {r['samples']['forward_kl']:>8.4f}"
-                     f" {r['samples']['own_nll']:>8.4f} {st}")
+        smp = r["samples"]
+        lines.append(f"| {name} | {r['seed']} | " + " | ".join(f"{r['heldout'][d]['loss']:.3f}" for d in DOMAINS)
+                     + f" | {smp['reverse_kl']:.3f} | {smp['forward_kl']:.3f} | {_num(smp.get('own_nll'), '.3f')} | "
+                     f"{_num(r.get('step_time_s'), '.2f')} |")
     return "\n".join(lines)
 
 
 def table(teacher: dict, results: list[dict]) -> str:
-    lm_times = [r["step_time_s"] for r in results if r["variant"] == "lm"]
+    lm_times = [r["step_time_s"] for r in results if r["variant"] == "lm" and r.get("step_time_s") is not None]
     ref = sum(lm_times) / len(lm_times) if lm_times else None
-    head = (f"{'run':<10} {'seed':>4} " + " ".join(f"{'held ' + d:>10} {d + ' bpb':>9}" for d in DOMAINS)
-            + f" {'train LM':>9} {'top1 agr':>8} {'s/step':>7} {'vs LM':>6}")
-    lines = [head, "-" * len(head),
-             f"{'teacher':<10} {'':>4} " + " ".join(f"{teacher[d]['loss']:>10.4f} {teacher[d]['bpb']:>9.4f}"
-                                                   for d in DOMAINS)]
+    lines = ["| run | seed | " + " | ".join(f"held {d} (bpb)" for d in DOMAINS)
+             + " | train LM | top-1 agreement | s/step | vs LM |", "|---|---|" + "---|" * (len(DOMAINS) + 4),
+             "| teacher | | " + " | ".join(f"{teacher[d]['loss']:.3f} ({teacher[d]['bpb']:.3f})" for d in DOMAINS)
+             + " | | | | |"]
     for r in results:
-        rel = f"{r['step_time_s'] / ref:>5.2f}x" if ref else f"{'-':>6}"
-        agree = f"{r['agree']:>8.3f}" if r["agree"] is not None else f"{'-':>8}"
-        lines.append(f"{r['variant']:<10} {r['seed']:>4} "
-                     + " ".join(f"{r['heldout'][d]['loss']:>10.4f} {r['heldout'][d]['bpb']:>9.4f}" for d in DOMAINS)
-                     + f" {r['train_lm_loss']:>9.4f} {agree} {r['step_time_s']:>7.2f} {rel}")
+        t = r.get("step_time_s")
+        rel = f"{t / ref:.2f}x" if ref and t is not None else "-"
+        lines.append(f"| {r['variant']} | {r['seed']} | "
+                     + " | ".join(f"{r['heldout'][d]['loss']:.3f} ({r['heldout'][d]['bpb']:.3f})" for d in DOMAINS)
+                     + f" | {_num(r.get('train_lm_loss'), '.3f')} | {_num(r.get('agree'), '.3f')} | "
+                     f"{_num(t, '.2f')} | {rel} |")
     return "\n".join(lines)
+
+
+def cost_line(cost: dict) -> str:
+    return (f"Teacher's cost per step (one process, LM-only and KD steps interleaved, medians): LM-only "
+            f"{cost['lm_step_s'] * 1e3:.0f} ms ({cost['lm_gflops']:.2f} GFLOP), KD {cost['kd_step_s'] * 1e3:.0f} ms "
+            f"({cost['kd_gflops']:.2f} GFLOP): {cost['time_ratio']:.2f}x time, {cost['flops_ratio']:.2f}x FLOPs.")
+
+
+def markdown(report: dict) -> str:
+    """The tables of a report written by this script (or transcribed into its format)."""
+    lines = [bench_report.provenance(report) + ".",
+             "Settings: " + ", ".join(f"{k} {v}" for k, v in report["settings"].items()) + "."]
+    if report.get("note"):
+        lines.append(report["note"])
+    lines.append("")
+    if report["kind"] == "onpolicy":
+        lines.append(onpolicy_table(report["rows"]))
+    else:
+        if report.get("results"):
+            lines += [table(report["teacher"], report["results"]), ""]
+        if report.get("step_cost"):
+            lines.append(cost_line(report["step_cost"]))
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:
@@ -336,7 +340,13 @@ def main(argv=None) -> int:
     p.add_argument("--onpolicy_lr", type=float, default=5e-4)
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--completion_len", type=int, default=97)
+    p.add_argument("--json", default=None, help="where the report goes (default benchmarks/reports/"
+                   "distill.json, or distill_onpolicy.json with --onpolicy)")
+    p.add_argument("--from_json", metavar="FILE", help="print the tables of a saved report; run nothing")
     args = p.parse_args(argv)
+    if args.from_json:
+        print(markdown(bench_report.load(args.from_json)), end="")
+        return 0
     variants = [v for v in args.variants.split(",") if v]
     if not variants or set(variants) - {"lm", "kd"}:
         print(f"error: --variants {args.variants!r}: choose from lm,kd", file=sys.stderr)
@@ -367,25 +377,27 @@ def main(argv=None) -> int:
     if args.onpolicy:
         args.parts = data
         rows = [r for s in args.seeds for r in run_onpolicy(args, s, data, tokenizer)]
-        out = Path(args.out) / "results_onpolicy.json"
-        out.write_text(json.dumps({"settings": {k: getattr(args, k) for k in (
-            "teacher", "seeds", "onpolicy_steps", "onpolicy_lr", "prompt_len", "completion_len", "batch_size",
-            "eval_batches", "alpha")}, "rows": rows, "seconds": time.time() - t0}, indent=1))
-        print(onpolicy_table(rows))
+        report = {**bench_report.header("bench_distill"), "kind": "onpolicy",
+                  "settings": {k: getattr(args, k) for k in (
+                      "teacher", "seeds", "onpolicy_steps", "onpolicy_lr", "prompt_len", "completion_len",
+                      "batch_size", "eval_batches", "alpha")},
+                  "teacher_heldout": teacher, "rows": rows, "seconds": time.time() - t0}
+        out = bench_report.write(args.json or bench_report.REPORTS / "distill_onpolicy.json", report)
+        bench_report.write(Path(args.out) / "results_onpolicy.json", report)
+        print(markdown(report), end="")
         print(f"({time.time() - t0:.0f}s; results in {out})")
         return 0
     cost = step_cost(args)
-    if args.cost_only:
-        return 0
-    results = [run_student(args, v, s, data, tokenizer) for s in args.seeds for v in variants]
+    results = [] if args.cost_only else [run_student(args, v, s, data, tokenizer)
+                                         for s in args.seeds for v in variants]
     settings = {k: getattr(args, k) for k in ("teacher", "steps", "seeds", "alpha", "tau", "topk", "seq_len",
                                                 "batch_size", "lr", "eval_batches")}
-    out = Path(args.out) / "results.json"
-    out.write_text(json.dumps({"settings": settings, "teacher": teacher, "step_cost": cost, "results": results,
-                               "seconds": time.time() - t0}, indent=1))
-    print(f"\nsettings: {settings}")
-    print(table(teacher, results))
-    print(f"teacher cost per step: {cost['time_ratio']:.2f}x time, {cost['flops_ratio']:.2f}x FLOPs (same process)")
+    report = {**bench_report.header("bench_distill"), "kind": "students", "settings": settings,
+              "teacher": teacher, "step_cost": cost, "results": results, "seconds": time.time() - t0}
+    name = "distill_cost.json" if args.cost_only else "distill.json"
+    out = bench_report.write(args.json or bench_report.REPORTS / name, report)
+    bench_report.write(Path(args.out) / name.replace("distill", "results"), report)
+    print(markdown(report), end="")
     print(f"({time.time() - t0:.0f}s; results in {out})")
     return 0
 

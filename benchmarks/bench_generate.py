@@ -13,8 +13,9 @@ fresh cache (logits of the last position only); decode = (generate with N new to
 with 1) over N - 1 tokens, which cancels generate's fixed per-call overhead. Compile time (first call
 of a bucket) is reported apart and excluded. `--threads 1` (the default) runs both on one core
 (XLA single-threaded, torch.set_num_threads(1)): on a box shared with other jobs, torch's OpenMP
-threads spin against them (measured here: a small-moe forward 14 ms on 1 thread, 1.46 s on 2). KV cache: the bytes our cache holds for the bucket
-(S = cache length) against 2 * layers * B * S * K * H * bytes.
+threads spin against them and a forward on 2 threads can take many times as long as on one. KV
+cache: the bytes our cache holds for the bucket (S = cache length) against 2 * layers * B * S * K *
+H * bytes.
 """
 
 from __future__ import annotations

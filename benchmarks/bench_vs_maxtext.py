@@ -1,57 +1,41 @@
 """Train-step time of our step and MaxText 0.2.5's, side by side on this machine's CPU.
 
-  python benchmarks/bench_vs_maxtext.py [--runs 3] [--steps 5] [--only dense,moe] [--settings default,matched]
+  python benchmarks/bench_vs_maxtext.py [--rounds 3] [--warmup 2] [--timed 4] [--only dense,moe]
+      [--settings default,matched] [--json benchmarks/reports/vs_maxtext.json]
+  python benchmarks/bench_vs_maxtext.py --from_json benchmarks/reports/vs_maxtext.json   # print, run nothing
 
 Shapes (both sides): 4 layers, d_model 512, 8 query / 4 KV heads x 64, vocab 32,768, sequence
 1,024, batch 4, fp32 compute and parameters, AdamW; dense: SwiGLU 1,536 (qwen3-0.6b's layout,
 tied embeddings); MoE: 16 experts top-4, expert FFN 256, load-balancing loss 0.001
-(qwen3-30b-a3b's layout). Each case alternates our run and MaxText's, `--runs` times, every run a
-fresh process, one after the other; a run's step time is the median of its steps after the
-first (ours: compiled ahead, one warm-up step left out; MaxText: steps 0-2 left out, its logged
-step time lags the device by a step), the table shows the median over runs and the ratio MaxText /
-ours (> 1: ours is faster).
+(qwen3-30b-a3b's layout).
 
 Settings:
-  default  each side as documented for CPU. Ours: ModelConfig's defaults (moe_impl='auto',
-           i.e. the blocked expert form on CPU; remat='auto', i.e. the fewest-FLOPs policy
-           that fits, 'none' on this host; attention auto = chunked in 256-token tiles at
-           1,024 tokens) and TrainConfig's (loss in 2,048-position pieces), through
-           qwen3_jax.train.build.build — the builder launch/train.py uses. MaxText:
-           `maxtext.trainers.pre_train.train` with base.yml's defaults (remat full, scanned
-           layers, sparse_matmul) plus hardware=cpu, attention=dot_product, megablox=false (its
-           Pallas kernel is TPU-only).
+  default  each side as documented for CPU. Ours: ModelConfig's defaults (moe_impl='auto', the
+           blocked expert form on CPU; remat='auto', the fewest-FLOPs policy that fits; attention
+           auto) and TrainConfig's (loss in position chunks), through qwen3_jax.train.build.build,
+           the builder launch/train.py uses. MaxText: `maxtext.trainers.pre_train.train` with
+           base.yml's defaults (remat full, scanned layers, sparse_matmul) plus hardware=cpu,
+           attention=dot_product, megablox=false (its Pallas kernel is TPU-only).
   matched  the same work on both sides as far as the two allow: full remat on both, attention
-           materialising the scores (ours reference, MaxText dot_product), and the same expert
-           form, `jax.lax.ragged_dot` over the sorted assignments (ours moe_impl='ragged',
-           MaxText sparse_matmul=true megablox=false); loss in one piece.
+           materialising the scores (ours reference, MaxText dot_product), the same expert form,
+           `jax.lax.ragged_dot` over the sorted assignments (ours moe_impl='ragged', MaxText
+           sparse_matmul=true megablox=false), and our loss in one piece.
 
-Measured 2026-11-30 on the 2-core box with nothing else running, s/step, median over 3 runs
-(`--runs 3 --settings default --only dense|moe`, `--runs 3 --settings matched --only dense|moe`;
-each row one invocation), after remat='auto' and 256-token chunked tiles became the CPU defaults:
-
-| case | setting | ours | MaxText | MaxText / ours |
-|---|---|---|---|---|
-| dense | default | 10.63 (10.77, 9.92, 10.63) | 16.17 (16.35, 16.17, 15.32) | 1.52x |
-| MoE | default | 10.66 (11.44, 10.66, 10.10) | 38.53 (42.40, 36.42, 38.53) | 3.61x |
-| dense | matched | 10.53 (10.67, 10.39, 10.53) | 12.62 (12.64, 12.17, 12.62) | 1.20x |
-| MoE | matched | 34.04 (34.04, 34.72, 33.61) | 36.05 (38.61, 36.05, 35.44) | 1.06x |
-
-Doing the same work, ours is 1.20x (dense) and 1.06x (MoE) MaxText's speed; the rest of the
-default setting's lead comes from the CPU defaults (blocked experts, no remat when it fits,
-chunked attention).
-
-Before (2026-11-29, full remat, reference attention at 1,024 tokens; `--runs 3 --settings
-default`, `--runs 1 --settings matched`):
-
-| case | setting | ours | MaxText | MaxText / ours |
-|---|---|---|---|---|
-| dense | default | 12.07 (12.83, 12.04, 12.07) | 15.09 (15.09, 14.69, 15.40) | 1.25x |
-| MoE | default | 14.47 (14.90, 14.47, 14.32) | 44.41 (44.71, 42.28, 44.41) | 3.07x |
-| dense | matched | 13.17 | 14.99 | 1.14x |
-| MoE | matched | 41.82 | 43.52 | 1.04x |
-
-(An earlier single run on a box at load ~20: dense 0.88x, MoE 2.67x.) Our dense step, variants
-interleaved in one process: remat none 0.91x the time of full remat, + chunked attention 0.87x.
+Protocol. A case (dense or MoE, at one setting) is run `--rounds` times; a round is one run of
+each side, each a fresh process, in alternating order (round 0: ours first, round 1: MaxText
+first, ...), and rounds go over all cases in turn, so a load that comes and goes on a shared
+machine falls on both sides alike. Both sides time the same steps: with W = --warmup and T =
+--timed, steps 0..W-1 (0-based) are warm-up and steps W..W+T-1 are timed; compilation is not a
+step. Ours compiles ahead, then times each step to its loss being ready. MaxText's logged
+"seconds" for step i is the gap between the host finishing its loop iteration for step i-1 and
+for step i; it dispatches step i without waiting and then blocks on step i-1's metrics, so the
+gap is step i-1's time on the device (step 0's entry includes the compile). Its device time for
+step j is therefore read from the entry logged for step j+1, and MaxText runs W+T+1 steps: the
+last one is only there to time the one before it. A run's value is the median of its T timed
+steps; the table shows, per side, min / median / max over runs, the ratio of the medians
+(MaxText / ours: > 1 means ours is faster) with the min and max of the per-round ratios, and
+"not resolved" where the two sides' [min, max] ranges overlap. The JSON keeps every step's time
+and the load average before and after every run.
 
 MaxText runs in its own Python >= 3.12 venv (`--maxtext_venv`, default /work/maxtext-venv),
 built here if missing: `python3.12 -m venv`, `pip install maxtext==0.2.5`, then the
@@ -61,6 +45,7 @@ decoupled-requirements.txt that ships inside it (DECOUPLE_GCLOUD=TRUE: no Google
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -72,31 +57,134 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+REPORT = bench_report.REPORTS / "vs_maxtext.json"
 RESULT_TAG = "BENCH_VS_MAXTEXT_OURS "
 SHAPES = dict(num_layers=4, d_model=512, num_heads=8, num_kv_heads=4, head_dim=64, vocab_size=32768, ffn_dim=1536)
 MOE = dict(num_experts=16, num_experts_per_tok=4, moe_ffn_dim=256, router_aux_loss_coef=0.001)
 SEQ, BATCH = 1024, 4
-MAXTEXT_SKIP = 3  # MaxText steps left out: its step time is the gap between two dispatches, which
-# runs one step behind the device (step 0: compile; 1: dispatch only; 2: warm-up), as DESIGN.md's "steps 3+"
+MAXTEXT_LAG = 1  # MaxText's entry for step i times step i - 1 on the device (see the docstring)
+
+
+# -- which steps are timed ------------------------------------------------------------------------
+
+def maxtext_steps(warmup: int, timed: int) -> int:
+    """Steps MaxText must run so that device steps warmup..warmup+timed-1 are all logged."""
+    return warmup + timed + MAXTEXT_LAG
+
+
+def maxtext_timed(logged: list[float], warmup: int, timed: int) -> list[float]:
+    """Device times of steps warmup..warmup+timed-1 from MaxText's per-step log (entry i = step i - 1)."""
+    out = logged[warmup + MAXTEXT_LAG: warmup + timed + MAXTEXT_LAG]
+    if len(out) != timed:
+        raise ValueError(f"MaxText logged {len(logged)} steps; {maxtext_steps(warmup, timed)} needed")
+    return out
+
+
+# -- summary --------------------------------------------------------------------------------------
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def summarise(ours: list[float], theirs: list[float]) -> dict:
+    """Per-run values of the two sides, paired by round (ours[i] and theirs[i] ran in round i):
+    each side's min / median / max, the ratio of medians MaxText / ours, the min and max of the
+    per-round ratios, and whether the two [min, max] ranges are apart (resolved)."""
+    if not ours or len(ours) != len(theirs):
+        raise ValueError(f"need the same number of runs per side, got {len(ours)} and {len(theirs)}")
+    o, m = spread(ours), spread(theirs)
+    rounds = [t / s for s, t in zip(ours, theirs)]
+    return {"ours": o, "maxtext": m, "ratio": m["median"] / o["median"],
+            "round_ratio_min": min(rounds), "round_ratio_max": max(rounds),
+            "resolved": o["max"] < m["min"] or m["max"] < o["min"]}
+
+
+def run_values(case: dict, side: str) -> list[float]:
+    """A case's per-run values of one side, in round order."""
+    runs = sorted((r for r in case["runs"] if r["side"] == side), key=lambda r: r["round"])
+    return [r["step_s"] for r in runs]
+
+
+def paired(case: dict) -> tuple[list[float], list[float]]:
+    """The runs of the rounds both sides finished."""
+    done = {r["round"] for r in case["runs"] if r["side"] == "ours"} & \
+           {r["round"] for r in case["runs"] if r["side"] == "maxtext"}
+    keep = {**case, "runs": [r for r in case["runs"] if r["round"] in done]}
+    return run_values(keep, "ours"), run_values(keep, "maxtext")
+
+
+def markdown(report: dict) -> str:
+    """The table of a report written by this script (or transcribed into its format)."""
+    p = report.get("protocol", {})
+    loads = [x for c in report["cases"] for r in c["runs"] for x in (r.get("load_before"), r.get("load_after")) if x]
+    lines = [bench_report.provenance(report) + "."]
+    if p.get("timed_steps"):
+        lines.append(f"s/step; a run = the median of steps {p['timed_steps']} (0-based, after {p['warmup']} "
+                     f"warm-up steps; MaxText's log read one step late); min / median / max over runs; "
+                     "ratio = MaxText / ours of the medians [min, max of the per-round ratios].")
+    if p.get("note"):
+        lines.append(p["note"])
+    if loads:
+        one_min = [x[0] for x in loads]
+        lines.append(f"Load average (1 min) around the runs: {min(one_min):.1f} to {max(one_min):.1f}.")
+    lines += ["", "| case | setting | rounds | ours s/step | MaxText s/step | MaxText / ours | resolved |",
+              "|---|---|---|---|---|---|---|"]
+    for case in report["cases"]:
+        ours, theirs = paired(case)
+        if not ours:
+            lines.append(f"| {case['case']} | {case['setting']} | 0 | - | - | - | - |")
+            continue
+        s = summarise(ours, theirs)
+
+        def side(d):
+            return f"{d['min']:.2f} / {d['median']:.2f} / {d['max']:.2f}" if d["n"] > 1 else f"{d['median']:.2f}"
+
+        ratio = f"{s['ratio']:.2f}x" + (f" [{s['round_ratio_min']:.2f}, {s['round_ratio_max']:.2f}]"
+                                         if s["ours"]["n"] > 1 else "")
+        verdict = "yes" if s["resolved"] and s["ours"]["n"] > 1 else "single run" if s["ours"]["n"] == 1 \
+            else "not resolved"
+        lines.append(f"| {case['case']} | {case['setting']} | {s['ours']['n']} | {side(s['ours'])} | "
+                     f"{side(s['maxtext'])} | {ratio} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 # -- MaxText --------------------------------------------------------------------------------------
+
+def python312() -> str | None:
+    """A Python >= 3.12 that runs: on PATH, else pyenv's (its shim may be on PATH but not enabled)."""
+    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = [shutil.which("python3.12"), shutil.which("python3.13"),
+             *sorted(glob.glob(f"{pyenv}/versions/3.1[2-9]*/bin/python3"))]
+    for py in filter(None, found):
+        ok = subprocess.run([py, "-c", "import sys; sys.exit(sys.version_info < (3, 12))"], capture_output=True)
+        if ok.returncode == 0:
+            return py
+    return None
+
+
+def maxtext_site(py: Path) -> Path:
+    out = subprocess.run([str(py), "-c", "import maxtext, pathlib; print(pathlib.Path(maxtext.__file__).parent)"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return Path(out)
+
 
 def ensure_maxtext(venv: Path) -> Path:
     """The MaxText interpreter, installing the venv first when it is missing."""
     py = venv / "bin" / "python"
     if py.exists() and subprocess.run([str(py), "-c", "import maxtext"], capture_output=True).returncode == 0:
         return py
-    base = shutil.which("python3.12") or shutil.which("python3.13")
+    base = python312()
     if base is None:
-        sys.exit("MaxText 0.2.5 needs Python >= 3.12 and no python3.12 is on PATH")
-    print(f"installing MaxText 0.2.5 into {venv} (a few minutes)", flush=True)
+        sys.exit("MaxText 0.2.5 needs Python >= 3.12: none found on PATH or under pyenv")
+    print(f"installing MaxText 0.2.5 into {venv} with {base} (several minutes)", flush=True)
     subprocess.run([base, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "maxtext==0.2.5"], check=True)
-    site = subprocess.run([str(py), "-c", "import maxtext, pathlib; print(pathlib.Path(maxtext.__file__).parents[1])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    reqs = Path(site) / "dependencies" / "requirements" / "generated_requirements" / "decoupled-requirements.txt"
+    reqs = maxtext_site(py).parent / "dependencies" / "requirements" / "generated_requirements" / \
+        "decoupled-requirements.txt"
     subprocess.run([str(py), "-m", "pip", "install", "-q", "-r", str(reqs)], check=True)
     return py
 
@@ -118,23 +206,22 @@ def maxtext_args(case: str, setting: str, steps: int, out_dir: str) -> list[str]
     return args
 
 
-def run_maxtext(py: Path, case: str, setting: str, steps: int) -> dict:
-    site = subprocess.run([str(py), "-c", "import maxtext, pathlib; print(pathlib.Path(maxtext.__file__).parent)"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+def run_maxtext(py: Path, case: str, setting: str, warmup: int, timed: int) -> dict:
+    site = maxtext_site(py)
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(py), "-m", "maxtext.trainers.pre_train.train", f"{site}/configs/base.yml",
-               *maxtext_args(case, setting, steps, out)]
+        cmd = [str(py), "-m", "maxtext.trainers.pre_train.train", str(site / "configs" / "base.yml"),
+               *maxtext_args(case, setting, maxtext_steps(warmup, timed), out)]
         env = dict(os.environ, DECOUPLE_GCLOUD="TRUE", JAX_PLATFORMS="cpu")
         env.pop("XLA_FLAGS", None)
-        t = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out)
     log = proc.stdout + proc.stderr
-    times = [float(s) for s in re.findall(r"completed step: \d+, seconds: ([0-9.]+)", log)]
-    if proc.returncode or len(times) <= MAXTEXT_SKIP:
+    logged = [float(s) for s in re.findall(r"completed step: \d+, seconds: ([0-9.]+)", log)]
+    if proc.returncode or len(logged) < maxtext_steps(warmup, timed):
         tail = "\n".join(log.splitlines()[-30:])
-        raise RuntimeError(f"MaxText {case}/{setting} failed (rc {proc.returncode}, {len(times)} steps):\n{tail}")
+        raise RuntimeError(f"MaxText {case}/{setting} failed (rc {proc.returncode}, {len(logged)} steps):\n{tail}")
+    timed_s = maxtext_timed(logged, warmup, timed)
     losses = re.findall(r"completed step: \d+, .*?loss: ([0-9.]+)", log)
-    return dict(step_s=statistics.median(times[MAXTEXT_SKIP:]), steps=times, wall_s=time.time() - t,
+    return dict(step_s=statistics.median(timed_s), timed_s=timed_s, logged_s=logged,
                 loss=float(losses[-1]) if losses else None, cmd=" ".join(cmd[1:]))
 
 
@@ -150,11 +237,12 @@ def our_config(case: str, setting: str):
     return get_config(preset, **over)
 
 
-def ours_worker(case: str, setting: str, steps: int) -> None:
+def ours_worker(case: str, setting: str, warmup: int, timed: int) -> None:
     """One run of our step in this process; prints one tagged JSON line."""
     import jax
     import numpy as np
 
+    from qwen3_jax.model.moe_compute import resolve_impl
     from qwen3_jax.train.build import build
     from qwen3_jax.train.config import TrainConfig
 
@@ -168,76 +256,98 @@ def ours_worker(case: str, setting: str, steps: int) -> None:
     batch = dict(tokens=tok, targets=np.roll(tok, -1, 1), loss_mask=np.ones((BATCH, SEQ), np.float32),
                  segment_ids=np.ones((BATCH, SEQ), np.int32),
                  positions=np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)))
-    step = prog.compiled or prog.lower().compile()  # remat='auto': compiled by build()
+    step = prog.compiled or prog.lower().compile()  # compiled before step 0 (remat='auto': by build())
     times, loss = [], None
-    for _ in range(steps):
+    for _ in range(warmup + timed):
         t = time.perf_counter()
         state, m = step(state, batch)
         loss = float(jax.block_until_ready(m["loss"]))
         times.append(time.perf_counter() - t)
-    from qwen3_jax.model.moe_compute import resolve_impl
-
     info = dict(remat=prog.model.remat, attention=prog.attention, loss_chunk=tc.loss_chunk,
                 moe_impl=resolve_impl(cfg.moe_impl, "cpu", cfg.d_model, cfg.moe_ffn_dim) if cfg.is_moe else "-")
-    # the compile happened before the loop: all steps count but the first (warm-up)
-    print(RESULT_TAG + json.dumps(dict(step_s=statistics.median(times[1:]), steps=times, loss=loss, **info)),
-          flush=True)
+    print(RESULT_TAG + json.dumps(dict(step_s=statistics.median(times[warmup:]), timed_s=times[warmup:],
+                                       logged_s=times, loss=loss, info=info)), flush=True)
 
 
-def run_ours(case: str, setting: str, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--ours_worker", case, setting, "--steps", str(steps)]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run_ours(case: str, setting: str, warmup: int, timed: int) -> dict:
+    cmd = [sys.executable, __file__, "--ours_worker", case, setting, "--warmup", str(warmup), "--timed", str(timed)]
+    # this checkout's qwen3_jax, not whichever one the environment has installed
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
     env.pop("XLA_FLAGS", None)
-    t = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise RuntimeError(f"ours {case}/{setting} failed (rc {proc.returncode}):\n{tail}")
-    return dict(json.loads(lines[-1][len(RESULT_TAG):]), wall_s=time.time() - t)
+    return json.loads(lines[-1][len(RESULT_TAG):])
 
 
 # -- driver ---------------------------------------------------------------------------------------
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=3, help="runs per side and case (interleaved)")
-    p.add_argument("--steps", type=int, default=5,
-                   help="MaxText steps per run (steps 3+ timed); ours: steps - 1, the first not timed")
+def timed_run(side: str, rnd: int, fn, *args) -> dict:
+    before, t = list(os.getloadavg()), time.time()
+    result = fn(*args)
+    return dict(side=side, round=rnd, **result, wall_s=time.time() - t, load_before=before,
+                load_after=list(os.getloadavg()))
+
+
+def run_all(args, report: dict, path: Path) -> None:
+    mt_py = ensure_maxtext(Path(args.maxtext_venv))
+    report["maxtext_python"] = subprocess.run([str(mt_py), "--version"], capture_output=True, text=True).stdout.strip()
+    cases = {(c["case"], c["setting"]): c for c in report["cases"]}
+    for rnd in range(args.rounds):
+        for (case, setting), entry in cases.items():
+            sides = [("ours", run_ours, (case, setting, args.warmup, args.timed)),
+                     ("maxtext", run_maxtext, (mt_py, case, setting, args.warmup, args.timed))]
+            for side, fn, fn_args in sides if rnd % 2 == 0 else sides[::-1]:
+                run = timed_run(side, rnd, fn, *fn_args)
+                entry["runs"].append(run)
+                if side == "ours":
+                    entry["ours_info"] = run.pop("info")
+                print(f"round {rnd} {case}/{setting} {side}: {run['step_s']:.2f} s/step (timed "
+                      + ", ".join(f"{x:.2f}" for x in run["timed_s"])
+                      + f"; loss {run['loss']}; load {run['load_before'][0]:.1f})", flush=True)
+                bench_report.write(path, report)  # after every run: an interrupted benchmark keeps its rounds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="runs per side and case, the sides interleaved")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before the timed ones (compile excluded)")
+    p.add_argument("--timed", type=int, default=4, help="steps timed per run")
     p.add_argument("--only", default="dense,moe")
     p.add_argument("--settings", default="default,matched")
     p.add_argument("--maxtext_venv", default="/work/maxtext-venv")
+    p.add_argument("--json", default=str(REPORT), help="where the results go (written after every run)")
+    p.add_argument("--from_json", metavar="FILE", help="print the table of a saved report; run nothing")
     p.add_argument("--ours_worker", nargs=2, metavar=("CASE", "SETTING"), help=argparse.SUPPRESS)
-    p.add_argument("--json", default=None, help="also write every run's numbers to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.from_json:
+        print(markdown(bench_report.load(args.from_json)), end="")
+        return 0
     if args.ours_worker:
-        ours_worker(*args.ours_worker, args.steps)
-        return
-    mt_py = ensure_maxtext(Path(args.maxtext_venv))
-    rows, record = [], []
-    for setting in args.settings.split(","):
-        for case in args.only.split(","):
-            ours, theirs = [], []
-            for i in range(args.runs):
-                ours.append(run_ours(case, setting, args.steps - 1))
-                theirs.append(run_maxtext(mt_py, case, setting, args.steps))
-                print(f"{setting} {case} run {i + 1}: ours {ours[-1]['step_s']:.2f} s/step "
-                      f"(loss {ours[-1]['loss']:.3f}), MaxText {theirs[-1]['step_s']:.2f} s/step "
-                      f"(loss {theirs[-1]['loss']})", flush=True)
-            o = statistics.median(r["step_s"] for r in ours)
-            m = statistics.median(r["step_s"] for r in theirs)
-            first = ours[0]
-            runs = " / ".join(", ".join(f"{r['step_s']:.2f}" for r in side) for side in (ours, theirs))
-            rows.append(f"| {case} | {setting} | {first['moe_impl']}, remat {first['remat']}, "
-                        f"{first['attention']} attn, loss chunk {first['loss_chunk']} | {o:.2f} | {m:.2f} | {m / o:.2f}x | {runs} |")
-            record.append(dict(case=case, setting=setting, ours=ours, maxtext=theirs))
-    print(f"\n{args.runs} runs per side, each the median of its timed steps; table: median over runs")
-    print("| case | setting | ours | ours s/step | MaxText s/step | MaxText / ours | runs (ours / MaxText) |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        ours_worker(*args.ours_worker, args.warmup, args.timed)
+        return 0
+    if args.rounds < 1 or args.warmup < 1 or args.timed < 1:
+        p.error("--rounds, --warmup and --timed must be >= 1 (step 0 is never timed)")
+    report = {**bench_report.header("bench_vs_maxtext"),
+              "protocol": {"rounds": args.rounds, "warmup": args.warmup, "timed": args.timed,
+                           "timed_steps": f"{args.warmup}-{args.warmup + args.timed - 1}",
+                           "maxtext_steps_run": maxtext_steps(args.warmup, args.timed), "maxtext_lag": MAXTEXT_LAG,
+                           "order": "per round over all cases; ours first in even rounds, MaxText first in odd"},
+              "shapes": {**SHAPES, "seq_len": SEQ, "batch": BATCH, "moe": MOE},
+              "cases": [{"case": c, "setting": s, "runs": []} for s in args.settings.split(",")
+                        for c in args.only.split(",")]}
+    path = Path(args.json)
+    run_all(args, report, path)
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    bench_report.write(path, report)
+    print(f"\nresults: {path}\n")
+    print(markdown(report), end="")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
