@@ -20,24 +20,27 @@ Report fields and the memory definitions: qwen3_jax/aot.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from qwen3_jax import storage
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported (below)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles (or tests) at once
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # silences libtpu probing the host for a TPU
 
+from qwen3_jax import aot, configurables, remat_search, storage  # noqa: E402
+from qwen3_jax.errors import TrainingError  # noqa: E402
+from qwen3_jax.hlo_stats import program_fingerprint  # noqa: E402
+from qwen3_jax.memory import GIB  # noqa: E402
+from qwen3_jax.sharding import MeshConfig  # noqa: E402
+from qwen3_jax.train.build import build  # noqa: E402
+
+
 def mesh_bindings(text: str) -> list[str]:
     """'fsdp=64,expert=8' (or ici_/dcn_ names) -> bindings of every MeshConfig field: the named
     sizes, the others at MeshConfig's defaults (as `MeshConfig(ici_fsdp=64, ici_expert=8)`)."""
-    import dataclasses
-
-    from qwen3_jax.sharding import MeshConfig
-
     sizes = dataclasses.asdict(MeshConfig())
     for part in filter(None, text.split(",")):
         if "=" not in part:
@@ -70,8 +73,7 @@ def flag_bindings(args) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gin", action="append", default=[], help="the training command's gin files (repeatable)")
-    p.add_argument("--gin_param", action="append", default=[], help="gin binding NAME=VALUE (repeatable)")
+    configurables.add_gin_flags(p, "the training command's gin files (repeatable)")
     p.add_argument("--preset", default=None, help="shorthand for --gin model/PRESET.gin")
     p.add_argument("--topology", required=True, help="e.g. v5p-1024, v6e-256, v5e-256, v4-128, v5p:8x8x8, cpu")
     p.add_argument("--num_slices", type=int, default=1)
@@ -101,10 +103,6 @@ def main(argv=None) -> int:
     if not args.gin:
         p.error("give the training command's gin files, e.g. --gin stage1.gin --gin model/qwen3-8b.gin")
 
-    from qwen3_jax import aot, configurables
-    from qwen3_jax.train.build import build
-    from qwen3_jax.errors import TrainingError
-
     search = args.remat_search or args.remat == "auto"
     if args.remat == "auto":
         args.remat = None
@@ -112,16 +110,13 @@ def main(argv=None) -> int:
         extra = flag_bindings(args)
         topo = aot.parse_topology(args.topology, args.num_slices)
         if args.hbm_gib:
-            topo["hbm_bytes_per_chip"] = int(args.hbm_gib * aot.GIB)
-        configurables.parse_gin(files, list(args.gin_param) + extra)
-        model, tc = configurables.run_config()
+            topo["hbm_bytes_per_chip"] = int(args.hbm_gib * GIB)
+        model, tc = configurables.read_run(files, list(args.gin_param) + extra)
         print(f"config: {' + '.join(files)}" + "".join(f"\n  --gin_param {b}" for b in args.gin_param + extra),
               flush=True)
         devices = aot.topology_devices(topo)
         search = search or model.remat == "auto"  # the gin files leave it to the search
         if search:
-            from qwen3_jax import remat_search
-
             only = args.remat_candidates.split(",") if args.remat_candidates else None
             policies = remat_search.candidates(model, "cpu" if topo["accelerator"] == "cpu" else "tpu", only)
         else:
@@ -147,16 +142,12 @@ def run_search(args, files: list[str], extra: list[str], topo: dict, devices, po
     """Compiles the remat candidates (each the program train.py would run with that
     `model_config.remat`), prints the table and the gin line; returns the chosen one's report
     with the search in `remat_search`, or None when none fits."""
-    from qwen3_jax import aot, configurables, remat_search, storage
-    from qwen3_jax.train.build import build, program_fingerprint
-
     headroom = args.headroom or remat_search.HEADROOM
     cache = storage.path(args.remat_cache) if args.remat_cache else None  # local or gs://
 
     def compile_policy(policy: str) -> dict:
         bindings = list(args.gin_param) + extra + [f"model_config.remat={policy!r}"]
-        configurables.parse_gin(files, bindings)
-        model, tc = configurables.run_config()
+        model, tc = configurables.read_run(files, bindings)
         program = build(model, tc, devices, num_slices=args.num_slices, process_count=1)
         lowered = program.lower()
         fingerprint = program_fingerprint(lowered)
@@ -187,8 +178,6 @@ def run_search(args, files: list[str], extra: list[str], topo: dict, devices, po
 def cached_report(cache, fingerprint: str, program) -> dict | None:
     """A saved report of this step program (same fingerprint) in `cache`; one saved by an older
     tool without the step-time fields gets them from its HLO dump (`<report>.hlo`) if present."""
-    from qwen3_jax import aot
-
     for path in sorted(cache.glob("*.json")):
         try:
             report = json.loads(path.read_text())

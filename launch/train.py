@@ -18,11 +18,18 @@ import argparse
 import os
 import sys
 
+import gin
+import jax
+
+from qwen3_jax import configurables, storage
+from qwen3_jax.errors import TrainingError
+from qwen3_jax.train.loop import train
+from qwen3_jax.train.workdir_lock import WorkdirLock
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gin", action="append", default=[], help="gin file (repeatable; later ones win)")
-    p.add_argument("--gin_param", action="append", default=[], help="gin binding NAME=VALUE (repeatable)")
+    configurables.add_gin_flags(p)
     p.add_argument("--workdir", default=None, help="run folder (default: the gin macro WORKDIR)")
     p.add_argument("--coordinator", default=None, help="host:port of process 0 for jax.distributed")
     p.add_argument("--num_processes", type=int, default=None)
@@ -31,8 +38,6 @@ def main(argv=None) -> int:
     if not args.gin:
         p.error("at least one --gin file is needed, e.g. --gin stage1.gin")
 
-    import jax
-
     if args.coordinator:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
@@ -40,25 +45,10 @@ def main(argv=None) -> int:
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
 
-    import gin
-
-    from qwen3_jax import configurables, storage
-    from qwen3_jax.errors import TrainingError
-    from qwen3_jax.train.loop import train
-    from qwen3_jax.train.workdir_lock import WorkdirLock
-
     try:
-        configurables.parse_gin(args.gin, args.gin_param)
-        model, tc = configurables.run_config()
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model, tc = configurables.read_run(args.gin, args.gin_param)
     except TrainingError as e:
         print(f"error: bad configuration: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, TypeError, SyntaxError) as e:
-        msg = str(e).strip().splitlines()
-        print("error: bad gin configuration: " + " ".join(msg[:3]), file=sys.stderr)
         return 2
     workdir = args.workdir or configurables.query("%WORKDIR")
     primary = jax.process_index() == 0

@@ -5,7 +5,7 @@ Nothing is allocated: parameters, optimizer state and batch are `ShapeDtypeStruc
 the devices of libtpu's topology description (`jax.experimental.topologies`), and XLA:TPU
 compiles the step `qwen3_jax.train.build` makes, the one the training loop runs.
 
-Memory (`compiled.memory_analysis()`, XLA's CompiledMemoryStats; see MEMORY_FIELDS): `fits` compares
+Memory (`compiled.memory_analysis()`, XLA's CompiledMemoryStats; see qwen3_jax.memory.MEMORY_FIELDS): `fits` compares
 `peak_memory_in_bytes` with HBM. That is the heap-simulated peak over the compiled schedule,
 arguments and outputs included. XLA:TPU refuses a program itself ("the total memory required for
 HLO temporaries (X G) exceeds available HBM (95.74G)", G = GiB), and that check does not use
@@ -28,12 +28,15 @@ import math
 import os
 import re
 
-from qwen3_jax import storage
-from qwen3_jax import step_time
-from qwen3_jax.hlo_stats import collective_summary, hlo_flops
+import jax
+from jax.experimental import topologies
+
+from qwen3_jax import sharding, step_time, storage
+from qwen3_jax.hlo_stats import collective_summary, hlo_flops, program_fingerprint
+from qwen3_jax.memory import GIB, MEMORY_FIELDS, cpu_device_memory, peak_bytes
+from qwen3_jax.params import count_params
 from qwen3_jax.train.metrics import flops_per_token
 
-GIB = 1024 ** 3
 # generation -> (libtpu name, HBM bytes per chip, cores per chip in the accelerator name, 3D torus)
 CHIPS = {
     "v4": ("v4", 32 * GIB, 2, True),
@@ -45,34 +48,12 @@ CHIPS = {
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8192: "16x16x32"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-# report key -> meaning of the memory numbers (written into the JSON report)
-MEMORY_FIELDS = {
-    "bytes_per_chip_peak": "XLA peak_memory_in_bytes: heap-simulated peak of HBM over the compiled schedule, "
-                           "arguments and outputs included; what XLA:TPU checks against HBM; `fits` uses it",
-    "bytes_per_chip_arguments": "argument_size_in_bytes: train state + batch, resident for the whole step",
-    "bytes_per_chip_output": "output_size_in_bytes: new train state + metrics",
-    "bytes_per_chip_alias": "alias_size_in_bytes: outputs written into donated argument buffers (the state)",
-    "bytes_per_chip_temp_at_peak": "peak - arguments - (output - alias): temporaries live at the peak",
-    "bytes_per_chip_temp": "XLA temp_size_in_bytes as libtpu reports it: larger than the temp allocation "
-                           "(it counts the layer scan's stacked buffers a second time), so arguments + temp "
-                           "overstate what the step needs; not used for `fits`",
-}
-
-
-def cpu_device_memory() -> int:
-    """The host's RAM shared equally by this process's CPU devices: what one CPU device may use."""
-    import jax
-
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // max(len(jax.local_devices(backend="cpu")), 1)
 
 
 def parse_topology(name: str, num_slices: int = 1) -> dict:
     """'v5p-1024' / 'v6e-256' / 'v5p:8x8x8' -> {name (libtpu), chips, hbm_bytes_per_chip}; 'cpu':
     this host's devices, each with an equal share of its RAM."""
     if name.strip().lower() == "cpu":
-        import jax
-
         n = len(jax.devices("cpu"))
         return {"accelerator": "cpu", "libtpu_name": f"host ({n} cpu devices)", "chips": n, "num_slices": 1,
                 "hbm_bytes_per_chip": cpu_device_memory(), "wrap": (False, False, False)}
@@ -115,9 +96,6 @@ def torus_wrap(shape: str, is3d: bool) -> tuple[bool, bool, bool]:
 
 def topology_devices(topo: dict) -> list:
     """The devices of the slice(s) `topo` describes (libtpu's description; nothing to run on)."""
-    import jax
-    from jax.experimental import topologies
-
     if topo["accelerator"] == "cpu":
         return list(jax.devices("cpu"))
     desc = topologies.get_topology_desc(topology_name=topo["libtpu_name"], platform="tpu",
@@ -139,23 +117,10 @@ def _flops_split(cfg, seq_len: int, tokens_per_device: float, counted: dict) -> 
             "model_attention_share": attention / (attention + matmul)}
 
 
-def peak_bytes(mem, platform: str) -> tuple[int, str]:
-    """(peak bytes per device, where the figure comes from) of a compiled program's memory_analysis()."""
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    if peak and platform != "cpu":
-        return peak, "xla peak_memory_in_bytes"
-    # XLA:CPU's peak leaves out its temp allocation
-    live_io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    return live_io + mem.temp_size_in_bytes, "upper bound: arguments + output - alias + temp"
-
-
 def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=None) -> dict:
     """Compiles `program` (from `qwen3_jax.train.build.build` on `topo`'s devices) and returns the
     report: per-chip memory against HBM, FLOPs counted from the HLO vs the model's own count,
     collectives. `topo`: `parse_topology(...)` (its `hbm_bytes_per_chip` may be a what-if)."""
-    from qwen3_jax import sharding
-    from qwen3_jax.train.build import program_fingerprint
-
     cfg, tc, mesh = program.model, program.train, program.mesh
     devices = list(mesh.devices.flat)
     chips = topo["chips"] * topo.get("num_slices", 1) if topo["accelerator"] != "cpu" else len(devices)
@@ -249,8 +214,6 @@ def step_time_fields(report_head: dict, cfg, hlo_text: str, per_chip: int, flops
     chip = step_time.chip_for(report_head["libtpu_topology"])
     if chip is None or report_head["topology"] == "cpu":
         return out
-    from qwen3_jax.params import count_params
-
     slices = report_head.get("num_slices", 1)
     params = 4.0 * count_params(cfg)["total_params"]  # fp32 gradients
     t = step_time.estimate(chip, flops=flops * per_chip, model_flops=model_flops * per_chip,

@@ -14,6 +14,8 @@ tool reads exactly the model and settings the training command would.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import logging
 import re
@@ -123,7 +125,6 @@ def _check_binding_syntax(binding: str) -> None:
 
 
 def _is_literal(text: str) -> bool:
-    import ast
     try:
         ast.literal_eval(text)
         return True
@@ -253,6 +254,27 @@ def query(name: str, default: Any = None) -> Any:
         return gin.query_parameter(name)
     except ValueError:
         return default
+
+
+def add_gin_flags(parser: argparse.ArgumentParser, files_help: str = "gin file (repeatable; later ones win)") -> None:
+    """--gin FILE and --gin_param NAME=VALUE, as every tool that reads the training command's config takes them."""
+    parser.add_argument("--gin", action="append", default=[], help=files_help)
+    parser.add_argument("--gin_param", "--gin-param", action="append", default=[],
+                        help="gin binding NAME=VALUE (repeatable)")
+
+
+def read_run(files: list[str], bindings: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """`parse_gin` then `run_config`: the model and run the training command describes. Every way
+    the files can be wrong (missing, syntax, unknown name, bad value) is a TrainingError naming it."""
+    try:
+        parse_gin(files, bindings)
+        return run_config()
+    except TrainingError:
+        raise
+    except FileNotFoundError as e:
+        raise TrainingError(str(e)) from None
+    except (ValueError, KeyError, TypeError, SyntaxError) as e:
+        raise TrainingError("gin: " + " ".join(str(e).strip().splitlines()[:3])) from None
 
 
 def run_config() -> tuple[ModelConfig, TrainConfig]:

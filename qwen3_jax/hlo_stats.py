@@ -14,6 +14,7 @@ does). Used by launch/aot_compile.py and benchmarks/bench_aot_maxtext.py on comp
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import defaultdict
@@ -406,3 +407,9 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
     res = dict(out)
     res["total"] = sum(v for k, v in out.items() if k != "grouped_matmul_buffer")
     return res
+
+
+def program_fingerprint(lowered) -> str:
+    """A short hash of the lowered step (StableHLO text): equal for the loop and the AOT tool
+    when they build the same program for the same devices."""
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]

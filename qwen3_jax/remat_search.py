@@ -20,10 +20,9 @@ of what a policy that does not fit keeps cannot fit either (skipped: "cannot fit
 
 from __future__ import annotations
 
-import time
-from typing import Any, Callable
+from typing import Callable
 
-from qwen3_jax import hosts, step_time
+from qwen3_jax import step_time
 from qwen3_jax.config import REMAT_NAMES, REMAT_POLICIES, ModelConfig
 
 HEADROOM = 0.9
@@ -153,70 +152,3 @@ def format_rows(rows: list[dict], choice: str | None, headroom: float) -> str:
         lines.append(f"  {mark} {r['policy']:<18} {r['peak_gib']:9.1f} {r['host_gib']:9.1f} {ratio:>12} {est:>10} "
                      f"{mfu:>5}  {'fits' if r['fits'] else 'does not fit'}")
     return "\n".join(lines)
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-
-
-def device_memory_bytes(device) -> int | None:
-    """Memory one device may use: the allocator's limit on an accelerator; on a CPU, the host's RAM
-    shared equally by its CPU devices (`aot.cpu_device_memory`, as `--topology cpu`). None when unknown."""
-    if device.platform == "cpu":
-        from qwen3_jax.aot import cpu_device_memory
-
-        return cpu_device_memory()
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # noqa: BLE001  topology devices (AOT) have no allocator
-        return None
-    return stats.get("bytes_limit")
-
-
-def at_startup(build_policy: Callable[[str], Any], headroom: float = HEADROOM):
-    """remat='auto' for the devices this job runs on: compiles the candidates (`build_policy(p)`:
-    the Program for `model_config.remat = p`) on them, most kept first, and returns the Program
-    of the fewest-FLOPs policy that fits `headroom` x each device's memory, with its compiled step
-    (`program.compiled`) and the search's rows (`program.remat_rows`). On a CPU 'none' fits unless
-    the host is short of RAM, and every other policy keeps less, so one program is compiled."""
-    from qwen3_jax.aot import peak_bytes
-    from qwen3_jax.hlo_stats import hlo_flops
-    from qwen3_jax.errors import TrainingError
-
-    t0 = time.time()
-    first = build_policy("full")
-    device = first.mesh.devices.flat[0]
-    limit = device_memory_bytes(device)
-    if limit is None:
-        raise TrainingError(f"model_config.remat='auto': the memory of {device.device_kind} is unknown here; "
-                            f"set model_config.remat (launch/aot_compile.py --remat auto searches for a slice)")
-    built: dict[str, Any] = {"full": first}
-
-    def compile_policy(policy: str) -> dict:
-        program = built.get(policy) or build_policy(policy)
-        program.lowered = program.lower()
-        program.compiled = program.lowered.compile()
-        built[policy] = program
-        peak, _ = peak_bytes(program.compiled.memory_analysis(), device.platform)
-        flops = hlo_flops(program.compiled.as_text(), causal=True).get("total", 0.0)
-        return {"bytes_per_chip_peak": peak, "hbm_bytes_per_chip": limit, "flops_per_chip": flops}
-
-    policies = candidates(first.model, device.platform)
-    choice, _, rows = search(compile_policy, policies, headroom)
-    choice = hosts.broadcast_str(choice or "") or None  # every host runs process 0's choice
-    if choice is not None and (choice not in built or built[choice].compiled is None):
-        compile_policy(choice)
-    if choice is None:
-        full = next((r["peak_gib"] * 2**30 for r in rows if r["policy"] == "full"), float("nan"))
-        raise TrainingError(f"model_config.remat='auto': no remat policy fits {headroom:.0%} of {_size(limit)} "
-                            f"per {device.platform} device (full remat needs {_size(full)}); shrink BATCH_SIZE / "
-                            f"SEQ_LEN, raise train.micro_batches or shard over more devices")
-    program = built[choice]
-    program.remat_rows, program.compile_s = rows, time.time() - t0
-    compiled = sum(r["compiled"] for r in rows)
-    peak = next((r["peak_gib"] for r in rows if r["policy"] == choice), float("nan")) * 2**30
-    print(f"remat auto -> {choice!r}: peak {_size(peak)} of {_size(limit)} per {device.platform} device "
-          f"({compiled} of {len(rows)} candidates compiled)", flush=True)
-    if compiled > 1:
-        print(format_rows(rows, choice, headroom), flush=True)
-    return program

@@ -13,7 +13,8 @@ import jax
 import pytest
 
 from qwen3_jax import aot, configurables
-from qwen3_jax.train.build import build, program_fingerprint
+from qwen3_jax.hlo_stats import program_fingerprint
+from qwen3_jax.train.build import build
 from train_utils import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]

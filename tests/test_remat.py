@@ -145,11 +145,12 @@ def test_search_prefers_the_faster_prediction_over_fewer_flops():
 
 
 def _auto_program(monkeypatch=None, memory=None):
+    from qwen3_jax.train import build as build_module
     from qwen3_jax.train.build import build
     from qwen3_jax.train.config import TrainConfig
 
     if memory is not None:
-        monkeypatch.setattr(remat_search, "device_memory_bytes", lambda device: memory)
+        monkeypatch.setattr(build_module, "device_memory_bytes", lambda device: memory)
     cfg = get_config("tiny-dense", compute_dtype="float32", num_layers=2)
     tc = TrainConfig(steps=2, seq_len=64, batch_size=4, checkpoint_every=2)
     return cfg, tc, build(cfg, tc, jax.devices()[:1])
@@ -158,7 +159,8 @@ def _auto_program(monkeypatch=None, memory=None):
 def test_build_auto_on_cpu_compiles_none_once_and_runs_that_program(capsys):
     """remat='auto' on this host: 'none' fits its RAM, every other candidate keeps less (pruned),
     so exactly one program is compiled, the same program an explicit remat='none' builds."""
-    from qwen3_jax.train.build import build, program_fingerprint
+    from qwen3_jax.hlo_stats import program_fingerprint
+    from qwen3_jax.train.build import build
 
     cfg, tc, program = _auto_program()
     assert program.model.remat == "none" and program.compiled is not None
@@ -172,7 +174,7 @@ def test_build_auto_on_cpu_compiles_none_once_and_runs_that_program(capsys):
 def test_build_auto_with_little_memory_picks_a_policy_that_fits(monkeypatch):
     """Memory between what full remat and 'none' need: the choice is not 'none', fits, and its
     compiled peak is the one the search measured; with less than full remat needs, a clear error."""
-    from qwen3_jax.aot import peak_bytes
+    from qwen3_jax.memory import peak_bytes
     from qwen3_jax.errors import TrainingError
 
     from qwen3_jax.train.build import build

@@ -3,7 +3,7 @@
 `build()` returns a `Program`: the mesh, the abstract train state with its shardings, the batch
 spec, the jitted train and eval steps. With `model.remat == 'auto'` it compiles the remat
 candidates on the devices and returns the chosen one's Program, its step compiled
-(`qwen3_jax.remat_search.at_startup`). The training loop runs `program.lower().compile()`; the
+(`remat_at_startup`, the search's rules in `qwen3_jax.remat_search`). The training loop runs `program.lower().compile()`; the
 AOT tool (`launch/aot_compile.py`) compiles the same `program.lower()` for a TPU slice's devices.
 Nothing here reads gin or files, so what the AOT report describes is the program train.py runs
 on that topology: attention resolved for the target backend, remat, loss chunk, micro-batches,
@@ -13,15 +13,17 @@ expert exchange all come from the two configs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import time
 from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
 from data_pipeline.pipeline import BATCH_DTYPES
-from qwen3_jax import sharding
+from qwen3_jax import hosts, remat_search, sharding
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.hlo_stats import hlo_flops
+from qwen3_jax.memory import device_memory_bytes, format_bytes, peak_bytes
 from qwen3_jax.model.attention_ops import resolve_impl
 from qwen3_jax.params import param_specs
 from qwen3_jax.train import distill, onpolicy
@@ -49,7 +51,7 @@ class Program:
     distill: Any = None  # train.teacher: a qwen3_jax.train.distill.Distiller; the step then takes its params
     rollout: Callable | None = None  # on-policy: jitted (params, prompts, step, eos_id) -> the step's batch
     abstract_prompts: dict[str, jax.ShapeDtypeStruct] | None = None  # its [B, P] prompt rows
-    # remat='auto' (qwen3_jax.remat_search.at_startup): the step already compiled for the chosen
+    # remat='auto' (remat_at_startup): the step already compiled for the chosen
     # policy, the search's rows, the seconds the search took
     lowered: jax.stages.Lowered | None = None
     compiled: jax.stages.Compiled | None = None
@@ -85,12 +87,6 @@ def _under_rules(fn: Callable, mesh, tc: TrainConfig) -> Callable:
     return traced
 
 
-def program_fingerprint(lowered: jax.stages.Lowered) -> str:
-    """A short hash of the lowered step (StableHLO text): equal for the loop and the AOT tool
-    when they build the same program for the same devices."""
-    return hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
-
-
 def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = None,
           num_slices: int | None = None, process_count: int | None = None) -> Program:
     """The train step of `model` under `tc` on `devices` (default: all of this job's devices).
@@ -100,9 +96,7 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
     sequence length the model or the attention kernel cannot take."""
     tc.validate()
     if model.remat == "auto":  # the cheapest policy that fits these devices, chosen by compiling
-        from qwen3_jax import remat_search
-
-        return remat_search.at_startup(lambda policy: build(model.replace(remat=policy), tc, devices, num_slices,
+        return remat_at_startup(lambda policy: build(model.replace(remat=policy), tc, devices, num_slices,
                                                             process_count))
     try:
         mesh = sharding.make_mesh(tc.mesh, devices, num_slices)
@@ -162,3 +156,48 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
                    state_shardings=state_sh, batch_sharding=batch_sh, abstract_state=abstract, abstract_batch=batch,
                    step=step_fn, eval_step=eval_fn, sharding_fallbacks=fallbacks, distill=distiller,
                    rollout=rollout_fn, abstract_prompts=prompts)
+
+
+def remat_at_startup(build_policy: Callable[[str], Program], headroom: float = remat_search.HEADROOM) -> Program:
+    """remat='auto' for the devices this job runs on: compiles the candidates (`build_policy(p)`:
+    the Program for `model_config.remat = p`) on them, most kept first, and returns the Program
+    of the fewest-FLOPs policy that fits `headroom` x each device's memory, with its compiled step
+    (`program.compiled`) and the search's rows (`program.remat_rows`). On a CPU 'none' fits unless
+    the host is short of RAM, and every other policy keeps less, so one program is compiled."""
+    t0 = time.time()
+    first = build_policy("full")
+    device = first.mesh.devices.flat[0]
+    limit = device_memory_bytes(device)
+    if limit is None:
+        raise TrainingError(f"model_config.remat='auto': the memory of {device.device_kind} is unknown here; "
+                            f"set model_config.remat (launch/aot_compile.py --remat auto searches for a slice)")
+    built: dict[str, Program] = {"full": first}
+
+    def compile_policy(policy: str) -> dict:
+        program = built.get(policy) or build_policy(policy)
+        program.lowered = program.lower()
+        program.compiled = program.lowered.compile()
+        built[policy] = program
+        peak, _ = peak_bytes(program.compiled.memory_analysis(), device.platform)
+        flops = hlo_flops(program.compiled.as_text(), causal=True).get("total", 0.0)
+        return {"bytes_per_chip_peak": peak, "hbm_bytes_per_chip": limit, "flops_per_chip": flops}
+
+    policies = remat_search.candidates(first.model, device.platform)
+    choice, _, rows = remat_search.search(compile_policy, policies, headroom)
+    choice = hosts.broadcast_str(choice or "") or None  # every host runs process 0's choice
+    if choice is not None and (choice not in built or built[choice].compiled is None):
+        compile_policy(choice)
+    if choice is None:
+        full = next((r["peak_gib"] * 2**30 for r in rows if r["policy"] == "full"), float("nan"))
+        raise TrainingError(f"model_config.remat='auto': no remat policy fits {headroom:.0%} of {format_bytes(limit)} "
+                            f"per {device.platform} device (full remat needs {format_bytes(full)}); shrink BATCH_SIZE / "
+                            f"SEQ_LEN, raise train.micro_batches or shard over more devices")
+    program = built[choice]
+    program.remat_rows, program.compile_s = rows, time.time() - t0
+    compiled = sum(r["compiled"] for r in rows)
+    peak = next((r["peak_gib"] for r in rows if r["policy"] == choice), float("nan")) * 2**30
+    print(f"remat auto -> {choice!r}: peak {format_bytes(peak)} of {format_bytes(limit)} per {device.platform} device "
+          f"({compiled} of {len(rows)} candidates compiled)", flush=True)
+    if compiled > 1:
+        print(remat_search.format_rows(rows, choice, headroom), flush=True)
+    return program

@@ -41,7 +41,8 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.train import checkpoint as ckpt
 from qwen3_jax import hosts
 from qwen3_jax.train import distill, faults
-from qwen3_jax.train.build import Program, build, program_fingerprint
+from qwen3_jax.hlo_stats import program_fingerprint
+from qwen3_jax.train.build import Program, build
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.errors import TrainingError
 from qwen3_jax.train.data import check_vocab
