@@ -38,7 +38,7 @@ def main():
     args = p.parse_args()
     from qwen3_jax.config import get_config
     from qwen3_jax.params import param_specs
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

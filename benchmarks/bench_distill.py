@@ -106,7 +106,7 @@ def train_teacher(args) -> None:
 
 def heldout(args, workdir, data, tokenizer) -> dict:
     from qwen3_jax.evaluate import heldout_metrics
-    from qwen3_jax.train.checkpoint import restore_params_numpy
+    from qwen3_jax.checkpoint import restore_params_numpy
 
     cfg, flat, step, _ = restore_params_numpy(workdir)
     held = heldout_metrics(cfg, flat, data, args.seq_len, args.batch_size, args.eval_batches, tokenizer)
@@ -202,7 +202,7 @@ def on_samples_kl(args, workdir: Path, seed: int, start: Path) -> dict:
     from qwen3_jax import configurables
     from qwen3_jax.params import nest
     from qwen3_jax.train.build import build
-    from qwen3_jax.train.checkpoint import restore_params_numpy
+    from qwen3_jax.checkpoint import restore_params_numpy
     from qwen3_jax.train.distill import load_teacher_params
     from qwen3_jax.train.loop import _global_batch, onpolicy_eos_id
     from qwen3_jax.train.step import make_loss_fn
@@ -216,7 +216,7 @@ def on_samples_kl(args, workdir: Path, seed: int, start: Path) -> dict:
     out = {}
     for div in ("reverse", "forward"):
         prog.distill.kd = dataclasses.replace(prog.distill.kd, divergence=div, alpha=1.0)
-        loss_fn = jax.jit(make_loss_fn(model, loss_chunk=tc.loss_chunk, distill=prog.distill))
+        loss_fn = jax.jit(make_loss_fn(model, tc.loss, distill=prog.distill))
         kd = lm = tokens = 0.0
         for d in DOMAINS:
             spec = DatasetSpec(path=args.parts[d], name=d, split="heldout", heldout_fraction=0.02)
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
 
     from data_pipeline.prepare import prepare_builtin
     from data_pipeline.text_tokenizer import load_tokenizer
-    from qwen3_jax.train import checkpoint as ckpt
+    from qwen3_jax import checkpoint as ckpt
 
     parts = prepare_builtin(os.path.join(args.data_dir, "spm4096"), "spm", spm_vocab_size=4096)  # no-op once done
     data = {d: parts[d] for d in DOMAINS}

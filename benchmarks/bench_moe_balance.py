@@ -23,7 +23,7 @@ run_config + loop.train). Columns: train LM loss (mean of the last 10 steps, wit
 held-out loss per domain (qwen3_jax.evaluate.heldout_metrics on the documents training never saw),
 worst-layer expert load (largest expert share × E of the worst layer, mean of the last 10 steps;
 1 = uniform, 8 = one expert), mean step time (steps 3+, with its ratio to micro_batch: the cost
-of each global-counts option) and the specialization score (qwen3_jax.train.expert_report: the
+of each global-counts option) and the specialization score (qwen3_jax.expert_report: the
 mean over layers of the Jensen-Shannon divergence, bits, between the code and docs routing
 distributions on held-out tokens; 0 = same experts, 1 = disjoint). Results also go to
 OUT/results.json; each run's workdir (metrics.jsonl, checkpoint) stays under OUT for
@@ -83,8 +83,8 @@ def run_one(args, variant: str, seed: int, data: dict[str, str], tokenizer, data
 
     from qwen3_jax import configurables
     from qwen3_jax.evaluate import heldout_metrics
-    from qwen3_jax.train import expert_report as er
-    from qwen3_jax.train.checkpoint import restore_params_numpy
+    from qwen3_jax import expert_report as er
+    from qwen3_jax.checkpoint import restore_params_numpy
     from qwen3_jax.train.loop import train
 
     workdir = Path(args.out) / f"{variant}-seed{seed}"

@@ -5,7 +5,7 @@ Modules
                  (`python -m data_pipeline.text_tokenizer train-spm --out DIR --vocab-size 4096`)
   corpus.py      input formats (jsonl[.gz|.zst], parquet, txt) and the built-in corpus
                  builtin:python-stdlib (= -code: the stdlib's .py sources, + -docs: pydoc topics and docstrings)
-  checkpointing.py  DataSave / DataRestore: the data position in an orbax checkpoint, per data shard
+  data_state.py     DataSave / DataRestore: the data position in an orbax checkpoint, per data shard
   prepare.py     `python data_pipeline/prepare.py --input … --tokenizer … --out DIR [--shards N] [--workers N]
                  [--strict] [--skip-bad-files] [--text-key text]`; prepare(...);
                  prepare_builtin(out_dir, tokenizer="qwen3")
@@ -14,7 +14,7 @@ Modules
   pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)
   transforms.py  the grain steps between records and batches (parse, split long documents, rows, finish:
                  targets and loss mask), BATCH_KEYS / BATCH_DTYPES
-  inspect_data.py  `python data_pipeline/inspect_data.py DIR… --tokenizer qwen3` (stats + decoded packed rows)
+  inspect_data.py  `python launch/inspect_data.py DIR… --tokenizer qwen3` (stats + decoded packed rows)
   cli.py         the tools' ArgumentParser: every multi-word flag in both spellings (--gin_param / --gin-param)
 
 Failures are one line naming the file (or key) and the fix, exit code 2: an input file that cannot be read
@@ -42,8 +42,8 @@ Contract with the training code
 
   State: it.get_state() → small JSON-serialisable dict; it.set_state(state) (on an iterator built with
   the same configuration; a mismatch raises) reproduces exactly the batches that followed. For
-  orbax use `args.Composite(state=..., data=checkpointing.DataSave(it))` and restore with
-  `checkpointing.DataRestore(it)`: one JSON file per data shard (make_dataset's data_shards,
+  orbax use `args.Composite(state=..., data=data_state.DataSave(it))` and restore with
+  `data_state.DataRestore(it)`: one JSON file per data shard (make_dataset's data_shards,
   default one per process), so with data_shards fixed the batches and the saved position do not
   depend on the process count.
 

@@ -27,7 +27,7 @@ each giving global_batch_size / data_shards rows; a process runs the shards it o
 (shard s belongs to process s * process_count // data_shards) and concatenates their rows. The
 global batch is therefore the same for any process count that divides `data_shards`, and so is
 the saved position: `DataIterator.get_state()` holds each owned shard's grain state (small, JSON),
-and `data_pipeline.checkpointing` writes one file per shard, so a run checkpointed on 2 hosts can
+and `data_pipeline.data_state` writes one file per shard, so a run checkpointed on 2 hosts can
 resume on 1 or 4 (with data_shards=4). A thread prefetches the next batches.
 """
 from __future__ import annotations

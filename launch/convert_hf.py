@@ -43,7 +43,7 @@ def _rss_gib() -> float:  # /proc is this machine's, never a user path
 def cmd_import(args) -> None:
     from qwen3_jax import hf, storage
     from qwen3_jax.fileio import atomic_dir, check_target
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
 
     t0 = time.time()
     src = storage.path(args.hf)
@@ -68,7 +68,7 @@ def cmd_import(args) -> None:
 
 def _export_step(path: str, step: int | None) -> tuple[os.PathLike, int]:
     """(checkpoint root, step) for --checkpoint / --step, checked without loading any parameters."""
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
 
     root, found = checkpoint.checkpoint_root(path)
     if found is not None and step is not None and step != found:
@@ -86,7 +86,7 @@ def cmd_export(args) -> None:
     from qwen3_jax import hf
     from qwen3_jax.fileio import check_target
     from qwen3_jax.hf_tokenizer import plan_tokenizer_export
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
 
     t0 = time.time()
     if args.dtype is not None:

@@ -12,7 +12,7 @@ also goes to a JSON file next to the PNG (same name, .json).
 Without --data the datasets are the ones the run trained on, read from WORKDIR/config.gin
 (`stage_mixture.*`); on the built-in corpus that is its `code` and `docs` folders (every non-code
 mixture name reads docs). --skip_domains writes the heatmap only. Definitions:
-qwen3_jax/train/expert_report.py.
+qwen3_jax/expert_report.py.
 """
 
 from __future__ import annotations
@@ -21,15 +21,12 @@ import argparse
 import os
 import sys
 
-from qwen3_jax import storage
+import gin
 
+from data_pipeline.prepare import parse_named_datasets
+from qwen3_jax import configurables, storage
+from qwen3_jax import expert_report as er
 from qwen3_jax.errors import ReportError
-
-
-def _parse_data(values: list[str]) -> dict[str, str]:
-    from data_pipeline.prepare import parse_named_datasets
-
-    return parse_named_datasets(values)
 
 
 def _data_from_config(workdir) -> tuple[dict[str, str], float]:
@@ -41,10 +38,6 @@ def _data_from_config(workdir) -> tuple[dict[str, str], float]:
             break
     else:
         raise ValueError(f"{workdir} has no config.gin or operative_config.gin: pass --data NAME=DIR")
-    import gin
-
-    from qwen3_jax import configurables
-
     try:
         with storage.staged(gin_file) as local:  # gin reads local files; a gs:// workdir's is fetched
             configurables.parse_gin([str(local)], [])
@@ -95,68 +88,21 @@ def main(argv=None) -> int:
     if not storage.is_remote(out) and not out.parent.is_dir():  # an object store has no folders to create
         return fail(f"--out {out}: folder {out.parent} does not exist")
 
-    from qwen3_jax.train import expert_report as er
-
     try:
-        steps, counts_NLE = er.read_expert_counts(workdir / "metrics.jsonl", args.last)
-    except ReportError as e:
+        data, hf = parse_named_datasets(args.data), args.heldout_fraction
+        if not data and not args.skip_domains:
+            data, run_hf = _data_from_config(workdir)
+            hf = run_hf if hf is None else hf
+        report = er.build_report(workdir, last=args.last, data=None if args.skip_domains else data,
+                                 tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 split=args.split, heldout_fraction=0.02 if hf is None else hf, step=args.step,
+                                 router_bias=not args.no_router_bias)
+    except (ReportError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
-    load_LE = er.shares(counts_NLE.sum(0))
-    loads_L = er.layer_loads(load_LE)
-    worst = int(loads_L.argmax())
-    report: dict = {"workdir": str(workdir), "steps": [steps[0], steps[-1]], "logged_steps": len(steps),
-                    "load_shares": load_LE.tolist(), "layer_load": loads_L.tolist(),
-                    "worst_layer": {"moe_layer": worst, "load": float(loads_L[worst])}}
-
-    domains = None
-    if not args.skip_domains:
-        try:
-            data = _parse_data(args.data)
-            hf = args.heldout_fraction
-            if not data:
-                data, run_hf = _data_from_config(workdir)
-                hf = run_hf if hf is None else hf
-        except ValueError as e:
-            return fail(str(e))
-        from qwen3_jax.train.checkpoint import restore_params_numpy
-
-        try:
-            cfg, flat, step, meta = restore_params_numpy(workdir, args.step)
-            bias = None if args.no_router_bias or not meta.get("router_bias") else er.read_router_bias(workdir, step)
-            seq_len = args.seq_len or min(int(meta.get("seq_len") or 512), 1024)
-            per_domain, tokens = {}, {}
-            for name, path in data.items():
-                per_domain[name], tokens[name] = er.routing_counts(
-                    cfg, flat, path, max_tokens=args.tokens, seq_len=seq_len, batch_size=args.batch_size,
-                    split=None if args.split == "all" else "heldout", heldout_fraction=0.02 if hf is None else hf,
-                    router_bias=bias)
-            domains = er.specialization(per_domain, er.moe_layer_ids(cfg))
-        except (ReportError, FileNotFoundError, ValueError) as e:
-            return fail(str(e))
-        ids = er.moe_layer_ids(cfg)
-        report["worst_layer"]["layer"] = ids[worst]
-        report.update(step=step, model=cfg.name, router_bias=bias is not None, seq_len=seq_len,
-                      data=data, tokens=tokens, specialization=domains)
-        labels = [f"layer {i}" for i in ids]
-    else:
-        labels = None
-
-    where = labels[worst] if labels else f"MoE layer {worst}"
-    title = (f"{workdir.name}: expert share per layer, steps {steps[0]}-{steps[-1]} ({len(steps)} logged)\n"
-             f"worst-layer load {loads_L[worst]:.2f} ({where}; 1 = uniform, {load_LE.shape[1]} = one expert)")
-    if domains is not None:
-        title += f"\nspecialization (mean JS {' vs '.join(domains['domains'])}) {domains['score']:.3f}"
-    er.plot_load_heatmap(load_LE, out, title=title, layer_labels=labels)
-    json_path = er.write_json(out.with_suffix(".json"), report)
-    print(f"expert load over steps {steps[0]}-{steps[-1]}: per layer " +
-          " ".join(f"{x:.2f}" for x in loads_L) + f" (worst {loads_L[worst]:.2f}, MoE layer {worst})")
-    if domains is not None:
-        print(f"routing on {', '.join(f'{k} {v:,}' for k, v in report['tokens'].items())} held-out tokens "
-              f"(checkpoint step {report['step']}{', with the aux-free router bias' if report['router_bias'] else ''}):")
-        print(er.format_table(domains))
-    print(f"wrote {out} and {json_path}")
+    png, json_path = er.write_report(report, out)
+    print(er.summary(report))
+    print(f"wrote {png} and {json_path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import inspect
 import logging
 import re
 import types
@@ -28,11 +29,12 @@ import gin
 from gin import config as gin_config
 
 from data_pipeline import pipeline
+from qwen3_jax import errors
 from qwen3_jax.config import ModelConfig, get_config
+from qwen3_jax.errors import TrainingError
 from qwen3_jax.sharding import MeshConfig
 from qwen3_jax.train import data
-from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig
-from qwen3_jax.errors import TrainingError
+from qwen3_jax.train.config import RENAMED_FIELDS, OptimConfig, ScheduleConfig, TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGE_MACROS = ("STEPS", "SEQ_LEN", "BATCH_SIZE", "CHECKPOINT_EVERY", "WORKDIR", "DATA_ROOT")
@@ -53,7 +55,27 @@ def model_config(preset: str = gin.REQUIRED, overrides: dict[str, Any] | None = 
         raise TrainingError(f"model_config: {e}") from None
 
 
-_train_config = gin.external_configurable(TrainConfig, "train")
+def _accepting_old_names(cls, name: str, renamed: dict[str, str]):
+    """`cls` for gin under `name`, also taking the old names of renamed fields (warned once, mapped
+    to the new name; both at once is an error naming them)."""
+    def make(**fields: Any):
+        for old, new in renamed.items():
+            if old in fields:
+                if new in fields:
+                    raise TrainingError(f"{name}.{old} and {name}.{new} are both set: {old} is the old name of {new}")
+                errors.renamed(name, old, new)
+                fields[new] = fields.pop(old)
+        return cls(**fields)
+
+    params = list(inspect.signature(cls).parameters.values())
+    params += [inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=None) for old in renamed]
+    make.__signature__ = inspect.Signature(params)
+    make.__name__ = make.__qualname__ = cls.__name__
+    make.__doc__ = cls.__doc__
+    return make
+
+
+_train_config = gin.external_configurable(_accepting_old_names(TrainConfig, "train", RENAMED_FIELDS), "train")
 gin.external_configurable(OptimConfig, "make_optimizer")
 gin.external_configurable(ScheduleConfig, "lr_schedule")
 gin.external_configurable(MeshConfig, "MeshConfig")

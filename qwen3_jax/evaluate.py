@@ -8,10 +8,10 @@
     multiple_choice(cfg, flat, tok, load_multiple_choice("tiny"))
     # -> {"accuracy", "accuracy_unnormalized", "chance", "examples", "predictions"}
 
-Held-out loss is computed by the training code's own eval step (`train.step.make_eval_step`) on
+Held-out loss is computed by the training code's own eval step (`lm_loss.make_eval_step`) on
 the held-out documents the training run never saw (the same `DatasetSpec(split="heldout")` as the
 periodic eval loss), packed exactly as in training; multiple-choice scores use the model's
-`hidden` + `train.step.token_lse_and_target`. Nothing here re-implements the model or the loss.
+`hidden` + `lm_loss.token_lse_and_target`. Nothing here re-implements the model or the loss.
 
 Bits per byte = Σ NLL (nats) / ln 2 / Σ bytes over the scored targets, where a scored target is a
 token with loss_mask 1 (the next token inside the same document: a row's or document's first
@@ -27,6 +27,7 @@ Everything runs jitted on one device (no mesh): models that fit one accelerator.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -37,9 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.pipeline import BATCH_KEYS, DatasetSpec, load_stats, make_dataset
 from qwen3_jax import storage
+from qwen3_jax.checkpoint import restore_params_numpy
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.params import flatten, model_from_flat, nest
+from qwen3_jax.hf import load_hf
+from qwen3_jax.lm_loss import make_eval_step, token_lse_and_target
+from qwen3_jax.params import flat_params, flatten, model_from_flat, nest
 
 # One line per example: {"context": str, "choices": [str, ...], "answer": int (index into choices)}.
 MC_SETS = {"tiny": ("data_pipeline", "evalsets/tiny_mc.jsonl")}
@@ -49,14 +54,11 @@ MC_SETS = {"tiny": ("data_pipeline", "evalsets/tiny_mc.jsonl")}
 
 def load_checkpoint(path: str | os.PathLike, step: int | None = None):
     """(cfg, flat numpy params, step, meta) from a training workdir, checkpoint root or step folder."""
-    from qwen3_jax.train.checkpoint import restore_params_numpy
     return restore_params_numpy(path, step)
 
 
 def load_hf_params(path: str | os.PathLike, dtype: str = "float32"):
     """(cfg, flat params) from a Hugging Face folder (parameters and compute in `dtype`)."""
-    from qwen3_jax.hf import load_hf
-    from qwen3_jax.params import flat_params
     model = load_hf(path, dtype=dtype)
     return model.cfg, flat_params(model)
 
@@ -146,9 +148,6 @@ def heldout_metrics(model_cfg: ModelConfig, params: Mapping[str, Any], data_dirs
     dedicated eval set). At most `max_batches` batches of `batch_size` rows × `seq_len` per dataset
     (None: all). `progress(dict)` is called after every batch with dataset, batches, tokens, seconds.
     """
-    from data_pipeline.pipeline import BATCH_KEYS, DatasetSpec, load_stats, make_dataset
-    from qwen3_jax.train.step import make_eval_step
-
     _check_vocab(model_cfg, tokenizer)
     bytes_V = token_byte_lengths(tokenizer, model_cfg.vocab_size)
     for name, path in data_dirs.items():
@@ -196,7 +195,6 @@ def heldout_metrics(model_cfg: ModelConfig, params: Mapping[str, Any], data_dirs
 def mc_path(name_or_path: str) -> str:
     """A bundled set's file ('tiny') or the path itself."""
     if name_or_path in MC_SETS:
-        import importlib
         package, rel = MC_SETS[name_or_path]
         return os.path.join(os.path.dirname(importlib.import_module(package).__file__), rel)
     return name_or_path
@@ -248,8 +246,6 @@ def _choice_ids(tokenizer, context: str, choice: str) -> tuple[list[int], list[i
 
 def _logprob_step(cfg: ModelConfig):
     """(params, batch) -> [B] sum of log p(target) over loss_mask, from the model's own pieces."""
-    from qwen3_jax.train.step import token_lse_and_target
-
     def step(params, batch):
         model = model_from_flat(cfg, flatten(params))
         h_BTD, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])

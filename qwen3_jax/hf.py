@@ -32,6 +32,9 @@ from safetensors.numpy import save_file
 from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig, RopeScaling
 from qwen3_jax.errors import HFConversionError
+from qwen3_jax.fileio import atomic_dir
+from qwen3_jax.hf_tokenizer import TokenizerExport, default_token_ids, plan_tokenizer_export
+from qwen3_jax.params import flat_params, model_from_flat, param_specs
 
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 COMPLETE_MARKER = "config.json"  # written last into an object store: its presence means the export is whole
@@ -54,7 +57,6 @@ def np_dtype(name: str) -> np.dtype:
 def to_hf_config(cfg: ModelConfig, dtype: str = "bfloat16", token_ids: dict[str, int | None] | None = None
                  ) -> dict[str, Any]:
     """config.json for `cfg`; `token_ids` (bos/eos/pad_token_id) from the exported tokenizer (see hf_tokenizer)."""
-    from qwen3_jax.hf_tokenizer import default_token_ids
 
     model_type = "qwen3_moe" if cfg.is_moe else "qwen3"
     rope: dict[str, Any] = {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}
@@ -384,7 +386,6 @@ def read_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype: str = "floa
 
 
 def _read_local_hf_params(path: os.PathLike, cfg: ModelConfig, dtype: str) -> dict[str, np.ndarray]:
-    from qwen3_jax.params import param_specs
 
     folder, table = check_hf_params(path, cfg)
     target = np_dtype(dtype)
@@ -445,8 +446,6 @@ def write_hf_folder(flat: dict[str, Any], cfg: ModelConfig, path: str | os.PathL
     and its eos / pad / bos ids go into config.json and generation_config.json. An existing folder
     needs `overwrite`, which replaces the files an export writes and keeps any others. `path` may be
     remote: the folder is built locally and uploaded, config.json last (`COMPLETE_MARKER`)."""
-    from qwen3_jax.fileio import atomic_dir
-    from qwen3_jax.hf_tokenizer import TokenizerExport, plan_tokenizer_export
 
     np_dtype(dtype)
     if tokenizer is not None and not isinstance(tokenizer, TokenizerExport):
@@ -464,7 +463,6 @@ def write_hf_folder(flat: dict[str, Any], cfg: ModelConfig, path: str | os.PathL
 
 def load_hf(path: str | os.PathLike, dtype: str | None = None, **overrides: Any):
     """A `Qwen3` model from a Hugging Face folder; parameters and compute in `dtype` (default fp32)."""
-    from qwen3_jax.params import model_from_flat
 
     dtype = dtype or "float32"
     overrides = {"param_dtype": dtype, "compute_dtype": dtype, **overrides}
@@ -475,7 +473,6 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **overrides: Any)
 def save_hf(model, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
             dtype: str | None = None, overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> os.PathLike:
     """Writes `model` as a Hugging Face folder that transformers loads (`Qwen3[Moe]ForCausalLM`)."""
-    from qwen3_jax.params import flat_params
 
     return write_hf_folder(flat_params(model), model.cfg, path, dtype=dtype or model.cfg.param_dtype,
                            tokenizer=tokenizer, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.text_tokenizer import _from_vocab_merges, load_tokenizer, qwen3_tokenizer_dir
 from qwen3_jax import storage
 from qwen3_jax.errors import HFConversionError, TokenizerExportError
 
@@ -91,7 +92,6 @@ def is_tokenizer_file(name: str) -> bool:
 
 def _locate(spec: str):
     """The file or folder `--tokenizer` names (local or remote), checked to exist."""
-    from data_pipeline.text_tokenizer import qwen3_tokenizer_dir
 
     if spec == "qwen3":
         try:
@@ -107,7 +107,6 @@ def _locate(spec: str):
 
 def _plan(spec: str, path: Path, vocab_size: int, max_length: int | None) -> TokenizerExport:
     """The plan for a local tokenizer file or folder (`spec`: what the user named, for messages)."""
-    from data_pipeline.text_tokenizer import load_tokenizer
 
     spm_file = _spm_file(path)
     target = str(spm_file) if spm_file else str(path)
@@ -155,7 +154,6 @@ def _plan_hf(plan: TokenizerExport, path: Path, tok) -> None:
         if (path / name).exists():
             plan.files[name] = path / name
     if "tokenizer.json" not in plan.files:  # vocab.json + merges.txt: the fast file the data pipeline builds
-        from data_pipeline.text_tokenizer import _from_vocab_merges
 
         plan.files["tokenizer.json"] = _from_vocab_merges(str(path)).to_str().encode()
 

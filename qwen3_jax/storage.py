@@ -31,8 +31,9 @@ import tempfile
 import time
 from typing import Callable, Iterator, Union
 
+import fsspec.config
 from etils import epath
-
+from etils.epath import backend
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,7 +56,6 @@ def _no_listing_cache() -> None:
     """gcsfs caches folder listings for the life of the process by default. A run folder is
     written by many hosts and read across runs (resume, stage handoff), so a cached listing goes
     stale: every listing asks the server (fsspec's per-protocol defaults, before any instance)."""
-    import fsspec.config
 
     for proto in ("gs", "gcs"):
         fsspec.config.conf.setdefault(proto, {})["use_listings_cache"] = False
@@ -82,7 +82,6 @@ def is_remote(p: PathLike) -> bool:
 def _fs(p: epath.Path):
     """The fsspec file system serving a remote path: the very instance epath (and so orbax) uses,
     so a listing cached by one is invalidated for the other."""
-    from etils.epath import backend
 
     return backend.fsspec_backend.fs(os.fspath(p))
 

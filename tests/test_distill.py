@@ -12,7 +12,7 @@ import pytest
 from qwen3_jax import get_config
 from qwen3_jax.params import flat_params, flatten, param_specs
 from qwen3_jax.model import create_model
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from qwen3_jax.train.build import build
 from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from qwen3_jax.errors import TrainingError

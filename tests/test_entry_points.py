@@ -14,7 +14,7 @@ import pytest
 
 from qwen3_jax import configurables
 from qwen3_jax.params import flatten, model_from_flat, nest
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from qwen3_jax.train import loop as loop_lib
 from qwen3_jax.train.metrics import flops_per_token
 from train_utils import xla_flags

@@ -163,7 +163,7 @@ def _cli(*args):
 
 
 def test_cli_end_to_end(spm_data, tmp_path):
-    from qwen3_jax.train.checkpoint import save_params
+    from qwen3_jax.checkpoint import save_params
     save_params(tmp_path / "ckpt", 7, _random_flat(), CFG)
     r = _cli("--checkpoint", tmp_path / "ckpt", "--data", f"docs={spm_data['docs']}", "--data",
              f"tiny={spm_data['tiny']}", "--split", "all", "--seq_len", 64, "--batch_size", 2, "--max_batches", 3,

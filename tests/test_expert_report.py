@@ -1,4 +1,4 @@
-"""launch/expert_report.py and qwen3_jax.train.expert_report: the load heatmap, the per-domain
+"""launch/expert_report.py and qwen3_jax.expert_report: the load heatmap, the per-domain
 routing table and its Jensen-Shannon divergence."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from train_utils import ROOT, run, tiny_args
 
-from qwen3_jax.train import expert_report as er
+from qwen3_jax import expert_report as er
 
 from qwen3_jax.errors import ReportError
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from qwen3_jax.train.faults import COMMIT_SLEEP, ENOSPC_FROM, SCALE_AT
 from train_utils import popen as _popen
 from train_utils import run as _run
@@ -35,7 +35,7 @@ from train_utils import tiny_args
 
 SEED = int(os.environ.get("FAULT_SEED", random.randrange(1 << 30)))
 # One program for every case (the spike guard armed after 3 good steps), so runs share compiles.
-COMMON = ("train.spike_window=3", "train.spike_factor=3.0", "train.max_nonfinite_in_a_row=2",
+COMMON = ("train.spike_window=3", "train.spike_factor=3.0", "train.max_bad_in_a_row=2",
           "train.eval_every=0", "train.sample_every=0")
 
 
@@ -180,7 +180,7 @@ SPIKES = [
     ("NaN with rollback off stops", "7:nan", ("train.spike_rollback=False",), 1,
      "2 non-finite steps in a row (steps 7-8: loss nan); stopped (train.spike_rollback=False). The last good "
      "checkpoint is step 4 (written before the first bad step 7)", 4),
-    ("all-NaN run", "1:nan", ("train.max_nonfinite_in_a_row=100",), 1,
+    ("all-NaN run", "1:nan", ("train.max_bad_in_a_row=100",), 1,
      "every update of this run was skipped (steps 1-12", 12),
 ]
 

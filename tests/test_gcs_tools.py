@@ -62,7 +62,7 @@ def in_tmp_cwd(tmp_path, monkeypatch):
 def test_export_import_round_trip_on_bucket(gcs_bucket, in_tmp_cwd, capsys):
     """checkpoint (gs://) -> HF export (gs://, config.json marks it whole) -> import (gs://): exact."""
     from qwen3_jax import storage
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
 
     cfg, flat = tiny_params()
     checkpoint.save_params(f"{gcs_bucket}/run", 0, flat, cfg)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qwen3_jax import storage
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from train_utils import ROOT, run, signal_at_step, tiny_args
 
 COMMON = ("train.eval_every=0", "train.sample_every=0")

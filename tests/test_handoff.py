@@ -12,9 +12,10 @@ import pytest
 from qwen3_jax import configurables
 from qwen3_jax.params import flatten, nest
 from qwen3_jax.train import build as build_lib
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from qwen3_jax.train.loop import train
 from qwen3_jax.train.optim import make_optimizer
+from qwen3_jax.train.config import LossConfig
 from qwen3_jax.train.step import init_state, make_loss_fn, make_train_step
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -95,9 +96,7 @@ def test_stages_hand_over_exact_parameters_and_start_fresh(data_dir, tmp_path, s
     it = tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
     first = {k: v for k, v in next(it).items() if k in BATCH_KEYS}
     position_after_first = json.loads(json.dumps(it.get_state()["shards"]["0"]))
-    step = jax.jit(make_train_step(model, opt, loss_chunk=tc.loss_chunk, z_loss=tc.z_loss,
-                                   aux_loss_coef=tc.aux_loss_coef, aux_scope=tc.aux_scope,
-                                   aux_layer_reduce=tc.aux_layer_reduce, schedule=sched))
+    step = jax.jit(make_train_step(model, opt, tc.loss, schedule=sched))
     want, want_m = step(fresh, first)
     train(s2, model, tc, devices=devices)
 
@@ -138,7 +137,7 @@ def test_stages_hand_over_exact_parameters_and_start_fresh(data_dir, tmp_path, s
     fresh = init_state(model, opt, tc.seed, params=nest(p2))
     it = tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
     first = {k: v for k, v in next(it).items() if k in BATCH_KEYS}
-    loss = jax.jit(make_loss_fn(model, loss_chunk=tc.loss_chunk))
+    loss = jax.jit(make_loss_fn(model, LossConfig(chunk=tc.loss_chunk)))
     want_lm = float(loss(fresh.params, first, np.float32(first["loss_mask"].sum()))[1][0])
     train(s3, model, tc, devices=devices)
     s3_start = start_states[2]

@@ -16,7 +16,7 @@ import pytest
 import qwen3_jax
 from qwen3_jax import hf
 from qwen3_jax.params import model_from_flat
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from hf_utils import hf_config, hf_logits, random_flat, random_hf_model, rel_err
 from train_utils import load_script
 

@@ -15,7 +15,7 @@ from data_pipeline.prepare import CRASH_ENV
 from qwen3_jax import get_config
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from train_utils import load_script, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]

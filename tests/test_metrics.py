@@ -52,7 +52,7 @@ def test_peak_flops_table():
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, capsys):
-    from qwen3_jax.train import checkpoint as ckpt
+    from qwen3_jax import checkpoint as ckpt
     from qwen3_jax.train.config import OptimConfig
     from qwen3_jax.train.optim import make_optimizer
     from qwen3_jax.train.run_checkpoints import RunCheckpoints

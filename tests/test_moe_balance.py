@@ -12,7 +12,7 @@ from qwen3_jax import get_config
 from qwen3_jax.model.moe import load_balancing_loss, select_experts
 from qwen3_jax.params import flatten, model_from_flat
 from qwen3_jax.train import moe_balance
-from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from qwen3_jax.train.config import LossConfig, OptimConfig, ScheduleConfig, TrainConfig
 from qwen3_jax.train.optim import make_optimizer
 from qwen3_jax.train.step import init_state, make_train_step, split_micro_batches
 
@@ -92,7 +92,7 @@ def test_global_counts_variants_equal_their_definitions(mode):
     micro-batches of E·Σ f·p per layer with f from the variant's counts and p over the global batch."""
     cfg = get_config("tiny-moe", compute_dtype="float32", moe_impl="dense", remat="none", router_aux_loss_coef=0.01)
     opt, _ = make_optimizer(OptimConfig(schedule=ScheduleConfig(peak_lr=1e-2, warmup_steps=1)), 10)
-    step = jax.jit(make_train_step(cfg, opt, micro_batches=2, aux_global_counts=mode))
+    step = jax.jit(make_train_step(cfg, opt, LossConfig(aux_global_counts=mode), micro_batches=2))
     state = init_state(cfg, opt)
     batches = [_tiny_batch(seed=0), _tiny_batch(seed=1)]
     for i, batch in enumerate(batches):
@@ -120,7 +120,7 @@ def test_router_z_loss_is_the_mean_squared_logsumexp():
     opt, _ = make_optimizer(OptimConfig(), 10)
     state = init_state(cfg, opt)
     batch = _tiny_batch()
-    _, m = jax.jit(make_train_step(cfg, opt, router_z_loss=1e-3))(state, batch)
+    _, m = jax.jit(make_train_step(cfg, opt, LossConfig(router_z_loss=1e-3)))(state, batch)
     from qwen3_jax.model import moe as moe_lib
 
     orig = moe_lib.router_logits
@@ -168,7 +168,7 @@ def test_aux_free_bias_balances_a_skewed_router():
     loads = {}
     for rate in (0.0, 0.005):
         s, hist = state, []
-        step = jax.jit(make_train_step(cfg, opt, router_bias_rate=rate))
+        step = jax.jit(make_train_step(cfg, opt, LossConfig(router_bias_rate=rate)))
         for _ in range(40):
             s, m = step(s, batch)
             hist.append(float(np.max(m["expert_load_max"])))
@@ -182,7 +182,7 @@ def test_bias_is_checkpointed_resumed_bit_exactly_and_not_exported(data_dir, tmp
     from data_pipeline.pipeline import make_dataset
     from data_pipeline.prepare import prepare_builtin
     from qwen3_jax import hf
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
     from qwen3_jax.train.loop import train
 
     parts = prepare_builtin(str(data_dir / "spm512"), "spm", spm_vocab_size=512)
@@ -246,7 +246,7 @@ def test_micro_batches_give_the_full_batch_gradient_including_balance():
     batch["loss_mask"][:, 7] = 0  # a document end in every row
     out = {}
     for n in (1, 4):
-        new, m = jax.jit(make_train_step(cfg, opt, micro_batches=n, router_z_loss=1e-2))(state, batch)
+        new, m = jax.jit(make_train_step(cfg, opt, LossConfig(router_z_loss=1e-2), micro_batches=n))(state, batch)
         out[n] = (m, flatten(jax.tree.map(np.asarray, new.opt_state["g"])))
     m1, g1 = out[1]
     assert float(m1["aux_loss"]) > 0.5 and float(m1["router_z_loss"]) > 0

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from qwen3_jax import storage
-from qwen3_jax.train import checkpoint
+from qwen3_jax import checkpoint
 from qwen3_jax.train.faults import UNREADABLE
 from train_utils import ROOT, env, free_port, run_pair, tiny_args
 

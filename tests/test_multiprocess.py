@@ -129,7 +129,7 @@ def test_train_two_processes_then_resume_in_one_matches_one_process(data_dir, tm
     saved data position do not depend on the process count."""
     from train_utils import env, run, tiny_args
 
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
 
     common = ("make_dataset.data_shards=2", "train.eval_every=0")
     args = lambda work, *extra: tiny_args(data_dir, work, *common, *extra, batch=8)  # noqa: E731

@@ -15,7 +15,8 @@ from qwen3_jax import get_config
 from qwen3_jax.inference import Generator, SamplingConfig
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params, nest
-from qwen3_jax.train import checkpoint, onpolicy
+from qwen3_jax import checkpoint
+from qwen3_jax.train import onpolicy
 from qwen3_jax.train.build import build
 from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from qwen3_jax.errors import TrainingError

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from qwen3_jax import get_config
-from qwen3_jax.train import checkpoint
-from qwen3_jax.train.config import OptimConfig, ScheduleConfig
+from qwen3_jax import checkpoint
+from qwen3_jax.train.config import LossConfig, OptimConfig, ScheduleConfig
 from qwen3_jax.train.optim import make_optimizer
 from qwen3_jax.train.step import init_state, make_train_step
 from train_utils import popen, run, signal_at_step, tiny_args
@@ -67,11 +67,11 @@ def test_nonfinite_step_is_skipped_and_counted():
     bad = state.replace(params=jax.tree.map(lambda p: p, state.params))
     bad.params["final_norm"]["scale"] = bad.params["final_norm"]["scale"].at[0].set(jnp.nan)
     new, m = jax.jit(make_train_step(cfg, opt))(bad, _batch())
-    assert not bool(m["finite"]) and int(new.nonfinite_in_a_row) == 1 and int(new.nonfinite_total) == 1
+    assert not bool(m["finite"]) and int(new.guard["bad_in_a_row"]) == 1 and int(new.nonfinite_total) == 1
     for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(bad.params)):
         assert np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
     ok, m = jax.jit(make_train_step(cfg, opt))(state, _batch())
-    assert bool(m["finite"]) and int(ok.nonfinite_in_a_row) == 0
+    assert bool(m["finite"]) and int(ok.guard["bad_in_a_row"]) == 0
 
 
 def _final_params(workdir):
@@ -182,7 +182,7 @@ def test_missing_gin_file_is_named(tmp_path):
 def test_stops_after_n_nonfinite_steps_in_a_row(data_dir, tmp_path):
     # An absurd learning rate: the first update is finite, every later loss is not.
     r = run(tiny_args(data_dir, tmp_path / "w", "lr_schedule.peak_lr=1e30", "lr_schedule.warmup_steps=0",
-                      "make_optimizer.clip_norm=None", "train.max_nonfinite_in_a_row=3", steps=20, every=100))
+                      "make_optimizer.clip_norm=None", "train.max_bad_in_a_row=3", steps=20, every=100))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "3 non-finite steps in a row" in r.stderr and "No checkpoint was written before the first bad step" \
         in r.stderr and "done:" not in r.stdout
@@ -190,7 +190,10 @@ def test_stops_after_n_nonfinite_steps_in_a_row(data_dir, tmp_path):
     assert [l["finite"] for l in lines][-3:] == [0.0, 0.0, 0.0] and len(lines) < 20
 
 
-def test_chunked_output_head_loss_equals_full_logits():
+@pytest.mark.parametrize("chunk", [16, 24])  # 64 positions: 4 pieces; 2 pieces of 24 + a remainder of 16
+def test_chunked_output_head_loss_equals_full_logits(chunk):
+    """Loss and gradients equal the full-logits computation, and no [B, T, V] logits exist in the
+    chunked program, also when T is not a multiple of the chunk (it used to fall back to full logits)."""
     cfg = get_config("tiny-moe", compute_dtype="float32", moe_impl="dense", remat="none", tie_embeddings=True)
     opt, _ = make_optimizer(OptimConfig(), 10)
     state = init_state(cfg, opt)
@@ -198,12 +201,25 @@ def test_chunked_output_head_loss_equals_full_logits():
     from qwen3_jax.train.step import make_loss_fn
 
     full = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
-    chunked = jax.value_and_grad(make_loss_fn(cfg, loss_chunk=16), has_aux=True)
+    chunked = jax.value_and_grad(make_loss_fn(cfg, LossConfig(chunk=chunk)), has_aux=True)
     (la, _), ga = jax.jit(full)(state.params, batch, 100.0)
     (lb, _), gb = jax.jit(chunked)(state.params, batch, 100.0)
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+    def has_full_logits(fn) -> bool:
+        shapes = set()
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+        walk(jax.make_jaxpr(fn)(state.params, batch, 100.0).jaxpr)
+        return (2, 64, cfg.vocab_size) in shapes
+
+    assert has_full_logits(full) and not has_full_logits(chunked)
 
 
 def test_resume_with_a_changed_data_pipeline_errors_or_restarts(data_dir, tmp_path):

@@ -26,6 +26,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from data_pipeline.text_tokenizer import qwen3_tokenizer_dir
 from qwen3_jax import storage
 from qwen3_jax.inference.engine import Generation, Generator, ThinkingSpec
 from qwen3_jax.inference.sampling import SamplingConfig
@@ -37,7 +38,6 @@ THINK_OPEN, THINK_CLOSE, TURN_START, TURN_END, END_OF_TEXT = (
 
 
 def _qwen3_tokenizer_dir() -> str:
-    from data_pipeline.text_tokenizer import qwen3_tokenizer_dir
 
     return qwen3_tokenizer_dir()
 

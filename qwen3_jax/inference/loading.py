@@ -13,8 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.text_tokenizer import load_tokenizer, qwen3_tokenizer_dir
+from qwen3_jax import hf as hf_lib
 from qwen3_jax import storage
+from qwen3_jax.checkpoint import restore_params_numpy
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.hf_tokenizer import is_tokenizer_file
+from qwen3_jax.inference.chat import ChatTemplate, TextGenerator
+from qwen3_jax.inference.engine import Generator
 
 QWEN3_TOKENIZER_SIZE = 151_669  # ids of the Qwen3 tokenizer (151,643 BPE + 26 added tokens)
 
@@ -25,7 +31,6 @@ def load_params(hf: str | os.PathLike | None = None, checkpoint: str | os.PathLi
     training workdir, a checkpoint root or one step folder). Parameters and compute use `dtype`.
     info: `tokenizer_dir` (a folder that may hold tokenizer files), `eos_ids` (from
     generation_config.json), `source`, `step`."""
-    from qwen3_jax import hf as hf_lib
 
     if (hf is None) == (checkpoint is None):
         raise ValueError("give exactly one of hf / checkpoint")
@@ -38,7 +43,6 @@ def load_params(hf: str | os.PathLike | None = None, checkpoint: str | os.PathLi
                                     param_dtype=dtype, compute_dtype=dtype)
         flat = hf_lib.read_hf_params(path, cfg, dtype=dtype)
         return cfg, flat, {"source": str(path), "tokenizer_dir": str(path), "eos_ids": generation_eos_ids(path)}
-    from qwen3_jax.train.checkpoint import restore_params_numpy
 
     if not storage.path(checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or folder")
@@ -84,7 +88,6 @@ def resolve_tokenizer(tokenizer: str | None, cfg: ModelConfig, info: dict[str, A
 def template_folder(tokenizer: str) -> str | None:
     """The folder whose tokenizer_config.json may hold the chat template for `tokenizer`."""
     if tokenizer == "qwen3":
-        from data_pipeline.text_tokenizer import qwen3_tokenizer_dir
 
         return qwen3_tokenizer_dir()
     p = storage.path(tokenizer)
@@ -94,8 +97,6 @@ def template_folder(tokenizer: str) -> str | None:
 def open_tokenizer(spec: str):
     """data_pipeline's tokenizer for 'qwen3' or a tokenizer file / folder, local or remote (a remote
     one's tokenizer files are staged locally while it loads); its `name` says where it lives."""
-    from data_pipeline.text_tokenizer import load_tokenizer
-    from qwen3_jax.hf_tokenizer import is_tokenizer_file
 
     if spec == "qwen3":
         return load_tokenizer(spec)
@@ -110,8 +111,6 @@ def load_text_generator(hf: str | os.PathLike | None = None, checkpoint: str | o
     """A ready `TextGenerator`: parameters (`load_params`), tokenizer (`resolve_tokenizer`), the
     chat template of the tokenizer's folder and EOS ids (`<|im_end|>`, `<|endoftext|>` and the
     folder's generation_config.json). `generator_kw` go to `Generator` (mesh, steps_per_call, ...)."""
-    from qwen3_jax.inference.chat import ChatTemplate, TextGenerator
-    from qwen3_jax.inference.engine import Generator
 
     cfg, flat, info = load_params(hf, checkpoint, dtype)
     tok_path = resolve_tokenizer(tokenizer, cfg, info)

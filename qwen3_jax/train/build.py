@@ -22,15 +22,16 @@ import optax
 from data_pipeline.pipeline import BATCH_DTYPES
 from qwen3_jax import hosts, remat_search, sharding
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.errors import TrainingError
 from qwen3_jax.hlo_stats import hlo_flops
+from qwen3_jax.lm_loss import make_eval_step
 from qwen3_jax.memory import device_memory_bytes, format_bytes, peak_bytes
 from qwen3_jax.model.attention_ops import resolve_impl
 from qwen3_jax.params import param_specs
 from qwen3_jax.train import distill, onpolicy
 from qwen3_jax.train.config import TrainConfig
-from qwen3_jax.errors import TrainingError
 from qwen3_jax.train.optim import make_optimizer
-from qwen3_jax.train.step import TrainState, init_state, make_eval_step, make_train_step
+from qwen3_jax.train.step import TrainState, init_state, make_train_step
 
 
 @dataclasses.dataclass
@@ -131,10 +132,7 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
     batch_sh = sharding.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), dt, sharding=batch_sh)
              for k, dt in BATCH_DTYPES.items()}
-    step = make_train_step(model, optimizer, micro_batches=tc.micro_batches, loss_chunk=tc.loss_chunk,
-                           z_loss=tc.z_loss, aux_loss_coef=tc.aux_loss_coef, aux_scope=tc.aux_scope,
-                           aux_layer_reduce=tc.aux_layer_reduce, aux_global_counts=tc.aux_global_counts,
-                           router_z_loss=tc.router_z_loss, router_bias_rate=tc.router_bias_rate, schedule=schedule,
+    step = make_train_step(model, optimizer, tc.loss, micro_batches=tc.micro_batches, schedule=schedule,
                            spike_factor=tc.spike_factor, distill=distiller)
     teacher_sh = (distiller.shardings,) if distiller is not None else ()
     step_fn = jax.jit(_under_rules(step, mesh, tc), in_shardings=(state_sh, batch_sh, *teacher_sh),

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from qwen3_jax.sharding import MeshConfig
 from qwen3_jax.errors import TrainingError
+from qwen3_jax.inference.sampling import SamplingConfig
 from qwen3_jax.model.moe import AUX_LAYER_REDUCE
 from qwen3_jax.model.moe_ep import EXCHANGES as MOE_EXCHANGES
+from qwen3_jax.sharding import MeshConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 AUX_SCOPES = ("global", "micro_batch", "sequence")
@@ -52,6 +53,36 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The training objective beyond the LM cross-entropy (`make_train_step`'s `loss_cfg`; gin sets
+    these as `train.*`, `TrainConfig.loss` gathers them). Meanings: TrainConfig's docstring and
+    qwen3_jax.train.moe_balance. chunk: positions per piece of the output head (None = one piece)."""
+
+    chunk: int | None = None
+    z_loss: float = 0.0
+    aux_loss_coef: float | None = None
+    aux_scope: str = "global"
+    aux_layer_reduce: str = "mean"
+    aux_global_counts: str = "exact"
+    router_z_loss: float = 0.0
+    router_bias_rate: float = 0.0
+
+    def validate(self) -> None:
+        if self.chunk is not None and (not isinstance(self.chunk, int) or isinstance(self.chunk, bool)
+                                       or self.chunk <= 0):
+            raise TrainingError(f"train.loss_chunk must be a positive integer or None, got {self.chunk!r}")
+        for name, v, allowed in (("train.aux_scope", self.aux_scope, AUX_SCOPES),
+                                 ("train.aux_layer_reduce", self.aux_layer_reduce, AUX_LAYER_REDUCE),
+                                 ("train.aux_global_counts", self.aux_global_counts, AUX_GLOBAL_COUNTS)):
+            if v not in allowed:
+                raise TrainingError(f"{name}={v!r} is not one of {allowed}")
+
+
+# TrainConfig fields renamed: old gin name -> new (the old one is still accepted, with a warning)
+RENAMED_FIELDS = {"max_nonfinite_in_a_row": "max_bad_in_a_row"}
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One run's settings (gin: `train.*`; the stage macros STEPS, SEQ_LEN, BATCH_SIZE, ...).
 
@@ -81,8 +112,9 @@ class TrainConfig:
     stop_after: stop (with a checkpoint) after this many steps of this invocation.
     Skipped updates (qwen3_jax.train.spike_guard): a step whose loss or gradients are non-finite,
       or (spike_factor, None/0 = off) whose loss or grad norm exceeds spike_factor × the median of
-      the last spike_window good steps, is skipped on device. max_nonfinite_in_a_row skipped steps
-      in a row (either kind) roll back to the last checkpoint written before the first of them,
+      the last spike_window good steps, is skipped on device. max_bad_in_a_row skipped steps in a
+      row (either kind; formerly max_nonfinite_in_a_row) roll back to the last checkpoint written
+      before the first of them,
       data continuing after the bad batches (spike_rollback, at most max_rollbacks times per
       invocation), or stop naming that checkpoint.
     sample_every: print greedy continuations of `sample_prompts` (`sample_tokens` new tokens) from
@@ -116,7 +148,7 @@ class TrainConfig:
     keep_last: int = 3
     keep_every: int | None = None
     log_every: int = 10
-    max_nonfinite_in_a_row: int = 5
+    max_bad_in_a_row: int = 5
     spike_factor: float | None = 5.0
     spike_window: int = 50
     spike_rollback: bool = True
@@ -143,7 +175,6 @@ class TrainConfig:
     onpolicy_stop_at_eos: bool = True  # a completion ends at the data tokenizer's end-of-text id
 
     def onpolicy_sampling(self):
-        from qwen3_jax.inference.sampling import SamplingConfig
 
         return SamplingConfig(temperature=self.onpolicy_temperature, top_k=self.onpolicy_top_k,
                               top_p=self.onpolicy_top_p)
@@ -153,6 +184,14 @@ class TrainConfig:
         """The rows train.make_data is asked for: SEQ_LEN, or the prompt length on-policy."""
         return self.onpolicy_prompt_len or self.seq_len
 
+    @property
+    def loss(self) -> LossConfig:
+        """The objective these settings describe (what `make_train_step` takes)."""
+        return LossConfig(chunk=self.loss_chunk, z_loss=self.z_loss, aux_loss_coef=self.aux_loss_coef,
+                          aux_scope=self.aux_scope, aux_layer_reduce=self.aux_layer_reduce,
+                          aux_global_counts=self.aux_global_counts, router_z_loss=self.router_z_loss,
+                          router_bias_rate=self.router_bias_rate)
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -161,15 +200,11 @@ class TrainConfig:
         for name, v in (("STEPS", self.steps), ("SEQ_LEN", self.seq_len), ("BATCH_SIZE", self.batch_size),
                         ("CHECKPOINT_EVERY", self.checkpoint_every), ("train.micro_batches", self.micro_batches),
                         ("train.log_every", self.log_every), ("train.spike_window", self.spike_window),
-                        ("train.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row)):
+                        ("train.max_bad_in_a_row", self.max_bad_in_a_row)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise TrainingError(f"{name} must be a positive integer, got {v!r}")
-        if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk <= 0):
-            raise TrainingError(f"train.loss_chunk must be a positive integer or None, got {self.loss_chunk!r}")
-        for name, v, allowed in (("train.aux_scope", self.aux_scope, AUX_SCOPES),
-                                 ("train.aux_layer_reduce", self.aux_layer_reduce, AUX_LAYER_REDUCE),
-                                 ("train.aux_global_counts", self.aux_global_counts, AUX_GLOBAL_COUNTS),
-                                 ("train.moe_exchange", self.moe_exchange, MOE_EXCHANGES),
+        self.loss.validate()
+        for name, v, allowed in (("train.moe_exchange", self.moe_exchange, MOE_EXCHANGES),
                                  ("train.data_state_mismatch", self.data_state_mismatch, DATA_STATE_MISMATCH),
                                  ("lr_schedule.kind", self.optim.schedule.kind, SCHEDULES)):
             if v not in allowed:

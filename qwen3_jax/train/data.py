@@ -8,8 +8,13 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
+import jax
+from jax.experimental import multihost_utils
+
 from data_pipeline.corpus import BUILTIN_CACHE_DIR
-from data_pipeline.pipeline import DatasetSpec, LengthBuckets, Mixture
+from data_pipeline.pipeline import DatasetSpec, LengthBuckets, Mixture, load_stats
+from data_pipeline.prepare import prepare_builtin
+from qwen3_jax.errors import TrainingError
 
 BUILTIN = "builtin:python-stdlib"
 
@@ -38,10 +43,7 @@ def stage_mixture(weights: Mapping[str, float], root: str = BUILTIN, *,
 
 
 def _builtin_paths(weights, tokenizer, builtin_dir, spm_vocab_size) -> dict[str, str]:
-    import jax
-    from jax.experimental import multihost_utils
 
-    from data_pipeline.prepare import prepare_builtin
 
     sub = f"{tokenizer}{spm_vocab_size}" if tokenizer == "spm" else tokenizer
     out = os.path.join(builtin_dir, sub)
@@ -63,9 +65,7 @@ def check_vocab(data_it, vocab_size: int, what: str = "train.make_data") -> None
     (those ids would index past the embedding: NaN from the first step). Reads each prepared
     dataset's stats.json (`vocab_size`, written by data_pipeline/prepare.py); iterators that name
     no prepared dataset are not checked."""
-    from data_pipeline.pipeline import load_stats
 
-    from qwen3_jax.errors import TrainingError
 
     for spec in getattr(data_it, "specs", None) or []:
         stats = load_stats(spec.path)

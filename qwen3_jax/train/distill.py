@@ -28,13 +28,14 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-from qwen3_jax import storage
-from qwen3_jax import sharding
+from qwen3_jax import checkpoint as ckpt
+from qwen3_jax import hf, sharding, storage
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.errors import TrainingError
 from qwen3_jax.params import flatten, model_from_flat, nest, param_specs
 from qwen3_jax.train import kd_loss
-from qwen3_jax.errors import TrainingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +55,11 @@ class TeacherSource:
 def find_teacher(path: str | os.PathLike) -> TeacherSource:
     """Reads only the teacher's config: a Hugging Face folder (config.json) or our checkpoint, local
     or on a bucket (`gs://`)."""
-    from qwen3_jax.train import checkpoint as ckpt
 
     p = storage.path(path)
     if not p.exists():
         raise TrainingError(f"train.teacher={str(path)!r}: no such file or folder")
     if (p / "config.json").is_file() and not (p / "checkpoints").is_dir():
-        from qwen3_jax import hf
 
         try:
             cfg = hf.from_hf_config(hf.read_config(p), source=str(p / "config.json"))
@@ -143,13 +142,10 @@ def load_teacher_params(d: Distiller):
     step's shardings (checkpoints are restored shard by shard onto the mesh)."""
     flat_sh = flatten(d.shardings)
     if d.source.kind == "hf":
-        from qwen3_jax import hf
 
         flat = hf.read_hf_params(d.source.path, d.cfg, dtype=d.cfg.compute_dtype)
         return nest({k: jax.device_put(v, flat_sh[k]) for k, v in flat.items()})
-    import orbax.checkpoint as ocp
 
-    from qwen3_jax.train import checkpoint as ckpt
 
     stored = param_specs(d.source.config)  # restored in the stored dtype, then cast on the devices
     target = nest({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_sh[k]) for k, s in stored.items()})

@@ -17,8 +17,12 @@ Nothing here runs unless one of these is set:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+
+import jax
+from orbax.checkpoint._src.path import atomicity
 
 COMMIT_SLEEP = "QWEN3_FAULT_COMMIT_SLEEP_S"
 ENOSPC_FROM = "QWEN3_FAULT_ENOSPC_FROM_STEP"
@@ -35,9 +39,7 @@ def install() -> None:
     sleep_s, enospc = os.environ.get(COMMIT_SLEEP), os.environ.get(ENOSPC_FROM)
     if _installed or not (sleep_s or enospc):
         return
-    import asyncio
 
-    from orbax.checkpoint._src.path import atomicity
 
     def wrap(original):  # local disks commit by rename, buckets by a commit file
         async def finalize(self, *args, **kwargs):
@@ -62,7 +64,6 @@ def check_readable(step: int) -> None:
     if not spec:
         return
     at, proc = (int(x) for x in spec.split(":"))
-    import jax
 
     if at == step and proc == jax.process_index():
         print(f"[fault] process {proc}: checkpoint step {step} unreadable", flush=True)

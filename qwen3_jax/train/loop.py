@@ -4,7 +4,7 @@
 fills them from the gin files. The step comes from `qwen3_jax.train.build`, the same builder the
 AOT tool compiles. Everything a resume needs — parameters, optimizer, counters, RNG, the data
 iterator's position and the model config — is written together in one orbax checkpoint
-(layout: qwen3_jax.train.checkpoint; saving, validated restore and fallback:
+(layout: qwen3_jax.checkpoint; saving, validated restore and fallback:
 qwen3_jax.train.run_checkpoints).
 
 The loop overlaps host and device: step s+1 is dispatched before step s's metrics are read, and
@@ -33,18 +33,20 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data_pipeline.pipeline import BATCH_KEYS, to_global
 from data_pipeline.shards import ShardError
-from qwen3_jax import storage
+from data_pipeline.text_tokenizer import load_tokenizer
+from qwen3_jax import checkpoint as ckpt
+from qwen3_jax import hosts, storage
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.train import checkpoint as ckpt
-from qwen3_jax import hosts
-from qwen3_jax.train import distill, faults
+from qwen3_jax.errors import TrainingError
+from qwen3_jax.evaluate import bits_per_byte, scored_bytes, token_byte_lengths
 from qwen3_jax.hlo_stats import program_fingerprint
+from qwen3_jax.train import distill, faults
 from qwen3_jax.train.build import Program, build
 from qwen3_jax.train.config import TrainConfig
-from qwen3_jax.errors import TrainingError
 from qwen3_jax.train.data import check_vocab
 from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops, truncate_metrics
 from qwen3_jax.train.prefetch import BatchPrefetcher
@@ -148,7 +150,7 @@ class _Run:
         self.signals = signals
         self.rollbacks = 0
         self.good_updates = 0
-        self.nonfinite_streak = 0
+        self.nonfinite_at_good = 0  # nonfinite_total after the last applied update
         self.last: dict[str, float] = {}
         self.eval_bytes_V: Any = None  # [V] bytes per token id for the eval's bits per byte (None: left out)
 
@@ -193,6 +195,7 @@ class _Run:
             params = (params_from(tc.init_from, model, program.abstract_state.params, self.check_arch)
                       if tc.init_from else None)
             state = program.init_state(params)
+        self.nonfinite_at_good = int(state.nonfinite_total)
         if self.primary:
             truncate_metrics(workdir, start)
         if start >= tc.steps:
@@ -334,8 +337,9 @@ class _Run:
         self.last = {k: float(np.asarray(v).max()) for k, v in metrics.items()}
         bad = int(metrics["bad_in_a_row"])
         self.good_updates += bad == 0
-        self.nonfinite_streak = 0 if bool(metrics["finite"]) else self.nonfinite_streak + 1
-        if bad >= self.tc.max_nonfinite_in_a_row:
+        if bad == 0:
+            self.nonfinite_at_good = int(metrics["nonfinite_total"])
+        if bad >= self.tc.max_bad_in_a_row:
             return step, step - bad + 1, metrics
         return None
 
@@ -349,7 +353,7 @@ class _Run:
         what = (f"{n} skipped steps in a row (steps {first_bad}-{step}, the last {kind}: loss {float(m['loss']):.4g}, "
                 f"grad norm {float(m['grad_norm']):.4g}; {int(m['nonfinite_total'])} non-finite and "
                 f"{int(m['spikes_total'])} spikes so far)")
-        if self.nonfinite_streak >= n:
+        if int(m["nonfinite_total"]) - self.nonfinite_at_good >= n:  # every skipped step was non-finite
             what = f"{n} non-finite steps in a row (steps {first_bad}-{step}: loss {float(m['loss']):.4g})"
         good = [c for c in self.ckpts.steps() if c < first_bad]
         target = max(good) if good else None
@@ -369,6 +373,7 @@ class _Run:
         if found is None:
             return f"{what}; stopped (no readable checkpoint before step {first_bad})"
         self.rollbacks += 1
+        self.nonfinite_at_good = int(found[1].nonfinite_total)
         if self.primary:
             self.writer.rewind(found[0])
         self.t_prev = time.time()
@@ -383,7 +388,6 @@ def onpolicy_eos_id(tc: TrainConfig, data_it) -> int:
     """The id that ends a sampled completion: the data tokenizer's end-of-text (-1: none)."""
     if not tc.onpolicy_stop_at_eos:
         return -1
-    from data_pipeline.text_tokenizer import load_tokenizer
 
     try:
         return int(load_tokenizer(tc.sample_tokenizer or data_tokenizer(data_it)).eos_id)
@@ -402,7 +406,6 @@ def _evaluate(program: Program, params, bytes_V=None) -> dict:
     """Mean loss over the first `eval_batches` of the held-out data (the same batches every time),
     and bits per byte when the data's tokenizer is known (`eval_bytes_table`; the formula is
     qwen3_jax.evaluate's, so the numbers compare with launch/evaluate.py's)."""
-    from qwen3_jax.evaluate import bits_per_byte, scored_bytes
 
     tc = program.train
     it = tc.make_eval_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
@@ -421,7 +424,6 @@ def _evaluate(program: Program, params, bytes_V=None) -> dict:
     out = {"loss": nll / max(tokens, 1.0), "tokens": tokens}
     if bytes_V is not None:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             nbytes = int(np.sum(multihost_utils.process_allgather(np.int64(nbytes))))
         out["bits_per_byte"] = bits_per_byte(nll, nbytes)
     return out
@@ -429,8 +431,6 @@ def _evaluate(program: Program, params, bytes_V=None) -> dict:
 
 def eval_bytes_table(program: Program, data_it, vocab_size: int):
     """[V] bytes per token id of the data's tokenizer, or None (the eval then has no bits per byte)."""
-    from data_pipeline.text_tokenizer import load_tokenizer
-    from qwen3_jax.evaluate import token_byte_lengths
 
     try:
         name = program.train.sample_tokenizer or data_tokenizer(data_it)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Mapping
@@ -18,6 +19,7 @@ import numpy as np
 
 from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.params import param_specs
 
 # Dense bf16 peak FLOP/s per chip/GPU (vendor figures).
 PEAK_FLOPS = {
@@ -43,7 +45,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True, ca
     attention scores and values: 2·2·T·N·H per layer forward, halved when causal (only the
     lower triangle is needed). Counted from the model's parameter shapes, like the param counts.
     """
-    from qwen3_jax.params import param_specs
 
     matmul = 0
     for key, spec in param_specs(cfg).items():
@@ -89,7 +90,6 @@ def _summary_writer():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it
     is installed (1.5-2.7 s of every run's start, for torch tensors we never log); torch is optional
     to it, and we write numpy scalars only. A process that already imported torch keeps it."""
-    import sys
 
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter

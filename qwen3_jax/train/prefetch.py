@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 
 class DataPosition:
-    """A saved iterator position that `data_pipeline.checkpointing.DataSave` writes like the iterator."""
+    """A saved iterator position that `data_pipeline.data_state.DataSave` writes like the iterator."""
 
     def __init__(self, it, state: dict):
         self._state = state

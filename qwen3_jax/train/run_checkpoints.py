@@ -1,7 +1,7 @@
 """A training run's checkpoints: save (failures recorded, never fatal mid-run), restore of the
 newest complete and readable step (older ones as fallback), cleanup of interrupted saves.
 
-The items of a step are named in `qwen3_jax.train.checkpoint`. `RunCheckpoints` wraps one orbax
+The items of a step are named in `qwen3_jax.checkpoint`. `RunCheckpoints` wraps one orbax
 `CheckpointManager` (async or not):
   * `save` writes a step; a failure (disk full, storage error; with async checkpoints it shows up
     at the next save or at `wait`) is printed as one line and kept in `failures`, so the loop goes
@@ -31,13 +31,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.path import temporary_paths
 
-from data_pipeline.checkpointing import DataRestore, DataSave, DataStateHandler
-from qwen3_jax import storage
+from data_pipeline.data_state import DataRestore, DataSave, DataStateHandler
+from qwen3_jax import checkpoint as ckpt
+from qwen3_jax import hosts, storage
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.train import checkpoint as ckpt
-from qwen3_jax import hosts
-from qwen3_jax.train import faults, spike_guard
 from qwen3_jax.errors import TrainingError
+from qwen3_jax.train import faults, spike_guard
 from qwen3_jax.train.step import TrainState
 
 REQUIRED = (ckpt.PARAMS, ckpt.OPT_STATE, ckpt.TRAIN_STATE, ckpt.DATA, ckpt.MODEL_CONFIG, ckpt.META)
@@ -109,9 +108,10 @@ def _quiet_abandoned_reads() -> Callable[[], None]:
 
 
 def counters(state: TrainState) -> dict:
-    """The train_state item: counters, RNG and the MoE balancing state (counts, routing bias)."""
-    out = {"step": state.step, "rng": state.rng, "nonfinite_in_a_row": state.nonfinite_in_a_row,
-           "nonfinite_total": state.nonfinite_total}
+    """The train_state item: the step, the non-finite count and the MoE balancing state (counts, routing
+    bias). Checkpoints written before Dec 2026 also hold `rng` and `nonfinite_in_a_row` (never read:
+    the one streak of skipped steps lives in the guard); restoring leaves them out."""
+    out = {"step": state.step, "nonfinite_total": state.nonfinite_total}
     if state.moe:
         out["moe"] = state.moe
     return out
@@ -215,10 +215,11 @@ class RunCheckpoints:
         barriers (`ckpt.read_item`): the caller makes the hosts agree on the outcome."""
         faults.check_readable(step)
         read = lambda item, tree: ckpt.read_item(self.root, step, item, ocp.args.StandardRestore(tree))  # noqa: E731
-        t = read(ckpt.TRAIN_STATE, counters(abstract))
+        wanted = counters(abstract)  # partial: older checkpoints hold two more counters
+        t = ckpt.read_item(self.root, step, ckpt.TRAIN_STATE, ocp.args.PyTreeRestore(
+            wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted), partial_restore=True))
         return TrainState(params=read(ckpt.PARAMS, abstract.params), opt_state=read(ckpt.OPT_STATE, abstract.opt_state),
-                          step=t["step"], rng=t["rng"], nonfinite_in_a_row=t["nonfinite_in_a_row"],
-                          nonfinite_total=t["nonfinite_total"], moe=t.get("moe", {}),
+                          step=t["step"], nonfinite_total=t["nonfinite_total"], moe=t.get("moe", {}),
                           guard=self._restore_guard(step, abstract.guard, window))
 
     def _restore_guard(self, step: int, abstract_guard, window: int):

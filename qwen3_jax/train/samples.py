@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from data_pipeline.pipeline import load_stats
+from data_pipeline.text_tokenizer import load_tokenizer
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.inference import Generator
 from qwen3_jax.params import flatten
 
 
 def data_tokenizer(data_it) -> str:
     """The tokenizer the training data was prepared with (its stats.json), as load_tokenizer takes it."""
-    from data_pipeline.pipeline import load_stats
 
     specs = getattr(data_it, "specs", None)
     if not specs:
@@ -24,8 +26,6 @@ def print_samples(model: ModelConfig, params, mesh, tokenizer: str, prompts: Seq
                   max_new_tokens: int, primary: bool) -> list[str]:
     """Greedy continuations of `prompts` from `params` (sharded on `mesh`: every process takes
     part, process 0 prints). Returns the texts."""
-    from data_pipeline.text_tokenizer import load_tokenizer
-    from qwen3_jax.inference import Generator
 
     tok = load_tokenizer(tokenizer)
     gen = Generator(model, flatten(params), mesh=mesh)

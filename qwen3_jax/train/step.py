@@ -1,7 +1,6 @@
-"""The train step: a pure function (state, batch) -> (state, metrics), and the eval step.
+"""The train step: a pure function (state, batch) -> (state, metrics).
 
-A batch is a dict of [B,T] arrays: tokens, targets (next token inside the same document),
-loss_mask (0 on padding and document ends), segment_ids (0 = padding), positions.
+A batch is a dict of [B,T] arrays (qwen3_jax.lm_loss has the keys and the LM loss pieces).
 The LM loss is the mean over all loss tokens of the global batch; with `micro_batches > 1` the
 batch is split into strided micro-batches whose gradients are summed, which gives the same
 loss and gradients as one pass (up to float summation order). The MoE balancing terms (load
@@ -19,10 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.lm_loss import token_lse_and_target
 from qwen3_jax.model import create_model
 from qwen3_jax.params import flat_params, flatten, model_from_flat, nest
 from qwen3_jax.train import moe_balance, spike_guard
-from qwen3_jax.train.config import AUX_GLOBAL_COUNTS, AUX_SCOPES
+from qwen3_jax.train.config import LossConfig
 
 
 @flax.struct.dataclass
@@ -30,11 +30,10 @@ class TrainState:
     params: Any  # nested dict of arrays (qwen3_jax.params.nest of the flat parameters)
     opt_state: Any
     step: jax.Array  # int32: optimizer updates applied or skipped so far
-    rng: jax.Array  # uint32 [2]
-    nonfinite_in_a_row: jax.Array  # int32
-    nonfinite_total: jax.Array  # int32
+    nonfinite_total: jax.Array  # int32: steps skipped for a non-finite loss or gradient, over the run
     moe: Any  # MoE balancing state (moe_balance.init_moe_state): last global counts, routing bias; {} if dense
-    guard: Any  # loss-spike guard (spike_guard.init_guard): recent good losses / grad norms, bad steps in a row
+    guard: Any  # skipped-update guard (spike_guard.init_guard): recent good losses / grad norms, and the one
+    # streak of skipped steps (non-finite or spike) the loop rolls back on, `bad_in_a_row`
 
 
 def init_params(cfg: ModelConfig, seed: int = 0):
@@ -45,8 +44,7 @@ def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: 
                spike_window: int = 50) -> TrainState:
     params = init_params(cfg, seed) if params is None else params
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(params=params, opt_state=optimizer.init(params), step=zero,
-                      rng=jax.random.key_data(jax.random.key(seed)), nonfinite_in_a_row=zero, nonfinite_total=zero,
+    return TrainState(params=params, opt_state=optimizer.init(params), step=zero, nonfinite_total=zero,
                       moe=moe_balance.init_moe_state(cfg), guard=spike_guard.init_guard(spike_window))
 
 
@@ -57,28 +55,6 @@ def split_micro_batches(batch: dict, n: int) -> dict:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={n}")
         return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
     return jax.tree.map(split, batch)
-
-
-def token_lse_and_target(model, h_BTD, targets_BT, chunk: int | None = None):
-    """log-sum-exp and target logit per token [B,T] (fp32).
-
-    With `chunk`, the sequence is cut into pieces of `chunk` positions and each piece's [B,chunk,V]
-    logits are made, reduced and dropped (and remade in the backward pass), so the full [B,T,V]
-    logits — 18 GiB per chip at 32K tokens and a 152K vocabulary — never exist at once.
-    """
-    B, T, D = h_BTD.shape
-
-    def piece(h, t):
-        logits = model.logits(h)
-        return jax.nn.logsumexp(logits, axis=-1), jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-
-    if not chunk or T <= chunk or T % chunk:
-        return piece(h_BTD, targets_BT)
-    n = T // chunk
-    h_nBcD = jnp.moveaxis(h_BTD.reshape(B, n, chunk, D), 1, 0)
-    t_nBc = jnp.moveaxis(targets_BT.reshape(B, n, chunk), 1, 0)
-    lse, tgt = jax.lax.map(lambda a: jax.checkpoint(piece)(*a), (h_nBcD, t_nBc))
-    return jnp.moveaxis(lse, 0, 1).reshape(B, T), jnp.moveaxis(tgt, 0, 1).reshape(B, T)
 
 
 def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float,
@@ -100,27 +76,27 @@ def _loss_terms(cfg: ModelConfig, params, batch, total_tokens, *, z_loss: float,
     return lm, zl, stats
 
 
-def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float | None = None,
-                 loss_chunk: int | None = None, aux_scope: str = "global", aux_layer_reduce: str = "mean",
-                 router_z_loss: float = 0.0, micro_batches: int = 1, distill=None) -> Callable:
+def make_loss_fn(cfg: ModelConfig, loss_cfg: LossConfig = LossConfig(), *, micro_batches: int = 1,
+                 distill=None) -> Callable:
     """loss(params, micro_batch, total_tokens, balance=None, teacher_params=None) -> (loss, (lm, z, aux,
     router_z, stats)). `distill` (qwen3_jax.train.distill.Distiller): LM mixed with KD (kd_loss.KDConfig.mix).
 
-    `balance` (default: the batch on its own): {"router_tokens": the global batch's non-padding tokens, "bias": the aux-free
-    routing bias or None, and for the global scope "prior_counts", "prior_tokens", "own_weight"
-    (see moe_balance.aux_share)}. Each term is this micro-batch's share of the step's term."""
-    if aux_scope not in AUX_SCOPES:
-        raise ValueError(f"aux_scope={aux_scope!r} is not one of {AUX_SCOPES}")
-    coef = cfg.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+    `balance` (default: the batch on its own): {"router_tokens": the global batch's non-padding tokens,
+    "bias": the aux-free routing bias or None, and for the global scope "prior_counts", "prior_tokens",
+    "own_weight" (see moe_balance.aux_share)}. Each term is this micro-batch's share of the step's term."""
+    loss_cfg.validate()
+    coef = cfg.router_aux_loss_coef if loss_cfg.aux_loss_coef is None else loss_cfg.aux_loss_coef
+    z_loss, router_z_loss = loss_cfg.z_loss, loss_cfg.router_z_loss
 
     def loss_fn(params, batch, total_tokens, balance=None, teacher_params=None):
         if balance is None:  # one batch on its own: f and p over its tokens, no routing bias
             balance = {"router_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
-        lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss, loss_chunk=loss_chunk,
+        lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss, loss_chunk=loss_cfg.chunk,
                                     router_bias=balance.get("bias"), distill=distill, teacher_params=teacher_params)
         aux = rz = jnp.zeros((), jnp.float32)
         if cfg.is_moe and coef:
-            aux = moe_balance.aux_share(stats, cfg.num_experts, scope=aux_scope, layer_reduce=aux_layer_reduce,
+            aux = moe_balance.aux_share(stats, cfg.num_experts, scope=loss_cfg.aux_scope,
+                                        layer_reduce=loss_cfg.aux_layer_reduce,
                                         micro_batches=micro_batches, router_tokens=balance["router_tokens"],
                                         prior_counts=balance.get("prior_counts"),
                                         prior_tokens=balance.get("prior_tokens"),
@@ -133,23 +109,19 @@ def make_loss_fn(cfg: ModelConfig, *, z_loss: float = 0.0, aux_loss_coef: float 
     return loss_fn
 
 
-def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
-                    loss_chunk: int | None = None, z_loss: float = 0.0, aux_loss_coef: float | None = None,
-                    aux_scope: str = "global", aux_layer_reduce: str = "mean", aux_global_counts: str = "exact",
-                    router_z_loss: float = 0.0, router_bias_rate: float = 0.0,
-                    schedule: optax.Schedule | None = None, spike_factor: float | None = None,
-                    distill=None) -> Callable:
-    """step(state, batch) -> (state, metrics). Non-finite loss or gradients skip the update, and so
-    does a loss spike (`spike_factor`: qwen3_jax.train.spike_guard; None = no spike check).
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, loss_cfg: LossConfig = LossConfig(), *,
+                    micro_batches: int = 1, schedule: optax.Schedule | None = None,
+                    spike_factor: float | None = None, distill=None) -> Callable:
+    """step(state, batch) -> (state, metrics): the objective `loss_cfg` describes, its gradients summed over
+    `micro_batches` strided micro-batches. Non-finite loss or gradients skip the update, and so does a
+    loss spike (`spike_factor`: qwen3_jax.train.spike_guard; None = no spike check).
     With `distill` the step is step(state, batch, teacher_params) (qwen3_jax.train.distill)."""
-    if aux_global_counts not in AUX_GLOBAL_COUNTS:
-        raise ValueError(f"aux_global_counts={aux_global_counts!r} is not one of {AUX_GLOBAL_COUNTS}")
-    loss_fn = make_loss_fn(cfg, z_loss=z_loss, aux_loss_coef=aux_loss_coef, aux_scope=aux_scope,
-                           aux_layer_reduce=aux_layer_reduce, router_z_loss=router_z_loss, loss_chunk=loss_chunk,
-                           micro_batches=micro_batches, distill=distill)
+    loss_fn = make_loss_fn(cfg, loss_cfg, micro_batches=micro_batches, distill=distill)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    coef = cfg.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
-    global_f = cfg.is_moe and coef and aux_scope == "global" and micro_batches > 1
+    coef = cfg.router_aux_loss_coef if loss_cfg.aux_loss_coef is None else loss_cfg.aux_loss_coef
+    global_f = cfg.is_moe and coef and loss_cfg.aux_scope == "global" and micro_batches > 1
+    aux_global_counts, router_bias_rate = loss_cfg.aux_global_counts, loss_cfg.router_bias_rate
+    router_z_loss = loss_cfg.router_z_loss
 
     def step(state: TrainState, batch: dict, teacher_params=None):
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -217,7 +189,6 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         guard = spike_guard.update_guard(state.guard, loss, grad_norm, finite, spike)
         new_state = state.replace(
             params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state), step=state.step + 1,
-            nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32), moe=keep(moe, state.moe),
             guard=guard)
         metrics = {"loss": loss, "lm_loss": lm, "z_loss": zl, "aux_loss": aux, "grad_norm": grad_norm,
@@ -236,11 +207,3 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         return new_state, metrics
 
     return step
-
-
-def make_eval_step(cfg: ModelConfig, loss_chunk: int | None = None) -> Callable:
-    """eval(params, batch) -> {"nll_sum", "tokens"} (sum, so several batches can be pooled)."""
-    def eval_step(params, batch):
-        lm, _, _ = _loss_terms(cfg, params, batch, 1.0, z_loss=0.0, loss_chunk=loss_chunk)
-        return {"nll_sum": lm, "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
-    return eval_step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -17,6 +18,17 @@ from qwen3_jax import storage
 
 ARGS = ["--input", "builtin:python-stdlib-docs", "--limit", "50", "--shards", "2", "--workers", "0",
         "--no-progress"]
+
+
+def _inspect_main():
+    """launch/inspect_data.py's main (launch/ holds scripts, not a package)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "launch" / "inspect_data.py"
+    spec = importlib.util.spec_from_file_location("inspect_data_launch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def _prepare(out: str, tokenizer: str) -> int:
@@ -102,7 +114,7 @@ def test_data_position_round_trip_in_a_bucket_checkpoint(spm512, gcs_bucket):
     test_training_reads_the_bucket_like_a_local_copy.)"""
     import orbax.checkpoint as ocp
 
-    from data_pipeline.checkpointing import DataRestore, DataSave
+    from data_pipeline.data_state import DataRestore, DataSave
     from data_pipeline.pipeline import make_dataset
 
     def make(seq_len=128):
@@ -127,7 +139,7 @@ def test_data_position_round_trip_in_a_bucket_checkpoint(spm512, gcs_bucket):
 
 
 def test_inspect_reads_the_bucket(bucket_data, capsys):
-    from data_pipeline.inspect_data import main
+    main = _inspect_main()
     assert main([bucket_data["web"], "--tokenizer", bucket_data["tokenizer"], "--seq-len", "64"]) == 0
     out = capsys.readouterr().out
     assert f"{bucket_data['web']}: 50 documents" in out and "=== batch 0: (2, 64)" in out

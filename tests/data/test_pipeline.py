@@ -154,7 +154,7 @@ def test_resume_stage3_length_buckets(stdlib_data, tmp_path):
                                 process_index=0, process_count=1, with_ids=True)
     _resume_equal(make, 3, 3)
     # the orbax path: our handler writes one JSON file per data shard, and restores it
-    from data_pipeline.checkpointing import DataRestore, DataSave, DataStateHandler
+    from data_pipeline.data_state import DataRestore, DataSave, DataStateHandler
     it = make()
     for _ in range(2):
         next(it)
@@ -174,7 +174,7 @@ def test_data_shards_make_the_batch_independent_of_process_count(stdlib_data, tm
     by 2 processes restores on 1 or 4 (one state file per shard)."""
     from etils import epath
 
-    from data_pipeline.checkpointing import DataRestore, DataSave, DataStateHandler
+    from data_pipeline.data_state import DataRestore, DataSave, DataStateHandler
     mix = Mixture(weights={"code": 0.7, "docs": 0.3}, paths=stdlib_data)
 
     def make(p, n):

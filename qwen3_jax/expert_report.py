@@ -17,12 +17,11 @@ lets experts specialise by domain; the score measures that. Routing uses the aux
 selection bias when the run trained with one (it lives in the checkpoint's train state), so the
 counts are the ones training saw.
 
-    steps, counts_NLE = read_expert_counts("runs/x/metrics.jsonl", last=50)
-    plot_load_heatmap(shares(counts_NLE.sum(0)), "load.png", title="...")
-    cfg, flat, step, meta = restore_params_numpy("runs/x")
-    per_domain = {name: routing_counts(cfg, flat, path, max_tokens=32768) for name, path in data.items()}
-    report = specialization(per_domain, moe_layer_ids(cfg))
-    print(format_table(report))
+    report = build_report("runs/x", last=50, data={"code": "data/code", "docs": "data/docs"})
+    png, json_path = write_report(report, "runs/x/expert_load.png")
+    print(summary(report))
+
+(`launch/expert_report.py` is the command: flags, the run's datasets from its gin file, printing.)
 """
 
 from __future__ import annotations
@@ -36,12 +35,16 @@ import os
 import warnings
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
+from data_pipeline.pipeline import DatasetSpec, make_dataset
+from qwen3_jax import checkpoint as ckpt
 from qwen3_jax import storage
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.errors import ReportError
-
+from qwen3_jax.params import flatten, model_from_flat, nest
 
 # -- load over training steps (metrics.jsonl) -------------------------------------------------------
 
@@ -102,10 +105,10 @@ def plot_load_heatmap(shares_LE: np.ndarray, out: str | os.PathLike, *, title: s
                       layer_labels: Sequence[str] | None = None) -> str:
     """PNG heatmap of [MoE layers, experts] shares (written to `out`, local or gs://); cells
     annotated when the grid is small."""
-    import matplotlib
+    import matplotlib  # optional: the [report] extra (pictures only)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: as above
 
     L, E = shares_LE.shape
     labels = list(layer_labels) if layer_labels is not None else [f"MoE {i}" for i in range(L)]
@@ -142,10 +145,6 @@ def moe_layer_ids(cfg: ModelConfig) -> list[int]:
 
 def read_router_bias(workdir: str | os.PathLike, step: int) -> np.ndarray | None:
     """The aux-loss-free routing bias [MoE layers, E] a training checkpoint holds, else None."""
-    import orbax.checkpoint as ocp
-
-    from qwen3_jax.train import checkpoint as ckpt
-
     root, _ = ckpt.checkpoint_root(workdir)
     if not (root / str(step) / ckpt.TRAIN_STATE).is_dir():
         return None
@@ -168,10 +167,6 @@ _COUNT_FNS: dict[Any, Any] = {}
 def _count_fn(cfg: ModelConfig):
     """jit((params, tokens, positions, segment_ids, bias) -> (counts [L,E], tokens)), one per config."""
     if cfg not in _COUNT_FNS:
-        import jax
-
-        from qwen3_jax.params import flatten, model_from_flat
-
         def count(params, tokens_BT, positions_BT, segment_ids_BT, bias_LE):
             model = model_from_flat(cfg, flatten(params))
             _, stats = model.hidden(tokens_BT, positions_BT, segment_ids_BT, router_bias=bias_LE)
@@ -187,11 +182,6 @@ def routing_counts(cfg: ModelConfig, params: Mapping[str, Any], data_path: str, 
                    ) -> tuple[np.ndarray, int]:
     """(assignment counts [MoE layers, E], tokens routed) over the first `max_tokens` tokens of a
     prepared dataset's `split` (packed as in training, unshuffled). `params`: flat or nested."""
-    import jax
-
-    from data_pipeline.pipeline import DatasetSpec, make_dataset
-    from qwen3_jax.params import flatten, nest
-
     if not cfg.is_moe:
         raise ReportError(f"model {cfg.name} has no MoE layers: nothing is routed")
     if max_tokens <= 0:
@@ -298,3 +288,66 @@ def write_json(path: str | os.PathLike, obj: Any) -> str:
     """Writes `obj` as JSON to `path` (local or gs://, atomically); returns the path."""
     storage.write_text(path, json.dumps(obj, indent=1))
     return str(path)
+
+
+# -- the whole report (launch/expert_report.py) -----------------------------------------------------
+
+def build_report(workdir: str | os.PathLike, *, last: int = 50, data: Mapping[str, str] | None = None,
+                 tokens: int = 32768, seq_len: int | None = None, batch_size: int = 8, split: str = "heldout",
+                 heldout_fraction: float = 0.02, step: int | None = None, router_bias: bool = True) -> dict:
+    """The load view of `workdir` (last `last` logged steps) and, with `data` ({domain: prepared
+    folder}), the domains view from its checkpoint (`step`, default the latest): `tokens` held-out
+    tokens per domain in rows of `seq_len` (default: training's, at most 1,024)."""
+    workdir = storage.path(workdir)
+    steps, counts_NLE = read_expert_counts(workdir / "metrics.jsonl", last)
+    load_LE = shares(counts_NLE.sum(0))
+    loads_L = layer_loads(load_LE)
+    worst = int(loads_L.argmax())
+    report: dict = {"workdir": str(workdir), "steps": [steps[0], steps[-1]], "logged_steps": len(steps),
+                    "load_shares": load_LE.tolist(), "layer_load": loads_L.tolist(),
+                    "worst_layer": {"moe_layer": worst, "load": float(loads_L[worst])}, "specialization": None}
+    if data:
+        cfg, flat, step, meta = ckpt.restore_params_numpy(workdir, step)
+        bias = read_router_bias(workdir, step) if router_bias and meta.get("router_bias") else None
+        seq_len = seq_len or min(int(meta.get("seq_len") or 512), 1024)
+        per_domain, routed = {}, {}
+        for name, path in data.items():
+            per_domain[name], routed[name] = routing_counts(
+                cfg, flat, path, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                split=None if split == "all" else "heldout", heldout_fraction=heldout_fraction, router_bias=bias)
+        ids = moe_layer_ids(cfg)
+        report["worst_layer"]["layer"] = ids[worst]
+        report.update(step=step, model=cfg.name, router_bias=bias is not None, seq_len=seq_len, data=dict(data),
+                      tokens=routed, specialization=specialization(per_domain, ids), layer_ids=ids)
+    return report
+
+
+def write_report(report: dict, out: str | os.PathLike) -> tuple[str, str]:
+    """The heatmap PNG at `out` and the report as JSON beside it (same name, .json); both paths."""
+    out = storage.path(out)
+    load_LE, loads_L = np.asarray(report["load_shares"]), np.asarray(report["layer_load"])
+    worst, (first, last) = report["worst_layer"]["moe_layer"], report["steps"]
+    labels = [f"layer {i}" for i in report["layer_ids"]] if report.get("layer_ids") else None
+    where = labels[worst] if labels else f"MoE layer {worst}"
+    title = (f"{storage.path(report['workdir']).name}: expert share per layer, steps {first}-{last} "
+             f"({report['logged_steps']} logged)\nworst-layer load {loads_L[worst]:.2f} ({where}; 1 = uniform, "
+             f"{load_LE.shape[1]} = one expert)")
+    domains = report.get("specialization")
+    if domains is not None:
+        title += f"\nspecialization (mean JS {' vs '.join(domains['domains'])}) {domains['score']:.3f}"
+    png = plot_load_heatmap(load_LE, out, title=title, layer_labels=labels)
+    return png, write_json(out.with_suffix(".json"), report)
+
+
+def summary(report: dict) -> str:
+    """What the command prints: per-layer load, and the routing table when the domains were routed."""
+    loads_L, (first, last) = report["layer_load"], report["steps"]
+    worst = report["worst_layer"]["moe_layer"]
+    lines = [f"expert load over steps {first}-{last}: per layer " + " ".join(f"{x:.2f}" for x in loads_L) +
+             f" (worst {loads_L[worst]:.2f}, MoE layer {worst})"]
+    if report.get("specialization") is not None:
+        routed = ", ".join(f"{k} {v:,}" for k, v in report["tokens"].items())
+        bias = ", with the aux-free router bias" if report["router_bias"] else ""
+        lines += [f"routing on {routed} held-out tokens (checkpoint step {report['step']}{bias}):",
+                  format_table(report["specialization"])]
+    return "\n".join(lines)

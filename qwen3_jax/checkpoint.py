@@ -79,7 +79,8 @@ def read_item(root: str | os.PathLike, step: int, item: str, args: ocp.args.Chec
     """One item of a step, read by its orbax handler alone. Unlike a manager's restore this holds
     no cross-process barrier, so each host of a job can try a step, and the hosts then agree on
     the outcome (qwen3_jax.train.hosts) instead of one of them waiting for a host that failed."""
-    handler = {ocp.args.JsonRestore: ocp.JsonCheckpointHandler}.get(type(args), ocp.StandardCheckpointHandler)
+    handler = {ocp.args.JsonRestore: ocp.JsonCheckpointHandler,
+               ocp.args.PyTreeRestore: ocp.PyTreeCheckpointHandler}.get(type(args), ocp.StandardCheckpointHandler)
     return handler().restore(storage.path(root) / str(step) / item, args=args)
 
 
