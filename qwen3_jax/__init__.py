@@ -9,10 +9,10 @@ import importlib
 _EXPORTS = {
     "PRESETS": "qwen3_jax.config", "ModelConfig": "qwen3_jax.config", "RopeScaling": "qwen3_jax.config",
     "get_config": "qwen3_jax.config", "Qwen3": "qwen3_jax.model", "abstract_model": "qwen3_jax.model",
-    "create_model": "qwen3_jax.model",
+    "create_model": "qwen3_jax.model", "load_hf": "qwen3_jax.hf", "save_hf": "qwen3_jax.hf",
 }
 
-__all__ = [*_EXPORTS, "load_hf", "save_hf"]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
@@ -20,12 +20,3 @@ def __getattr__(name):
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'qwen3_jax' has no attribute {name!r}")
 
-
-def load_hf(path, dtype=None, **overrides):
-    from qwen3_jax.hf import load_hf as _load
-    return _load(path, dtype=dtype, **overrides)
-
-
-def save_hf(model, path, tokenizer=None, **kwargs):
-    from qwen3_jax.hf import save_hf as _save
-    return _save(model, path, tokenizer=tokenizer, **kwargs)

@@ -105,8 +105,10 @@ def plot_load_heatmap(shares_LE: np.ndarray, out: str | os.PathLike, *, title: s
                       layer_labels: Sequence[str] | None = None) -> str:
     """PNG heatmap of [MoE layers, experts] shares (written to `out`, local or gs://); cells
     annotated when the grid is small."""
-    import matplotlib  # optional: the [report] extra (pictures only)
-
+    try:
+        import matplotlib  # optional: the [report] extra (pictures only)
+    except ImportError:
+        raise ReportError("drawing the heatmap needs matplotlib: pip install 'qwen3-jax[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # optional: as above
 

@@ -26,6 +26,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
 from data_pipeline.text_tokenizer import _from_vocab_merges, load_tokenizer, qwen3_tokenizer_dir
 from qwen3_jax import storage
 from qwen3_jax.errors import HFConversionError, TokenizerExportError
@@ -160,9 +164,6 @@ def _plan_hf(plan: TokenizerExport, path: Path, tok) -> None:
 
 def _plan_spm(plan: TokenizerExport, model_file: Path, tok) -> None:
     """A fast tokenizer.json equivalent to a BPE sentencepiece model, or the reason there is none."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     proto = sentencepiece_model_pb2.ModelProto()
@@ -238,7 +239,6 @@ def _patch_specials(d: dict[str, Any], plan: TokenizerExport) -> dict[str, Any]:
 
 def _check_fast(plan: TokenizerExport, tok) -> None:
     """The tokenizer.json transformers will load encodes like the data pipeline's tokenizer."""
-    from tokenizers import Tokenizer
 
     content = plan.files["tokenizer.json"]
     try:

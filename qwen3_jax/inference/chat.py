@@ -26,6 +26,9 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from data_pipeline.text_tokenizer import qwen3_tokenizer_dir
 from qwen3_jax import storage
 from qwen3_jax.inference.engine import Generation, Generator, ThinkingSpec
@@ -63,8 +66,6 @@ class ChatTemplate:
     """A chat template compiled as transformers compiles it."""
 
     def __init__(self, source: str):
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise ValueError(f"chat template: {message}")

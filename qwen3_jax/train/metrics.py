@@ -92,11 +92,11 @@ def _summary_writer():
     to it, and we write numpy scalars only. A process that already imported torch keeps it."""
 
     if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional: late, so that torch is not imported (above)
         return SummaryWriter
     sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX's no-torch path
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional: as above
     finally:
         del sys.modules["torch"]
     return SummaryWriter
