@@ -24,14 +24,15 @@ Settings:
 Protocol. A case (dense or MoE, at one setting) is run `--rounds` times; a round is one run of
 each side, each a fresh process, in alternating order (round 0: ours first, round 1: MaxText
 first, ...), and rounds go over all cases in turn, so a load that comes and goes on a shared
-machine falls on both sides alike. Both sides time the same steps: with W = --warmup and T =
---timed, steps 0..W-1 (0-based) are warm-up and steps W..W+T-1 are timed; compilation is not a
-step. Ours compiles ahead, then times each step to its loss being ready. MaxText's logged
-"seconds" for step i is the gap between the host finishing its loop iteration for step i-1 and
-for step i; it dispatches step i without waiting and then blocks on step i-1's metrics, so the
-gap is step i-1's time on the device (step 0's entry includes the compile). Its device time for
-step j is therefore read from the entry logged for step j+1, and MaxText runs W+T+1 steps: the
-last one is only there to time the one before it. A run's value is the median of its T timed
+machine falls on both sides alike. Both sides run W + T steps (W = --warmup, T = --timed) after
+compiling, and time steps W..W+T-1 (0-based); compilation is never a step. Ours compiles ahead,
+then times each step to its loss being ready. MaxText (which also compiles before its loop)
+dispatches step i without waiting and then blocks on step i-1's metrics before logging them, so
+the log line of step i is written when step i has finished on the device, and step i's time is
+the gap between the log lines of steps i-1 and i (their absl timestamps). MaxText's own
+"seconds" figure for step i is the gap between two dispatches, which on this version is step
+i-2's device time (its entries for steps 0 and 1 hold no step at all, not even the compile); the
+JSON keeps it beside the timestamp gaps as a check. A run's value is the median of its T timed
 steps; the table shows, per side, min / median / max over runs, the ratio of the medians
 (MaxText / ours: > 1 means ours is faster) with the min and max of the per-round ratios, and
 "not resolved" where the two sides' [min, max] ranges overlap. The JSON keeps every step's time
@@ -66,22 +67,34 @@ RESULT_TAG = "BENCH_VS_MAXTEXT_OURS "
 SHAPES = dict(num_layers=4, d_model=512, num_heads=8, num_kv_heads=4, head_dim=64, vocab_size=32768, ffn_dim=1536)
 MOE = dict(num_experts=16, num_experts_per_tok=4, moe_ffn_dim=256, router_aux_loss_coef=0.001)
 SEQ, BATCH = 1024, 4
-MAXTEXT_LAG = 1  # MaxText's entry for step i times step i - 1 on the device (see the docstring)
+LOG_LINE = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d\.\d+) .*completed step: (\d+), seconds: ([0-9.]+)",
+                      re.M)
+MAXTEXT_SECONDS_LAG = 2  # MaxText's "seconds" for step i is step i-2's device time (see the docstring)
 
 
 # -- which steps are timed ------------------------------------------------------------------------
 
-def maxtext_steps(warmup: int, timed: int) -> int:
-    """Steps MaxText must run so that device steps warmup..warmup+timed-1 are all logged."""
-    return warmup + timed + MAXTEXT_LAG
+def maxtext_log(log: str) -> tuple[list[float], list[float]]:
+    """Per logged step (0, 1, ...): the absl timestamp of its log line, in seconds (a day
+    boundary crossed mid-run is allowed for), and MaxText's own "seconds" figure."""
+    stamps, seconds, day = [], [], 0.0
+    for i, m in enumerate(LOG_LINE.finditer(log)):
+        if int(m[6]) != i:
+            raise ValueError(f"MaxText's log has step {m[6]} where step {i} was expected")
+        t = int(m[3]) * 3600 + int(m[4]) * 60 + float(m[5]) + day
+        if stamps and t < stamps[-1]:
+            day += 86400.0
+            t += 86400.0
+        stamps.append(t)
+        seconds.append(float(m[7]))
+    return stamps, seconds
 
 
-def maxtext_timed(logged: list[float], warmup: int, timed: int) -> list[float]:
-    """Device times of steps warmup..warmup+timed-1 from MaxText's per-step log (entry i = step i - 1)."""
-    out = logged[warmup + MAXTEXT_LAG: warmup + timed + MAXTEXT_LAG]
-    if len(out) != timed:
-        raise ValueError(f"MaxText logged {len(logged)} steps; {maxtext_steps(warmup, timed)} needed")
-    return out
+def maxtext_timed(stamps: list[float], warmup: int, timed: int) -> list[float]:
+    """Device times of steps warmup..warmup+timed-1: the gaps between consecutive log lines."""
+    if warmup < 1 or len(stamps) < warmup + timed:
+        raise ValueError(f"MaxText logged {len(stamps)} steps; {warmup + timed} needed, warm-up >= 1")
+    return [stamps[j] - stamps[j - 1] for j in range(warmup, warmup + timed)]
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -124,7 +137,7 @@ def markdown(report: dict) -> str:
     lines = [bench_report.provenance(report) + "."]
     if p.get("timed_steps"):
         lines.append(f"s/step; a run = the median of steps {p['timed_steps']} (0-based, after {p['warmup']} "
-                     f"warm-up steps; MaxText's log read one step late); min / median / max over runs; "
+                     f"warm-up steps and the compile) on each side; min / median / max over runs; "
                      "ratio = MaxText / ours of the medians [min, max of the per-round ratios].")
     if p.get("note"):
         lines.append(p["note"])
@@ -210,18 +223,26 @@ def run_maxtext(py: Path, case: str, setting: str, warmup: int, timed: int) -> d
     site = maxtext_site(py)
     with tempfile.TemporaryDirectory() as out:
         cmd = [str(py), "-m", "maxtext.trainers.pre_train.train", str(site / "configs" / "base.yml"),
-               *maxtext_args(case, setting, maxtext_steps(warmup, timed), out)]
+               *maxtext_args(case, setting, warmup + timed, out)]
         env = dict(os.environ, DECOUPLE_GCLOUD="TRUE", JAX_PLATFORMS="cpu")
         env.pop("XLA_FLAGS", None)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out)
     log = proc.stdout + proc.stderr
-    logged = [float(s) for s in re.findall(r"completed step: \d+, seconds: ([0-9.]+)", log)]
-    if proc.returncode or len(logged) < maxtext_steps(warmup, timed):
+    try:
+        stamps, seconds = maxtext_log(log)
+        timed_s = maxtext_timed(stamps, warmup, timed)
+    except ValueError as e:
+        error = e
+    else:
+        error = None
+    if proc.returncode or error:
         tail = "\n".join(log.splitlines()[-30:])
-        raise RuntimeError(f"MaxText {case}/{setting} failed (rc {proc.returncode}, {len(logged)} steps):\n{tail}")
-    timed_s = maxtext_timed(logged, warmup, timed)
+        raise RuntimeError(f"MaxText {case}/{setting} failed (rc {proc.returncode}; {error}):\n{tail}")
     losses = re.findall(r"completed step: \d+, .*?loss: ([0-9.]+)", log)
-    return dict(step_s=statistics.median(timed_s), timed_s=timed_s, logged_s=logged,
+    # the check: MaxText's own figure for the timed steps, where it logged one (two steps late)
+    lag = MAXTEXT_SECONDS_LAG
+    return dict(step_s=statistics.median(timed_s), timed_s=timed_s,
+                maxtext_seconds=seconds, maxtext_seconds_for_timed=seconds[warmup + lag: warmup + timed + lag],
                 loss=float(losses[-1]) if losses else None, cmd=" ".join(cmd[1:]))
 
 
@@ -335,7 +356,7 @@ def main(argv=None) -> int:
     report = {**bench_report.header("bench_vs_maxtext"),
               "protocol": {"rounds": args.rounds, "warmup": args.warmup, "timed": args.timed,
                            "timed_steps": f"{args.warmup}-{args.warmup + args.timed - 1}",
-                           "maxtext_steps_run": maxtext_steps(args.warmup, args.timed), "maxtext_lag": MAXTEXT_LAG,
+                           "maxtext_timing": "gaps between the log lines of consecutive steps (absl timestamps)",
                            "order": "per round over all cases; ours first in even rounds, MaxText first in odd"},
               "shapes": {**SHAPES, "seq_len": SEQ, "batch": BATCH, "moe": MOE},
               "cases": [{"case": c, "setting": s, "runs": []} for s in args.settings.split(",")
