@@ -322,7 +322,13 @@ def run_all(args, report: dict, path: Path) -> None:
             sides = [("ours", run_ours, (case, setting, args.warmup, args.timed)),
                      ("maxtext", run_maxtext, (mt_py, case, setting, args.warmup, args.timed))]
             for side, fn, fn_args in sides if rnd % 2 == 0 else sides[::-1]:
-                run = timed_run(side, rnd, fn, *fn_args)
+                try:
+                    run = timed_run(side, rnd, fn, *fn_args)
+                except RuntimeError as e:  # kept, and the round left unpaired: the table skips it
+                    entry.setdefault("failures", []).append(dict(side=side, round=rnd, error=str(e)[-2000:]))
+                    print(f"round {rnd} {case}/{setting} {side}: FAILED\n{e}", flush=True)
+                    bench_report.write(path, report)
+                    continue
                 entry["runs"].append(run)
                 if side == "ours":
                     entry["ours_info"] = run.pop("info")
