@@ -68,3 +68,17 @@ def test_every_shipped_run_config_passes_the_checks(name):
             configurables.parse_gin([name], [])
     configurables.parse_gin([name], required)
     configurables.run_config()
+
+
+def test_renamed_setting_old_name_still_works_and_warns(caplog):
+    """train.max_nonfinite_in_a_row (renamed max_bad_in_a_row: it also counts loss spikes) is still
+    read, with a warning naming the new name; setting both is an error naming both."""
+    from qwen3_jax import configurables
+    from qwen3_jax.errors import TrainingError
+
+    with caplog.at_level("WARNING", logger="qwen3_jax"):
+        _, tc = configurables.read_run(["cpu_smoke.gin"], ["train.max_nonfinite_in_a_row=7"])
+    assert tc.max_bad_in_a_row == 7
+    assert "'max_nonfinite_in_a_row' is now called 'max_bad_in_a_row'" in caplog.text
+    with pytest.raises(TrainingError, match="max_nonfinite_in_a_row and train.max_bad_in_a_row are both set"):
+        configurables.read_run(["cpu_smoke.gin"], ["train.max_nonfinite_in_a_row=7", "train.max_bad_in_a_row=2"])

@@ -137,7 +137,7 @@ def test_stages_hand_over_exact_parameters_and_start_fresh(data_dir, tmp_path, s
     fresh = init_state(model, opt, tc.seed, params=nest(p2))
     it = tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
     first = {k: v for k, v in next(it).items() if k in BATCH_KEYS}
-    loss = jax.jit(make_loss_fn(model, LossConfig(chunk=tc.loss_chunk)))
+    loss = jax.jit(make_loss_fn(model, LossConfig(loss_chunk=tc.loss_chunk)))
     want_lm = float(loss(fresh.params, first, np.float32(first["loss_mask"].sum()))[1][0])
     train(s3, model, tc, devices=devices)
     s3_start = start_states[2]

@@ -201,7 +201,7 @@ def test_chunked_output_head_loss_equals_full_logits(chunk):
     from qwen3_jax.train.step import make_loss_fn
 
     full = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
-    chunked = jax.value_and_grad(make_loss_fn(cfg, LossConfig(chunk=chunk)), has_aux=True)
+    chunked = jax.value_and_grad(make_loss_fn(cfg, LossConfig(loss_chunk=chunk)), has_aux=True)
     (la, _), ga = jax.jit(full)(state.params, batch, 100.0)
     (lb, _), gb = jax.jit(chunked)(state.params, batch, 100.0)
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)

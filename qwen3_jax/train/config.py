@@ -55,10 +55,10 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The training objective beyond the LM cross-entropy (`make_train_step`'s `loss_cfg`; gin sets
-    these as `train.*`, `TrainConfig.loss` gathers them). Meanings: TrainConfig's docstring and
-    qwen3_jax.train.moe_balance. chunk: positions per piece of the output head (None = one piece)."""
+    these as `train.*`: TrainConfig extends it, `TrainConfig.loss` is its part). Meanings:
+    TrainConfig's docstring and qwen3_jax.train.moe_balance."""
 
-    chunk: int | None = None
+    loss_chunk: int | None = None  # positions per piece of the output head (None = one piece)
     z_loss: float = 0.0
     aux_loss_coef: float | None = None
     aux_scope: str = "global"
@@ -68,9 +68,9 @@ class LossConfig:
     router_bias_rate: float = 0.0
 
     def validate(self) -> None:
-        if self.chunk is not None and (not isinstance(self.chunk, int) or isinstance(self.chunk, bool)
-                                       or self.chunk <= 0):
-            raise TrainingError(f"train.loss_chunk must be a positive integer or None, got {self.chunk!r}")
+        chunk = self.loss_chunk
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0):
+            raise TrainingError(f"train.loss_chunk must be a positive integer or None, got {chunk!r}")
         for name, v, allowed in (("train.aux_scope", self.aux_scope, AUX_SCOPES),
                                  ("train.aux_layer_reduce", self.aux_layer_reduce, AUX_LAYER_REDUCE),
                                  ("train.aux_global_counts", self.aux_global_counts, AUX_GLOBAL_COUNTS)):
@@ -82,8 +82,8 @@ class LossConfig:
 RENAMED_FIELDS = {"max_nonfinite_in_a_row": "max_bad_in_a_row"}
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(LossConfig):
     """One run's settings (gin: `train.*`; the stage macros STEPS, SEQ_LEN, BATCH_SIZE, ...).
 
     make_data(seq_len=, global_batch_size=, seed=) -> this host's batch iterator with
@@ -131,14 +131,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 4
     micro_batches: int = 1
-    loss_chunk: int | None = 2048
-    z_loss: float = 0.0
-    aux_loss_coef: float | None = None
-    aux_scope: str = "global"
-    aux_layer_reduce: str = "mean"
-    aux_global_counts: str = "exact"
-    router_z_loss: float = 0.0
-    router_bias_rate: float = 0.0
+    loss_chunk: int | None = 2048  # the objective's other fields: LossConfig
     moe_exchange: str = "auto"
     capacity_factor: float | None = None
     mesh: MeshConfig = MeshConfig()
@@ -187,10 +180,7 @@ class TrainConfig:
     @property
     def loss(self) -> LossConfig:
         """The objective these settings describe (what `make_train_step` takes)."""
-        return LossConfig(chunk=self.loss_chunk, z_loss=self.z_loss, aux_loss_coef=self.aux_loss_coef,
-                          aux_scope=self.aux_scope, aux_layer_reduce=self.aux_layer_reduce,
-                          aux_global_counts=self.aux_global_counts, router_z_loss=self.router_z_loss,
-                          router_bias_rate=self.router_bias_rate)
+        return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -203,7 +193,7 @@ class TrainConfig:
                         ("train.max_bad_in_a_row", self.max_bad_in_a_row)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise TrainingError(f"{name} must be a positive integer, got {v!r}")
-        self.loss.validate()
+        LossConfig.validate(self)
         for name, v, allowed in (("train.moe_exchange", self.moe_exchange, MOE_EXCHANGES),
                                  ("train.data_state_mismatch", self.data_state_mismatch, DATA_STATE_MISMATCH),
                                  ("lr_schedule.kind", self.optim.schedule.kind, SCHEDULES)):

@@ -91,7 +91,7 @@ def make_loss_fn(cfg: ModelConfig, loss_cfg: LossConfig = LossConfig(), *, micro
     def loss_fn(params, batch, total_tokens, balance=None, teacher_params=None):
         if balance is None:  # one batch on its own: f and p over its tokens, no routing bias
             balance = {"router_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
-        lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss, loss_chunk=loss_cfg.chunk,
+        lm, zl, stats = _loss_terms(cfg, params, batch, total_tokens, z_loss=z_loss, loss_chunk=loss_cfg.loss_chunk,
                                     router_bias=balance.get("bias"), distill=distill, teacher_params=teacher_params)
         aux = rz = jnp.zeros((), jnp.float32)
         if cfg.is_moe and coef:
