@@ -11,10 +11,13 @@ import dataclasses
 import json
 from typing import Any
 
+from qwen3_jax import errors
+
 ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
 # MoE expert computation (qwen3_jax.model.moe_compute): auto = megablox on TPU, blocked on GPU
 # and CPU
-MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "megablox")
+MOE_IMPLS = ("auto", "dense", "ragged_dot", "blocked", "megablox")
+MOE_IMPL_RENAMES = {"ragged": "ragged_dot"}  # old value -> new: still accepted, with a warning
 # Per-layer rematerialisation (qwen3_jax.model.transformer.remat_policy says what each saves):
 # none / full / XLA's dot policies, save_* = keep these named tensors in HBM, offload_* = keep
 # them in host memory (TPU pinned_host), recompute the rest in the backward pass. auto = the
@@ -112,12 +115,14 @@ class ModelConfig:
     attention_block: int | None = None
     # splash only: one backward kernel for dK, dV and dQ (scores recomputed once, not twice:
     # attention FLOPs with full remat 1.5x instead of 1.83x the model's count), at the cost of
-    # up to 16 unreduced dQ copies of the layer's queries alive in its backward pass (AOT:
-    # 235b-a22b at 32K on v5p-1024 1.60x -> 1.42x the model's FLOPs, same peak memory)
+    # up to 16 unreduced dQ copies of the layer's queries alive in its backward pass (AOT of
+    # 235b-a22b at 32K with it: benchmarks/aot_reports/235b_s3.json, flops_ratio_*)
     splash_fused_bwd: bool = True
     moe_impl: str = "auto"
     # auto: resolved by train.build before the step is traced (on a CPU: 'none' whenever it fits
-    # the host's RAM); a model traced outside it (tests, inference) checkpoints as 'full'
+    # the host's RAM). Remat only matters under differentiation: a model traced outside build
+    # runs forward (inference, evaluation) with 'auto' as is, and differentiating it is an error
+    # (qwen3_jax.model.transformer.remat_policy)
     remat: str = "auto"
     # expert parallelism, dropless, under a remat policy that keeps `moe_wi`: the receive buffer is
     # sized for the worst case (every token of the expert group on this device), so the policy keeps
@@ -132,6 +137,9 @@ class ModelConfig:
             object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.moe_impl in MOE_IMPL_RENAMES:  # downstream sees only the new name
+            errors.renamed("model_config.moe_impl", self.moe_impl, MOE_IMPL_RENAMES[self.moe_impl])
+            object.__setattr__(self, "moe_impl", MOE_IMPL_RENAMES[self.moe_impl])
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim")
         for key in positive:
             if getattr(self, key) <= 0:

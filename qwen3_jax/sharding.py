@@ -124,7 +124,7 @@ class Context:
 
     mesh: jax.sharding.Mesh
     rules: Mapping[str, Any]
-    moe_exchange: str = "auto"  # auto | gather | ragged (see qwen3_jax.model.moe_ep)
+    moe_exchange: str = "auto"  # qwen3_jax.model.moe_ep.EXCHANGES (its resolve_exchange also takes old names)
     capacity_factor: float | None = None  # None: dropless
 
     @property
@@ -139,7 +139,9 @@ _CONTEXT: contextvars.ContextVar[Context | None] = contextvars.ContextVar("qwen3
 @contextlib.contextmanager
 def use_rules(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, moe_exchange: str = "auto",
               capacity_factor: float | None = None) -> Iterator[None]:
-    """Activates `rules` on `mesh` for `constrain` and expert parallelism traced inside the block."""
+    """Activates `rules` on `mesh` for `constrain` and expert parallelism traced inside the block.
+    `moe_exchange`: one of `qwen3_jax.model.moe_ep.EXCHANGES` (an old name, e.g. 'ragged', is
+    accepted with a warning where expert parallelism reads it: `moe_ep.resolve_exchange`)."""
     token = _CONTEXT.set(Context(mesh, dict(rules), moe_exchange, capacity_factor))
     try:
         yield

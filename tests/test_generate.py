@@ -95,7 +95,7 @@ def test_greedy_matches_transformers(case, tmp_path):
     ref = random_hf_model(hf_config(**CASES[case]), seed=len(case))
     ref.save_pretrained(tmp_path)
     model = qwen3_jax.load_hf(tmp_path, dtype="float32", scan_layers="no-scan" not in case,
-                              moe_impl="dense" if "dense-experts" in case else "ragged")
+                              moe_impl="dense" if "dense-experts" in case else "ragged_dot")
     if "rope_parameters" in CASES[case]:
         assert model.cfg.rope_scaling is not None
     prompts = prompts_for(97)

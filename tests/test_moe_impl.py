@@ -59,7 +59,7 @@ def _reference_np(x, w, ids, gate, up, down):
 
 @functools.lru_cache(maxsize=None)
 def _value_and_grad(impl, block=None):
-    fn = {"dense": moe_compute.experts_dense, "ragged": moe_compute.experts_sorted,
+    fn = {"dense": moe_compute.experts_dense, "ragged_dot": moe_compute.experts_sorted,
           "blocked": functools.partial(moe_compute.experts_blocked, **({"block": block} if block else {}))}[impl]
 
     def loss(x, w, gate, up, down, ids, probe):
@@ -82,7 +82,7 @@ def test_forms_equal_the_reference_values_and_grads(routing):
     np.testing.assert_allclose(ref_y, want_y, rtol=1e-5, atol=1e-5)
     # blocked: the default block (capped at a fair share, 18 rows here), blocks of 4 and 7 rows
     # (several per expert; the all-to-one routing fills ceil(N·K/C) of them)
-    for impl, block in (("ragged", None), ("blocked", None), ("blocked", 4), ("blocked", 7)):
+    for impl, block in (("ragged_dot", None), ("blocked", None), ("blocked", 4), ("blocked", 7)):
         (_, y), g = _value_and_grad(impl, block)(x, w, *params, ids, probe)
         np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5, err_msg=f"{impl} {block} values")
         for name, a, b in zip(("x", "w", "gate", "up", "down"), g, ref_g):
@@ -122,11 +122,11 @@ def test_auto_picks_per_backend_and_names_are_checked():
     # XLA:GPU expands ragged_dot into a masked copy of the rows per expert (bench_gpu.py --moe)
     assert r("auto", "gpu", 512, 256) == "blocked" and r("auto", "cuda", 512, 256) == "blocked"
     assert r("auto", "tpu", 512, 256) == "megablox"
-    assert r("auto", "tpu", 64, 32) == "ragged"  # megablox tiles need 128-multiples
-    assert r("auto", "tpu", 512, 256, sharded=True) == "ragged"  # GSPMD would not split a Pallas call
-    for impl in ("dense", "ragged", "blocked", "megablox"):
+    assert r("auto", "tpu", 64, 32) == "ragged_dot"  # megablox tiles need 128-multiples
+    assert r("auto", "tpu", 512, 256, sharded=True) == "ragged_dot"  # GSPMD would not split a Pallas call
+    for impl in ("dense", "ragged_dot", "blocked", "megablox"):
         assert r(impl, "cpu", 512, 256) == impl
-    assert set(MOE_IMPLS) == {"auto", "dense", "ragged", "blocked", "megablox"}
+    assert set(MOE_IMPLS) == {"auto", "dense", "ragged_dot", "blocked", "megablox"}
     assert get_config("tiny-moe").replace(moe_impl="auto").moe_impl == "auto"
     with pytest.raises(ValueError, match="moe_impl='sparse'"):
         get_config("tiny-moe", moe_impl="sparse")

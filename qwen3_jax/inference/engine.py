@@ -43,6 +43,7 @@ from qwen3_jax.config import ModelConfig
 from qwen3_jax.inference.cache import init_cache
 from qwen3_jax.inference.sampling import SamplingConfig, sample
 from qwen3_jax.model.attention_ops import resolve_impl
+from qwen3_jax.model.moe_ep import EXCHANGES, canonical_exchange
 from qwen3_jax.params import flat_params, model_from_flat, param_specs
 
 FREE, THINK, AFTER = 0, 1, 2  # thinking phases
@@ -199,12 +200,17 @@ class Generator:
     `params`: the flat parameter dict (`qwen3_jax.params`; numpy or jax arrays). With `mesh`
     the parameters are placed by the logical-axis rules (`sharding.param_shardings`) and every
     function is traced under `sharding.use_rules(mesh, rules)` (constraints, expert parallelism);
-    the batch is padded with idle rows to a multiple of the mesh's batch shards.
+    the batch is padded with idle rows to a multiple of the mesh's batch shards. `moe_exchange`:
+    expert parallelism's token exchange (`qwen3_jax.model.moe_ep.EXCHANGES`; the old name
+    'ragged' is accepted with a warning).
     """
 
     def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], *, mesh=None, rules=sharding.DEFAULT_RULES,
                  moe_exchange: str = "auto", steps_per_call: int = 32, min_bucket: int | None = None):
-        self.cfg, self.mesh, self.rules, self.moe_exchange = cfg, mesh, rules, moe_exchange
+        self.cfg, self.mesh, self.rules = cfg, mesh, rules
+        self.moe_exchange = canonical_exchange(moe_exchange, "Generator moe_exchange")
+        if self.moe_exchange not in EXCHANGES:
+            raise ValueError(f"Generator moe_exchange={moe_exchange!r} is not one of {EXCHANGES}")
         self.steps_per_call = int(steps_per_call)
         if self.steps_per_call < 1:
             raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")

@@ -9,7 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.model.attention_ops import attention, resolve_impl
+from qwen3_jax.model.attention_ops import attention, masked_attention, resolve_impl
 from qwen3_jax.model.layers import RMSNorm, apply_rope, param
 
 
@@ -65,24 +65,10 @@ class Attention(nnx.Module):
             o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block,
                                fused_bwd=self.fused_bwd)
         else:
-            o_BTNH = cached_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask_BTS)
+            o_BTNH = masked_attention(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask_BTS)
         return self.out(o_BTNH), k_BSKH, v_BSKH
 
 
 # Logical axes of one layer's KV cache [B,S,K,H] (the stacked cache adds a leading "layers").
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
-
-def cached_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-    """T queries against S cached keys where `mask_BTS` is True (decode). The scores of
-    `attention_ops.reference_attention` (fp32, scale head_dim ** -0.5, G = N // K query heads per
-    kv head, K/V not repeated) with an explicit mask instead of the causal/segment one."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    s_BKGTS = s_BKGTS * (H ** -0.5)
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
-    return o_BTKGH.reshape(B, T, N, H)

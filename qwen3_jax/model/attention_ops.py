@@ -10,7 +10,8 @@ scale is head_dim ** -0.5. GQA: query head n uses kv head n // (N // K) (G = N /
 heads share a kv head; no implementation repeats K/V in memory).
 
 Implementations:
-  reference  materialises the [B,K,G,T,S] fp32 scores: exact, O(T^2) memory, any backend.
+  reference  materialises the [B,K,G,T,S] fp32 scores: exact, O(T^2) memory, any backend
+             (`masked_attention`: the same under any mask [B,T,S], the KV-cache decode's).
   chunked    pure-JAX flash attention (online softmax over `block`-sized tiles) with a
              blockwise custom VJP: O(T * block) memory forward and backward, any backend.
   splash     Pallas TPU splash attention (TPU only; compiles ahead of time from a CPU box).
@@ -19,8 +20,8 @@ Implementations:
              AUTO_REFERENCE_MAX_T tokens and chunked beyond.
 
 `block` None is the kernel's own tile (DEFAULT_BLOCK): 512 for splash; 256 for chunked, which on
-a CPU train step (small-moe, 2,048 tokens) runs 1.4x faster than 512-token tiles and 2.6x faster
-than reference, and at 1,024 tokens 1.9x faster than reference (benchmarks/bench_train.py --tiles).
+a CPU train step ran faster than 512-token tiles and than reference (benchmarks/bench_train.py
+--tiles measures it).
 """
 
 from __future__ import annotations
@@ -48,13 +49,19 @@ def _mask(segment_ids_BT, T, S):
 
 
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
-    """Materialises the [B,K,G,T,S] scores in fp32: simple, exact, O(T^2) memory."""
+    """Causal self-attention within documents: `masked_attention` under the causal/segment mask."""
+    return masked_attention(q_BTNH, k_BSKH, v_BSKH, _mask(segment_ids_BT, q_BTNH.shape[1], k_BSKH.shape[1]))
+
+
+def masked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """T queries against S keys where `mask_BTS` ([B,T,S] or [1,T,S]) is True: the reference
+    kernel, also the KV-cache decode's (`Attention.extend`). Materialises the [B,K,G,T,S] scores
+    in fp32: simple, exact, O(T·S) memory; K/V are not repeated."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
     s_BKGTS = s_BKGTS * (H ** -0.5)
-    mask_BTS = _mask(segment_ids_BT, T, k_BSKH.shape[1])
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
     o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
@@ -217,7 +224,7 @@ def _pad_seq(x, Tp, value=0):
 
 
 def _check_self_attention(q_BTNH, k_BSKH, v_BSKH):
-    (B, T, N, H), (_, S, K, _) = q_BTNH.shape, k_BSKH.shape
+    (_, T, N, _), (_, S, K, _) = q_BTNH.shape, k_BSKH.shape
     if S != T or v_BSKH.shape != k_BSKH.shape or N % K:
         raise ValueError(f"causal self-attention needs q [B,T,N,H], k/v [B,T,K,H] with N % K == 0; "
                          f"got q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}")

@@ -2,11 +2,12 @@
 renormalisation, weighted sum of SwiGLU experts. No shared expert. Dropless.
 
 The expert computation has several exact, dropless forms (`ModelConfig.moe_impl`: dense,
-ragged, blocked, megablox, or auto = per backend); they live in `qwen3_jax.model.moe_compute`.
+ragged_dot, blocked, megablox, or auto = per backend); they live in `qwen3_jax.model.moe_compute`.
 Expert parallelism across devices lives in `qwen3_jax.model.moe_ep`.
 
-Besides the output the block returns additive router statistics per sequence, enough for
-every load-balancing-loss scope (sequence, micro-batch, global batch):
+Called (training), the block returns besides the output additive router statistics per
+sequence, enough for every load-balancing-loss scope (sequence, micro-batch, global batch);
+`MoE.output_only` (inference) returns the output alone:
   counts   [B,E]  top-k assignments per expert (padding excluded)
   prob_sum [B,E]  sum of router probabilities per expert (padding excluded)
   z_sum    [B]    sum of logsumexp(router logits)² (router z-loss)
@@ -80,8 +81,9 @@ class MoE(nnx.Module):
         probs, weights, ids = select_experts(logits, self.k, self.norm_topk_prob, bias_E)
         return self.experts(x_BTD, weights, ids), router_stats(probs, ids, token_mask_BT, logits)
 
-    def forward(self, x_BTD):
-        """Output only: the routing and experts of `__call__` without statistics (inference)."""
+    def output_only(self, x_BTD):
+        """The output [B,T,D] of `__call__` without the router statistics (inference: the KV-cache
+        path, `DecoderLayer.extend`); the same routing and experts."""
         _, weights, ids = route(x_BTD, self.router[...], self.k, self.norm_topk_prob)
         return self.experts(x_BTD, weights, ids)
 

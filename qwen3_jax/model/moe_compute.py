@@ -5,20 +5,26 @@ gate/up [E,D,F] and down [E,F,D], and gives [N,D]; an id equal to E means "no ex
 assignment dropped by a capacity, or owned by another device) and adds nothing. All are dropless
 and give the same values and gradients (fp32: up to the summation order).
 
-  dense     every expert on every token, weighted by the (mostly zero) combine matrix [N,E]:
-            E/k times the FLOPs of the others, but three plain einsums.
-  ragged    sort the N·k assignments by expert, grouped matmuls (`jax.lax.ragged_dot`):
-            compute ∝ N·k on TPU. XLA:CPU runs ragged_dot 15-30x slower than an einsum, and
-            XLA:GPU (jax 0.11.2, H200) expands it into E masked copies of the rows: 6.4x the
-            blocked form's step time and out of memory at 8x4,096 tokens (benchmarks/bench_gpu.py).
-  blocked   sort by expert, pad each expert's group to a multiple of C rows, gather the rows into
-            G = N·k/C + E blocks [G,C,D] (the static bound: each expert wastes < C rows) and the
-            experts' weights per block [G,D,F], one batched einsum, gather back and combine.
-            Compute ∝ N·k + E·C. The fastest form on CPU and GPU.
-  megablox  the sorted rows through Pallas gmm/tgmm (TPU), which skip the groups' empty tiles.
-  auto      per backend (`resolve_impl`): megablox on TPU (ragged when the dims are not
-            128-multiples or the step is sharded without expert parallelism), blocked on GPU
-            and CPU.
+  dense       every expert on every token, weighted by the (mostly zero) combine matrix [N,E]:
+              E/k times the FLOPs of the others, but three plain einsums.
+  ragged_dot  sort the N·k assignments by expert, grouped matmuls (`jax.lax.ragged_dot`):
+              compute ∝ N·k on TPU. XLA:CPU runs ragged_dot many times slower than an einsum
+              (benchmarks/bench_moe_impl.py),
+              and XLA:GPU expands it into E masked copies of the rows: several times the blocked
+              form's step time, and out of memory at training batch sizes (measured on an H200:
+              benchmarks/gpu_reports/h200_moe_forms.json, `train.rows`, and bench_gpu.py).
+  blocked     sort by expert, pad each expert's group to a multiple of C rows, gather the rows
+              into G = N·k/C + E blocks [G,C,D] (the static bound: each expert wastes < C rows)
+              and the experts' weights per block [G,D,F], one batched einsum, gather back and
+              combine. Compute ∝ N·k + E·C. The fastest form on CPU and GPU.
+  megablox    the sorted rows through Pallas gmm/tgmm (TPU), which skip the groups' empty tiles.
+  auto        per backend (`resolve_impl`): megablox on TPU (ragged_dot when the dims are not
+              128-multiples or the step is sharded without expert parallelism), blocked on GPU
+              and CPU.
+
+The pieces the expert-parallel path (`qwen3_jax.model.moe_ep`) shares live here too: the rank of
+each assignment within its expert (`expert_ranks`), the sort by expert (`sort_by_expert`), the
+un-sort and combine (`unsort_combine`) and the SwiGLU over padded blocks (`swiglu_blocks`).
 
 Einsum letters: N tokens, k slots, A = N·k assignments, E experts, D model, F expert ffn,
 G blocks, C rows per block, R = G·C buffer rows.
@@ -33,7 +39,9 @@ from jax.ad_checkpoint import checkpoint_name
 from qwen3_jax.config import MOE_IMPLS
 
 IMPLS = MOE_IMPLS
-BLOCK_ROWS = 128  # C of the blocked form (bench_moe_impl.py: 128 beat 256 and 512 on CPU); 4,096
+GROUPED = ("ragged_dot", "megablox", "megablox_interpret")  # the forms over rows sorted by expert
+# (megablox_interpret: the Pallas interpreter, tests)
+BLOCK_ROWS = 128  # C of the blocked form (the fastest on CPU: benchmarks/bench_moe_impl.py); 4,096
 # tokens x top-4 over 16 experts pad to at most 144 blocks
 
 
@@ -45,7 +53,7 @@ def resolve_impl(impl: str, platform: str, d_model: int, ffn_dim: int, sharded: 
     if impl != "auto":
         return impl
     if platform == "tpu":
-        return "megablox" if megablox_ok(d_model, ffn_dim) and not sharded else "ragged"
+        return "megablox" if megablox_ok(d_model, ffn_dim) and not sharded else "ragged_dot"
     return "blocked"  # CPU and GPU
 
 
@@ -55,10 +63,37 @@ def experts(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, impl: str):
         return experts_dense(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD)
     if impl == "blocked":
         return experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD)
-    if impl in ("ragged", "megablox", "megablox_interpret"):
-        kernel = "ragged_dot" if impl == "ragged" else impl
-        return experts_sorted(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, kernel)
+    if impl in GROUPED:
+        return experts_sorted(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, impl)
     raise ValueError(f"moe_impl={impl!r} is not one of {IMPLS[1:]}")
+
+
+# -- shared pieces: ranks, sort, un-sort ---------------------------------------------------------
+
+def exclusive_cumsum(x):
+    """[a, b, c] -> [0, a, a + b]: where each group starts."""
+    return jnp.cumsum(x) - x
+
+
+def expert_ranks(ids_A, num_experts: int):
+    """The rank of each assignment among the assignments to its expert, in assignment order
+    (0 for the first); 0 for ids = num_experts (no expert). [A] int32."""
+    onehot_AE = jax.nn.one_hot(ids_A, num_experts, dtype=jnp.int32)  # all-zero rows for no expert
+    return jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=-1)
+
+
+def sort_by_expert(ids_A, num_experts: int):
+    """order_A (sorted position -> assignment; stable, ids = num_experts last) and the group
+    sizes [num_experts] (int32)."""
+    order_A = jnp.argsort(ids_A, stable=True)
+    return order_A, jnp.bincount(ids_A, length=num_experts).astype(jnp.int32)
+
+
+def unsort_combine(ys_AD, order_A, w_Nk):
+    """Rows back from the experts in sorted order -> Σ_k w · y per token [N,D]."""
+    N, k = w_Nk.shape
+    y_NkD = jnp.take(ys_AD, jnp.argsort(order_A), axis=0).reshape(N, k, -1)
+    return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(ys_AD.dtype))
 
 
 # -- dense -------------------------------------------------------------------------------------------
@@ -100,15 +135,20 @@ def megablox_ok(d_model: int, ffn_local: int) -> bool:
     return d_model % 128 == 0 and ffn_local % 128 == 0
 
 
-OVERFLOW_SCOPE = "moe_overflow"  # names the grouped matmuls over a dropless buffer's rows past the
-# saved ones (HLO op_name): the AOT report counts them at the rows expected there, none
+def _namer(name: str | None):
+    """t -> t named `name` for the remat policies (`checkpoint_name`), or t itself (None)."""
+    return (lambda t: checkpoint_name(t, name)) if name else (lambda t: t)
+
+
+OVERFLOW_SCOPE = "moe_overflow"  # names the expert matmuls over a dropless buffer's rows past the
+# saved ones (HLO op_name): the AOT report counts its grouped matmuls at the rows expected there, none
 
 
 def _swiglu_h(xs_RD, group_sizes_E, gate_EDF, up_EDF, kernel: str, name: str | None):
     """silu(x·gate) · (x·up) over sorted rows (0 past the groups); the two projections are
     named `name` for the remat policies (`moe_wi`), or left unnamed (None)."""
     dt = xs_RD.dtype
-    tag = (lambda t: checkpoint_name(t, name)) if name else (lambda t: t)
+    tag = _namer(name)
     if kernel.startswith("megablox"):
         interp = kernel.endswith("interpret")
         g = tag(_gmm(xs_RD, gate_EDF, group_sizes_E, dt, interp))
@@ -143,8 +183,8 @@ def grouped_swiglu(xs_RD, group_sizes_E, gate_EDF, up_EDF, down_EFD, kernel: str
 
 def split_groups(group_sizes_E, keep: int):
     """Group sizes of the first `keep` sorted rows and of the rows after them."""
-    ends_E = jnp.cumsum(group_sizes_E)
-    keep_E = jnp.clip(ends_E, 0, keep) - jnp.clip(ends_E - group_sizes_E, 0, keep)
+    starts_E = exclusive_cumsum(group_sizes_E)
+    keep_E = jnp.clip(starts_E + group_sizes_E, 0, keep) - jnp.clip(starts_E, 0, keep)
     return keep_E.astype(group_sizes_E.dtype), (group_sizes_E - keep_E).astype(group_sizes_E.dtype)
 
 
@@ -171,15 +211,10 @@ def grouped_swiglu_gathered(x_RD, order_R, group_sizes_E, gate_EDF, up_EDF, down
 
 def experts_sorted(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot"):
     """Assignments sorted by expert (ids = E last, outside every group), grouped matmuls, un-sort."""
-    N, D = x_ND.shape
     k = ids_Nk.shape[1]
-    E = gate_EDF.shape[0]
-    flat_A = ids_Nk.reshape(-1)  # assignment a = token * k + slot
-    order_A = jnp.argsort(flat_A, stable=True)
-    sizes_E = jnp.bincount(flat_A, length=E).astype(jnp.int32)
+    order_A, sizes_E = sort_by_expert(ids_Nk.reshape(-1), gate_EDF.shape[0])  # assignment a = token * k + slot
     ys_AD = grouped_swiglu(jnp.take(x_ND, order_A // k, axis=0), sizes_E, gate_EDF, up_EDF, down_EFD, kernel)
-    y_NkD = jnp.take(ys_AD, jnp.argsort(order_A), axis=0).reshape(N, k, D)
-    return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(x_ND.dtype))
+    return unsort_combine(ys_AD, order_A, w_Nk)
 
 
 # -- blocked -------------------------------------------------------------------------------------------
@@ -196,12 +231,11 @@ def block_layout(ids_A, num_experts: int, block: int):
     E, C = num_experts, block
     G = -(-A // C) + E
     R = G * C
-    onehot_AE = jax.nn.one_hot(ids_A, E, dtype=jnp.int32)  # all-zero rows for ids = E
-    counts_E = jnp.sum(onehot_AE, axis=0)
-    rank_A = jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=-1)
+    counts_E = jnp.bincount(ids_A, length=E)  # ids = E (no expert) not counted
+    rank_A = expert_ranks(ids_A, E)
     blocks_E = -(-counts_E // C)
     block_end_E = jnp.cumsum(blocks_E)
-    start_E = (block_end_E - blocks_E) * C
+    start_E = exclusive_cumsum(blocks_E) * C
     valid_A = ids_A < E
     pos_A = jnp.where(valid_A, jnp.take(start_E, jnp.minimum(ids_A, E - 1)) + rank_A, R)
     src_R = jnp.full((R,), A, jnp.int32).at[pos_A].set(jnp.arange(A, dtype=jnp.int32), mode="drop")
@@ -215,7 +249,22 @@ def block_rows(assignments: int, num_experts: int, block: int = BLOCK_ROWS) -> i
     return max(1, min(block, -(-assignments // num_experts)))
 
 
-def experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, block: int = BLOCK_ROWS):
+def swiglu_blocks(x_GCD, gate_GDF, up_GDF, down_GFD, name: str | None = "moe_wi"):
+    """SwiGLU of each block of C rows with that block's expert weights (three batched einsums);
+    the gate/up outputs are named `name` for the remat policies, or left unnamed (None)."""
+    dt = x_GCD.dtype
+    tag = _namer(name)
+    g_GCF = tag(jnp.einsum("gcd,gdf->gcf", x_GCD, gate_GDF.astype(dt)))
+    h_GCF = jax.nn.silu(g_GCF) * tag(jnp.einsum("gcd,gdf->gcf", x_GCD, up_GDF.astype(dt)))
+    return jnp.einsum("gcf,gfd->gcd", h_GCF, down_GFD.astype(dt))
+
+
+def experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, block: int = BLOCK_ROWS,
+                    keep_rows: int | None = None):
+    """keep_rows (expert parallelism over a worst-case-sized buffer, as in
+    `grouped_swiglu_gathered`): only the blocks that can hold the first keep_rows assignments in
+    expert order (ceil(keep_rows/C) + E of them) have their gate/up outputs named `moe_wi`; the
+    blocks past them run under OVERFLOW_SCOPE, unnamed (recomputed by every remat policy)."""
     N, D = x_ND.shape
     k = ids_Nk.shape[1]
     E = gate_EDF.shape[0]
@@ -224,11 +273,13 @@ def experts_blocked(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD, block: int =
     pos_A, src_R, eid_G, G = block_layout(ids_Nk.reshape(-1), E, C)
     tok_R = src_R // k  # padding rows: A // k = N, out of range -> zeros
     x_GCD = jnp.take(x_ND, tok_R, axis=0, mode="fill", fill_value=0).reshape(G, C, D)
-    gate_GDF = jnp.take(gate_EDF.astype(dt), eid_G, axis=0)
-    up_GDF = jnp.take(up_EDF.astype(dt), eid_G, axis=0)
-    down_GFD = jnp.take(down_EFD.astype(dt), eid_G, axis=0)
-    g_GCF = checkpoint_name(jnp.einsum("gcd,gdf->gcf", x_GCD, gate_GDF), "moe_wi")
-    h_GCF = jax.nn.silu(g_GCF) * checkpoint_name(jnp.einsum("gcd,gdf->gcf", x_GCD, up_GDF), "moe_wi")
-    y_RD = jnp.einsum("gcf,gfd->gcd", h_GCF, down_GFD).reshape(G * C, D)
-    y_NkD = jnp.take(y_RD, pos_A, axis=0, mode="fill", fill_value=0).reshape(N, k, D)
+    # each block's expert weights: gate, up [G,D,F] and down [G,F,D]
+    per_block = tuple(jnp.take(p.astype(dt), eid_G, axis=0) for p in (gate_EDF, up_EDF, down_EFD))
+    keep_G = G if keep_rows is None else min(G, -(-keep_rows // C) + E)
+    y_GCD = swiglu_blocks(x_GCD[:keep_G], *(p[:keep_G] for p in per_block))
+    if keep_G < G:
+        with jax.named_scope(OVERFLOW_SCOPE):
+            y_rest = swiglu_blocks(x_GCD[keep_G:], *(p[keep_G:] for p in per_block), name=None)
+        y_GCD = jnp.concatenate([y_GCD, y_rest], axis=0)
+    y_NkD = jnp.take(y_GCD.reshape(G * C, D), pos_A, axis=0, mode="fill", fill_value=0).reshape(N, k, D)
     return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(dt))

@@ -6,35 +6,39 @@ and E/X experts (X = size of the `expert` mesh axis; the expert weights' `embed`
 all-gathered over fsdp by GSPMD on the way in, their `expert_mlp` dim stays split over tensor
 and the partial outputs are summed over tensor at the end).
 
-Exchange strategies (`sharding.use_rules(..., moe_exchange=...)`):
-  ragged  sort the N·k assignments by expert, `jax.lax.ragged_all_to_all` each device's slice to
-          the device owning those experts, grouped matmul (`jax.lax.ragged_dot`) over the
+Exchange strategies (`sharding.use_rules(..., moe_exchange=...)`; the old name 'ragged' of
+ragged_all_to_all is still accepted, with a warning: `canonical_exchange`):
+  ragged_all_to_all  sort the N·k assignments by expert, `jax.lax.ragged_all_to_all` each
+          device's slice to the device owning those experts, the local experts over the
           received rows, ragged_all_to_all back, un-sort, combine with the router weights.
-          Communication and compute ∝ tokens·k. For TPU/GPU (XLA:CPU cannot run it). On TPU
-          the grouped matmuls are megablox's (Pallas gmm/tgmm, which skip the buffer's empty
-          tiles): XLA:TPU turns the weight gradient of `lax.ragged_dot` into a masked dense
-          matmul over every local expert × every buffer row (20x the model's FLOPs at 30b-a3b).
+          Communication ∝ tokens·k. For TPU/GPU (XLA:CPU cannot run it).
   gather  all-gather the tokens of the expert axis, each device runs its own experts on the
           assignments that chose them, reduce-scatter the partial outputs back. Exact, runs on
           XLA:CPU: the reference for testing the same numerics on fake devices.
-  auto    ragged on TPU/GPU, gather on CPU.
+  auto    ragged_all_to_all on TPU/GPU, gather on CPU.
 
 Dropless by default: the receive buffer holds the worst case (X·N·k rows: every token of the
 expert group choosing this device), so no routing skew loses a token. Under a remat policy that
-keeps the experts' gate/up outputs (`moe_wi`), its sorted rows go through the grouped matmuls in
-two parts: the first ceil(ModelConfig.moe_saved_rows · N·k), whose outputs are named and kept
-(~1.25x what a device receives on average, not the worst case), and the rest, there only when
-routing sends this device more, recomputed in the backward pass. With `capacity_factor=c`
+keeps the experts' gate/up outputs (`moe_wi`), its rows sorted by expert go through the experts
+in two parts: the first ceil(ModelConfig.moe_saved_rows · N·k) (the blocked form: the blocks that
+can hold them), whose outputs are named and kept (~1.25x what a device receives on average, not
+the worst case), and the rest, there only when routing sends this device more, recomputed in
+the backward pass. With `capacity_factor=c`
 each device sends at most ceil(c·N·k/E) assignments per expert (the rest are dropped, first
 come first served in token order) and the buffers shrink to E·that.
 
-Local expert computation: the gather strategy runs `ModelConfig.moe_impl`'s form over the local
-experts (`qwen3_jax.model.moe_compute`: dense, ragged, blocked; auto = blocked on CPU); with a
-capacity, padded [E_loc, C, D] buffers and a batched einsum. The ragged strategy's received rows
-are sorted by expert and go through megablox (on TPU with 128-multiple dims, unless moe_impl is
-'ragged') or `lax.ragged_dot` (otherwise). Its sizes/offsets (`send_plan`, `recv_plan`,
-`buffer_order`) and un-sort (`unsort_combine`) are separate functions and its collectives an
-object (`LaxCollectives`), so that tests run it through a numpy emulator of ragged_all_to_all.
+Local expert computation: both exchanges run `ModelConfig.moe_impl`'s form over the local
+experts, resolved for the devices' platform as on one device (`moe_compute.resolve_impl`: auto =
+megablox on TPU when the dims are 128-multiples, else ragged_dot; blocked on GPU and CPU, where
+XLA expands ragged_dot into a masked copy of the rows per expert); an explicit form is honoured.
+The gather exchange with a capacity uses padded [E_loc, C, D] buffers and a batched einsum. The
+ragged_all_to_all exchange's received rows go through the grouped matmuls (ragged_dot, megablox:
+sorted by local expert first) or the blocked/dense form (`local_rows`). Its sizes/offsets
+(`send_plan`, `recv_plan`, `buffer_order`) are separate functions and its collectives an object
+(`LaxCollectives`), so that tests run it through a numpy emulator of ragged_all_to_all. On TPU
+the grouped matmuls are megablox's (Pallas gmm/tgmm, which skip the buffer's empty tiles):
+XLA:TPU turns the weight gradient of `lax.ragged_dot` into a masked dense matmul over every
+local expert × every buffer row.
 """
 
 from __future__ import annotations
@@ -43,18 +47,25 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from qwen3_jax import sharding
+from qwen3_jax import errors, sharding
 from qwen3_jax.model import moe_compute
-from qwen3_jax.model.moe_compute import grouped_swiglu_gathered, megablox_ok  # noqa: F401 (megablox_ok: re-export)
+from qwen3_jax.model.moe_compute import (GROUPED, exclusive_cumsum, expert_ranks, grouped_swiglu_gathered,
+                                         sort_by_expert, swiglu_blocks, unsort_combine)
 
-EXCHANGES = ("auto", "gather", "ragged")
+EXCHANGES = ("auto", "gather", "ragged_all_to_all")
+EXCHANGE_RENAMES = {"ragged": "ragged_all_to_all"}  # old value -> new (still accepted, with a warning)
 
 
-def _exclusive_cumsum(x):
-    return jnp.cumsum(x) - x
+def canonical_exchange(value: str, setting: str = "train.moe_exchange") -> str:
+    """`value` with an old exchange name replaced by its new one (logged once per process as a
+    renamed `setting`); any other value unchanged (`resolve_exchange` rejects unknown ones)."""
+    new = EXCHANGE_RENAMES.get(value)
+    if new is None:
+        return value
+    errors.renamed(setting, value, new)
+    return new
 
 
 def _buffer(shape, dtype, like):
@@ -81,10 +92,7 @@ def apply_capacity(ids_Nk, weights_Nk, num_experts: int, cap: int | None):
     """Assignments beyond `cap` per expert (in token order) get id `num_experts` and weight 0."""
     if cap is None:
         return ids_Nk, weights_Nk
-    flat = ids_Nk.reshape(-1)
-    onehot_AE = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)
-    rank = jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=-1)
-    keep = (rank < cap).reshape(ids_Nk.shape)
+    keep = (expert_ranks(ids_Nk.reshape(-1), num_experts) < cap).reshape(ids_Nk.shape)
     return jnp.where(keep, ids_Nk, num_experts), jnp.where(keep, weights_Nk, 0)
 
 
@@ -99,14 +107,10 @@ def local_experts(x_MD, w_Mk, local_Mk, gate, up, down, form: str, cap_rows: int
     w_Mk = w_Mk.astype(dt)
     if cap_rows is not None:  # padded buffers [E_loc, C, D]: one batched einsum
         flat = local_Mk.reshape(-1)
-        onehot_AE = jax.nn.one_hot(flat, E_loc, dtype=jnp.int32)
-        slot = jnp.sum((jnp.cumsum(onehot_AE, axis=0) - 1) * onehot_AE, axis=-1)
-        slot = jnp.where(flat < E_loc, slot, cap_rows)  # out of range: dropped by the scatter
+        slot = jnp.where(flat < E_loc, expert_ranks(flat, E_loc), cap_rows)  # out of range: dropped by the scatter
         buf_ECD = jnp.zeros((E_loc, cap_rows, D), dt).at[flat, slot].set(
             jnp.repeat(x_MD, k, axis=0), mode="drop")
-        h = jax.nn.silu(checkpoint_name(jnp.einsum("ecd,edf->ecf", buf_ECD, gate.astype(dt)), "moe_wi")) * \
-            checkpoint_name(jnp.einsum("ecd,edf->ecf", buf_ECD, up.astype(dt)), "moe_wi")
-        out_ECD = jnp.einsum("ecf,efd->ecd", h, down.astype(dt))
+        out_ECD = swiglu_blocks(buf_ECD, gate, up, down)  # one block of cap_rows rows per local expert
         y_AD = out_ECD.at[flat, slot].get(mode="fill", fill_value=0)
         return jnp.einsum("mkd,mk->md", y_AD.reshape(M, k, D), w_Mk)
     return moe_compute.experts(x_MD, w_Mk, local_Mk, gate, up, down, form)
@@ -130,7 +134,7 @@ def _gather_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, form, cap, tensor_axes):
 
 
 class LaxCollectives:
-    """The collectives of the ragged exchange over the `expert` mesh axis (inside shard_map).
+    """The collectives of the ragged_all_to_all exchange over the `expert` mesh axis (inside shard_map).
     Tests substitute an emulator with the same methods (tests/test_ragged_exchange.py)."""
 
     def axis_size(self):
@@ -149,35 +153,48 @@ def send_plan(ids_Nk, X: int, E_loc: int):
     home). Returns order_A (sorted position -> assignment token·k + slot), sizes_XE [X,E_loc]
     (rows for each device's each local expert), send_X (rows per destination) and in_off_X
     (where each destination's slice starts in the sorted rows)."""
-    flat_A = ids_Nk.reshape(-1)
-    order_A = jnp.argsort(flat_A, stable=True)
-    sizes_XE = jnp.bincount(flat_A, length=X * E_loc).astype(jnp.int32).reshape(X, E_loc)
+    order_A, sizes_E = sort_by_expert(ids_Nk.reshape(-1), X * E_loc)
+    sizes_XE = sizes_E.reshape(X, E_loc)
     send_X = sizes_XE.sum(1)
-    return order_A, sizes_XE, send_X, _exclusive_cumsum(send_X)
+    return order_A, sizes_XE, send_X, exclusive_cumsum(send_X)
 
 
 def recv_plan(recv_XE):
     """From recv_XE[s, e] (rows source s sends me for my local expert e): recv_X rows per
     source and recv_off_X, where each source's slice lands in my buffer (source-major)."""
     recv_X = recv_XE.sum(1)
-    return recv_X, _exclusive_cumsum(recv_X)
+    return recv_X, exclusive_cumsum(recv_X)
 
 
-def buffer_order(recv_XE, rows: int):
-    """The received buffer is (source, local expert)-major; returns order_R, the stable sort of
-    its rows by local expert (the rows past the received ones last), and the group sizes [E_loc]."""
+def buffer_experts(recv_XE, rows: int):
+    """The received buffer is (source, local expert)-major: the local expert of each of its
+    `rows` rows [R] (E_loc for the rows past the received ones: no expert)."""
     X, E_loc = recv_XE.shape
     ends = jnp.cumsum(recv_XE.reshape(-1))
     seg_R = jnp.searchsorted(ends, jnp.arange(rows, dtype=ends.dtype), side="right")
-    local_R = jnp.where(seg_R < X * E_loc, seg_R % E_loc, E_loc)
-    return jnp.argsort(local_R, stable=True), recv_XE.sum(0)
+    return jnp.where(seg_R < X * E_loc, seg_R % E_loc, E_loc)
 
 
-def unsort_combine(ys_AD, order_A, w_Nk):
-    """Rows back from the experts in sorted order -> Σ_k w · y per token [N,D]."""
-    N, k = w_Nk.shape
-    y_NkD = jnp.take(ys_AD, jnp.argsort(order_A), axis=0).reshape(N, k, -1)
-    return jnp.einsum("nkd,nk->nd", y_NkD, w_Nk.astype(ys_AD.dtype))
+def buffer_order(recv_XE, rows: int):
+    """order_R, the stable sort of the buffer's rows by local expert (the rows past the received
+    ones last), and the group sizes [E_loc]."""
+    return jnp.argsort(buffer_experts(recv_XE, rows), stable=True), recv_XE.sum(0)
+
+
+def local_rows(buf_RD, recv_XE, gate, up, down, form: str, keep: int | None):
+    """The local experts over the received buffer's rows [R,D] (each row one assignment, rows past
+    the received ones give 0) in form `form`: the grouped matmuls over the rows sorted by local
+    expert, or the blocked / dense form with the buffer as R one-assignment tokens. `keep`: the
+    rows whose gate/up outputs are named `moe_wi` (None: all)."""
+    R = buf_RD.shape[0]
+    if form in GROUPED:
+        order_R, group_sizes = buffer_order(recv_XE, R)
+        return grouped_swiglu_gathered(buf_RD, order_R, group_sizes, gate, up, down, form, keep)
+    ids_R1 = buffer_experts(recv_XE, R)[:, None]
+    w_R1 = jnp.ones((R, 1), buf_RD.dtype)
+    if form == "blocked":
+        return moe_compute.experts_blocked(buf_RD, w_R1, ids_R1, gate, up, down, keep_rows=keep)
+    return moe_compute.experts(buf_RD, w_R1, ids_R1, gate, up, down, form)
 
 
 def saved_rows(n_tokens: int, k: int, factor: float | None) -> int | None:
@@ -186,7 +203,7 @@ def saved_rows(n_tokens: int, k: int, factor: float | None) -> int | None:
     return None if factor is None else math.ceil(factor * n_tokens * k)
 
 
-def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel="ragged_dot",
+def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, form="ragged_dot",
                  comm=LaxCollectives(), saved=None):
     X = comm.axis_size()
     E_loc = gate.shape[0]
@@ -204,10 +221,9 @@ def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel
     out_off = comm.all_to_all(recv_off)  # where I land in device j's buffer
     rows = X * A if cap is None else E * cap
     buf_RD = comm.ragged_all_to_all(xs_AD, _buffer((rows, D), dt, xs_AD), in_off, send, out_off, recv)
-    # 3. sort the buffer by local expert, grouped matmul, back to the buffer's order
-    order_R, group_sizes = buffer_order(recv_XE, rows)
+    # 3. the local experts over the received rows, in the buffer's order
     keep = saved_rows(N, k, saved) if cap is None else None  # a capacity bounds the buffer already
-    ys_RD = grouped_swiglu_gathered(buf_RD, order_R, group_sizes, gate, up, down, kernel, keep)
+    ys_RD = local_rows(buf_RD, recv_XE, gate, up, down, form, keep)
     # 4. back to the sources, into their sorted layout; un-sort and combine
     back_off = comm.all_to_all(in_off)
     ys_AD = comm.ragged_all_to_all(ys_RD, _buffer((A, D), dt, ys_RD), recv_off, recv, back_off, send)
@@ -217,20 +233,29 @@ def _ragged_body(x_ND, w_Nk, ids_Nk, gate, up, down, *, cap, tensor_axes, kernel
 
 # -- entry point -----------------------------------------------------------------------------------
 
-def resolve_exchange(ctx: sharding.Context) -> str:
-    if ctx.moe_exchange not in EXCHANGES:
-        raise ValueError(f"moe_exchange={ctx.moe_exchange!r} is not one of {EXCHANGES}")
-    if ctx.moe_exchange != "auto":
-        return ctx.moe_exchange
-    return "gather" if ctx.platform == "cpu" else "ragged"
+def resolve_exchange(exchange: str, platform: str) -> str:
+    """The concrete exchange `exchange` (an old name is accepted) is on `platform`."""
+    exchange = canonical_exchange(exchange, "moe_exchange")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"moe_exchange={exchange!r} is not one of {EXCHANGES}")
+    if exchange != "auto":
+        return exchange
+    return "gather" if platform == "cpu" else "ragged_all_to_all"
+
+
+def plan(exchange: str, form: str, platform: str, d_model: int, ffn_local: int) -> tuple[str, str]:
+    """(exchange, local expert form) that expert parallelism runs on `platform`: both resolved,
+    the form as on one device (`moe_compute.resolve_impl`; each device runs its own experts, so a
+    Pallas kernel is not split by GSPMD), whichever the exchange."""
+    return resolve_exchange(exchange, platform), moe_compute.resolve_impl(form, platform, d_model, ffn_local)
 
 
 def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
                      ctx: sharding.Context, form: str = "auto", saved: float | None = None):
     """The MoE expert computation with experts split over the `expert` mesh axis → [B,T,D].
-    `form`: ModelConfig.moe_impl, resolved here for the devices' platform and local ffn width.
-    `saved`: ModelConfig.moe_saved_rows (ragged exchange, dropless: the receive buffer's rows,
-    × N·k, whose gate/up outputs the remat policies may keep; None: all)."""
+    `form`: ModelConfig.moe_impl, resolved here for the devices' platform and local ffn width
+    (`plan`). `saved`: ModelConfig.moe_saved_rows (ragged_all_to_all exchange, dropless: the
+    receive buffer's rows, × N·k, whose gate/up outputs the remat policies may keep; None: all)."""
     mesh, rules = ctx.mesh, ctx.rules
     B, T, D = x_BTD.shape
     E = gate_EDF.shape[0]
@@ -249,17 +274,12 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
     if tp is not None and len(tp) == 1:
         tp = tp[0]
     cap = capacity_per_source((B * T) // shards, k, E, ctx.capacity_factor)
-    exchange = resolve_exchange(ctx)
     tp_size = math.prod(mesh.shape[a] for a in tensor_axes)
-    form = moe_compute.resolve_impl(form, ctx.platform, D, gate_EDF.shape[2] // tp_size)
-    kernel = "ragged_dot"
+    exchange, form = plan(ctx.moe_exchange, form, ctx.platform, D, gate_EDF.shape[2] // tp_size)
     if exchange == "gather":
         body = lambda *a: _gather_body(*a, form=form, cap=cap, tensor_axes=tensor_axes)  # noqa: E731
-    else:  # the received rows are sorted by expert: grouped matmuls, megablox's on TPU (any form
-        # but an explicit 'ragged', which asks for lax.ragged_dot) when the dims allow
-        if ctx.platform == "tpu" and form != "ragged" and megablox_ok(D, gate_EDF.shape[2] // tp_size):
-            kernel = "megablox"
-        body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, kernel=kernel, saved=saved)  # noqa: E731
+    else:
+        body = lambda *a: _ragged_body(*a, cap=cap, tensor_axes=tensor_axes, form=form, saved=saved)  # noqa: E731
 
     def per_device(x_ND, w_Nk, ids_Nk, gate, up, down):
         ids_Nk, w_Nk = apply_capacity(ids_Nk, w_Nk, E, cap)
@@ -271,7 +291,7 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
                        out_specs=tok,
                        # Pallas outputs carry no varying-axes type; unchecked, shard_map's transpose
                        # still psums the weights' cotangents over the axes their specs omit
-                       check_vma=kernel != "megablox")
+                       check_vma=not form.startswith("megablox"))
     y_ND = fn(x_BTD.reshape(B * T, D), weights_BTk.reshape(B * T, k), ids_BTk.reshape(B * T, k),
               gate_EDF, up_EDF, down_EFD)
     return y_ND.reshape(B, T, D)

@@ -3,7 +3,10 @@
 Layers of one kind (dense or MoE) that follow each other form a stack: their parameters carry a
 leading `layers` axis and one scan applies them, so a 94-layer model traces one layer. Rematerial-
 isation of each layer follows `ModelConfig.remat` (`remat_policy`: full, XLA's dot policies, or
-named tensors kept in HBM or offloaded to host memory).
+named tensors kept in HBM or offloaded to host memory). remat='auto' is no policy: `train.build`
+resolves it by compiling the candidates. A model built outside it with 'auto' runs forward as
+any other (remat only acts under differentiation); differentiating it is an error that says so
+(`unresolved_auto`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,19 @@ from qwen3_jax.model.layers import MLP, Embed, RMSNorm, param, rope_cos_sin
 from qwen3_jax.model.moe import MoE
 
 
+def unresolved_auto(prim, *_, **__):
+    """The checkpoint policy of remat='auto' outside `train.build`. JAX consults a policy only
+    when it differentiates the checkpointed layers (to choose what to save for the backward
+    pass), so forward passes never call it: it stands for 'no policy was chosen' and raises."""
+    raise ValueError("model_config.remat='auto' reached a differentiated model: 'auto' is resolved by "
+                     "qwen3_jax.train.build, which compiles the candidate policies and picks one. Outside build "
+                     "set ModelConfig.remat to a policy ('full', 'none', ...: qwen3_jax.config.REMAT_POLICIES)")
+
+
 def remat_policy(name: str):
     """The `jax.checkpoint` policy of `ModelConfig.remat` (None for 'none': no checkpoint; the
-    named tensors each policy keeps: qwen3_jax.config.REMAT_NAMES).
-    'auto' reaches the model only when it is traced outside `qwen3_jax.train.build` (which picks a
-    policy by compiling): it then saves nothing, as 'full' does."""
+    named tensors each policy keeps: qwen3_jax.config.REMAT_NAMES). Not for 'auto', which
+    `train.build` resolves (`LayerStack` checkpoints it with `unresolved_auto`)."""
     if name == "none":
         return None
     if name in REMAT_NAMES:
@@ -33,9 +44,12 @@ def remat_policy(name: str):
         return jax.checkpoint_policies.save_and_offload_only_these_names(
             names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
             offload_src="device", offload_dst="pinned_host")
-    return {"full": jax.checkpoint_policies.nothing_saveable, "auto": jax.checkpoint_policies.nothing_saveable,
-            "dots": jax.checkpoint_policies.dots_saveable,
-            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+    table = {"full": jax.checkpoint_policies.nothing_saveable, "dots": jax.checkpoint_policies.dots_saveable,
+             "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if name not in table:
+        raise ValueError(f"remat policy {name!r} is not one of {('none', *REMAT_NAMES, *table)}"
+                         + (" ('auto' is resolved by qwen3_jax.train.build)" if name == "auto" else ""))
+    return table[name]
 
 
 class DecoderLayer(nnx.Module):
@@ -64,7 +78,7 @@ class DecoderLayer(nnx.Module):
                                                  mask_BTS, segment_ids_BT)
         x_BTD = x_BTD + a_BTD
         h_BTD = self.post_attn_norm(x_BTD)
-        y_BTD = self.mlp.forward(h_BTD) if self.moe else self.mlp(h_BTD)
+        y_BTD = self.mlp.output_only(h_BTD) if self.moe else self.mlp(h_BTD)
         return sharding.constrain(x_BTD + y_BTD, ("batch", "seq", "embed")), k_BSKH, v_BSKH
 
 
@@ -94,7 +108,8 @@ class LayerStack(nnx.Module):
             return x, stats
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=not self.scan)
+            policy = unresolved_auto if self.remat == "auto" else remat_policy(self.remat)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
         if self.scan:
             return jax.lax.scan(body, x_BTD, (state, router_bias_LE))
         stats = []
