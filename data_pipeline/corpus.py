@@ -35,6 +35,10 @@ import sysconfig
 import zlib
 from typing import Iterator, NamedTuple
 
+import pyarrow
+import pyarrow.parquet as pq
+import zstandard
+
 from qwen3_jax import storage
 
 BUILTINS = ("builtin:python-stdlib", "builtin:python-stdlib-code", "builtin:python-stdlib-docs")
@@ -142,7 +146,6 @@ class _Chunks(io.RawIOBase):
 def _zstd_chunks(path: str) -> Iterator[bytes]:
     """Decompressed bytes of a (multi-frame) .zst file; a frame cut short raises (zstandard's
     stream_reader silently stops at the cut)."""
-    import zstandard
     dctx, frame = zstandard.ZstdDecompressor(), None
     with _open_raw(path) as f:
         while data := f.read(1 << 18):
@@ -175,7 +178,6 @@ def _open_binary(path: str):
 @contextlib.contextmanager
 def _parquet(path: str):
     """The open pyarrow ParquetFile (from the path when local, else through a bucket file object)."""
-    import pyarrow.parquet as pq
     if not storage.is_remote(path):
         yield pq.ParquetFile(path)
         return
@@ -186,12 +188,10 @@ def _parquet(path: str):
 def _read_errors() -> tuple[type[BaseException], ...]:
     errs: tuple = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
     try:
-        import zstandard
         errs += (zstandard.ZstdError,)
     except ImportError:
         pass
     try:
-        import pyarrow
         errs += (pyarrow.ArrowException,)
     except ImportError:
         pass
@@ -205,7 +205,7 @@ def _bad_file(path: str, e: BaseException, where: str = "") -> CorpusError:
 
 def _pydoc_topics() -> list[tuple[str, str]]:
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # late: a large module only the built-in corpus reads
     except ImportError:
         return []
     return sorted(topics.items())

@@ -40,12 +40,14 @@ import zlib
 from typing import Any, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline.shards import ShardSource, load_npy
+from data_pipeline.transforms import BATCH_DTYPES, BATCH_KEYS, Finish, Parse, Row, SplitLong, fix_json_state  # noqa: F401  (re-exported: their home is transforms)
 from qwen3_jax import storage
-from data_pipeline.transforms import BATCH_DTYPES, BATCH_KEYS  # noqa: F401  (re-exported: their home is transforms)
-from data_pipeline.transforms import Finish, Parse, Row, SplitLong, fix_json_state
 
 PACKERS = ("concat_split", "first_fit", "best_fit")
 SPLIT_POSITIONS = ("restart", "continue")
@@ -357,7 +359,6 @@ def make_dataset(data, *, seq_len: int, global_batch_size: int,
     if packing not in PACKERS or split_positions not in SPLIT_POSITIONS:
         raise ValueError(f"packing ∈ {PACKERS}, split_positions ∈ {SPLIT_POSITIONS}")
     if process_index is None or process_count is None:
-        import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     shards = data_shards or process_count
     if shards % process_count:
@@ -405,7 +406,6 @@ def _shard(specs: list[DatasetSpec], mix: str, rows: int, worker_count: int, **k
                                          {s.key: s.weight / docs[s.key][1] for s in specs}), key="+".join(keys), **kw)
     ds = ds.batch(rows, drop_remainder=False).map(Finish(rows))
     if worker_count:
-        from absl import flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -418,8 +418,6 @@ def to_global(batch: Mapping[str, np.ndarray], mesh, partition_spec) -> dict:
     partition_spec is for [B, T] arrays (e.g. P(('data', 'fsdp'), None)); it is cut to the rank of
     lower-rank arrays. A dict {key: spec} sets it per key. Global batch = B_host × process_count.
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     out = {}
     for k, v in batch.items():

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import ctypes
 import json
 import multiprocessing
 import os
@@ -45,8 +46,10 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from data_pipeline import corpus
+from data_pipeline.cli import ArgumentParser
 from data_pipeline.shard_writer import HIST_BUCKETS, ShardWriter, read_json, shard_name, write_json  # noqa: F401
 from data_pipeline.shards import folder_names
 from data_pipeline.text_tokenizer import load_tokenizer, train_sentencepiece
@@ -67,7 +70,6 @@ _W: dict = {}
 def _die_with_parent(parent: int) -> None:
     """Ends this worker when the main process dies, however it dies (SIGKILL included)."""
     try:  # Linux: the kernel sends SIGKILL when the parent (the thread that forked us) exits
-        import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         def watch():  # elsewhere: poll
@@ -253,7 +255,6 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     crash_after = int(os.environ.get(CRASH_ENV, "0"))
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=sum(bounds[s + 1] - bounds[s] for s in todo), unit="doc", unit_scale=True,
                    desc=os.path.basename(os.path.normpath(out)), smoothing=0.1, file=sys.stderr)
 
@@ -392,7 +393,6 @@ def prepare_builtin(out_dir: str, tokenizer: str = "qwen3", *, parts: Sequence[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data_pipeline.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--input", nargs="+", required=True, help="files/globs (jsonl[.gz|.zst], parquet, txt) "

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from qwen3_jax import storage
 
@@ -51,7 +52,6 @@ class ShardWriter:
     `counts` in the shard's stats."""
 
     def __init__(self, out: str, s: int, plan: dict):
-        from array_record.python.array_record_module import ArrayRecordWriter
         self.shard = s
         self.final = os.path.join(out, shard_name(s, plan["shards"]))
         self._stage = tempfile.mkdtemp(prefix="prepare-shard-") if storage.is_remote(out) else None

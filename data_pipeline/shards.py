@@ -27,6 +27,7 @@ import socket
 from typing import Sequence
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 
 from qwen3_jax import storage
 
@@ -79,7 +80,6 @@ def load_npy(f: str) -> np.ndarray:
 def shard_lengths(path: str, stats: dict) -> list[np.ndarray]:
     """The document lengths of each shard of the dataset at `path`, checked against the shard
     files and the stats (ShardError naming the file otherwise)."""
-    from array_record.python.array_record_module import ArrayRecordReader
     expected = stats.get("shard_documents") or [None] * len(stats["shards"])
     tool = _tool(stats)
     if storage.is_remote(path):
@@ -140,7 +140,7 @@ class ShardSource:
     """grain random-access source over the shards; errors name the shard file and record."""
 
     def __init__(self, path: str, stats: dict):
-        import grain
+        import grain  # late: grain loads jax; prepare.py's forked workers read shards without it
         per_shard = shard_lengths(path, stats)
         self._files = [os.path.join(path, s) for s in stats["shards"]]
         self._starts = np.concatenate([[0], np.cumsum([len(n) for n in per_shard])]).astype(np.int64)

@@ -31,6 +31,12 @@ import tempfile
 import time
 from typing import Iterable, Protocol, Sequence
 
+import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from data_pipeline import corpus as corpus_lib
+from data_pipeline.cli import ArgumentParser
 from qwen3_jax import storage
 
 EOS = "<|endoftext|>"
@@ -61,7 +67,6 @@ class HFTokenizer:
     """Byte-level BPE through the `tokenizers` library (tokenizer.json or vocab.json + merges.txt)."""
 
     def __init__(self, path: str):
-        import tokenizers
         path = qwen3_tokenizer_dir() if path == "qwen3" else path
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.json")):
             path = os.path.join(path, "tokenizer.json")
@@ -97,8 +102,6 @@ class HFTokenizer:
 
 def _from_vocab_merges(folder: str):
     """Rebuild Qwen2/3's byte-level BPE from vocab.json + merges.txt (+ tokenizer_config.json's added tokens)."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
     bpe = models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
     tok = tokenizers.Tokenizer(bpe)
     # Qwen2/3's pre-tokenizer split pattern (the same as in their tokenizer.json).
@@ -129,7 +132,6 @@ class SentencePieceTokenizer:
     """A sentencepiece model; special tokens are control symbols, matched in text only with allow_special."""
 
     def __init__(self, path: str):
-        import sentencepiece as spm
         self._sp = spm.SentencePieceProcessor(model_file=path)
         self.name = f"spm:{os.path.abspath(path)}"
         self.special_ids = {s: self._sp.piece_to_id(s) for s in SPECIAL_TOKENS}
@@ -228,8 +230,6 @@ def train_sentencepiece(out_dir: str, vocab_size: int = 4096, corpus: str = "bui
 
 def _train_local(out_dir: str, vocab_size: int, corpus: str, max_chars: int, threads: int | None) -> None:
     """train_sentencepiece into a local folder."""
-    import sentencepiece as spm
-    from data_pipeline import corpus as corpus_lib
     os.makedirs(out_dir, exist_ok=True)
 
     def sentences():
@@ -257,7 +257,6 @@ def _train_local(out_dir: str, vocab_size: int, corpus: str, max_chars: int, thr
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from data_pipeline.cli import ArgumentParser
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train-spm", help="train a sentencepiece BPE (byte fallback, Qwen3 special tokens)")

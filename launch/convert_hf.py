@@ -22,9 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
+
+import jax
+
+from qwen3_jax import checkpoint, hf, storage
+from qwen3_jax.errors import HFConversionError
+from qwen3_jax.fileio import atomic_dir, check_target
+from qwen3_jax.hf_tokenizer import plan_tokenizer_export
 
 
 def _rss_gib() -> float:  # /proc is this machine's, never a user path
@@ -35,15 +43,11 @@ def _rss_gib() -> float:  # /proc is this machine's, never a user path
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def cmd_import(args) -> None:
-    from qwen3_jax import hf, storage
-    from qwen3_jax.fileio import atomic_dir, check_target
-    from qwen3_jax import checkpoint
 
     t0 = time.time()
     src = storage.path(args.hf)
@@ -55,7 +59,6 @@ def cmd_import(args) -> None:
         folder, _ = hf.check_hf_params(local, cfg)  # names, shapes, every file's header: before any data is read
         hf_dtype = folder.dtype()
         flat = hf.read_hf_params(local, cfg, dtype=args.dtype)
-    import jax
 
     for k in list(flat):  # hand each array to jax now, one at a time, so orbax does not copy them all at once
         flat[k] = jax.device_put(flat[k])
@@ -68,7 +71,6 @@ def cmd_import(args) -> None:
 
 def _export_step(path: str, step: int | None) -> tuple[os.PathLike, int]:
     """(checkpoint root, step) for --checkpoint / --step, checked without loading any parameters."""
-    from qwen3_jax import checkpoint
 
     root, found = checkpoint.checkpoint_root(path)
     if found is not None and step is not None and step != found:
@@ -83,10 +85,6 @@ def _export_step(path: str, step: int | None) -> tuple[os.PathLike, int]:
 
 
 def cmd_export(args) -> None:
-    from qwen3_jax import hf
-    from qwen3_jax.fileio import check_target
-    from qwen3_jax.hf_tokenizer import plan_tokenizer_export
-    from qwen3_jax import checkpoint
 
     t0 = time.time()
     if args.dtype is not None:
@@ -136,7 +134,6 @@ def main(argv=None) -> int:
     b.add_argument("--max-shard-gib", type=float, default=2.0)
     b.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    from qwen3_jax.errors import HFConversionError
 
     try:
         (cmd_import if args.cmd == "import" else cmd_export)(args)

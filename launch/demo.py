@@ -19,11 +19,19 @@ Rerunning resumes (finished stages are skipped). About eight minutes on 2 CPU co
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# A CPU demo: keep an installed libtpu (the AOT compiler) from probing for TPUs in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported (below)
+
+from data_pipeline.prepare import prepare_builtin  # noqa: E402
+from qwen3_jax.inference import SamplingConfig, load_text_generator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "import os\n\n\ndef "
@@ -57,15 +65,14 @@ def stage(name: str, workdir: Path, steps: int, seq_len: int, batch: int, *param
 def sample(workdir: Path, hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
     """A sample from the final checkpoint with our own KV-cache generation (qwen3_jax.inference),
     and a check that transformers, loading the export, picks the same first greedy tokens."""
-    from qwen3_jax.inference import SamplingConfig, load_text_generator
 
     tg = load_text_generator(checkpoint=str(workdir), tokenizer=str(spm_model))
     out = tg.generate([PROMPT], max_new_tokens=n_new, sampling=SamplingConfig(temperature=0.7, top_k=40), seed=0)[0]
     lines = [f"[qwen3_jax] {PROMPT}{out['text']}"]
     greedy = tg.generate([PROMPT], max_new_tokens=16)[0]
     try:
-        import torch
-        from transformers import AutoModelForCausalLM
+        import torch  # optional: the [test] extra (transformers checks the export)
+        from transformers import AutoModelForCausalLM  # optional: as above
 
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         ids = greedy["prompt_tokens"]
@@ -83,8 +90,6 @@ def sample(workdir: Path, hf_dir: Path, spm_model: Path, n_new: int = 48) -> str
 def evaluate(work: Path, parts: dict, seq_len: int, max_batches: int) -> str:
     """Held-out bits per byte of the final checkpoint (launch/evaluate.py: the documents training
     never saw), per dataset and pooled over both (total bits / total bytes)."""
-    import json
-    import math
 
     print(f"\n=== held-out bits per byte after stage 3 ({seq_len} tokens) ===", flush=True)
     out = work / "heldout.json"
@@ -108,8 +113,6 @@ def main(argv=None) -> int:
     p.add_argument("--data_dir", default=None,
                    help="where the built-in corpus is prepared (default WORKDIR/data; reused when already there)")
     args = p.parse_args(argv)
-    # A CPU demo: keep an installed libtpu (the AOT compiler) from probing for TPUs in every process.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     work = (ROOT / args.workdir).resolve() if not os.path.isabs(args.workdir) else Path(args.workdir)
     t0 = time.time()
     n = lambda k: max(2, int(k * args.scale))  # noqa: E731
@@ -117,7 +120,6 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
     vocab = 512 if args.quick else 4096
     print(f"=== data: the built-in corpus (Python stdlib sources + docs), sentencepiece BPE {vocab:,} ===", flush=True)
-    from data_pipeline.prepare import prepare_builtin
 
     parts = prepare_builtin(str(data_dir / f"spm{vocab}"), "spm", spm_vocab_size=vocab, progress=True)
     spm_model = data_dir / f"spm{vocab}" / f"spm{vocab}" / "spm.model"

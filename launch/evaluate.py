@@ -19,11 +19,14 @@ import json
 import sys
 import time
 
+from data_pipeline.prepare import parse_named_datasets
+from qwen3_jax import evaluate as ev
 from qwen3_jax import storage
+from qwen3_jax.evaluate import mc_path
+from qwen3_jax.inference.loading import open_tokenizer
 
 
 def _parse_data(values: list[str]) -> dict[str, str]:
-    from data_pipeline.prepare import parse_named_datasets
 
     return parse_named_datasets(values)
 
@@ -56,7 +59,6 @@ def _check_args(args) -> tuple[dict[str, str], str | None]:
     data = _parse_data(args.data)
     mc = None
     if args.mc:
-        from qwen3_jax.evaluate import mc_path
         mc = mc_path(args.mc)
         if not storage.path(mc).is_file():
             raise ValueError(f"--mc {args.mc}: file {mc} does not exist")
@@ -117,8 +119,6 @@ def main(argv=None) -> int:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
 
-    from qwen3_jax import evaluate as ev
-    from qwen3_jax.inference.loading import open_tokenizer
 
     t0 = time.time()
     try:

@@ -22,6 +22,8 @@ import json
 import sys
 
 from qwen3_jax import storage
+from qwen3_jax.errors import HFConversionError
+from qwen3_jax.inference import SamplingConfig, load_text_generator
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,11 +101,9 @@ def read_prompts(args) -> list:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from qwen3_jax.errors import HFConversionError
 
     try:
         prompts = read_prompts(args)
-        from qwen3_jax.inference import SamplingConfig, load_text_generator
 
         gen = load_text_generator(hf=args.hf, checkpoint=args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
                                   steps_per_call=args.steps_per_call)

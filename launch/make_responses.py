@@ -43,7 +43,25 @@ import time
 import zlib
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline.cli import ArgumentParser
+from data_pipeline.prepare import (
+    CRASH_ENV,
+    PrepareError,
+    ShardWriter,
+    aggregate_stats,
+    open_output,
+    pending_shards,
+    read_json,
+    shard_bounds,
+    write_json,
+)
 from qwen3_jax import storage
+from qwen3_jax.errors import HFConversionError, TrainingError
+from qwen3_jax.inference import SamplingConfig, load_text_generator
+from qwen3_jax.train.distill import find_teacher
 
 MODES = ("think", "no_think")
 TOKENIZER_KEYS = ("tokenizer", "vocab_size", "eos_id", "dtype")  # plan keys known once the tokenizer is loaded
@@ -54,7 +72,6 @@ class ResponsesError(ValueError):
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from data_pipeline.cli import ArgumentParser
 
     p = ArgumentParser(prog="make_responses.py", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -173,7 +190,6 @@ def record(tg, prompt, result: dict[str, Any], thinking: bool) -> tuple[list[int
 
 def _complete(out: str, plan: dict) -> dict | None:
     """stats.json of a finished dataset written with these arguments (checked before the teacher loads)."""
-    from data_pipeline.prepare import pending_shards, read_json
     plan_file, stats_file = storage.path(out) / "plan.json", storage.path(out) / "stats.json"
     old = read_json(str(plan_file)) if plan_file.exists() else None
     if not old or any(old.get(k) != v for k, v in plan.items()) or pending_shards(out, old):
@@ -183,11 +199,7 @@ def _complete(out: str, plan: dict) -> dict | None:
 
 def make_responses(a: argparse.Namespace) -> dict:
     """Writes (or finishes) the dataset of `a` (parsed flags); returns its stats."""
-    import numpy as np
 
-    from data_pipeline.prepare import (CRASH_ENV, ShardWriter, aggregate_stats, open_output, pending_shards,
-                                       shard_bounds, write_json)
-    from qwen3_jax.train.distill import find_teacher
 
     prompts = read_prompts(a.prompts, a.limit)
     if len(prompts) * len(a.modes) < a.shards:
@@ -197,7 +209,6 @@ def make_responses(a: argparse.Namespace) -> dict:
     plan = arg_plan(a, prompts, teacher)
     if (st := _complete(a.out, plan)) is not None:
         return st
-    from qwen3_jax.inference import SamplingConfig, load_text_generator
 
     src = {"hf": teacher.path} if teacher.kind == "hf" else {"checkpoint": teacher.path}
     tg = load_text_generator(**src, tokenizer=a.tokenizer, dtype=a.dtype, steps_per_call=a.steps_per_call)
@@ -212,7 +223,6 @@ def make_responses(a: argparse.Namespace) -> dict:
     crash_after = int(os.environ.get(CRASH_ENV, "0"))  # test hook: die mid-shard after this many shards
     bar = None
     if not a.no_progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=sum(bounds[s + 1] - bounds[s] for s in todo), unit="resp", desc=storage.path(a.out).name,
                    smoothing=0.1, file=sys.stderr)
@@ -263,9 +273,6 @@ def make_responses(a: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse(argv)
-    from data_pipeline.prepare import PrepareError
-    from qwen3_jax.errors import HFConversionError
-    from qwen3_jax.errors import TrainingError
 
     try:
         st = make_responses(a)

@@ -9,10 +9,11 @@ import argparse
 import json
 import sys
 
+from qwen3_jax.config import PRESETS
+from qwen3_jax.params import count_params
+
 
 def main(argv=None) -> int:
-    from qwen3_jax.config import PRESETS
-    from qwen3_jax.params import count_params
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"one of: {', '.join(PRESETS)}")

@@ -122,7 +122,7 @@ def local_paths(train_args: list[str]) -> list[str]:
     known, _ = p.parse_known_args(train_args)
     try:
         sys.path.insert(0, str(ROOT))
-        from qwen3_jax import configurables
+        from qwen3_jax import configurables  # optional: the other subcommands run without the library
 
         configurables.parse_gin(known.gin, known.gin_param)
         values = {"WORKDIR": known.workdir or configurables.query("%WORKDIR"),
