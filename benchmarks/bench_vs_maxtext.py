@@ -19,7 +19,9 @@ Settings:
   matched  the same work on both sides as far as the two allow: full remat on both, attention
            materialising the scores (ours reference, MaxText dot_product), the same expert form,
            `jax.lax.ragged_dot` over the sorted assignments (ours moe_impl='ragged', MaxText
-           sparse_matmul=true megablox=false), and our loss in one piece.
+           sparse_matmul=true megablox=false), and our loss in one piece. For dense, MaxText's
+           two settings are the same program (base.yml's remat is already full), so the gap
+           between its two dense rows shows the machine's run-to-run noise.
 
 Protocol. A case (dense or MoE, at one setting) is run `--rounds` times; a round is one run of
 each side, each a fresh process, in alternating order (round 0: ours first, round 1: MaxText
@@ -136,8 +138,9 @@ def markdown(report: dict) -> str:
     loads = [x for c in report["cases"] for r in c["runs"] for x in (r.get("load_before"), r.get("load_after")) if x]
     lines = [bench_report.provenance(report) + "."]
     if p.get("timed_steps"):
-        lines.append(f"s/step; a run = the median of steps {p['timed_steps']} (0-based, after {p['warmup']} "
-                     f"warm-up steps and the compile) on each side; min / median / max over runs; "
+        warm = f"{p['warmup']} warm-up step" + ("s" if p["warmup"] != 1 else "")
+        lines.append(f"s/step; a run = the median of steps {p['timed_steps']} (0-based, after the compile and "
+                     f"{warm}) on each side; min / median / max over runs; "
                      "ratio = MaxText / ours of the medians [min, max of the per-round ratios].")
     if p.get("note"):
         lines.append(p["note"])
