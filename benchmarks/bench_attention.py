@@ -62,7 +62,7 @@ def _model_step(args, impl, T, block):
 
     cfg = qwen3_jax.get_config("tiny-dense", num_heads=args.heads, num_kv_heads=args.kv_heads,
                                head_dim=args.head_dim, compute_dtype=args.dtype, attention_impl=impl,
-                               attention_block=block, max_position_embeddings=max(T, 4096))
+                               attention_block=block, max_position_embeddings=max(T, 4096), remat="full")
     graphdef, params = nnx.split(qwen3_jax.create_model(cfg))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (args.batch, T), 0, cfg.vocab_size)
     seg = _packed_segments(args.batch, T, args.doc_len) if args.doc_len else None

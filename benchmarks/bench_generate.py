@@ -4,7 +4,7 @@
 
 Models (random weights, fp32, the same weights on both sides through a Hugging Face folder):
 `small-moe` (the CPU preset: 4 MoE layers, 8 experts top-2, tied) with its configured expert
-kernel (`moe_impl="ragged"`: `lax.ragged_dot`, slow on XLA:CPU) and with `moe_impl="dense"` (every
+kernel (`moe_impl="ragged_dot"`: `lax.ragged_dot`, slow on XLA:CPU) and with `moe_impl="dense"` (every
 expert on every token as one einsum: E/k times the FLOPs, faster on CPU), and a 2-layer slice of
 `qwen3-0.6b` (its real widths and 151,936-row vocabulary). Greedy, no EOS, every row the same
 prompt length. Prefill tokens/s = B * prompt_len / (time to the first token's logits); decode

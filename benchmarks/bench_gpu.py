@@ -154,7 +154,7 @@ def train_check(tiny: bool, steps: int, moe: bool = False):
         layers = dict(num_layers=4)
         cases = [("qwen3-30b-a3b", dict(layers, moe_impl="blocked"), 8, 4096, "full"),
                  ("qwen3-30b-a3b", dict(layers, moe_impl="blocked"), 1, 4096, "full"),
-                 ("qwen3-30b-a3b", dict(layers, moe_impl="ragged"), 1, 4096, "full")]
+                 ("qwen3-30b-a3b", dict(layers, moe_impl="ragged_dot"), 1, 4096, "full")]
     else:
         cases = [("qwen3-0.6b", dict(), 8, 4096, "full"),
                  ("qwen3-0.6b", dict(), 8, 4096, "save_attn_mlp"),

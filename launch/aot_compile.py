@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                    "folder, matched by the step program's fingerprint")
     p.add_argument("--splash_fused_bwd", default=None, choices=["true", "false"],
                    help="shorthand for model_config.splash_fused_bwd=")
-    p.add_argument("--moe_exchange", default=None, help="shorthand for train.moe_exchange= (auto | ragged | gather)")
+    p.add_argument("--moe_exchange", default=None, help="shorthand for train.moe_exchange= (auto | ragged_all_to_all | gather)")
     p.add_argument("--capacity_factor", type=float, default=None, help="shorthand for train.capacity_factor=")
     p.add_argument("--aux_scope", default=None, help="shorthand for train.aux_scope=")
     p.add_argument("--hbm_gib", type=float, default=None, help="what-if: HBM per chip instead of the chip's")

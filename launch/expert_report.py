@@ -89,14 +89,15 @@ def main(argv=None) -> int:
         return fail(f"--out {out}: folder {out.parent} does not exist")
 
     try:
-        data, hf = parse_named_datasets(args.data), args.heldout_fraction
-        if not data and not args.skip_domains:
-            data, run_hf = _data_from_config(workdir)
-            hf = run_hf if hf is None else hf
-        report = er.build_report(workdir, last=args.last, data=None if args.skip_domains else data,
-                                 tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                 split=args.split, heldout_fraction=0.02 if hf is None else hf, step=args.step,
-                                 router_bias=not args.no_router_bias)
+        report = er.load_report(workdir, args.last)
+        if not args.skip_domains:
+            data, hf = parse_named_datasets(args.data), args.heldout_fraction
+            if not data:
+                data, run_hf = _data_from_config(workdir)
+                hf = run_hf if hf is None else hf
+            er.add_domains(report, data, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                           split=args.split, heldout_fraction=0.02 if hf is None else hf, step=args.step,
+                           router_bias=not args.no_router_bias)
     except (ReportError, FileNotFoundError, ValueError) as e:
         return fail(str(e))
     png, json_path = er.write_report(report, out)

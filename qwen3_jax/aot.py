@@ -221,8 +221,14 @@ def step_time_fields(report_head: dict, cfg, hlo_text: str, per_chip: int, flops
                            ici_wire_bytes=step_time.ici_wire_bytes(collectives),
                            dcn_wire_bytes=step_time.dcn_wire_bytes(params, report_head["chips"] // slices, slices),
                            offload_bytes=out["host_offload_bytes_per_chip"])
-    return {**out, "step_time": {**t, "chip_figures": chip.source, "overlap": step_time.OVERLAP,
-                                 "label": "estimate, not a measurement (qwen3_jax/step_time.py)"}}
+    calibrated = step_time.calibrate(step_time.family(report_head["libtpu_topology"]), t, model_flops * per_chip)
+    return {**out, "step_time": {
+        **t, "chip_figures": chip.source, "overlap": step_time.OVERLAP, "calibrated": calibrated,
+        "label": "modelled, not measured (qwen3_jax/step_time.py): the terms and estimate_s put the compiled "
+                 "program's counts on the chip's published peaks (uncalibrated; lower_bound_s: a bound); "
+                 "'calibrated' is the prediction (shares of the peaks fitted on measured steps)",
+        "measured_from_program": ["bytes_per_chip_*", "flops_per_chip", "flops_breakdown_per_chip", "collectives",
+                                  "hbm_traffic_bytes_per_chip", "host_offload_bytes_per_chip"]}}
 
 
 def notes(program) -> list[str]:
@@ -236,7 +242,8 @@ def notes(program) -> list[str]:
         out.append("compute_dtype='float32' on TPU: matmuls run at a fraction of the bf16 rate")
     if platform == "tpu" and cfg.is_moe and cfg.moe_impl == "dense" and program.mesh.shape.get("expert", 1) == 1:
         out.append(f"moe_impl='dense' runs all {cfg.num_experts} experts on every token "
-                   f"({cfg.num_experts / cfg.num_experts_per_tok:.0f}x the expert FLOPs); 'ragged' runs the chosen ones")
+                   f"({cfg.num_experts / cfg.num_experts_per_tok:.0f}x the expert FLOPs); 'ragged_dot' or "
+                   f"'megablox' run the chosen ones")
     if platform == "tpu" and cfg.remat == "none":
         out.append("remat='none' keeps every layer's activations: fewest FLOPs, most memory (see the peak)")
     return out
@@ -277,8 +284,13 @@ def format_report(r: dict) -> str:
         lines.append(f"  on-policy rollout ({ro['prompt_len']} prompt + {ro['completion_len']} sampled tokens): peak "
                      f"{g(ro['bytes_per_chip_peak'])} -> {'FITS' if ro['fits'] else 'DOES NOT FIT'} (a separate program: "
                      f"the step's peak does not add to it)")
+    lines.append("  MEASURED (read from the compiled program: XLA's memory analysis, our count of its HLO): the "
+                 "memory and FLOPs above, the collectives below"
+                 + (f", HBM traffic {r['hbm_traffic_bytes_per_chip'] / GIB:,.1f} GiB and host offload "
+                    f"{(r.get('host_offload_bytes_per_chip') or 0) / GIB:,.1f} GiB per chip per step"
+                    if r.get("hbm_traffic_bytes_per_chip") is not None else ""))
     if r.get("step_time"):
-        lines.append("  " + step_time.summary_line(r["step_time"]))
+        lines.append("  MODELLED " + step_time.summary_line(r["step_time"]))
     for note in r["sharding_fallbacks"]:
         lines.append(f"  fallback (replicated): {note}")
     lines.append("  collectives per step (count, bytes per chip = output sizes, wire = sent per chip by a ring):")

@@ -17,7 +17,7 @@ lets experts specialise by domain; the score measures that. Routing uses the aux
 selection bias when the run trained with one (it lives in the checkpoint's train state), so the
 counts are the ones training saw.
 
-    report = build_report("runs/x", last=50, data={"code": "data/code", "docs": "data/docs"})
+    report = add_domains(load_report("runs/x", last=50), {"code": "data/code", "docs": "data/docs"})
     png, json_path = write_report(report, "runs/x/expert_load.png")
     print(summary(report))
 
@@ -294,38 +294,43 @@ def write_json(path: str | os.PathLike, obj: Any) -> str:
 
 # -- the whole report (launch/expert_report.py) -----------------------------------------------------
 
-def build_report(workdir: str | os.PathLike, *, last: int = 50, data: Mapping[str, str] | None = None,
-                 tokens: int = 32768, seq_len: int | None = None, batch_size: int = 8, split: str = "heldout",
-                 heldout_fraction: float = 0.02, step: int | None = None, router_bias: bool = True) -> dict:
-    """The load view of `workdir` (last `last` logged steps) and, with `data` ({domain: prepared
-    folder}), the domains view from its checkpoint (`step`, default the latest): `tokens` held-out
-    tokens per domain in rows of `seq_len` (default: training's, at most 1,024)."""
+def load_report(workdir: str | os.PathLike, last: int = 50) -> dict:
+    """The load view of `workdir`: expert shares over its last `last` logged steps."""
     workdir = storage.path(workdir)
     steps, counts_NLE = read_expert_counts(workdir / "metrics.jsonl", last)
     load_LE = shares(counts_NLE.sum(0))
     loads_L = layer_loads(load_LE)
     worst = int(loads_L.argmax())
-    report: dict = {"workdir": str(workdir), "steps": [steps[0], steps[-1]], "logged_steps": len(steps),
-                    "load_shares": load_LE.tolist(), "layer_load": loads_L.tolist(),
-                    "worst_layer": {"moe_layer": worst, "load": float(loads_L[worst])}, "specialization": None}
-    if data:
-        cfg, flat, step, meta = ckpt.restore_params_numpy(workdir, step)
-        bias = read_router_bias(workdir, step) if router_bias and meta.get("router_bias") else None
-        seq_len = seq_len or min(int(meta.get("seq_len") or 512), 1024)
-        per_domain, routed = {}, {}
-        for name, path in data.items():
-            per_domain[name], routed[name] = routing_counts(
-                cfg, flat, path, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                split=None if split == "all" else "heldout", heldout_fraction=heldout_fraction, router_bias=bias)
-        ids = moe_layer_ids(cfg)
-        report["worst_layer"]["layer"] = ids[worst]
-        report.update(step=step, model=cfg.name, router_bias=bias is not None, seq_len=seq_len, data=dict(data),
-                      tokens=routed, specialization=specialization(per_domain, ids), layer_ids=ids)
+    return {"workdir": str(workdir), "steps": [steps[0], steps[-1]], "logged_steps": len(steps),
+            "load_shares": load_LE.tolist(), "layer_load": loads_L.tolist(),
+            "worst_layer": {"moe_layer": worst, "load": float(loads_L[worst])}, "specialization": None}
+
+
+def add_domains(report: dict, data: Mapping[str, str], *, tokens: int = 32768, seq_len: int | None = None,
+                batch_size: int = 8, split: str = "heldout", heldout_fraction: float = 0.02,
+                step: int | None = None, router_bias: bool = True) -> dict:
+    """The domains view added to `report` (from `load_report`): the run's checkpoint (`step`, default
+    the latest) routes `tokens` held-out tokens of each prepared folder in `data` ({domain: folder})
+    in rows of `seq_len` (default: training's, at most 1,024)."""
+    workdir = storage.path(report["workdir"])
+    cfg, flat, step, meta = ckpt.restore_params_numpy(workdir, step)
+    bias = read_router_bias(workdir, step) if router_bias and meta.get("router_bias") else None
+    seq_len = seq_len or min(int(meta.get("seq_len") or 512), 1024)
+    per_domain, routed = {}, {}
+    for name, path in data.items():
+        per_domain[name], routed[name] = routing_counts(
+            cfg, flat, path, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+            split=None if split == "all" else "heldout", heldout_fraction=heldout_fraction, router_bias=bias)
+    ids = moe_layer_ids(cfg)
+    report["worst_layer"]["layer"] = ids[report["worst_layer"]["moe_layer"]]
+    report.update(step=step, model=cfg.name, router_bias=bias is not None, seq_len=seq_len, data=dict(data),
+                  tokens=routed, specialization=specialization(per_domain, ids), layer_ids=ids)
     return report
 
 
 def write_report(report: dict, out: str | os.PathLike) -> tuple[str, str]:
-    """The heatmap PNG at `out` and the report as JSON beside it (same name, .json); both paths."""
+    """The heatmap PNG of a report (`load_report`, perhaps `add_domains`) at `out` and the report as
+    JSON beside it (same name, .json); both paths."""
     out = storage.path(out)
     load_LE, loads_L = np.asarray(report["load_shares"]), np.asarray(report["layer_load"])
     worst, (first, last) = report["worst_layer"]["moe_layer"], report["steps"]

@@ -26,7 +26,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -99,7 +101,6 @@ def _fill(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
 def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None,
               num_slices: int | None = None) -> jax.sharding.Mesh:
     """A Mesh over `devices` (default: all), ICI axes inside a slice, DCN axes across slices."""
-    from jax.experimental import mesh_utils
 
     devices = list(jax.devices() if devices is None else devices)
     if num_slices is None:

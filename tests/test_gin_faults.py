@@ -82,3 +82,14 @@ def test_renamed_setting_old_name_still_works_and_warns(caplog):
     assert "'max_nonfinite_in_a_row' is now called 'max_bad_in_a_row'" in caplog.text
     with pytest.raises(TrainingError, match="max_nonfinite_in_a_row and train.max_bad_in_a_row are both set"):
         configurables.read_run(["cpu_smoke.gin"], ["train.max_nonfinite_in_a_row=7", "train.max_bad_in_a_row=2"])
+
+
+def test_renamed_exchange_value_is_read_as_its_new_name(caplog):
+    """train.moe_exchange='ragged' (now 'ragged_all_to_all': 'ragged' also named a moe_impl) still
+    works, warned once; the run config holds the new name."""
+    from qwen3_jax import configurables
+
+    with caplog.at_level("WARNING", logger="qwen3_jax"):
+        _, tc = configurables.read_run(["cpu_smoke.gin"], ["train.moe_exchange='ragged'"])
+    assert tc.moe_exchange == "ragged_all_to_all"
+    assert "'ragged' is now called 'ragged_all_to_all'" in caplog.text

@@ -63,7 +63,7 @@ COMMON = textwrap.dedent('''
     from qwen3_jax.params import flat_params, model_from_flat
 
     def make_case():
-        cfg = get_config("tiny-moe", compute_dtype="float32", moe_impl="dense")
+        cfg = get_config("tiny-moe", compute_dtype="float32", moe_impl="dense", remat="full")
         flat = {k: np.asarray(v) for k, v in flat_params(create_model(cfg, 0)).items()}
         r = np.random.default_rng(0)
         tokens = r.integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)

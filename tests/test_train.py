@@ -61,7 +61,7 @@ def test_micro_batches_give_the_full_batch_gradient():
 
 
 def test_nonfinite_step_is_skipped_and_counted():
-    cfg = get_config("tiny-dense", compute_dtype="float32")
+    cfg = get_config("tiny-dense", compute_dtype="float32", remat="none")
     opt, _ = make_optimizer(OptimConfig(), 10)
     state = init_state(cfg, opt)
     bad = state.replace(params=jax.tree.map(lambda p: p, state.params))

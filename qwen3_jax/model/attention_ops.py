@@ -259,8 +259,8 @@ def _fused_bwd_kv_block(seq_len: int, block: int, max_partials: int = 16) -> int
 
 
 def _splash_kernel(num_heads, seq_len, block, interpret, fused_bwd=False):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # optional: TPU kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # optional: TPU kernel
 
     mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len))] * num_heads)
     if fused_bwd:
@@ -293,7 +293,7 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, block: int 
     if platform != "tpu" and not interpret:
         raise RuntimeError(f"attention impl 'splash' is a TPU Pallas kernel; the target backend is "
                            f"{platform!r} (use 'chunked', or 'cudnn' on GPU)")
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # optional: TPU kernel
 
     B, T, N, H = q_BTNH.shape
     b = min(block, _round_up(T, 128))  # splash tiles are multiples of 128 lanes
@@ -361,7 +361,7 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, max_segments
     if segment_ids_BT is None:
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
                                             implementation="cudnn")
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # optional: GPU-only (cuDNN)
 
     T = q_BTNH.shape[1]
     M = max_segments or max(16, T // 128)

@@ -122,7 +122,7 @@ def _gmm(x_RK, w_GKN, group_sizes, dt, interpret=False):
     groups cover, so the work follows the rows really present, not the buffer. (XLA:TPU lowers
     the weight gradient of `lax.ragged_dot` to a masked dense matmul over every expert × every
     buffer row.)"""
-    from jax.experimental.pallas.ops.tpu.megablox import gmm
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # optional: TPU-only Pallas kernel
 
     R, K = x_RK.shape
     N = w_GKN.shape[2]

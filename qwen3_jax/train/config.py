@@ -15,6 +15,7 @@ from qwen3_jax.errors import TrainingError
 from qwen3_jax.inference.sampling import SamplingConfig
 from qwen3_jax.model.moe import AUX_LAYER_REDUCE
 from qwen3_jax.model.moe_ep import EXCHANGES as MOE_EXCHANGES
+from qwen3_jax.model.moe_ep import canonical_exchange
 from qwen3_jax.sharding import MeshConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -166,6 +167,10 @@ class TrainConfig(LossConfig):
     onpolicy_top_k: int = 0  # 0 = off
     onpolicy_top_p: float = 1.0  # 1 = off
     onpolicy_stop_at_eos: bool = True  # a completion ends at the data tokenizer's end-of-text id
+
+    def __post_init__(self):
+        # an old value of a renamed setting (moe_exchange='ragged') is read as its new name
+        object.__setattr__(self, "moe_exchange", canonical_exchange(self.moe_exchange))
 
     def onpolicy_sampling(self):
 
