@@ -5,18 +5,15 @@ Nothing is allocated: parameters, optimizer state and batch are `ShapeDtypeStruc
 the devices of libtpu's topology description (`jax.experimental.topologies`), and XLA:TPU
 compiles the step `qwen3_jax.train.build` makes, the one the training loop runs.
 
-Memory (`compiled.memory_analysis()`, XLA's CompiledMemoryStats; see qwen3_jax.memory.MEMORY_FIELDS): `fits` compares
-`peak_memory_in_bytes` with HBM. That is the heap-simulated peak over the compiled schedule,
-arguments and outputs included. XLA:TPU refuses a program itself ("the total memory required for
-HLO temporaries (X G) exceeds available HBM (95.74G)", G = GiB), and that check does not use
-`temp_size_in_bytes`: the 8b step compiles for v5e-64 (15.75 GiB usable) with a peak of 14.75 GiB
-although arguments + temp_size_in_bytes come to 19.6 GiB. `temp_size_in_bytes` is not a
-liveness-aware temporaries figure on TPU. On CPU and GPU it is the size of the preallocated temp
-allocation, which the heap simulator packs (xla/pjrt PopulateBufferStatsFromAllocations). libtpu
-reports more than that allocation: with the layer scan it exceeds the temp allocation of the
-buffer-assignment dump by about the size of the scan's stacked per-layer buffers. Measured:
-+128 MiB for 4 layers and +256 MiB for 8 layers of 32 MiB residuals; +4.75 GiB for the 8b step,
-whose stacked residuals are 4.5 GiB.
+Memory (`compiled.memory_analysis()`, XLA's CompiledMemoryStats; the fields: qwen3_jax.memory):
+`fits` compares `peak_memory_in_bytes` with HBM: the heap-simulated peak over the compiled
+schedule, arguments and outputs included, which is also what XLA:TPU checks when it refuses a
+program ("the total memory required for HLO temporaries (X G) exceeds available HBM"). It does not
+use `temp_size_in_bytes`, and neither do we: on TPU that figure is not liveness-aware. libtpu
+reports more than the temp allocation of its buffer-assignment dump, about the size of the layer
+scan's stacked per-layer buffers more, so arguments + temp overstate what a step needs (a step can
+compile and fit while arguments + temp exceed HBM). On CPU and GPU it is the size of the
+preallocated temp allocation, which the heap simulator packs.
 
 Accelerator names: v5p-N, v4-N (N TensorCores, 2 per chip), v5e-N / v5litepod-N, v6e-N (N chips),
 libtpu's own form `v5p:8x8x8`, or `cpu` (this host's devices, against its RAM).
