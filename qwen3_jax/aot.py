@@ -22,7 +22,6 @@ libtpu's own form `v5p:8x8x8`, or `cpu` (this host's devices, against its RAM).
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import jax

@@ -32,7 +32,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from data_pipeline.text_tokenizer import _from_vocab_merges, load_tokenizer, qwen3_tokenizer_dir
 from qwen3_jax import storage
-from qwen3_jax.errors import HFConversionError, TokenizerExportError
+from qwen3_jax.errors import TokenizerExportError
 
 QWEN3_EOS_ID = 151643        # <|endoftext|>
 QWEN3_TOKENIZER_SIZE = 151_669

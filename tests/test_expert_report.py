@@ -3,14 +3,13 @@ routing table and its Jensen-Shannon divergence."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
 
 import numpy as np
 import pytest
-from train_utils import ROOT, run, tiny_args
+from train_utils import ROOT, load_script, run, tiny_args
 
 from qwen3_jax import expert_report as er
 
@@ -20,10 +19,7 @@ REPORT = str(ROOT / "launch" / "expert_report.py")
 
 
 def _launcher():
-    spec = importlib.util.spec_from_file_location("expert_report_launch", REPORT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(REPORT, "expert_report_launch")
 
 
 # -- Jensen-Shannon divergence ----------------------------------------------------------------------

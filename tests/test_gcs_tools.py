@@ -26,7 +26,6 @@ def cli(name: str):
 def tiny_params(seed: int = 0):
     """(tiny-dense config, random float32 flat parameters)."""
     from qwen3_jax.config import get_config
-    from qwen3_jax.errors import HFConversionError
     from qwen3_jax.params import param_specs
 
     cfg = get_config("tiny-dense")
@@ -117,6 +116,8 @@ def test_interrupted_remote_export_is_incomplete(gcs_bucket, monkeypatch):
         with fileio.atomic_dir(target, last="config.json") as tmp:
             (tmp / "config.json").write_text("{}")
     assert calls == ["config.json"]
+    from qwen3_jax.errors import HFConversionError
+
     with pytest.raises(HFConversionError, match="config.json: not found"):
         hf.read_config(target)
 

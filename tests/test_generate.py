@@ -350,7 +350,7 @@ def test_cli_json_contract(qwen_vocab_hf, tmp_path):
     # the same model as a checkpoint of ours (as `convert_hf.py import` writes it: the tokenizer is
     # found through the imported folder); without --json the text streams to the terminal
     from qwen3_jax import hf
-    from qwen3_jax.train import checkpoint
+    from qwen3_jax import checkpoint
 
     cfg = hf.from_hf_config(hf.read_config(path))
     checkpoint.save_params(tmp_path / "ckpt", 0, hf.read_hf_params(path, cfg), cfg, meta={"source": str(path)})

@@ -28,6 +28,7 @@ from qwen3_jax.model import moe as moe_lib
 from qwen3_jax.model import moe_compute, moe_ep
 from qwen3_jax.params import flat_params, flatten, model_from_flat, param_specs
 from qwen3_jax.sharding import MeshConfig
+from qwen3_jax.train.config import LossConfig
 from qwen3_jax.train.step import init_state, make_train_step
 
 RTOL, ATOL = 1e-5, 1e-6  # fp32: only the summation order differs
@@ -115,7 +116,7 @@ def _lower(key):
         state = init_state(cfg, opt, 0)
         ssh = sharding.tree_shardings(state, param_specs(cfg), mesh)
         with sharding.use_rules(mesh, moe_exchange="gather"):
-            step = make_train_step(cfg, opt, micro_batches=MICRO, aux_scope=arg)
+            step = make_train_step(cfg, opt, LossConfig(aux_scope=arg), micro_batches=MICRO)
             return jax.jit(step, in_shardings=(ssh, bsh), out_shardings=(ssh, None)).lower(state, batch)
     cfg, flat, batch = _inputs("tiny-moe" if kind == "moe" else "tiny-dense")
     if kind == "moe":

@@ -7,7 +7,6 @@ minus interpreter start-up), one in a subprocess, and the SIGKILL case kills a r
 import gzip
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from train_utils import ROOT, load_script
 import zstandard
 
 from data_pipeline import corpus
@@ -26,17 +26,6 @@ from data_pipeline.prepare import prepare
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 LINES = b"".join(json.dumps({"text": f"document {i}: " + "word " * (i % 40)}).encode() + b"\n" for i in range(3000))
-
-
-def _inspect_main():
-    """launch/inspect_data.py's main (launch/ holds scripts, not a package)."""
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[2] / "launch" / "inspect_data.py"
-    spec = importlib.util.spec_from_file_location("inspect_data_launch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _flip(b: bytes, at: int, n: int = 16) -> bytes:
@@ -208,7 +197,7 @@ def test_half_written_stats_and_plan(prepared, tmp_path, capsys):
 
 
 def test_inspect_data_one_line_error_and_both_flag_spellings(prepared, tmp_path, capsys):
-    inspect_main = _inspect_main()
+    inspect_main = load_script(ROOT / "launch" / "inspect_data.py", "inspect_data_launch").main
     prepared = prepared[0]
     assert inspect_main([str(prepared / "ds"), "--tokenizer", "qwen3", "--seq_len", "32", "--batch-size", "1"]) == 0
     assert "⟦seg 1" in capsys.readouterr().out

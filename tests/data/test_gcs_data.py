@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
+from train_utils import ROOT, load_script
 
 from data_pipeline import prepare as prepare_mod
 from qwen3_jax import storage
 
 ARGS = ["--input", "builtin:python-stdlib-docs", "--limit", "50", "--shards", "2", "--workers", "0",
         "--no-progress"]
-
-
-def _inspect_main():
-    """launch/inspect_data.py's main (launch/ holds scripts, not a package)."""
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[2] / "launch" / "inspect_data.py"
-    spec = importlib.util.spec_from_file_location("inspect_data_launch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _prepare(out: str, tokenizer: str) -> int:
@@ -139,7 +128,7 @@ def test_data_position_round_trip_in_a_bucket_checkpoint(spm512, gcs_bucket):
 
 
 def test_inspect_reads_the_bucket(bucket_data, capsys):
-    main = _inspect_main()
+    main = load_script(ROOT / "launch" / "inspect_data.py", "inspect_data_launch").main
     assert main([bucket_data["web"], "--tokenizer", bucket_data["tokenizer"], "--seq-len", "64"]) == 0
     out = capsys.readouterr().out
     assert f"{bucket_data['web']}: 50 documents" in out and "=== batch 0: (2, 64)" in out
