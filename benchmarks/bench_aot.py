@@ -7,8 +7,9 @@
 
 Columns: mesh, batch, remat policy (the slice file's; `--search DIR` runs `--remat auto`), per-chip
 peak memory vs HBM, FLOPs per chip counted from the compiled HLO vs the model's own count
-(qwen3_jax.train.metrics.flops_per_token) and their ratio, the step-time estimate and predicted
-MFU (qwen3_jax/step_time.py; llama70_check: vs MaxText's published 65%), and bytes
+(qwen3_jax.train.metrics.flops_per_token) and their ratio (measured: read from the compiled
+program), the calibrated step time [range] and MFU (modelled: qwen3_jax/step_time.py, fitted by
+benchmarks/bench_step_time.py; llama70_check is one of its points, MaxText's published 65%), and bytes
 per chip per step by collective kind (ragged all-to-all: the rows really sent, not the worst-case
 buffer; "AR 47 (as AG 32, RS 12)": all-reduces that libtpu uses for FSDP's all-gathers and
 gradient reduce-scatters, see qwen3_jax.hlo_stats.collective_summary). Each compile runs
@@ -191,6 +192,20 @@ def _moe_teacher(name: str) -> bool:
     return get_config(DISTILL[name][0]).is_moe
 
 
+def calibrated(r: dict) -> dict | None:
+    """The report's calibrated step time; for reports saved before the calibration, made now from
+    their HLO-derived fields (qwen3_jax.step_time.calibrate)."""
+    from qwen3_jax import step_time
+
+    t = r.get("step_time") or {}
+    if t.get("calibrated"):
+        return t["calibrated"]
+    if r.get("hbm_traffic_bytes_per_chip") is None or r.get("flops_per_chip") is None:
+        return None
+    fam = step_time.family(r["libtpu_topology"])
+    return step_time.calibrate(fam, step_time.report_terms(r), r["model_flops_per_chip"])
+
+
 def row(name: str, r: dict) -> str:
     mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1)
     peak = r.get("bytes_per_chip_peak") or 0
@@ -199,10 +214,11 @@ def row(name: str, r: dict) -> str:
         return (f"{name:<16} {r['model']:<16} {r['topology']:<9} {mesh:<22} {r['global_batch']:>5}x{r['seq_len']:<6} "
                 f"{mem}")
     fl = f"{r['flops_per_chip']:.2e} {r['model_flops_per_chip']:.2e} {r['flops_ratio_compiled_to_model']:5.2f}"
-    t = r.get("step_time") or {}
-    est = (f"{t['estimate_s']:6.2f} s {t['predicted_mfu']:4.0%}" if t.get("estimate_s") else f"{'-':>13}")
-    if name in PUBLISHED_MFU and t.get("predicted_mfu"):
-        est += f" (published {PUBLISHED_MFU[name]:.0%}: x{t['predicted_mfu'] / PUBLISHED_MFU[name]:.2f})"
+    c = calibrated(r)
+    est = (f"{c['estimate_s']:6.2f} s [{c['low_s']:.2f}-{c['high_s']:.2f}] {c['predicted_mfu']:4.0%}" if c
+           else f"{'-':>24}")
+    if name in PUBLISHED_MFU and c:
+        est += f" (published {PUBLISHED_MFU[name]:.0%}; uncalibrated {r['step_time']['predicted_mfu']:.0%})"
     def one(k, v):
         text = f"{SHORT.get(k, k)} {v.get('bytes_expected', v['bytes']) / GIB:.0f}"
         roles = [f"{tag} {v[role]['bytes'] / GIB:.0f}" for role, tag in (("as_all_gather", "AG"),
@@ -220,9 +236,10 @@ def row(name: str, r: dict) -> str:
         e = d.get("teacher_expert_rows")
         if e:
             a2a = e["collectives"]["ragged-all-to-all"]["bytes_expected"] / GIB
+            c = calibrated({**r, **e})
             teacher += (f"\n{'':<16}   its experts at the expected rows: compiled {e['flops_per_chip']:.2e}, "
-                        f"/ (student+teacher) {e['flops_ratio_compiled_to_student_plus_teacher']:.2f}, step (est.) "
-                        f"{e['step_time']['estimate_s']:.2f} s, rA2A {a2a:.0f} GiB")
+                        f"/ (student+teacher) {e['flops_ratio_compiled_to_student_plus_teacher']:.2f}, step (calibrated) "
+                        f"{c['estimate_s']:.2f} s [{c['low_s']:.2f}-{c['high_s']:.2f}], rA2A {a2a:.0f} GiB")
     ro = r.get("rollout")
     if ro:
         teacher += (f"\n{'':<16}   rollout ({ro['prompt_len']} + {ro['completion_len']} tokens): peak "
@@ -241,7 +258,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(DISTILL) if args.distill else list(CASES)
     print(f"{'case':<16} {'model':<16} {'topology':<9} {'mesh':<22} {'batch':>12} {'remat':<15} peak/HBM per chip"
-          f"     FLOPs/chip: HLO     model  ratio  step (est.) MFU  collectives GiB/chip/step")
+          f"     FLOPs/chip: HLO     model  ratio  step (modelled, calibrated) MFU  collectives GiB/chip/step")
     for name in names:
         path = REPORTS / f"{name}.json"
         if args.from_json:

@@ -39,6 +39,11 @@ def test_chip_figures():
     assert (v5p.peak_flops, v5p.hbm_bytes_per_s, v5p.ici_bidir_bytes_per_s) == (459e12, 2765e9, 1200e9)
     assert step_time.chip_for("v5e:16x16") is step_time.CHIPS["v5e"]
     assert step_time.chip_for("host (8 cpu devices)") is None
+    # device kinds too: the GPU of the measured runs and TPU kinds as jax names them
+    h200 = step_time.chip_for("NVIDIA H200")
+    assert (h200.peak_flops, h200.hbm_bytes_per_s) == (989e12, 4.8e12)
+    assert [step_time.family(k) for k in ("TPU v5", "TPU v5 lite", "TPU v6 lite", "v5litepod:4x4")] == \
+        ["v5p", "v5e", "v6e", "v5e"]
 
 
 # A while loop of 3 trips: a fusion reading one [4,8] f32 slice of a stacked [3,4,8] buffer, a
