@@ -31,12 +31,14 @@ import importlib
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import decoders
 
 from data_pipeline.pipeline import BATCH_KEYS, DatasetSpec, load_stats, make_dataset
 from qwen3_jax import storage
@@ -47,6 +49,7 @@ from qwen3_jax.lm_loss import make_eval_step, token_lse_and_target
 from qwen3_jax.params import flat_params, flatten, model_from_flat, nest
 
 # One line per example: {"context": str, "choices": [str, ...], "answer": int (index into choices)}.
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # sentencepiece byte-fallback pieces
 MC_SETS = {"tiny": ("data_pipeline", "evalsets/tiny_mc.jsonl")}
 
 
@@ -88,7 +91,9 @@ def token_byte_lengths(tokenizer, vocab_size: int | None = None) -> np.ndarray:
     """[V] int64: UTF-8 bytes of the raw text each token id stands for (see the module docstring).
 
     0 for the document separator (eos_id), sentencepiece's <unk> and ids past the tokenizer's
-    vocabulary (rows a model may have beyond it). Special tokens that text can spell (with
+    vocabulary (rows a model may have beyond it). One table per vocabulary, whichever loader reads
+    it: a sentencepiece .model and the tokenizer.json our export writes for it (`--checkpoint` with
+    the data's tokenizer and `--hf` with the export's) give the same bytes for every id. Special tokens that text can spell (with
     prepare.py --allow-special-tokens) count their spelling.
     """
     n = tokenizer.vocab_size
@@ -102,19 +107,24 @@ def token_byte_lengths(tokenizer, vocab_size: int | None = None) -> np.ndarray:
             elif not sp.is_unknown(i):
                 out[i] = len(sp.id_to_piece(i).replace("▁", " ").encode("utf-8"))
     else:
+        hf = tokenizer._tok  # noqa: SLF001 - the `tokenizers` object behind data_pipeline's HFTokenizer
+        added = hf.get_added_tokens_decoder()
+        byte_level = isinstance(hf.decoder, decoders.ByteLevel)
         alphabet = _byte_level_alphabet()
-        hf = getattr(tokenizer, "_tok", None)
-        added = hf.get_added_tokens_decoder() if hf is not None and hasattr(hf, "get_added_tokens_decoder") else {}
+        unk = getattr(hf.model, "unk_token", None)
+        byte_fallback = bool(getattr(hf.model, "byte_fallback", False))
         for i in range(n):
             tok = tokenizer.id_to_token(i)
-            if tok is None:
+            if tok is None or (not byte_level and tok == unk and i not in added):
                 continue
             if i in added:  # added tokens are stored as their literal text
                 out[i] = len(added[i].content.encode("utf-8"))
-            elif all(c in alphabet for c in tok):
-                out[i] = len(tok)  # one byte per byte-level character
-            else:  # not a byte-level vocabulary
-                out[i] = len(tokenizer.decode([i]).encode("utf-8"))
+            elif byte_level:  # one byte per byte-level character
+                out[i] = len(tok) if all(c in alphabet for c in tok) else len(tok.encode("utf-8"))
+            elif byte_fallback and _BYTE_PIECE.fullmatch(tok):
+                out[i] = 1
+            else:  # a sentencepiece vocabulary as a tokenizer.json (our exports): the same rule as above
+                out[i] = len(tok.replace("▁", " ").encode("utf-8"))
     out[tokenizer.eos_id] = 0
     return out
 

