@@ -14,6 +14,7 @@ import pytest
 import qwen3_jax
 from hf_utils import random_flat
 from qwen3_jax import hf
+from train_utils import load_script
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
@@ -28,13 +29,13 @@ from qwen3_jax.lm_eval_model import Qwen3LM  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"
 TASKS = ["qwen3_jax_tiny_mc", "qwen3_jax_tiny_ppl", "qwen3_jax_tiny_gen"]
-MAX_LENGTH = 24  # short windows: the longer texts are scored in several
+MAX_LENGTH = 24  # max_position_embeddings: short windows, the longer texts are scored in several
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     cfg = qwen3_jax.get_config("tiny-dense", vocab_size=151_936, d_model=32, ffn_dim=64, tie_embeddings=True,
-                               compute_dtype="float32", param_dtype="float32")
+                               max_position_embeddings=MAX_LENGTH, compute_dtype="float32", param_dtype="float32")
     out = tmp_path_factory.mktemp("lm_eval") / "hf"
     hf.write_hf_folder(random_flat(cfg, 3), cfg, out, dtype="float32", tokenizer="qwen3")
     return out
@@ -51,11 +52,18 @@ def _resps(out, task):
     return [s["resps"] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])]
 
 
-def test_our_backend_equals_the_hf_backend(export, monkeypatch):
+@pytest.mark.slow  # ~70 CPU s: lm-eval, datasets and transformers imports, both backends over three tasks
+def test_our_backend_equals_the_hf_backend(export, monkeypatch, tmp_path):
+    """launch/evaluate.py --tasks (our backend) against lm_eval.simple_evaluate(model="hf")."""
     monkeypatch.chdir(ROOT)  # the task YAMLs name their files from the repo root
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    ours = _run(Qwen3LM(hf=str(export), batch_size=4, max_length=MAX_LENGTH))
-    theirs = _run("hf", f"pretrained={export},dtype=float32,max_length={MAX_LENGTH},device=cpu", batch_size=4)
+    cli = load_script("launch/evaluate.py", "evaluate_cli")
+    assert cli.main(["--hf", str(export), "--tasks", ",".join(TASKS), "--include_path", str(FIXTURES),
+                     "--lm_eval_batch_size", "4", "--log_samples", "--json", str(tmp_path / "ours.json")]) == 0
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    assert ours["config"]["model"] == "Qwen3LM" and set(TASKS) <= set(ours["results"])
+    theirs = _run("hf", f"pretrained={export},dtype=float32,device=cpu", batch_size=4)
+    assert Qwen3LM.__name__ in str(lm_eval.api.registry.get_model("qwen3_jax"))
     for task in ("qwen3_jax_tiny_mc", "qwen3_jax_tiny_ppl"):
         a, b = _resps(ours, task), _resps(theirs, task)
         assert len(a) == len(b) > 0
