@@ -144,6 +144,10 @@ def markdown(report: dict) -> str:
                      "ratio = MaxText / ours of the medians [min, max of the per-round ratios].")
     if p.get("note"):
         lines.append(p["note"])
+    finished = [len(paired(c)[0]) for c in report["cases"]]
+    if p.get("rounds") and min(finished) < p["rounds"]:
+        lines.append(f"{p['rounds']} rounds were planned; the run was stopped before all finished "
+                     "(the rounds column: the rounds both sides finished).")
     if loads:
         one_min = [x[0] for x in loads]
         lines.append(f"Load average (1 min) around the runs: {min(one_min):.1f} to {max(one_min):.1f}.")
