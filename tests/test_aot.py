@@ -137,6 +137,11 @@ def test_aot_small_moe_from_gin_expert_parallel(tmp_path):
     assert fl["grouped_matmul"] > 0 and fl["attention_kernel"] > 0
     assert fl["grouped_matmul"] < fl["grouped_matmul_buffer"]  # real rows, not the dropless buffer
     assert "FITS" in r.stdout
+    # step time: measured counts and modelled time labelled apart; the calibrated MFU under v5p's cap
+    assert "MEASURED (read from the compiled program" in r.stdout and "MODELLED step time (calibrated)" in r.stdout
+    cal = rep["step_time"]["calibrated"]
+    assert cal["family"] == "v5p" and cal["low_s"] <= cal["estimate_s"] <= cal["high_s"]
+    assert cal["predicted_mfu"] <= cal["cap_mfu"] and rep["step_time"]["estimate_s"] < cal["estimate_s"]
     # memory: the fits number is XLA's heap-simulated peak, arguments included
     assert rep["peak_source"] == "xla peak_memory_in_bytes" and set(memory.MEMORY_FIELDS) <= set(rep)
     live_io = rep["bytes_per_chip_arguments"] + rep["bytes_per_chip_output"] - rep["bytes_per_chip_alias"]
