@@ -30,6 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be or has "
          "had one first new two their after also who they been its time but into other when she there all "
          "def return print class import self value list data file code run test model token").split()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report  # noqa: E402  (benchmarks/bench_report.py: report header, provenance line)
+
 OUT = Path(__file__).resolve().parent / "reports" / "lm_eval.json"
 
 
@@ -97,23 +100,24 @@ def measure(args) -> dict:
                 rows.append({"backend": name, "task": task, "requests": n, "first_s": secs[0], "seconds": secs[1],
                              "requests_per_s": n / secs[1]})
                 print(f"  {name} {task}: {n} requests, {secs[1]:.1f} s (first {secs[0]:.1f} s)", file=sys.stderr)
-    return {"model": {"d_model": args.d_model, "layers": args.layers, "vocab": cfg.vocab_size},
-            "batch_size": args.batch_size, "examples": args.examples, "device": "cpu",
-            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    return {**bench_report.header("bench_lm_eval"), "model": {"d_model": args.d_model, "layers": args.layers, "vocab": cfg.vocab_size},
+            "batch_size": args.batch_size, "examples": args.examples, "rows": rows}
 
 
-def table(report: dict) -> str:
+def markdown(report: dict) -> str:
+    """The report as the docs show it (bench_report.render)."""
     m = report["model"]
-    lines = [f"lm-eval on {report['device']} ({report['cpus']} cores, {report['date']}): d_model {m['d_model']}, "
-             f"{m['layers']} layers, vocab {m['vocab']:,}, batch {report['batch_size']}",
-             f"{'task':<10} {'requests':>8} {'qwen3_jax req/s':>16} {'hf req/s':>10} {'ratio':>7}"]
+    lines = [bench_report.provenance(report) + ".", "",
+             f"lm-eval on CPU: d_model {m['d_model']}, {m['layers']} layers, vocab {m['vocab']:,}, "
+             f"batch {report['batch_size']}, requests/s of the second run", "",
+             "| task | requests | qwen3_jax req/s | hf req/s | ratio |", "|---|---:|---:|---:|---:|"]
     by = {(r["backend"], r["task"]): r for r in report["rows"]}
     for task in dict.fromkeys(r["task"] for r in report["rows"]):
         a, b = by.get(("qwen3_jax", task)), by.get(("hf", task))
         if a and b:
-            lines.append(f"{task:<10} {a['requests']:>8} {a['requests_per_s']:>16.2f} {b['requests_per_s']:>10.2f} "
-                         f"{a['requests_per_s'] / b['requests_per_s']:>6.2f}x")
-    return "\n".join(lines)
+            lines.append(f"| {task} | {a['requests']} | {a['requests_per_s']:.2f} | {b['requests_per_s']:.2f} | "
+                         f"{a['requests_per_s'] / b['requests_per_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -126,12 +130,11 @@ def main(argv=None) -> int:
     p.add_argument("--from_json", default=None, help="print this report and exit")
     args = p.parse_args(argv)
     if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())))
+        print(markdown(bench_report.load(args.from_json)), end="")
         return 0
     report = measure(args)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
+    bench_report.write(args.json, report)
+    print(markdown(report), end="")
     return 0
 
 
