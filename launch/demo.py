@@ -27,11 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-# A CPU demo: keep an installed libtpu (the AOT compiler) from probing for TPUs in every process.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported (below)
-
-from data_pipeline.prepare import prepare_builtin  # noqa: E402
-from qwen3_jax.inference import SamplingConfig, load_text_generator  # noqa: E402
+from data_pipeline.prepare import prepare_builtin
+from qwen3_jax.inference import SamplingConfig, load_text_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "import os\n\n\ndef "
