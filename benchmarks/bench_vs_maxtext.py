@@ -37,7 +37,9 @@ i-2's device time (its entries for steps 0 and 1 hold no step at all, not even t
 JSON keeps it beside the timestamp gaps as a check. A run's value is the median of its T timed
 steps; the table shows, per side, min / median / max over runs, the ratio of the medians
 (MaxText / ours: > 1 means ours is faster) with the min and max of the per-round ratios, and
-"not resolved" where the two sides' [min, max] ranges overlap. The JSON keeps every step's time
+"not resolved" where the two sides' [min, max] ranges overlap (adding "every round > 1" when all
+the per-round ratios still fall on one side: pairing by round removes the load shared by a
+round, which the unpaired ranges keep). The JSON keeps every step's time
 and the load average before and after every run.
 
 MaxText runs in its own Python >= 3.12 venv (`--maxtext_venv`, default /work/maxtext-venv),
@@ -166,7 +168,8 @@ def markdown(report: dict) -> str:
         ratio = f"{s['ratio']:.2f}x" + (f" [{s['round_ratio_min']:.2f}, {s['round_ratio_max']:.2f}]"
                                          if s["ours"]["n"] > 1 else "")
         verdict = "yes" if s["resolved"] and s["ours"]["n"] > 1 else "single run" if s["ours"]["n"] == 1 \
-            else "not resolved"
+            else "not resolved" + (" (every round > 1)" if s["round_ratio_min"] > 1 else
+                                   " (every round < 1)" if s["round_ratio_max"] < 1 else "")
         lines.append(f"| {case['case']} | {case['setting']} | {s['ours']['n']} | {side(s['ours'])} | "
                      f"{side(s['maxtext'])} | {ratio} | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -123,15 +123,23 @@ def test_maxtext_steps_timed_from_log_line_gaps():
         vs.maxtext_timed(stamps, warmup=0, timed=2)  # step 0 has no line before it
 
 
+def made_up_report(ours: list[float], theirs: list[float], extra_runs=()) -> dict:
+    runs = [dict(side="ours", round=i, step_s=v) for i, v in enumerate(ours)]
+    runs += [dict(side="maxtext", round=i, step_s=v) for i, v in enumerate(theirs)]
+    return {"benchmark": "bench_vs_maxtext", "date": "2026-01-01", "machine": {"description": "a test box"},
+            "command": "made up", "protocol": {"warmup": 2, "timed": 4, "timed_steps": "2-5"},
+            "cases": [{"case": "dense", "setting": "matched", "runs": runs + list(extra_runs)},
+                      {"case": "moe", "setting": "matched", "runs": []}]}
+
+
 def test_table_pairs_rounds_and_flags_overlap():
-    runs = [dict(side="ours", round=i, step_s=v) for i, v in enumerate([10.0, 10.4, 10.2])]
-    runs += [dict(side="maxtext", round=i, step_s=v) for i, v in enumerate([10.3, 11.0, 10.6])]
-    runs.append(dict(side="ours", round=3, step_s=9.0))  # an unfinished round: left out
-    rep = {"benchmark": "bench_vs_maxtext", "date": "2026-01-01", "machine": {"description": "a test box"},
-           "command": "made up", "protocol": {"warmup": 2, "timed": 4, "timed_steps": "2-5"},
-           "cases": [{"case": "dense", "setting": "matched", "runs": runs},
-                     {"case": "moe", "setting": "matched", "runs": []}]}
-    table = vs.markdown(rep)
-    assert "| dense | matched | 3 | 10.00 / 10.20 / 10.40 | 10.30 / 10.60 / 11.00 | 1.04x [1.03, 1.06] | " \
+    unfinished = [dict(side="ours", round=3, step_s=9.0)]  # a round MaxText never ran: left out
+    table = vs.markdown(made_up_report([10.0, 10.4, 10.2], [10.3, 10.2, 10.6], unfinished))
+    assert "| dense | matched | 3 | 10.00 / 10.20 / 10.40 | 10.20 / 10.30 / 10.60 | 1.01x [0.98, 1.04] | " \
            "not resolved |" in table
     assert "| moe | matched | 0 | - | - | - | - |" in table
+    # the ranges overlap, yet MaxText was slower in every round: said, still "not resolved"
+    table = vs.markdown(made_up_report([10.0, 12.0, 11.0], [10.5, 12.5, 11.2]))
+    assert "| 1.02x [1.02, 1.05] | not resolved (every round > 1) |" in table
+    table = vs.markdown(made_up_report([10.0, 10.4, 10.2], [11.0, 11.5, 11.2]))
+    assert "| 1.10x [1.10, 1.11] | yes |" in table
