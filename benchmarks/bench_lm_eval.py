@@ -129,13 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(OUT), help="where the report goes")
     p.add_argument("--from_json", default=None, help="print this report and exit")
     args = p.parse_args(argv)
-    if args.from_json:
-        print(markdown(bench_report.load(args.from_json)), end="")
-        return 0
-    report = measure(args)
-    bench_report.write(args.json, report)
-    print(markdown(report), end="")
-    return 0
+    return bench_report.measure_or_print(args, measure, markdown)
 
 
 if __name__ == "__main__":

@@ -136,14 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(REPORT), help="where the results go")
     p.add_argument("--from_json", metavar="FILE", help="print the table of a saved report; run nothing")
     args = p.parse_args(argv)
-    if args.from_json:
-        print(markdown(bench_report.load(args.from_json)), end="")
-        return 0
-    report = measure(args)
-    bench_report.write(args.json, report)
-    print(markdown(report), end="")
-    print(f"(results: {args.json})")
-    return 0
+    return bench_report.measure_or_print(args, measure, markdown)
 
 
 if __name__ == "__main__":

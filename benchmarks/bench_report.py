@@ -79,6 +79,19 @@ def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def measure_or_print(args, measure, markdown) -> int:
+    """A benchmark's ending: with `--from_json FILE` print that report and run nothing; otherwise
+    `measure(args)`, write the report to `args.json` and print it."""
+    if args.from_json:
+        print(markdown(load(args.from_json)), end="")
+        return 0
+    report = measure(args)
+    path = write(args.json, report)
+    print(markdown(report), end="")
+    print(f"(results: {path})")
+    return 0
+
+
 def provenance(report: dict) -> str:
     """One line: when, where and how the numbers were made (or where they were copied from)."""
     m = report.get("machine") or {}
