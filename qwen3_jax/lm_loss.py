@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.model.context_parallel import zigzag_batch
 from qwen3_jax.params import flatten, model_from_flat
 
 
@@ -35,10 +36,12 @@ def token_lse_and_target(model, h_BTD, targets_BT, chunk: int | None = None):
         return piece(h_BTD, targets_BT)
     n, rest = divmod(T, chunk)
     whole = n * chunk
-    h_nBcD = jnp.moveaxis(h_BTD[:, :whole].reshape(B, n, chunk, D), 1, 0)
-    t_nBc = jnp.moveaxis(targets_BT[:, :whole].reshape(B, n, chunk), 1, 0)
+    # piece i holds positions i, i+n, i+2n, ...: strided, so a sequence split over a context axis
+    # (model/context_parallel.py) stays split inside every piece; each token's values are the same
+    h_nBcD = jnp.moveaxis(h_BTD[:, :whole].reshape(B, chunk, n, D), 2, 0)
+    t_nBc = jnp.moveaxis(targets_BT[:, :whole].reshape(B, chunk, n), 2, 0)
     lse, tgt = jax.lax.map(lambda a: jax.checkpoint(piece)(*a), (h_nBcD, t_nBc))
-    lse_BT, tgt_BT = jnp.moveaxis(lse, 0, 1).reshape(B, whole), jnp.moveaxis(tgt, 0, 1).reshape(B, whole)
+    lse_BT, tgt_BT = jnp.moveaxis(lse, 0, 2).reshape(B, whole), jnp.moveaxis(tgt, 0, 2).reshape(B, whole)
     if rest:  # the remainder: one piece of fewer than `chunk` positions
         lse_r, tgt_r = jax.checkpoint(piece)(h_BTD[:, whole:], targets_BT[:, whole:])
         lse_BT, tgt_BT = jnp.concatenate([lse_BT, lse_r], 1), jnp.concatenate([tgt_BT, tgt_r], 1)
@@ -48,6 +51,7 @@ def token_lse_and_target(model, h_BTD, targets_BT, chunk: int | None = None):
 def make_eval_step(cfg: ModelConfig, loss_chunk: int | None = None) -> Callable:
     """eval(params, batch) -> {"nll_sum", "tokens"} (sums, so several batches can be pooled)."""
     def eval_step(params, batch):
+        batch = zigzag_batch(batch)  # a context axis: the sequence in its zig-zag order (identity without)
         model = model_from_flat(cfg, flatten(params))
         h_BTD, _ = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
         lse_BT, target_BT = token_lse_and_target(model, h_BTD, batch["targets"], loss_chunk)

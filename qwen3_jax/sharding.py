@@ -1,6 +1,6 @@
 """Mesh construction and logical axis names → mesh axes.
 
-Mesh axes (outermost first): data, fsdp, expert, tensor. Each has an ICI size (inside a slice)
+Mesh axes (outermost first): data, fsdp, context, expert, tensor. Each has an ICI size (inside a slice)
 and a DCN size (across slices of a multi-slice job); the mesh axis size is their product and one
 ICI (and one DCN) size may be -1, filled with what the devices leave. Axes are Auto (GSPMD).
 
@@ -30,15 +30,17 @@ from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or tuple of mesh axes, or None = replicated)
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("seq", None),
+    ("seq", "context"),  # context parallelism: activations' sequence dim (qwen3_jax.model.context_parallel)
     ("vocab", "tensor"),
-    ("embed", ("fsdp", "expert")),  # expert weights take "expert" first (experts dim), keeping fsdp here
+    # expert weights take "expert" first (experts dim), keeping fsdp here; parameters are also split
+    # over `context` (each CP shard holds a slice, as over fsdp), activations' `seq` takes it first
+    ("embed", ("fsdp", "context", "expert")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -58,10 +60,12 @@ class MeshConfig:
 
     ici_data: int = 1
     ici_fsdp: int = -1
+    ici_context: int = 1  # context parallelism: the sequence split over this many devices
     ici_expert: int = 1
     ici_tensor: int = 1
     dcn_data: int = -1
     dcn_fsdp: int = 1
+    dcn_context: int = 1
     dcn_expert: int = 1
     dcn_tensor: int = 1
 

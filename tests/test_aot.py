@@ -130,7 +130,7 @@ def test_aot_small_moe_from_gin_expert_parallel(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["model"] == "small-moe" and rep["chips"] == 8 and rep["tokens_per_step"] == 16 * 256 and rep["fits"]
-    assert rep["mesh"] == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1} and rep["micro_batches"] == 2
+    assert rep["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "expert": 4, "tensor": 1} and rep["micro_batches"] == 2
     assert rep["attention_impl"] == "splash" and "ragged-all-to-all" in rep["collectives"]
     assert 1.3 < rep["flops_ratio_compiled_to_model"] < 1.8, rep["flops_breakdown_per_chip"]
     fl = rep["flops_breakdown_per_chip"]
@@ -180,7 +180,7 @@ def test_aot_two_slices_data_parallel_over_dcn(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert (rep["num_slices"], rep["chips"], rep["devices"], rep["fits"]) == (2, 16, 16, True)
-    assert rep["mesh"] == {"data": 2, "fsdp": 2, "expert": 4, "tensor": 1}
+    assert rep["mesh"] == {"data": 2, "fsdp": 2, "context": 1, "expert": 4, "tensor": 1}
     assert rep["splash_fused_bwd"] and rep["flops_ratio_attention"] == pytest.approx(18 / 12, rel=1e-3)
 
 

@@ -105,7 +105,7 @@ def test_aot_distill_slice_compiles_the_teacher_into_the_step(tmp_path):
     reports = _compile(tmp_path, {"with": folder, "without": None})
     (with_t, hlo), (without, _) = reports["with"], reports["without"]
     assert with_t["model"] == without["model"] == "tiny-dense" and with_t["chips"] == 4 and with_t["fits"]
-    assert with_t["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
+    assert with_t["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "expert": 2, "tensor": 1}
     assert "ragged-all-to-all" in with_t["collectives"] and "ragged-all-to-all" not in without["collectives"]
     assert with_t["model_flops_per_chip"] == without["model_flops_per_chip"]  # the student's count alone
     teacher_bytes = 2 * count_params(teacher_cfg)["total_params"] / 4  # the student's bf16, over 4 chips

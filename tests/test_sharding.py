@@ -18,9 +18,9 @@ from train_utils import xla_flags
 
 
 def test_mesh_config_fills_minus_one():
-    assert MeshConfig().shape(8) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
-    assert MeshConfig(ici_expert=4).shape(8) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
-    assert MeshConfig(ici_fsdp=-1, dcn_data=-1).shape(16, num_slices=2) == {"data": 2, "fsdp": 8, "expert": 1,
+    assert MeshConfig().shape(8) == {"data": 1, "fsdp": 8, "context": 1, "expert": 1, "tensor": 1}
+    assert MeshConfig(ici_expert=4).shape(8) == {"data": 1, "fsdp": 2, "context": 1, "expert": 4, "tensor": 1}
+    assert MeshConfig(ici_fsdp=-1, dcn_data=-1).shape(16, num_slices=2) == {"data": 2, "fsdp": 8, "context": 1, "expert": 1,
                                                                             "tensor": 1}
     with pytest.raises(ValueError, match="at most one -1"):
         MeshConfig(ici_fsdp=-1, ici_tensor=-1).shape(8)
@@ -32,7 +32,7 @@ def test_mesh_config_fills_minus_one():
 
 def test_make_mesh_axes_are_auto():
     mesh = sharding.make_mesh(MeshConfig(ici_fsdp=2, ici_expert=2, ici_tensor=2))
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "context": 1, "expert": 2, "tensor": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 

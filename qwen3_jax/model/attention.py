@@ -9,6 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qwen3_jax import sharding
 from qwen3_jax.config import ModelConfig
+from qwen3_jax.model import context_parallel
 from qwen3_jax.model.attention_ops import attention, masked_attention, resolve_impl
 from qwen3_jax.model.layers import RMSNorm, apply_rope, param
 
@@ -26,8 +27,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, cos, sin, segment_ids_BT=None):
         q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, cos, sin)
-        o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block,
-                           fused_bwd=self.fused_bwd)
+        # a context axis: the sequence is in zig-zag order, split over it (model/context_parallel.py)
+        cp_attention = context_parallel.context_size() > 1
+        o_BTNH = (context_parallel.attention if cp_attention else attention)(
+            q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl=self.impl, block=self.block, fused_bwd=self.fused_bwd)
         if resolve_impl(self.impl, q_BTNH.shape[1], q_BTNH.dtype) != "splash":  # splash names its own
             o_BTNH = checkpoint_name(o_BTNH, "context")  # output and log-sum-exp (its residuals)
         return checkpoint_name(self.out(o_BTNH), "out_proj")

@@ -316,9 +316,10 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, block: int 
     if ctx is not None:
         mesh = ctx.mesh
         spec = functools.partial(sharding.logical_to_spec, rules=ctx.rules, mesh=mesh)
-        q_spec = spec(("batch", "seq", "heads", "head_dim"))
-        kv_spec = spec(("batch", "seq", "kv_heads", "head_dim"))
-        local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec(("batch", "seq"))),
+        # the whole sequence on each device (a context axis is model/context_parallel.py's, not this)
+        q_spec = spec(("batch", None, "heads", "head_dim"))
+        kv_spec = spec(("batch", None, "kv_heads", "head_dim"))
+        local = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec(("batch", None))),
                               out_specs=q_spec, check_vma=False)
     return local(q, k, v, seg)[:, :T]
 

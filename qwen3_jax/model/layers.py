@@ -88,10 +88,11 @@ def embed_lookup(table_VD, tokens_BT, dtype):
     x_spec = sharding.logical_to_spec(("batch", "seq"), rules, mesh, tokens_BT.shape)
     axes = lambda entry: () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)  # noqa: E731
     v_axes, d_axes = axes(t_spec[0]), axes(t_spec[1])
-    b_axes = axes(x_spec[0])
+    b_axes, s_axes = axes(x_spec[0]), axes(x_spec[1])  # s_axes: context parallelism's sequence split
     if not v_axes and not d_axes:
         return jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
-    gather_axes = tuple(a for a in b_axes if a in v_axes + d_axes)  # batch order
+    token_dim = {**{a: 0 for a in b_axes}, **{a: 1 for a in s_axes}}
+    gather_axes = tuple(a for a in mesh.axis_names if a in token_dim and a in v_axes + d_axes)  # mesh order
     d_gathered = tuple(a for a in gather_axes if a in d_axes)
     if d_gathered != d_axes[len(d_axes) - len(d_gathered):]:
         # The all-to-alls below hand back whole D blocks only when the gathered D axes are the
@@ -102,7 +103,7 @@ def embed_lookup(table_VD, tokens_BT, dtype):
 
     def local(table_vd, tok_bt):
         for a in gather_axes:  # after the loop dim 0 is [last axis][...][first axis][own rows]
-            tok_bt = jax.lax.all_gather(tok_bt, a, axis=0, tiled=True)
+            tok_bt = jax.lax.all_gather(tok_bt, a, axis=token_dim[a], tiled=True)
         if v_axes:
             shard = 0
             for a in v_axes:  # the table's vocab shard index (major axis first, as the spec)
@@ -115,9 +116,9 @@ def embed_lookup(table_VD, tokens_BT, dtype):
             rows = jnp.take(table_vd, tok_bt, axis=0).astype(dtype)
         for a in reversed(gather_axes):  # undo the gathers, major axis first
             if a in d_axes:  # rows of device j go back to j, which gets every D slice of them
-                rows = jax.lax.all_to_all(rows, a, 0, 2, tiled=True)
+                rows = jax.lax.all_to_all(rows, a, token_dim[a], 2, tiled=True)
             else:  # a vocab axis: sum the masked lookups, each device keeping its own rows
-                rows = jax.lax.psum_scatter(rows, a, scatter_dimension=0, tiled=True)
+                rows = jax.lax.psum_scatter(rows, a, scatter_dimension=token_dim[a], tiled=True)
         rest_v = tuple(a for a in v_axes if a not in gather_axes)
         return jax.lax.psum(rows, rest_v) if rest_v else rows
 

@@ -265,7 +265,9 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
     if "expert" not in batch_axes or sharding.mesh_axes_for("experts", rules, mesh) != ("expert",):
         raise ValueError("expert parallelism needs the rules to map `batch` onto (..., 'expert') and "
                          f"`experts` onto 'expert'; got batch->{batch_axes}")
-    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    # tokens of a context-parallel shard route like any others: N = B·T split over batch × seq axes
+    token_axes = batch_axes + tuple(a for a in sharding.mesh_axes_for("seq", rules, mesh) if a not in batch_axes)
+    shards = math.prod(mesh.shape[a] for a in token_axes)
     if (B * T) % shards or E % X:
         raise ValueError(f"expert parallelism: {B}x{T} tokens over {shards} batch shards, {E} experts over "
                          f"expert={X}: not divisible")
@@ -285,7 +287,7 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
         ids_Nk, w_Nk = apply_capacity(ids_Nk, w_Nk, E, cap)
         return body(x_ND, w_Nk, ids_Nk, gate, up, down)
 
-    tok = P(batch_axes, None)
+    tok = P(token_axes, None)
     fn = jax.shard_map(per_device, mesh=mesh,
                        in_specs=(tok, tok, tok, P("expert", None, tp), P("expert", None, tp), P("expert", tp, None)),
                        out_specs=tok,

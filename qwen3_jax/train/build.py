@@ -113,6 +113,7 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
                             f"{model.max_position_embeddings}")
     platform = mesh.devices.flat[0].platform
     attention = resolve_impl(model.attention_impl, tc.seq_len, model.compute_dtype, platform)
+    _check_context(mesh, model, tc, attention)
     if attention == "splash" and tc.seq_len % 128:
         raise TrainingError(f"SEQ_LEN={tc.seq_len} must be a multiple of 128 for splash attention "
                             f"(attention_impl={model.attention_impl!r} on {platform})")
@@ -154,6 +155,22 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
                    state_shardings=state_sh, batch_sharding=batch_sh, abstract_state=abstract, abstract_batch=batch,
                    step=step_fn, eval_step=eval_fn, sharding_fallbacks=fallbacks, distill=distiller,
                    rollout=rollout_fn, abstract_prompts=prompts)
+
+
+def _check_context(mesh, model: ModelConfig, tc: TrainConfig, attention: str) -> None:
+    """Context parallelism (model/context_parallel.py): zig-zag chunks that divide the sequence,
+    a kernel it runs (splash on TPU; the pure-JAX blocked kernel elsewhere, not cuDNN)."""
+    cp = mesh.shape.get("context", 1)
+    if cp == 1:
+        return
+    if tc.seq_len % (2 * cp):
+        raise TrainingError(f"SEQ_LEN={tc.seq_len} is not divisible by 2 x MeshConfig context={cp} (zig-zag chunks)")
+    if attention == "splash" and (tc.seq_len // (2 * cp)) % 128:
+        raise TrainingError(f"SEQ_LEN={tc.seq_len}: splash under context={cp} needs zig-zag chunks of "
+                            f"SEQ_LEN/(2·{cp}) tokens that are a multiple of 128")
+    if model.attention_impl == "cudnn":
+        raise TrainingError(f"model_config.attention_impl='cudnn' does not run under context parallelism "
+                            f"(MeshConfig context={cp}); use 'auto' (the blocked pure-JAX kernel off TPU)")
 
 
 def remat_at_startup(build_policy: Callable[[str], Program], headroom: float = remat_search.HEADROOM) -> Program:

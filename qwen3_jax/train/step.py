@@ -20,6 +20,7 @@ import optax
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.lm_loss import token_lse_and_target
 from qwen3_jax.model import create_model
+from qwen3_jax.model.context_parallel import zigzag_batch
 from qwen3_jax.params import flat_params, flatten, model_from_flat, nest
 from qwen3_jax.train import moe_balance, spike_guard
 from qwen3_jax.train.config import LossConfig
@@ -124,6 +125,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, l
     router_z_loss = loss_cfg.router_z_loss
 
     def step(state: TrainState, batch: dict, teacher_params=None):
+        # a context axis: every [B,T] array in zig-zag order, the loss on it (model/context_parallel.py)
+        batch = zigzag_batch(batch)
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         router_tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
         bias = state.moe["bias"] if cfg.is_moe and router_bias_rate else None
