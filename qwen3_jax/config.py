@@ -17,6 +17,8 @@ ATTENTION_IMPLS = ("reference", "chunked", "splash", "cudnn", "auto")
 # MoE expert computation (qwen3_jax.model.moe_compute): auto = megablox on TPU, blocked on GPU
 # and CPU
 MOE_IMPLS = ("auto", "dense", "ragged_dot", "blocked", "megablox")
+# 8-bit training of the weight matmuls through qwix (qwen3_jax.quant: which matmuls, the scaling)
+QUANTIZATIONS = (None, "int8", "fp8")
 MOE_IMPL_RENAMES = {"ragged": "ragged_dot"}  # old value -> new: still accepted, with a warning
 # Per-layer rematerialisation (qwen3_jax.model.transformer.remat_policy says what each saves):
 # none / full / XLA's dot policies, save_* = keep these named tensors in HBM, offload_* = keep
@@ -131,6 +133,9 @@ class ModelConfig:
     # more, are computed apart and recomputed in the backward pass (qwen3_jax.model.moe_ep)
     moe_saved_rows: float = 1.25
     scan_layers: bool = True
+    # None (bf16/fp32 matmuls), 'int8' or 'fp8': the layers' weight matmuls (attention projections,
+    # dense MLP, experts) run in 8 bits forward and backward, params stay float (qwen3_jax.quant)
+    quantization: str | None = None
 
     def __post_init__(self):
         if isinstance(self.mlp_only_layers, list):
@@ -167,6 +172,7 @@ class ModelConfig:
         if bad:
             raise ValueError(f"ModelConfig.mlp_only_layers has indices outside 0..{self.num_layers - 1}: {bad}")
         for key, allowed in (
+            ("quantization", QUANTIZATIONS),
             ("attention_impl", ATTENTION_IMPLS),
             ("moe_impl", MOE_IMPLS),
             ("remat", REMAT_POLICIES),

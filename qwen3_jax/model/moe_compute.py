@@ -101,11 +101,18 @@ def unsort_combine(ys_AD, order_A, w_Nk):
 def experts_dense(x_ND, w_Nk, ids_Nk, gate_EDF, up_EDF, down_EFD):
     E = gate_EDF.shape[0]
     dt = x_ND.dtype
-    combine_NE = jnp.einsum("nk,nke->ne", w_Nk.astype(dt), jax.nn.one_hot(ids_Nk, E, dtype=dt))
+    combine_NE = _combine_matrix(w_Nk, ids_Nk, E, dt)
+    x_ND = jnp.where(jnp.any(ids_Nk < E, axis=-1, keepdims=True), x_ND, 0)  # rows of no expert (an
+    # expert-parallel buffer's padding): zero, so that no 8-bit scale (qwen3_jax.quant) sees them
     g_NEF = jnp.einsum("nd,edf->nef", x_ND, gate_EDF.astype(dt))
     u_NEF = jnp.einsum("nd,edf->nef", x_ND, up_EDF.astype(dt))
     h_NEF = jax.nn.silu(g_NEF) * u_NEF * combine_NE[..., None]
     return jnp.einsum("nef,efd->nd", h_NEF, down_EFD.astype(dt))
+
+
+def _combine_matrix(w_Nk, ids_Nk, num_experts: int, dt):
+    """[N,E]: each token's router weight per expert (0 for the experts it did not choose)."""
+    return jnp.einsum("nk,nke->ne", w_Nk.astype(dt), jax.nn.one_hot(ids_Nk, num_experts, dtype=dt))
 
 
 # -- sorted rows: ragged_dot / megablox ----------------------------------------------------------------
@@ -154,14 +161,17 @@ def _swiglu_h(xs_RD, group_sizes_E, gate_EDF, up_EDF, kernel: str, name: str | N
         g = tag(_gmm(xs_RD, gate_EDF, group_sizes_E, dt, interp))
         u = tag(_gmm(xs_RD, up_EDF, group_sizes_E, dt, interp))
         return jnp.where(_live(xs_RD, group_sizes_E), jax.nn.silu(g) * u, 0)
+    live = _live(xs_RD, group_sizes_E)  # rows past the groups: zeroed in and out, so that no
+    xs_RD = jnp.where(live, xs_RD, 0)  # absmax of 8-bit training (qwen3_jax.quant) sees them
     g = tag(jax.lax.ragged_dot(xs_RD, gate_EDF.astype(dt), group_sizes_E))
     u = tag(jax.lax.ragged_dot(xs_RD, up_EDF.astype(dt), group_sizes_E))
-    return jax.nn.silu(g) * u
+    return jnp.where(live, jax.nn.silu(g) * u, 0)
 
 
 def _live(x_RD, group_sizes_E):
     """[R,1]: the rows inside the groups. gmm leaves the rows past them unwritten (garbage): they
-    are zeroed, so that neither values nor (0 * NaN) gradients leak from the empty tail."""
+    are zeroed, so that neither values nor (0 * NaN) gradients leak from the empty tail; for
+    ragged_dot too, so that no 8-bit scale (qwen3_jax.quant) is taken over them."""
     return (jnp.arange(x_RD.shape[0]) < jnp.sum(group_sizes_E))[:, None]
 
 
@@ -170,7 +180,7 @@ def _down(h_RF, group_sizes_E, down_EFD, kernel: str):
     if kernel.startswith("megablox"):
         y = _gmm(h_RF, down_EFD, group_sizes_E, dt, kernel.endswith("interpret"))
         return jnp.where(_live(h_RF, group_sizes_E), y, 0)
-    return jax.lax.ragged_dot(h_RF, down_EFD.astype(dt), group_sizes_E)
+    return jnp.where(_live(h_RF, group_sizes_E), jax.lax.ragged_dot(h_RF, down_EFD.astype(dt), group_sizes_E), 0)
 
 
 def grouped_swiglu(xs_RD, group_sizes_E, gate_EDF, up_EDF, down_EFD, kernel: str = "ragged_dot",

@@ -20,7 +20,7 @@ import jax
 import optax
 
 from data_pipeline.pipeline import BATCH_DTYPES
-from qwen3_jax import hosts, remat_search, sharding
+from qwen3_jax import hosts, quant, remat_search, sharding
 from qwen3_jax.config import ModelConfig
 from qwen3_jax.errors import TrainingError
 from qwen3_jax.hlo_stats import hlo_flops
@@ -123,6 +123,10 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
     if attention == "cudnn" and platform not in ("gpu", "cuda"):
         raise TrainingError(f"attention_impl='cudnn' needs an NVIDIA GPU; these devices are {platform!r}")
 
+    try:  # 8-bit training: the expert form qwix quantizes on this platform (qwen3_jax.quant)
+        model = model.replace(moe_impl=quant.moe_impl(model, platform))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     # distillation hook: the teacher's config (read from train.teacher) checked before anything is built
     distiller = distill.make_distiller(model, tc, mesh) if tc.teacher is not None else None
     optimizer, schedule = make_optimizer(tc.optim, tc.steps)
@@ -135,10 +139,12 @@ def build(model: ModelConfig, tc: TrainConfig, devices: Sequence[Any] | None = N
              for k, dt in BATCH_DTYPES.items()}
     step = make_train_step(model, optimizer, tc.loss, micro_batches=tc.micro_batches, schedule=schedule,
                            spike_factor=tc.spike_factor, distill=distiller)
+    step = quant.intercepted(step, model.quantization)  # 8-bit matmuls (a teacher's forward too)
     teacher_sh = (distiller.shardings,) if distiller is not None else ()
     step_fn = jax.jit(_under_rules(step, mesh, tc), in_shardings=(state_sh, batch_sh, *teacher_sh),
                       out_shardings=(state_sh, None), donate_argnums=0)
-    eval_fn = jax.jit(_under_rules(make_eval_step(model, tc.loss_chunk), mesh, tc),
+    eval_fn = jax.jit(_under_rules(quant.intercepted(make_eval_step(model, tc.loss_chunk), model.quantization),
+                                   mesh, tc),
                       in_shardings=(state_sh.params, batch_sh))
     rollout_fn = prompts = None
     if tc.onpolicy_prompt_len is not None:  # on-policy distillation: the student samples the batch
