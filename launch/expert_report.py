@@ -1,6 +1,7 @@
 """Expert load and per-domain specialization of an MoE training run.
 
   python launch/expert_report.py WORKDIR [--last N] [--out PNG] [--data NAME=DIR ...] [--tokens T]
+  python launch/expert_report.py runs/demo      # a folder of runs (the demo's stages): one report per run
 
 Writes a heatmap (MoE layers × experts: each cell the expert's share of that layer's assignments,
 summed over the last N logged steps of WORKDIR/metrics.jsonl; the title names the worst layer's
@@ -60,9 +61,9 @@ def _data_from_config(workdir) -> tuple[dict[str, str], float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workdir", help="training workdir (metrics.jsonl, checkpoints/)")
+    p.add_argument("workdir", help="training workdir (metrics.jsonl, checkpoints/), or a folder of them")
     p.add_argument("--last", type=int, default=50, help="logged steps summed in the heatmap (default 50)")
-    p.add_argument("--out", default=None, help="heatmap PNG (default WORKDIR/expert_load.png); JSON beside it")
+    p.add_argument("--out", default=None, help="heatmap PNG (default RUN/expert_load.png for each run); JSON beside it")
     p.add_argument("--data", action="append", default=[], metavar="NAME=DIR", help="prepared dataset (repeatable)")
     p.add_argument("--tokens", type=int, default=32768, help="held-out tokens routed per dataset")
     p.add_argument("--seq_len", type=int, default=None, help="rows of this many tokens (default: training's, <= 1024)")
@@ -74,7 +75,6 @@ def main(argv=None) -> int:
     p.add_argument("--skip_domains", action="store_true", help="heatmap only (no checkpoint, no data)")
     args = p.parse_args(argv)
     workdir = storage.path(args.workdir)  # local or gs://, as every path below
-    out = storage.path(args.out) if args.out else workdir / "expert_load.png"
 
     def fail(msg: str) -> int:
         print(f"expert_report.py: error: {msg}", file=sys.stderr)
@@ -85,25 +85,45 @@ def main(argv=None) -> int:
             return fail(f"--{flag} {getattr(args, flag)}: must be > 0")
     if not workdir.is_dir():
         return fail(f"workdir {workdir} does not exist")
-    if not storage.is_remote(out) and not out.parent.is_dir():  # an object store has no folders to create
-        return fail(f"--out {out}: folder {out.parent} does not exist")
-
-    try:
-        report = er.load_report(workdir, args.last)
-        if not args.skip_domains:
-            data, hf = parse_named_datasets(args.data), args.heldout_fraction
-            if not data:
-                data, run_hf = _data_from_config(workdir)
-                hf = run_hf if hf is None else hf
-            er.add_domains(report, data, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                           split=args.split, heldout_fraction=0.02 if hf is None else hf, step=args.step,
-                           router_bias=not args.no_router_bias)
-    except (ReportError, FileNotFoundError, ValueError) as e:
-        return fail(str(e))
-    png, json_path = er.write_report(report, out)
-    print(er.summary(report))
-    print(f"wrote {png} and {json_path}")
+    runs = run_folders(workdir)
+    if not runs:
+        return fail(f"{workdir} has no metrics.jsonl, and no run folder inside it has one (a training workdir, "
+                    f"or a folder of them such as runs/demo)")
+    if args.out and len(runs) > 1:
+        return fail(f"--out names one PNG but {workdir} holds {len(runs)} runs ({', '.join(r.name for r in runs)}): "
+                    f"drop --out (each run gets RUN/expert_load.png) or name one run")
+    for run in runs:
+        out = storage.path(args.out) if args.out else run / "expert_load.png"
+        if not storage.is_remote(out) and not out.parent.is_dir():  # an object store has no folders to create
+            return fail(f"--out {out}: folder {out.parent} does not exist")
+        if len(runs) > 1:
+            print(f"=== {run} ===", flush=True)
+        try:
+            report = er.load_report(run, args.last)
+            if not args.skip_domains:
+                data, hf = parse_named_datasets(args.data), args.heldout_fraction
+                if not data:
+                    data, run_hf = _data_from_config(run)
+                    hf = run_hf if hf is None else hf
+                er.add_domains(report, data, tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                               split=args.split, heldout_fraction=0.02 if hf is None else hf, step=args.step,
+                               router_bias=not args.no_router_bias)
+        except (ReportError, FileNotFoundError, ValueError) as e:
+            return fail(str(e))
+        png, json_path = er.write_report(report, out)
+        print(er.summary(report))
+        print(f"wrote {png} and {json_path}")
     return 0
+
+
+def run_folders(workdir) -> list:
+    """The runs under `workdir`: itself when it holds metrics.jsonl, else its subfolders that do
+    (the demo's runs/demo/stage1..3), in name order."""
+    if (workdir / "metrics.jsonl").is_file():
+        return [workdir]
+    return sorted((d for d in workdir.iterdir() if d.is_dir() and (d / "metrics.jsonl").is_file()),
+                  key=lambda d: d.name)
+
 
 if __name__ == "__main__":
     sys.exit(main())

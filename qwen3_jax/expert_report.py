@@ -4,7 +4,9 @@ Two views of one training run (a workdir written by `qwen3_jax.train.loop.train`
 
   load        from metrics.jsonl: `expert_counts` ([MoE layers][experts] assignments of each
               step), summed over the last N logged steps and normalised per layer. A layer's load
-              is its largest expert share × E (1 = uniform, E = everything on one expert).
+              is its busiest expert's share of the layer's assignments × E, the metric
+              `expert_load_max` of training: 1 = even; at most E/k with top-k routing (every
+              token picks that expert: collapsed), e.g. 4 for 8 experts top-2.
   domains     from the checkpoint: the model runs forward only (jitted, one device) on held-out
               tokens of each dataset and counts each layer's top-k assignments; per layer, each
               domain's routing distribution over experts and the Jensen-Shannon divergence
@@ -89,7 +91,7 @@ def shares(counts_LE: np.ndarray) -> np.ndarray:
 
 
 def layer_loads(shares_LE: np.ndarray) -> np.ndarray:
-    """Each layer's load: largest expert share × E (1 = uniform)."""
+    """Each layer's load: largest expert share × E (1 = even, E/k = collapsed)."""
     return shares_LE.max(-1) * shares_LE.shape[-1]
 
 
@@ -301,7 +303,9 @@ def load_report(workdir: str | os.PathLike, last: int = 50) -> dict:
     load_LE = shares(counts_NLE.sum(0))
     loads_L = layer_loads(load_LE)
     worst = int(loads_L.argmax())
-    return {"workdir": str(workdir), "steps": [steps[0], steps[-1]], "logged_steps": len(steps),
+    cfg_file = workdir / "model_config.json"
+    top_k = json.loads(cfg_file.read_text()).get("num_experts_per_tok") if cfg_file.is_file() else None
+    return {"workdir": str(workdir), "steps": [steps[0], steps[-1]], "logged_steps": len(steps), "top_k": top_k,
             "load_shares": load_LE.tolist(), "layer_load": loads_L.tolist(),
             "worst_layer": {"moe_layer": worst, "load": float(loads_L[worst])}, "specialization": None}
 
@@ -337,8 +341,8 @@ def write_report(report: dict, out: str | os.PathLike) -> tuple[str, str]:
     labels = [f"layer {i}" for i in report["layer_ids"]] if report.get("layer_ids") else None
     where = labels[worst] if labels else f"MoE layer {worst}"
     title = (f"{storage.path(report['workdir']).name}: expert share per layer, steps {first}-{last} "
-             f"({report['logged_steps']} logged)\nworst-layer load {loads_L[worst]:.2f} ({where}; 1 = uniform, "
-             f"{load_LE.shape[1]} = one expert)")
+             f"({report['logged_steps']} logged)\nexpert load max {loads_L[worst]:.2f} ({where}; "
+             f"{load_scale(load_LE.shape[1], report.get('top_k'))})")
     domains = report.get("specialization")
     if domains is not None:
         title += f"\nspecialization (mean JS {' vs '.join(domains['domains'])}) {domains['score']:.3f}"
@@ -346,12 +350,19 @@ def write_report(report: dict, out: str | os.PathLike) -> tuple[str, str]:
     return png, write_json(out.with_suffix(".json"), report)
 
 
+def load_scale(num_experts: int, top_k: int | None) -> str:
+    """What a load figure means, in the words the console, README and heatmap share."""
+    top = f"{num_experts / top_k:g} = collapsed" if top_k else f"{num_experts}/top-k = collapsed"
+    return f"1 = even, {top}"
+
+
 def summary(report: dict) -> str:
     """What the command prints: per-layer load, and the routing table when the domains were routed."""
     loads_L, (first, last) = report["layer_load"], report["steps"]
     worst = report["worst_layer"]["moe_layer"]
-    lines = [f"expert load over steps {first}-{last}: per layer " + " ".join(f"{x:.2f}" for x in loads_L) +
-             f" (worst {loads_L[worst]:.2f}, MoE layer {worst})"]
+    lines = [f"expert load (busiest expert's share x E) over steps {first}-{last}: per layer " +
+             " ".join(f"{x:.2f}" for x in loads_L) + f" (max {loads_L[worst]:.2f}, MoE layer {worst}; "
+             f"{load_scale(len(report['load_shares'][0]), report.get('top_k'))})"]
     if report.get("specialization") is not None:
         routed = ", ".join(f"{k} {v:,}" for k, v in report["tokens"].items())
         bias = ", with the aux-free router bias" if report["router_bias"] else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 
 import numpy as np
@@ -12,7 +13,6 @@ import pytest
 from train_utils import ROOT, load_script, run, tiny_args
 
 from qwen3_jax import expert_report as er
-
 from qwen3_jax.errors import ReportError
 
 REPORT = str(ROOT / "launch" / "expert_report.py")
@@ -111,7 +111,7 @@ def test_report_writes_heatmap_and_domain_table(moe_run, tmp_path):
     shares_LE = np.asarray(rep["load_shares"])
     assert shares_LE.shape == (2, 8)
     np.testing.assert_allclose(shares_LE.sum(-1), 1.0, rtol=1e-6)
-    assert 1.0 <= rep["worst_layer"]["load"] <= 8.0
+    assert 1.0 <= rep["worst_layer"]["load"] <= 4.0 and rep["top_k"] == 2  # E/k: every token picks one expert
     assert rep["tokens"] == {"code": 1000, "docs": 1000}  # exactly --tokens, the rest masked as padding
     spec = rep["specialization"]
     assert spec["domains"] == ["code", "docs"] and len(spec["layers"]) == 2
@@ -121,7 +121,26 @@ def test_report_writes_heatmap_and_domain_table(moe_run, tmp_path):
             assert sum(layer["domains"][d]["shares"]) == pytest.approx(1.0)
     assert 0.0 <= spec["score"] <= 1.0
     assert "JS code|docs" in r.stdout and "specialization score" in r.stdout
-    assert f"worst {rep['worst_layer']['load']:.2f}" in r.stdout
+    assert f"max {rep['worst_layer']['load']:.2f}" in r.stdout and "1 = even, 4 = collapsed" in r.stdout
+
+
+def test_a_folder_of_runs_gets_one_report_per_run(moe_run, tmp_path, capsys):
+    """`expert_report.py runs/demo`: the demo's top folder, whose stage folders are the runs."""
+    pytest.importorskip("matplotlib")
+    for stage in ("stage1", "stage2"):
+        (tmp_path / stage).mkdir()
+        for name in ("metrics.jsonl", "model_config.json"):
+            shutil.copy(moe_run / name, tmp_path / stage / name)
+    (tmp_path / "data").mkdir()  # not a run: skipped
+    main = _launcher().main
+    assert main([str(tmp_path), "--skip_domains", "--last", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== ") == 2 and out.count("1 = even, 4 = collapsed") == 2, out
+    assert all((tmp_path / s / "expert_load.png").is_file() for s in ("stage1", "stage2"))
+    assert main([str(tmp_path), "--skip_domains", "--out", str(tmp_path / "x.png")]) == 2
+    assert "holds 2 runs (stage1, stage2)" in capsys.readouterr().err
+    assert main([str(tmp_path / "data")]) == 2
+    assert "no run folder inside it has one" in capsys.readouterr().err
 
 
 def test_report_errors_name_the_value(moe_run, tmp_path, capsys):

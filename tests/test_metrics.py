@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qwen3_jax import create_model, get_config
-from qwen3_jax.train.metrics import flops_per_token, peak_flops
+from qwen3_jax.train.metrics import cpu_stage_note, flops_per_token, matmul_flops_per_s, peak_flops
 
 
 def independent_count(name: str, T: int) -> float:
@@ -83,3 +83,14 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, capsys):
     ckpts.close()
     _, flat, step, _ = ckpt.restore_params_numpy(tmp_path)
     assert step == 1 and np.array_equal(flat["final_norm/scale"], np.asarray(state.params["final_norm"]["scale"]))
+
+
+def test_cpu_stage_note_is_a_floor_from_the_measured_matmul_rate():
+    cfg = get_config("small-moe")
+    fpt = flops_per_token(cfg, 4096)
+    note = cpu_stage_note("runs/stage1", 1000, 16 * 4096, fpt, 50e9)
+    hours = 1000 * 16 * 4096 * fpt / 50e9 / 3600
+    assert note.startswith("NOTE: runs/stage1 is a TPU job") and f"at least {hours:,.0f} hours" in note
+    assert cpu_stage_note("runs/smoke", 20, 512, fpt, 50e9) is None  # minutes: no note
+    rate = matmul_flops_per_s(jax.devices("cpu")[0], n=256, reps=2)
+    assert 1e8 < rate < 1e14

@@ -142,6 +142,30 @@ def test_sigkill_and_sigterm_resume_bit_identical(data_dir, tmp_path, reference)
     assert step == 12 and all(np.array_equal(params[k], ref_params[k]) for k in ref_params)
 
 
+def test_full_stage_on_cpu_says_so_and_sigterm_stops_after_the_step_in_flight(data_dir, tmp_path):
+    """`train.py --gin stage1.gin` on a CPU: before step 1 a NOTE that the stage is a TPU job with
+    a time floor for this machine; the first progress line has an ETA; a SIGTERM that arrives while
+    step N+1 runs (the line for step N is printed after it starts) saves step N+1 and exits 0 —
+    the next step is not started."""
+    work = tmp_path / "stage1"
+    p = popen(tiny_args(data_dir, work, gin=("stage1.gin", "model/tiny-moe.gin"), steps=10 ** 6, seq_len=512,
+                        batch=16, every=10 ** 6))
+    before = []
+    for line in p.stdout:
+        before.append(line)
+        if line.startswith("step 3/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    out = "".join(before) + p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    note = next(i for i, x in enumerate(before) if x.startswith("NOTE: ") and "is a TPU job" in x)
+    first = next(i for i, x in enumerate(before) if x.startswith("step 1/"))
+    assert note < first and "GFLOP/s (measured now)" in before[note] and "hours" in before[note], out
+    assert "ETA ?" not in before[first], before[first]
+    assert "SIGTERM: saved step 4 and stopped" in out, out
+    assert checkpoint.latest_step(work / "checkpoints") == 4
+
+
 def test_sharded_run_and_resume_on_another_mesh_match_one_device(data_dir, tmp_path, reference):
     """6 steps on 4 devices (fsdp 2 x expert 2, expert parallelism), then 6 more on 1 device,
     against 12 steps on 1 device."""

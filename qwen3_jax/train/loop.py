@@ -48,7 +48,14 @@ from qwen3_jax.train import distill, faults
 from qwen3_jax.train.build import Program, build
 from qwen3_jax.train.config import TrainConfig
 from qwen3_jax.train.data import check_vocab
-from qwen3_jax.train.metrics import MetricsWriter, flops_per_token, peak_flops, truncate_metrics
+from qwen3_jax.train.metrics import (
+    MetricsWriter,
+    cpu_stage_note,
+    flops_per_token,
+    matmul_flops_per_s,
+    peak_flops,
+    truncate_metrics,
+)
 from qwen3_jax.train.prefetch import BatchPrefetcher
 from qwen3_jax.train.run_checkpoints import RunCheckpoints, clean_unfinished, params_from
 from qwen3_jax.train.samples import data_tokenizer, print_samples
@@ -223,6 +230,11 @@ class _Run:
         self.peak = peak_flops(self.devs[0].device_kind)
         self.writer = MetricsWriter(workdir, tc.steps, log_every=tc.log_every, enabled=self.primary)
         self.writer.first_line_extra = f" | compiled in {compile_s:.1f} s"
+        if self.devs[0].platform == "cpu" and self.primary:
+            note = cpu_stage_note(str(workdir), tc.steps - start, self.tokens_per_step, self.fpt,
+                                  matmul_flops_per_s(self.devs[0]))
+            if note:
+                print(note, flush=True)
         self.meta = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "model": model.name,
                      "step_program": fingerprint, "router_bias": bool(model.is_moe and tc.router_bias_rate)}
         self.teacher_args = ()  # distillation hook: the frozen teacher's params, the step's third argument
@@ -233,6 +245,7 @@ class _Run:
                   f"{program.distill.cfg.compute_dtype}); {program.distill.kd}", flush=True)
         self.rollout = None  # on-policy hook: the student samples each step's batch (qwen3_jax.train.onpolicy)
         if program.rollout is not None:
+            self.writer.kd_name = "on-policy KL"
             eos = onpolicy_eos_id(tc, data_it)
             self.rollout = lambda st, prompts, s: program.rollout(
                 st.params, {k: prompts[k] for k in ("tokens", "segment_ids")}, np.int32(s), np.int32(eos))
@@ -261,23 +274,30 @@ class _Run:
         if errors:
             raise TrainingError("; ".join(errors))
         if self.signals.requested:
-            print(f"{self.signals.requested}: saved step {step} and stopped; rerun the same command to resume",
-                  flush=True)
+            done = f"saved step {step}" if step > start else "nothing new to save"
+            print(f"{self.signals.requested}: {done} and stopped; rerun the same command to resume", flush=True)
         return {"step": step, "metrics": self.last, "step_program": fingerprint,
                 "interrupted": self.signals.requested}
 
     def _loop(self, state, start: int, step_fn, prefetch) -> tuple[int, str | None]:
-        """The overlapped loop: step s+1 is dispatched before step s's metrics are read, and the
-        next batch is prepared while a step runs. Returns (last step, error or None)."""
+        """The overlapped loop: the next batch is prepared, and step s's metrics are written, while
+        a step runs; step s+1 is dispatched as soon as step s is done (not before: a SIGTERM that
+        arrives during a step stops the run after that step). Returns (last step, error or None)."""
         tc, program = self.tc, self.program
         step, pending, self.t_prev = start, None, time.time()
         batches = start  # the data position, in batches (a rollback does not rewind it)
         data_error, saved = None, start
+        signalled = False
         while step < tc.steps:
             try:
                 batch, next_pos = prefetch.next()
             except ShardError as e:  # a damaged record found mid-run: keep what was trained, name it
                 data_error = f"data: {e}"
+                break
+            if pending is not None:  # the next batch is ready: wait for the step in flight before the next starts,
+                jax.block_until_ready(pending[1])  # so a signal that came during it stops the run here
+            if self.signals.requested and not self.signals.preemption.enabled:
+                signalled = True  # one process: save this step now (several hosts agree on a step below)
                 break
             pos = next_pos
             batches += 1
@@ -318,7 +338,7 @@ class _Run:
             verdict = self._report(*pending)
             if verdict is not None:
                 return step, self._rollback(*verdict, consumed=batches, final=True)
-        if data_error and step > saved:
+        if (data_error or signalled) and step > saved:
             self.ckpts.save(step, state, pos, self.model, self.meta)
         return step, data_error
 

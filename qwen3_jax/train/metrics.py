@@ -15,6 +15,7 @@ import tempfile
 import time
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from qwen3_jax import storage
@@ -35,6 +36,38 @@ def peak_flops(device_kind: str) -> float | None:
         if key in kind:
             return PEAK_FLOPS[key]
     return None
+
+
+def matmul_flops_per_s(device, n: int = 1024, reps: int = 3) -> float:
+    """The device's measured float32 matmul rate (best of `reps` n x n x n products, after one to
+    compile): a few tenths of a second on a CPU."""
+
+    a = jax.device_put(np.ones((n, n), np.float32), device)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def cpu_stage_note(name: str, steps: int, tokens_per_step: int, flops_per_tok: float,
+                   matmul_flops_per_s: float, min_hours: float = 1.0) -> str | None:
+    """On a CPU, the line said before step 1 when the stage is a TPU job: its model FLOPs over this
+    CPU's measured matmul rate, a floor on the time here (the step does more than matmuls at their
+    best rate: it took 3-10x that floor on the 2-core test box). None when the floor is under
+    `min_hours`."""
+
+    floor_h = steps * tokens_per_step * flops_per_tok / matmul_flops_per_s / 3600
+    if floor_h < min_hours:
+        return None
+    return (f"NOTE: {name} is a TPU job: {steps:,} steps x {tokens_per_step:,} tokens = "
+            f"{steps * tokens_per_step * flops_per_tok:.2e} model FLOPs; this CPU multiplies at "
+            f"{matmul_flops_per_s / 1e9:.0f} GFLOP/s (measured now), so here it takes at least {floor_h:,.0f} hours "
+            f"(the progress line's ETA, from step 1 on, is measured). On a CPU run `make demo` or --gin cpu_smoke.gin, "
+            f"or scale STEPS / SEQ_LEN / BATCH_SIZE down; on a slice see launch/tpu/ and configs/slices/.")
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True, causal: bool = True) -> float:
@@ -137,6 +170,7 @@ class MetricsWriter:
         self._logged_first = False
         self.write_error: str | None = None
         self.first_line_extra = ""  # appended to the first progress line (e.g. the compile time)
+        self.kd_name = "kd"  # the distillation term's name on the console ("on-policy KL" when on-policy)
         self._jsonl = None
         self._tb = None
         if enabled:
@@ -204,10 +238,14 @@ class MetricsWriter:
         if self._first_step is None:
             self._first_step, self._t0 = step, time.time()
         done = step - self._first_step
-        rate = done / max(time.time() - self._t0, 1e-9) if done else 0.0
+        rate = done / max(time.time() - self._t0, 1e-9) if done else 1 / m.get("step_time_s", math.inf)
         eta = (self.total_steps - step) / rate if rate else float("nan")
         eta_s = "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
         parts = [f"step {step}/{self.total_steps}", f"loss {m.get('loss', float('nan')):.4f}"]
+        if "kd_loss" in m:  # distilling: the loss is (1-a)·LM + a·KD; both terms, and top-1 agreement
+            parts.append(f"lm {m.get('lm_loss', float('nan')):.4f}")
+            parts.append(f"{self.kd_name} {m['kd_loss']:.4f}")
+            parts.append(f"top-1 agree {100 * m.get('kd_top1_agree', float('nan')):.0f}%")
         if m.get("aux_loss"):
             parts.append(f"aux {m['aux_loss']:.4f}")
         if m.get("skipped"):
