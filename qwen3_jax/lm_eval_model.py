@@ -14,8 +14,11 @@ checkpoint root or step folder); `tokenizer` (default: `inference.loading.resolv
 `batch_size` (rows per forward / per generation batch, default 16); `max_length` (default: the
 model's max_position_embeddings, as lm-eval's `hf` backend reads it from config.json);
 `max_gen_toks` (256); `enable_thinking` (true / false: the chat template's switch, with
-`--apply_chat_template`); `think_end_token` (e.g. `</think>`: generated text is cut after its
-last occurrence, as the `hf` backend does); `seed` (sampling).
+`--apply_chat_template`); `thinking_budget` (B thinking tokens, then the model is told to answer:
+`qwen3_jax.inference.chat`'s budget; a task's `generation_kwargs: {thinking_budget: B}` sets it
+per request); `think_end_token` (e.g. `</think>`: generated text is cut after its last
+occurrence, as the `hf` backend does; `</think>` by default under a thinking budget); `seed`
+(sampling).
 
 Scores are the model's own forward in fp32: parameters and compute in float32,
 `Qwen3.hidden` then `Qwen3.logits` at the scored positions only, log-softmax and greedy check
@@ -43,8 +46,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from qwen3_jax.config import ModelConfig
-from qwen3_jax.inference.chat import as_messages
-from qwen3_jax.inference.engine import bucket
+from qwen3_jax.inference.chat import THINK_OPEN, as_messages
+from qwen3_jax.inference.engine import ThinkingSpec, bucket
 from qwen3_jax.inference.loading import load_text_generator
 from qwen3_jax.inference.sampling import SamplingConfig
 from qwen3_jax.params import model_from_flat
@@ -107,12 +110,13 @@ class Qwen3LM(TemplateLM):
     def __init__(self, hf: str | None = None, checkpoint: str | None = None, tokenizer: str | None = None,
                  batch_size: int | str = 16, max_length: int | str | None = None, max_gen_toks: int | str = 256,
                  enable_thinking: bool | str | None = None, think_end_token: str | None = None,
-                 seed: int | str = 0, text_generator=None, **lm_eval_config: Any):
+                 thinking_budget: int | str | None = None, seed: int | str = 0, text_generator=None,
+                 **lm_eval_config: Any):
         super().__init__()
         unknown = sorted(set(lm_eval_config) - set(_IGNORED_ARGS))
         if unknown:
             raise ValueError(f"qwen3_jax: unknown model args {unknown} (known: hf, checkpoint, tokenizer, batch_size, "
-                             f"max_length, max_gen_toks, enable_thinking, think_end_token, seed)")
+                             f"max_length, max_gen_toks, enable_thinking, think_end_token, thinking_budget, seed)")
         if text_generator is None:
             if (hf is None) == (checkpoint is None):
                 raise ValueError("qwen3_jax: give exactly one of the model args hf=DIR / checkpoint=DIR")
@@ -129,6 +133,7 @@ class Qwen3LM(TemplateLM):
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
         self.enable_thinking = _as_bool("enable_thinking", enable_thinking)
         self.think_end_token = think_end_token
+        self.thinking_budget = None if thinking_budget is None else _as_int("thinking_budget", thinking_budget, 0)
         self.seed = _as_int("seed", seed, 0)
         piece = max(1, LOGITS_PER_PIECE // (self._batch_size * self.cfg.vocab_size))
         self._score = score_function(self.cfg, 1 << (piece.bit_length() - 1))
@@ -235,6 +240,19 @@ class Qwen3LM(TemplateLM):
         return out
 
     # -- generation ---------------------------------------------------------------------------------
+    def _thinking(self, budget) -> tuple[ThinkingSpec | None, list[int]]:
+        """(the generator's thinking spec, the tokens that open the block after the prompt) for a
+        thinking budget; (None, []) without one."""
+        if budget is None:
+            return None, []
+        tg = self.text_generator
+        if tg.think_open is None or tg.think_close is None:
+            raise ValueError(f"qwen3_jax: thinking_budget={budget}, but tokenizer {self.tok.name} has no "
+                             f"<think> / </think> tokens")
+        spec = ThinkingSpec(open_id=tg.think_open, close_id=tg.think_close, budget=_as_int("thinking_budget", budget, 0),
+                            stop_ids=tg.stop_ids, turn_start_id=tg.turn_start)
+        return spec, self.tok_encode(THINK_OPEN + "\n")
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with do_sample) generation until a stop string, an EOS id or
         max_gen_toks; batched per distinct gen_kwargs."""
@@ -255,16 +273,21 @@ class Qwen3LM(TemplateLM):
                 sampling = SamplingConfig(temperature=float(kwargs.pop("temperature", 1.0) or 1.0),
                                           top_k=int(kwargs.pop("top_k", 0) or 0),
                                           top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
-            contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in members]
+            budget = kwargs.pop("thinking_budget", self.thinking_budget)
+            thinking, opening = self._thinking(budget)
+            contexts = [(self.tok_encode(requests[i].args[0]) + opening)[-(self.max_length - max_gen):]
+                        for i in members]
+            think_end = self.think_end_token or ("</think>" if thinking is not None else None)
             order = sorted(range(len(members)), key=lambda k: -len(contexts[k]))
             for s in range(0, len(order), self.batch_size):
                 part = order[s:s + self.batch_size]
                 gens = self.generator.generate([contexts[k] for k in part], max_new_tokens=max_gen,
                                                sampling=sampling, seed=self.seed, eos_ids=self.text_generator.eos_ids,
-                                               stop_strings=[u for u in until if u], decode=self.tok.decode)
+                                               stop_strings=[u for u in until if u], decode=self.tok.decode,
+                                               thinking=thinking)
                 for k, g in zip(part, gens):
                     toks = g.tokens[:-1] if g.stop_reason == "eos" else g.tokens
-                    text = postprocess_generated_text(self.tok.decode(toks), until, self.think_end_token)
+                    text = postprocess_generated_text(self.tok.decode(toks), until, think_end)
                     out[members[k]] = text
                     self.cache_hook.add_partial("generate_until", requests[members[k]].args, text)
                     bar.update(1)

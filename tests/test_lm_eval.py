@@ -75,3 +75,28 @@ def test_our_backend_equals_the_hf_backend(export, monkeypatch, tmp_path):
     ppl_a, ppl_b = ours["results"]["qwen3_jax_tiny_ppl"], theirs["results"]["qwen3_jax_tiny_ppl"]
     assert ppl_a["bits_per_byte,none"] == pytest.approx(ppl_b["bits_per_byte,none"], rel=1e-4)
     assert _resps(ours, "qwen3_jax_tiny_gen") == _resps(theirs, "qwen3_jax_tiny_gen")
+
+
+def test_thinking_budget_from_gen_kwargs_is_the_generators(tmp_path):
+    """A task's `generation_kwargs: {thinking_budget: B}` (or the model arg) runs the same budgeted
+    decode as `generate.py --chat --thinking_budget B`, and lm-eval gets the answer after </think>."""
+    from lm_eval.api.instance import Instance
+
+    cfg = qwen3_jax.get_config("tiny-dense", vocab_size=151_936, d_model=32, ffn_dim=64, tie_embeddings=True,
+                               max_position_embeddings=128, compute_dtype="float32", param_dtype="float32")
+    export = tmp_path / "hf"
+    hf.write_hf_folder(random_flat(cfg, 4), cfg, export, dtype="float32", tokenizer="qwen3")
+    lm = Qwen3LM(hf=str(export), batch_size=2)
+    tg = lm.text_generator
+    messages = [{"role": "user", "content": "Is 9.11 larger than 9.9?"}]
+    context = lm.apply_chat_template(messages)  # what lm-eval sends with --apply_chat_template
+    for budget in (0, 3):
+        req = Instance("generate_until", {}, (context, {"until": ["<|im_end|>"], "max_gen_toks": 48,
+                                                         "thinking_budget": budget}), 0)
+        (ours,) = lm.generate_until([req], disable_tqdm=True)
+        (ref,) = tg.generate([messages], chat=True, thinking_budget=budget, max_new_tokens=48)
+        assert ref["thinking_tokens"] <= budget and "</think>" in ref["text"]  # the budget closed the block
+        want = ref["text"].split("</think>")[-1] if "</think>" in ref["text"] else ref["text"]
+        assert ours == want.split("<|im_end|>")[0], (budget, ours, ref["text"])
+    with pytest.raises(ValueError, match="thinking_budget"):
+        Qwen3LM(hf=str(export), thinking_budget="-1")
