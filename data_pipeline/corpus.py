@@ -25,6 +25,7 @@ The built-in corpus, prepared for training runs on demand (`stage_mixture`), is 
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import glob
 import gzip
@@ -224,6 +225,12 @@ def count(spec: str) -> int:
         raise _bad_file(spec, e) from None
 
 
+def builtin_bytes(spec: str) -> int:
+    """About how much a built-in corpus costs to read: the bytes of the sources it parses."""
+    size = sum(os.path.getsize(p) for p in stdlib_sources())
+    return size * (2 if spec == "builtin:python-stdlib" else 1)
+
+
 def _count_builtin(spec: str) -> int:
     n = 0
     if spec != "builtin:python-stdlib-docs":
@@ -321,12 +328,28 @@ def _iter_parquet(spec: str, pf, text_key: str, start: int) -> Iterator[Raw]:
                 yield Raw(spec, k, "text" if isinstance(v, str) else "none", v)
 
 
+_BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _walk_blocks(tree: ast.AST) -> Iterator[ast.AST]:
+    """ast.walk's nodes (breadth first, the same order) that are statements or hold statements:
+    expressions never contain a statement, so leaving them out keeps every definition (3x faster)."""
+    todo = collections.deque([tree])
+    while todo:
+        node = todo.popleft()
+        for field in node._fields:
+            value = getattr(node, field, None)
+            if isinstance(value, list):
+                todo.extend(x for x in value if isinstance(x, _BLOCKS))
+        yield node
+
+
 def _docstrings(path: str, text: str) -> str:
     """A module's docstrings (module, classes, functions) as one natural-language document."""
     tree = ast.parse(text)
     parts = []
     mod = os.path.relpath(path, stdlib_dir())[:-3].replace(os.sep, ".").removesuffix(".__init__")
-    for node in ast.walk(tree):
+    for node in _walk_blocks(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node)
             if doc and len(doc) > 40:
@@ -409,3 +432,20 @@ def iter_records(inputs: list[str], text_key: str = "text") -> Iterator[Decoded]
     for spec in expand_inputs(inputs):
         for raw in iter_raw(spec, text_key):
             yield decode(raw, text_key)
+
+
+def iter_range(inputs: list[str], counts: list[int], start: int, stop: int,
+               text_key: str = "text") -> Iterator[tuple[int, Raw]]:
+    """Records [start, stop) of the inputs taken together (`counts`: records per input, as `count`
+    gives them), each with its global index: the records of one shard."""
+    base = 0
+    for spec, n in zip(inputs, counts):
+        if base + n > start and base < stop:
+            for k, raw in enumerate(iter_raw(spec, text_key, max(0, start - base))):
+                i = max(start, base) + k
+                if i >= stop or i >= base + n:
+                    break
+                yield i, raw
+        base += n
+        if base >= stop:
+            return

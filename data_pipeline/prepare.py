@@ -16,9 +16,17 @@ Records are numbered in input order (files in argument order, lines in file orde
 holds records [s*R/N, (s+1)*R/N): a cheap counting pass (newlines / parquet metadata) fixes the
 plan, so output is identical for any --workers, and a re-run after a crash redoes only the shards
 without their .json (each shard is written under a temporary name and renamed when complete).
-Tokenization runs in --workers processes with a bounded number of batches in flight, so memory
-does not depend on corpus size. Bad records (malformed JSON, missing text field, invalid UTF-8,
-empty documents) are skipped and counted; with --strict the first one stops the run with file:line.
+
+The work runs as an Apache Beam pipeline (data_pipeline/beam_run.py, write_stage.py): one element
+per shard still to write, each read, tokenized (batches through the tokenizers' Rust core) and
+written by one worker, so memory does not depend on corpus size and the bytes do not depend on the
+worker count. --runner local (the default) is Beam's own local runner: --workers processes
+(default: one per CPU for a corpus big enough to pay their ~5 s start, else this process; 0 or 1:
+this process); a periodic line reports docs/s, tokens/s and the ETA. --runner DataflowRunner (or
+Flink, Spark, ...) runs the same pipeline there, the arguments prepare.py does not know going to
+Beam as pipeline options (--project, --region, --temp_location, ...); inputs and --out then on a
+bucket. Bad records (malformed JSON, missing text field, invalid UTF-8, empty documents) are
+skipped and counted; with --strict the first one stops the run with file:line.
 An `--out` on a bucket (`gs://b/data/web`) gets the same files with the same completion rule: each
 shard is written to a local temporary folder and uploaded file by file, its .json last, and
 stats.json after every shard (an object store has no rename, but each upload is atomic).
@@ -27,86 +35,43 @@ A bad *file* (truncated/corrupt .gz/.zst or parquet, a text file that is not UTF
 before anything is written, naming it; with --skip-bad-files it is left out and listed under
 "skipped_files" in plan.json, stats.json and the summary. A run that yields no document at all
 is an error (naming the inputs, the --text-key and the keys the first record does have) and
-leaves nothing behind. Worker processes die with the main process (even on SIGKILL).
+leaves nothing behind. Worker processes die with the main process (even on SIGKILL), and a worker
+that dies (out of memory) stops the run with one line; a re-run resumes.
 """
+
 from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures as cf
-import ctypes
 import json
-import multiprocessing
 import os
-import signal
+import shutil
 import sys
-import threading
+import tempfile
 import time
-from concurrent.futures.process import BrokenProcessPool
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from data_pipeline import corpus
 from data_pipeline.cli import ArgumentParser
-from data_pipeline.shard_writer import HIST_BUCKETS, ShardWriter, read_json, shard_name, write_json  # noqa: F401
+from data_pipeline.shard_writer import (  # noqa: F401 - launch/make_responses.py takes the writer from here
+    HIST_BUCKETS,
+    PrepareError,
+    ShardWriter,
+    read_json,
+    shard_name,
+    write_json,
+)
 from data_pipeline.shards import folder_names
 from data_pipeline.text_tokenizer import load_tokenizer, train_sentencepiece
 from qwen3_jax import storage
 
 PLAN_VERSION = 1
-CRASH_ENV = "DATA_PIPELINE_CRASH_AFTER_SHARDS"  # test hook: os._exit after this many shards
+CRASH_ENV = "DATA_PIPELINE_CRASH_AFTER_SHARDS"  # test hook: die (exit 3) mid-shard after this many shards
+AUTO_PARALLEL_BYTES = 16 << 20  # default --workers: worker processes (~5 s to start) for inputs this big
 
 
-class PrepareError(RuntimeError):
-    pass
-
-
-# --- worker side ---------------------------------------------------------------------------
-_W: dict = {}
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ends this worker when the main process dies, however it dies (SIGKILL included)."""
-    try:  # Linux: the kernel sends SIGKILL when the parent (the thread that forked us) exits
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        def watch():  # elsewhere: poll
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
-
-
-def _init_worker(tokenizer: str, text_key: str, allow_special: bool, dtype: str, in_process: bool,
-                 parent: int = 0, tok=None) -> None:
-    if not in_process:
-        _die_with_parent(parent)
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; processes give parallelism
-    _W.update(tok=tok or load_tokenizer(tokenizer), text_key=text_key, allow_special=allow_special,
-              dtype=np.dtype(dtype))
-
-
-def _work(batch: list[tuple[int, corpus.Raw]]):
-    """Decodes + tokenizes a batch of raw records: [(index, raw)] → [(index, tokens|None, reason, detail, nbytes)]."""
-    tok, dt = _W["tok"], _W["dtype"]
-    decoded = [corpus.decode(raw, _W["text_key"]) for _, raw in batch]
-    texts = [d.text for d in decoded if d.text is not None]
-    ids = iter(tok.encode_batch(texts, _W["allow_special"]) if texts else [])
-    out = []
-    for (i, raw), d in zip(batch, decoded):
-        if d.text is None:
-            out.append((i, None, d.reason, d.detail, 0))
-        else:
-            t = np.asarray(next(ids) + [tok.eos_id], dtype=dt)
-            out.append((i, t, None, "", len(d.text.encode("utf-8"))))
-    return out
-
-
-# --- main side -----------------------------------------------------------------------------
 def _plan(inputs: list[str], tok, text_key: str, shards: int, allow_special: bool, limit: int | None,
           skip_bad_files: bool = False) -> dict:
     expanded, counts, bad = [], [], {}
@@ -149,21 +114,6 @@ def _no_documents(plan: dict, skipped: dict) -> PrepareError:
         return PrepareError(f"{msg}; the first record of {keyed[0]} has keys {keyed[1]}: pass one of them as "
                             f"--text-key")
     return PrepareError(msg + "; every document was empty or unreadable")
-
-
-def _records(plan: dict, start: int) -> Iterator[tuple[int, corpus.Raw]]:
-    """Global records [start, plan['records']) with their global index."""
-    base = 0
-    for spec, n in zip(plan["inputs"], plan["counts"]):
-        if base + n > start:
-            for k, raw in enumerate(corpus.iter_raw(spec, plan["text_key"], max(0, start - base))):
-                i = max(start, base) + k
-                if i >= plan["records"]:
-                    return
-                yield i, raw
-        base += n
-        if base >= plan["records"]:
-            return
 
 
 def aggregate_stats(out: str, plan: dict, seconds: float, reasons: Sequence[str] = corpus.SKIP_REASONS) -> dict:
@@ -230,14 +180,32 @@ def open_output(out: str, plan: dict) -> dict | None:
     return None
 
 
+def _workers(workers: int | None, plan: dict, todo: list[int]) -> int:
+    """Worker processes for the local runner: --workers, else one per CPU (at most one per shard)
+    when the inputs are big enough to pay the workers' start-up, else none (this process)."""
+    if workers is not None:
+        return max(min(workers, len(todo)), 1)
+    size = 0
+    for spec in plan["inputs"]:
+        try:
+            size += corpus.builtin_bytes(spec) if spec.startswith("builtin:") else storage.path(spec).stat().length
+        except OSError:
+            pass
+    size = size * plan["records"] // max(sum(plan["counts"]), 1)  # --limit
+    return max(min(os.cpu_count() or 1, len(todo)), 1) if size >= AUTO_PARALLEL_BYTES else 1
+
+
 def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = "text", shards: int = 8,
             workers: int | None = None, strict: bool = False, allow_special: bool = False,
-            limit: int | None = None, progress: bool = True, batch_docs: int = 32,
-            skip_bad_files: bool = False) -> dict:
+            limit: int | None = None, progress: bool = True, batch_docs: int = 64,
+            skip_bad_files: bool = False, runner: str = "local", beam_args: Sequence[str] | None = None,
+            progress_every: float = 10.0) -> dict:
     """Tokenizes `inputs` into `out` (see module doc). Returns the stats; a no-op when `out` is complete.
 
     skip_bad_files: leave out input files that cannot be read whole (listed in stats["skipped_files"])
-    instead of raising corpus.CorpusError naming the first one."""
+    instead of raising corpus.CorpusError naming the first one. runner / beam_args: the Beam runner
+    ("local", or a runner name Beam knows) and its pipeline options; progress_every: seconds between
+    progress lines (progress=False: none)."""
     stats_path = os.path.join(out, "stats.json")
     tok = load_tokenizer(tokenizer)
     plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit, skip_bad_files)
@@ -246,90 +214,27 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     if (st := open_output(out, plan)) is not None:
         return st
 
-    n, total = plan["shards"], plan["records"]
+    from data_pipeline import beam_run, write_stage  # heavy (apache_beam, ~2 s): only a run with work to do
+
+    n = plan["shards"]
     bounds, todo = shard_bounds(plan), pending_shards(out, plan)
-    shard_of = lambda i: int(np.searchsorted(bounds, i, side="right")) - 1  # noqa: E731
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    init = (tokenizer, text_key, allow_special, plan["dtype"], workers == 0, os.getpid())
-    t0, done_records, done_tokens, written = time.time(), 0, 0, []
-    crash_after = int(os.environ.get(CRASH_ENV, "0"))
-    bar = None
-    if progress:
-        bar = tqdm(total=sum(bounds[s + 1] - bounds[s] for s in todo), unit="doc", unit_scale=True,
-                   desc=os.path.basename(os.path.normpath(out)), smoothing=0.1, file=sys.stderr)
-
-    def batches():
-        todo_set, batch, cur = set(todo), [], None
-        for i, raw in _records(plan, bounds[todo[0]] if todo else total):
-            s = shard_of(i)
-            if s not in todo_set:
-                continue
-            if batch and (s != cur or len(batch) >= batch_docs):
-                yield cur, batch
-                batch = []
-            cur = s
-            batch.append((i, raw))
-        if batch:
-            yield cur, batch
-
-    if workers == 0:
-        _init_worker(*init, tok=tok)  # the tokenizer loaded for the plan
-        pool, submit = None, (lambda b: _done(_work(b)))
-    else:
-        # fork is fast, but not safe once a threaded runtime (jax, grain) lives in this process
-        ctx = multiprocessing.get_context("spawn" if {"jax", "grain"} & set(sys.modules) else "fork")
-        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx,
-                                      initializer=_init_worker, initargs=init)
-        submit = lambda b: pool.submit(_work, b)  # noqa: E731
-    writer: ShardWriter | None = None
+    nproc = _workers(workers, plan, todo) if runner == beam_run.LOCAL else 0
+    beam_run.register_tokenizer(tokenizer, tok)  # the in-process runner uses the one loaded for the plan
+    t0 = time.time()
+    ctl = tempfile.mkdtemp(prefix="prepare-ctl-") if runner == beam_run.LOCAL else None
+    job = {"plan": plan, "out": out, "ctl": ctl, "tokenizer": tokenizer, "bounds": bounds, "strict": strict,
+           "batch_docs": batch_docs, "crash_after": int(os.environ.get(CRASH_ENV, "0")), "qa": None, "samples": 0}
     try:
-        pending: collections.deque = collections.deque()
-        it = batches()
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < 4 * max(workers, 1):
-                nxt = next(it, None)
-                if nxt is None:
-                    exhausted = True
-                else:
-                    pending.append((nxt[0], submit(nxt[1])))
-            if not pending:
-                break
-            s, fut = pending.popleft()
-            if writer is None or writer.shard != s:
-                if writer is not None:
-                    writer.close(); written.append(writer.shard)  # noqa: E702
-                writer = ShardWriter(out, s, plan)
-            results = fut.result()
-            for i, tokens, reason, detail, nbytes in results:
-                if tokens is None:
-                    if strict:
-                        raw = _raw_at(plan, i)
-                        raise PrepareError(f"{raw.source}:{raw.line}: {reason}: {detail}")
-                    writer.skipped[reason] += 1
-                else:
-                    writer.add(tokens, nbytes)
-                    done_tokens += len(tokens)
-            done_records += len(results)
-            if crash_after and len(written) >= crash_after:  # test hook: die mid-shard like a killed job
-                for proc in (pool._processes or {}).values() if pool else ():
-                    proc.kill()
-                os._exit(3)
-            if bar is not None:
-                el = max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{done_tokens / el / 1e6:.2f}M tok/s, {done_tokens / 1e6:.1f}M tok",
-                                    refresh=False)
-                bar.update(len(results))
-        if writer is not None:
-            writer.close(); written.append(writer.shard)  # noqa: E702
-            writer = None
+        beam_run.run(lambda p: write_stage.build(p, job, todo), runner=runner, workers=nproc,
+                     beam_args=list(beam_args or []), ctl=ctl, stage="write",
+                     total_docs=sum(bounds[s + 1] - bounds[s] for s in todo),
+                     progress_every=progress_every if progress else None,
+                     died=f"a worker process died (out of memory? try fewer --workers); finished shards in {out} "
+                          f"are kept, re-run the same command to resume")
     finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if writer is not None:  # failed mid-shard (e.g. --strict): leave no partial shard behind
-            writer.discard()
+        if ctl:
+            shutil.rmtree(ctl, ignore_errors=True)
+    written = [s for s in todo if shard_name(s, n) + ".json" in folder_names(out)]
     stats = aggregate_stats(out, plan, time.time() - t0)
     if stats["documents"] == 0:  # nothing worth keeping: leave no plan a corrected re-run would clash with
         for s in range(n):
@@ -343,16 +248,6 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     stats["last_run_shards_written"] = written
     write_json(stats_path, stats)
     return stats
-
-
-def _done(value) -> cf.Future:
-    fut = cf.Future()
-    fut.set_result(value)
-    return fut
-
-
-def _raw_at(plan: dict, i: int) -> corpus.Raw:
-    return next(_records(plan, i))[1]
 
 
 def parse_named_datasets(values: Sequence[str], flag: str = "--data") -> dict[str, str]:
@@ -401,7 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--text-key", default="text")
     p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs; 0: in-process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local runner's worker processes (default: one per CPU for inputs of 16 MB or more, else "
+                        "this process; 0 or 1: this process)")
+    p.add_argument("--runner", default="local",
+                   help="Beam runner: 'local' (default), or DataflowRunner, FlinkRunner, SparkRunner, ... (the "
+                        "arguments prepare.py does not know are then Beam pipeline options)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (file:line)")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="leave out unreadable input files (truncated .gz/.zst, not UTF-8, …) and list them "
@@ -410,15 +310,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="map special tokens spelled in the text (<|im_start|>, <think>, …) to their ids")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    a, beam_args = p.parse_known_args(argv)
+    if beam_args and a.runner == "local":
+        p.error(f"unrecognized arguments: {' '.join(beam_args)}")
     try:
         st = prepare(a.input, a.tokenizer, a.out, text_key=a.text_key, shards=a.shards, workers=a.workers,
                      strict=a.strict, allow_special=a.allow_special_tokens, limit=a.limit,
-                     progress=not a.no_progress, skip_bad_files=a.skip_bad_files)
-    except BrokenProcessPool:
-        print(f"prepare.py: error: a tokenizer worker process died (out of memory? try fewer --workers); "
-              f"finished shards in {a.out} are kept, re-run the same command to resume", file=sys.stderr)
-        return 2
+                     progress=not a.no_progress, skip_bad_files=a.skip_bad_files, runner=a.runner,
+                     beam_args=beam_args, progress_every=a.progress_every)
     except (PrepareError, OSError, ValueError) as e:  # corpus.CorpusError is a ValueError
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
@@ -430,5 +330,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from data_pipeline.prepare import main as _main  # workers pickle functions of the real module
+    from data_pipeline.prepare import main as _main  # the module, not __main__: what Beam's workers unpickle
     sys.exit(_main())

@@ -19,6 +19,10 @@ from qwen3_jax import storage
 HIST_BUCKETS = 32  # document-length histogram: bucket k holds lengths in [2**k, 2**(k+1))
 
 
+class PrepareError(RuntimeError):
+    """A dataset that cannot be prepared as asked; the message is the one line the tools print."""
+
+
 def shard_name(s: int, n: int) -> str:
     return f"shard-{s:05d}-of-{n:05d}"
 
@@ -73,7 +77,8 @@ class ShardWriter:
         self.lengths.append(len(tokens))
         self.bytes += nbytes
 
-    def close(self) -> dict:
+    def close(self, extra: dict | None = None) -> dict:
+        """Finishes the shard; `extra`: more keys for its .json (prepare.py's QA counts)."""
         self.writer.close()
         lengths = np.asarray(self.lengths, dtype=np.int64)
         np.save(f"{self.tmp}.lengths.npy", lengths.astype(np.int32))
@@ -87,6 +92,7 @@ class ShardWriter:
             np.save(f"{self.tmp}.prompt_lengths.npy", np.asarray(self.prompt_lengths, np.int32))
             renames.append(".prompt_lengths.npy")
             stats.update(prompt_tokens=sum(self.prompt_lengths), counts=dict(sorted(self.counts.items())))
+        stats.update(extra or {})
         for ext in renames:
             (_upload if self._stage else os.replace)(f"{self.tmp}{ext}", f"{self.final}{ext}")
         write_json(f"{self.final}.json", stats)  # the completion marker
