@@ -9,10 +9,14 @@
    stage 1) -> stage 3 (2,048 tokens, RoPE base 1M, attention auto = chunked on CPU, 75/25
    long/medium documents, from stage 2), each with `launch/train.py` and the real stage configs
    scaled down (the model: DEMO_MODEL below);
-3. prints the held-out bits per byte of the final checkpoint (launch/evaluate.py, 2,048 tokens);
-4. exports stage 3 to a Hugging Face folder, prints a sample generated from the final checkpoint
-   by our own KV-cache decoder (qwen3_jax.inference), and checks that transformers, loading the
-   export, picks the same first 16 greedy tokens.
+3. prints the held-out bits per byte after stage 2 and after stage 3 (launch/evaluate.py, the
+   same 2,048-token rows of documents training never saw) and draws WORKDIR/loss.png: the
+   training loss of the three stages end to end, the learning rate, and those two figures;
+4. exports stage 3 to a Hugging Face folder, prints the same prompt continued greedily after
+   stage 1 and after stage 3 and a sample from the final checkpoint (our own KV-cache decoder,
+   qwen3_jax.inference), and checks that transformers, loading the export, picks the same first
+   16 greedy tokens;
+5. says what a few minutes on a CPU can and cannot teach a model.
 Rerunning resumes (finished stages are skipped). About eight minutes on 2 CPU cores.
 """
 
@@ -40,6 +44,70 @@ DEMO_MODEL = ("model_config.d_model=256", "model_config.num_heads=8", "model_con
               "model_config.num_layers=2")
 
 
+EXPECT = """
+What to expect from a few minutes on a CPU: the model has seen about 1M tokens (Qwen3-0.6B saw
+36T, some 10^7 times more). That is enough to learn the surface of Python: indentation, keywords,
+`self.`, common names, the shapes of signatures and docstrings, so the text after stage 3 looks
+more like Python than after stage 1. It is not enough to write working code, know facts or follow
+instructions. The training loss of one stage is not comparable with another's: each trains on its
+own mixture and row length, and stage 3 (2,048-token rows of long documents, RoPE base 10k -> 1M)
+starts a new learning-rate schedule that warms up again, so its loss starts above stage 2's end
+and is noisy (2 rows a step). The held-out bits per byte after stage 2 and after stage 3, on the
+same 2,048-token rows, is the comparison that holds; loss.png draws both with the curves."""
+
+
+def stage_curves(work: Path) -> list[tuple[str, list[dict]]]:
+    """Each stage's training records from its metrics.jsonl, in stage order."""
+    out = []
+    for name in ("stage1", "stage2", "stage3"):
+        recs = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines() if line]
+        out.append((name, [r for r in recs if r.get("split") == "train"]))
+    return out
+
+
+def draw_curves(work: Path, heldout: dict[str, float], seq_len: int) -> str:
+    """WORKDIR/loss.png: the three stages' training loss end to end (each step, and a 10-step
+    mean), the learning rate, and the held-out bits per byte after stages 2 and 3. Returns the
+    lines the demo prints about it."""
+
+    curves = stage_curves(work)
+    lines = [f"{name}: loss {recs[0]['loss']:.2f} at its step 1 -> {recs[-1]['loss']:.2f} at step {recs[-1]['step']} "
+             f"(mean of its last 10 steps {sum(r['loss'] for r in recs[-10:]) / len(recs[-10:]):.2f})"
+             for name, recs in curves]
+    try:
+        import matplotlib  # optional: the [report] extra draws the picture
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # optional: as above
+    except ImportError:
+        return "\n".join(lines + ["(matplotlib not installed: pip install -e .[report] draws loss.png)"])
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    lr_ax, offset = ax.twinx(), 0
+    for (name, recs), color in zip(curves, ("tab:blue", "tab:orange", "tab:green")):
+        x = [offset + r["step"] for r in recs]
+        loss = [r["loss"] for r in recs]
+        mean = [sum(loss[max(0, i - 9):i + 1]) / len(loss[max(0, i - 9):i + 1]) for i in range(len(loss))]
+        ax.plot(x, loss, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(x, mean, color=color, linewidth=2, label=f"{name} training loss (10-step mean)")
+        lr_ax.plot(x, [r["lr"] for r in recs], color="grey", linestyle=":", linewidth=1)
+        if name in heldout:
+            ax.annotate(f"held-out after {name}:\n{heldout[name]:.3f} bits/byte", (x[-1], mean[-1]),
+                        textcoords="offset points", xytext=(-80, 40), fontsize=8,
+                        arrowprops={"arrowstyle": "->", "color": color})
+        offset = x[-1]
+        ax.axvline(offset, color="black", linewidth=0.5)
+    ax.set_xlabel("step (stages end to end)")
+    ax.set_ylabel("training loss (nats per token)")
+    lr_ax.set_ylabel("learning rate (dotted)")
+    ax.set_title(f"the demo's three stages; held-out bits/byte on the same {seq_len:,}-token rows after stages 2 and 3",
+                 fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(work / "loss.png")
+    plt.close(fig)
+    return "\n".join(lines + [f"wrote {work / 'loss.png'}"])
+
+
 def sh(args: list[str]) -> None:
     print(f"\n$ {' '.join(args)}", flush=True)
     r = subprocess.run([sys.executable, *args], cwd=ROOT)
@@ -59,13 +127,18 @@ def stage(name: str, workdir: Path, steps: int, seq_len: int, batch: int, *param
     sh(args)
 
 
-def sample(workdir: Path, hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
-    """A sample from the final checkpoint with our own KV-cache generation (qwen3_jax.inference),
-    and a check that transformers, loading the export, picks the same first greedy tokens."""
+def sample(work: Path, hf_dir: Path, spm_model: Path, n_new: int = 48) -> str:
+    """The same prompt continued greedily after stage 1 and after stage 3, a sample from the final
+    checkpoint (our own KV-cache generation, qwen3_jax.inference), and a check that transformers,
+    loading the export, picks the same first greedy tokens."""
 
-    tg = load_text_generator(checkpoint=str(workdir), tokenizer=str(spm_model))
+    lines = []
+    for name in ("stage1", "stage3"):
+        tg = load_text_generator(checkpoint=str(work / name), tokenizer=str(spm_model))
+        greedy = tg.generate([PROMPT], max_new_tokens=n_new)[0]
+        lines.append(f"--- after {name}, greedy ---\n{PROMPT}{greedy['text']}")
     out = tg.generate([PROMPT], max_new_tokens=n_new, sampling=SamplingConfig(temperature=0.7, top_k=40), seed=0)[0]
-    lines = [f"[qwen3_jax] {PROMPT}{out['text']}"]
+    lines.append(f"--- after stage3, temperature 0.7, top-k 40 ---\n{PROMPT}{out['text']}")
     greedy = tg.generate([PROMPT], max_new_tokens=16)[0]
     try:
         import torch  # optional: the [test] extra (transformers checks the export)
@@ -84,20 +157,20 @@ def sample(workdir: Path, hf_dir: Path, spm_model: Path, n_new: int = 48) -> str
     return "\n".join(lines)
 
 
-def evaluate(work: Path, parts: dict, seq_len: int, max_batches: int) -> str:
-    """Held-out bits per byte of the final checkpoint (launch/evaluate.py: the documents training
-    never saw), per dataset and pooled over both (total bits / total bytes)."""
+def evaluate(work: Path, stage_name: str, parts: dict, seq_len: int, max_batches: int) -> tuple[str, float]:
+    """Held-out bits per byte of a stage's final checkpoint (launch/evaluate.py: the documents
+    training never saw), per dataset and pooled over both (total bits / total bytes)."""
 
-    print(f"\n=== held-out bits per byte after stage 3 ({seq_len} tokens) ===", flush=True)
-    out = work / "heldout.json"
-    sh(["launch/evaluate.py", "--checkpoint", str(work / "stage3"), *[a for k, v in sorted(parts.items())
+    print(f"\n=== held-out bits per byte after {stage_name} ({seq_len} tokens) ===", flush=True)
+    out = work / f"heldout_{stage_name}.json"
+    sh(["launch/evaluate.py", "--checkpoint", str(work / stage_name), *[a for k, v in sorted(parts.items())
         for a in ("--data", f"{k}={v}")], "--seq_len", str(seq_len), "--batch_size", "2",
         "--max_batches", str(max_batches), "--json", str(out)])
     held = json.loads(out.read_text())["heldout"]
     bits = sum(r["loss"] * r["tokens"] for r in held.values()) / math.log(2)
     pooled = bits / sum(r["bytes"] for r in held.values())
     return ", ".join(f"{k} {r['bits_per_byte']:.3f}" for k, r in sorted(held.items())) + \
-        f", pooled {pooled:.3f} bits/byte"
+        f", pooled {pooled:.3f} bits/byte", pooled
 
 
 def main(argv=None) -> int:
@@ -138,16 +211,21 @@ def main(argv=None) -> int:
         stage("stage3", work, n(40), 2048, 2, f"PREVIOUS_STAGE='{work / 'stage2'}'", "lr_schedule.peak_lr=3e-4",
               "LONG_DOCS=(1024, 2048, 0.75)", "MEDIUM_DOCS=(256, 1024, 0.25)", *m, **kw)
 
-    heldout = evaluate(work, parts, seq_len=256 if args.quick else 2048, max_batches=2 if args.quick else 8)
+    ev = dict(parts=parts, seq_len=256 if args.quick else 2048, max_batches=2 if args.quick else 8)
+    held2, pooled2 = evaluate(work, "stage2", **ev)
+    heldout, pooled3 = evaluate(work, "stage3", **ev)
     trained_s = time.time() - t0
+    print(f"\n=== curves ===\n{draw_curves(work, {'stage2': pooled2, 'stage3': pooled3}, ev['seq_len'])}", flush=True)
 
     print("\n=== export stage 3 to Hugging Face ===", flush=True)
     hf_dir = work / "hf"
     sh(["launch/convert_hf.py", "export", "--checkpoint", str(work / "stage3"), "--out", str(hf_dir),
         "--dtype", "float32", "--tokenizer", str(spm_model), "--overwrite"])
-    print(f"\n=== sample (temperature 0.7, top-k 40, prompt {PROMPT!r}) ===", flush=True)
-    print(sample(work / "stage3", hf_dir, spm_model), flush=True)
-    print(f"\nheld-out after stage 3: {heldout}; data + 3 stages + eval in {trained_s:.0f} s", flush=True)
+    print(f"\n=== samples (prompt {PROMPT!r}) ===", flush=True)
+    print(sample(work, hf_dir, spm_model), flush=True)
+    print(f"\nheld-out after stage 2: {held2}\nheld-out after stage 3: {heldout}; data + 3 stages + eval in "
+          f"{trained_s:.0f} s", flush=True)
+    print(EXPECT, flush=True)
     print(f"demo finished in {time.time() - t0:.0f}s: runs in {work}/stage{{1,2,3}} (metrics.jsonl, tensorboard/), "
           f"Hugging Face folder {hf_dir}", flush=True)
     return 0
