@@ -30,7 +30,7 @@ from gin import config as gin_config
 
 from data_pipeline import pipeline
 from qwen3_jax import errors
-from qwen3_jax.config import ModelConfig, get_config
+from qwen3_jax.config import ModelConfig, RopeScaling, get_config
 from qwen3_jax.errors import TrainingError
 from qwen3_jax.sharding import MeshConfig
 from qwen3_jax.train import data
@@ -79,6 +79,7 @@ _train_config = gin.external_configurable(_accepting_old_names(TrainConfig, "tra
 gin.external_configurable(OptimConfig, "make_optimizer")
 gin.external_configurable(ScheduleConfig, "lr_schedule")
 gin.external_configurable(MeshConfig, "MeshConfig")
+gin.external_configurable(RopeScaling, "RopeScaling")  # YaRN: model_config.rope_scaling = @RopeScaling()
 gin.external_configurable(pipeline.make_dataset, "make_dataset")
 gin.external_configurable(pipeline.Mixture, "Mixture")
 gin.external_configurable(pipeline.LengthBuckets, "LengthBuckets")

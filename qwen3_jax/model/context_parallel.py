@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3_jax import sharding
-from qwen3_jax.model.attention_ops import DEFAULT_BLOCK, masked_attention, resolve_impl
+from qwen3_jax.model.attention_ops import DEFAULT_BLOCK, _fused_bwd_kv_block, masked_attention, resolve_impl
 
 CONTEXT_AXIS = "context"
 
@@ -185,7 +185,10 @@ def _splash_cp_kernel(num_heads, seq_len, cp, block, fused_bwd, interpret=False)
     mask.q_sequence = zigzag_order(seq_len, cp)  # rows: the original positions of the zig-zag order
     mask = sm.MultiHeadMask([mask] * num_heads)
     if fused_bwd:
-        bwd = dict(block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+        # the fused kernel leaves (kv length / its kv block) unreduced dQ copies of the local queries:
+        # at most 16, as without CP (attention_ops._fused_bwd_kv_block)
+        bwd = dict(block_q_dkv=block, block_kv_dkv=_fused_bwd_kv_block(seq_len, block), block_kv_dkv_compute=block,
+                   use_fused_bwd_kernel=True)
     else:
         bwd = dict(block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                    block_kv_dq=block)
