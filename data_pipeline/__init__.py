@@ -7,8 +7,15 @@ Modules
                  builtin:python-stdlib (= -code: the stdlib's .py sources, + -docs: pydoc topics and docstrings)
   data_state.py     DataSave / DataRestore: the data position in an orbax checkpoint, per data shard
   prepare.py     `python data_pipeline/prepare.py --input … --tokenizer … --out DIR [--shards N] [--workers N]
-                 [--strict] [--skip-bad-files] [--text-key text]`; prepare(...);
+                 [--strict] [--skip-bad-files] [--text-key text] [--dedup] [--decontaminate FILE …]
+                 [--quality rules[,model:PATH]] [--runner local|DataflowRunner|…]`; prepare(...);
                  prepare_builtin(out_dir, tokenizer="qwen3")
+  beam_run.py, beam_worker.py   prepare's pipelines on Apache Beam (local runner: N worker processes)
+  write_stage.py tokenize + write one shard per element; shard_writer.py the shard files
+  qa_*.py        the data QA stages: qa_store (order, reasons, qa/ files), qa_config (settings,
+                 benchmarks), qa_text (MinHash, LSH, n-grams), qa_rules (Gopher / C4), qa_pipeline
+                 (decontamination, rules, exact + near dedup on Beam), qa_model (bits per byte under
+                 a model), qa_report (stats.json "qa", removed_samples.jsonl, report PNGs)
   shards.py      ShardSource: a prepared folder's shards checked against stats.json when opened; read errors
                  (ShardError) name the shard file and record
   pipeline.py    make_dataset(...) → DataIterator; DatasetSpec, Mixture, LengthBuckets; to_global(...)

@@ -2,6 +2,8 @@
 
     python data_pipeline/prepare.py --input 'data/web/*.jsonl.zst' --tokenizer qwen3 --out runs/data/web
     python data_pipeline/prepare.py --input builtin:python-stdlib --tokenizer qwen3 --out runs/data/stdlib
+    python data_pipeline/prepare.py --input corpus.jsonl --tokenizer qwen3 --out runs/data/web \
+        --dedup --decontaminate bench.jsonl --quality rules[,model:PATH --quality_keep_fraction 0.8]
 
 Output folder:
   plan.json                          inputs, record counts, tokenizer, shard count (a re-run must match)
@@ -11,6 +13,20 @@ Output folder:
   shard-00003-of-00008.json          the shard's stats; written last = the shard is complete
   stats.json                         totals (documents, tokens, skipped by reason, length
                                      histogram, dtype, eos_id, …); written last = dataset complete
+  with QA stages also:
+  qa/                                which records each stage removes, the model's scores (qa_store.py)
+  removed_samples.jsonl              a few removed documents per reason, with why
+  report/<stage>.png                 one picture per stage (the `report` extra: matplotlib)
+
+Data QA (each stage optional, named with its settings in plan.json's "stages" / "qa", counted per
+reason in stats.json's "qa"; order and files: qa_store.py): --decontaminate FILE ... (benchmark
+13-gram overlap), --quality rules (Gopher / C4 rules, qa_rules.py), --dedup (exact: normalised-text
+hash; near: MinHash + LSH, pairs verified at Jaccard >= --near_dup_threshold, union-find, each
+cluster keeps its lowest record index), --quality model:PATH (bits per byte under a checkpoint or
+HF folder, qa_model.py; cut by --quality_threshold or --quality_keep_fraction; a re-run with another
+cut rewrites the shards from the kept scores). They run before tokenizing as their own Beam
+pipelines (qa_pipeline.py, qa_model.py), whose results in qa/ a resumed run reuses; a removed
+document is tokenized (its tokens counted per stage) but not written.
 
 Records are numbered in input order (files in argument order, lines in file order) and shard s
 holds records [s*R/N, (s+1)*R/N): a cheap counting pass (newlines / parquet metadata) fixes the
@@ -53,7 +69,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_pipeline import corpus
+from data_pipeline import corpus, qa_config, qa_report, qa_store
 from data_pipeline.cli import ArgumentParser
 from data_pipeline.shard_writer import (  # noqa: F401 - launch/make_responses.py takes the writer from here
     HIST_BUCKETS,
@@ -139,6 +155,8 @@ def aggregate_stats(out: str, plan: dict, seconds: float, reasons: Sequence[str]
         "tokenizer": plan["tokenizer"], "inputs": plan["inputs"], "skipped_files": plan.get("skipped_files", {}),
         "last_run_seconds": round(seconds, 2),
     }
+    if plan.get("qa"):
+        stats["qa"] = qa_report.summary(parts, plan)
     if plan.get("loss_on") == "response":
         prompt = sum(p["prompt_tokens"] for p in parts)
         stats.update(loss_on="response", prompt_tokens=prompt, response_tokens=toks - prompt,
@@ -157,10 +175,12 @@ def pending_shards(out: str, plan: dict) -> list[int]:
     return [s for s in range(n) if shard_name(s, n) + ".json" not in present]
 
 
-def open_output(out: str, plan: dict) -> dict | None:
+def open_output(out: str, plan: dict, redo=None) -> dict | None:
     """Starts or resumes writing `plan`'s dataset in `out`: writes plan.json, or checks the one
     there (PrepareError naming the keys that differ). Returns the stats of a dataset already
-    complete (nothing to do); otherwise removes a killed run's temporary files and returns None."""
+    complete (nothing to do); otherwise removes a killed run's temporary files and returns None.
+    `redo(old plan, plan)`: True when a plan that differs may replace the old one, the shards being
+    rewritten (prepare.py: another quality_model cut; the scores in qa/ stay)."""
     if not storage.is_remote(out):  # a bucket has no folders to make
         os.makedirs(out, exist_ok=True)
     plan_path, stats_path = os.path.join(out, "plan.json"), os.path.join(out, "stats.json")
@@ -168,8 +188,13 @@ def open_output(out: str, plan: dict) -> dict | None:
         old = read_json(plan_path)
         if old is None:
             raise PrepareError(f"{plan_path}: not valid JSON; delete {out} (or use another --out) and re-run")
+        if "stages" in plan:  # plans written before the QA stages existed: tokenize only
+            old.setdefault("stages", ["tokenize"])
         if diff := sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k)):
-            raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
+            if redo is None or not redo(old, plan):
+                raise PrepareError(f"{out} holds a different dataset (plan differs in {diff}); use another --out")
+            _clear_outputs(out, old)
+            write_json(plan_path, plan)
         if storage.path(stats_path).exists() and not pending_shards(out, old) and (st := read_json(stats_path)):
             return st  # complete; a shard whose .json was deleted is redone, an unreadable stats.json rewritten
     else:
@@ -178,6 +203,17 @@ def open_output(out: str, plan: dict) -> dict | None:
         if ".tmp" in f:
             storage.path(os.path.join(out, f)).unlink(missing_ok=True)
     return None
+
+
+def _clear_outputs(out: str, plan: dict) -> None:
+    """Removes a dataset's shards, stats, report and quality cut (not its plan or its qa/ analysis)."""
+    n = plan["shards"]
+    for s in range(n):
+        for ext in (".json", ".array_record", ".lengths.npy"):  # the .json (completion marker) first
+            storage.path(os.path.join(out, shard_name(s, n) + ext)).unlink(missing_ok=True)
+    for f in ("stats.json", "removed_samples.jsonl", "qa/selection.json",
+              *(f"report/{st}.png" for st in qa_store.STAGES)):
+        storage.path(os.path.join(out, f)).unlink(missing_ok=True)
 
 
 def _workers(workers: int | None, plan: dict, todo: list[int]) -> int:
@@ -199,20 +235,35 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
             workers: int | None = None, strict: bool = False, allow_special: bool = False,
             limit: int | None = None, progress: bool = True, batch_docs: int = 64,
             skip_bad_files: bool = False, runner: str = "local", beam_args: Sequence[str] | None = None,
-            progress_every: float = 10.0) -> dict:
+            progress_every: float = 10.0, dedup: bool = False, decontaminate: Sequence[str] = (),
+            quality: str | None = None, quality_threshold: float | None = None,
+            quality_keep_fraction: float | None = None, quality_tokenizer: str | None = None,
+            quality_max_chars: int = 4096, near_dup_threshold: float = 0.8, samples: int = 8) -> dict:
     """Tokenizes `inputs` into `out` (see module doc). Returns the stats; a no-op when `out` is complete.
 
     skip_bad_files: leave out input files that cannot be read whole (listed in stats["skipped_files"])
     instead of raising corpus.CorpusError naming the first one. runner / beam_args: the Beam runner
     ("local", or a runner name Beam knows) and its pipeline options; progress_every: seconds between
-    progress lines (progress=False: none)."""
+    progress lines (progress=False: none). dedup, decontaminate, quality (+ quality_*),
+    near_dup_threshold: the QA stages (module doc); samples: removed documents kept per reason."""
     stats_path = os.path.join(out, "stats.json")
     tok = load_tokenizer(tokenizer)
+    qa = qa_config.settings(dedup=dedup, decontaminate=list(decontaminate), quality=quality,
+                            quality_threshold=quality_threshold, quality_keep_fraction=quality_keep_fraction,
+                            quality_tokenizer=quality_tokenizer, quality_max_chars=quality_max_chars,
+                            near_dup_threshold=near_dup_threshold)
     plan = _plan(list(inputs), tok, text_key, shards, allow_special, limit, skip_bad_files)
+    plan["stages"] = [*qa, "tokenize"]
+    if qa:
+        plan["qa"] = qa
     created = not storage.path(out).is_dir()
     plan_path = os.path.join(out, "plan.json")
-    if (st := open_output(out, plan)) is not None:
+    old_plan = read_json(plan_path) if storage.path(plan_path).exists() else None
+    if (st := open_output(out, plan, redo=qa_config.only_selection_differs)) is not None:
         return st
+    if old_plan and qa_config.only_selection_differs({"stages": ["tokenize"], **old_plan}, plan):
+        print(f"prepare.py: note: the quality cut changed ({_cut(old_plan)} -> {_cut(plan)}): rewriting the shards "
+              f"of {out} from the scores in its qa/", file=sys.stderr)
 
     from data_pipeline import beam_run, write_stage  # heavy (apache_beam, ~2 s): only a run with work to do
 
@@ -223,31 +274,81 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     t0 = time.time()
     ctl = tempfile.mkdtemp(prefix="prepare-ctl-") if runner == beam_run.LOCAL else None
     job = {"plan": plan, "out": out, "ctl": ctl, "tokenizer": tokenizer, "bounds": bounds, "strict": strict,
-           "batch_docs": batch_docs, "crash_after": int(os.environ.get(CRASH_ENV, "0")), "qa": None, "samples": 0}
+           "batch_docs": batch_docs, "crash_after": int(os.environ.get(CRASH_ENV, "0")), "qa": None,
+           "samples": samples}
+    died = (f"a worker process died (out of memory? try fewer --workers); finished work in {out} is kept, "
+            f"re-run the same command to resume")
+
+    def run(build, stage: str, total: int, procs: int = nproc) -> None:
+        beam_run.run(build, runner=runner, workers=procs, beam_args=list(beam_args or []), ctl=ctl, stage=stage,
+                     total_docs=total, progress_every=progress_every if progress else None, died=died)
+
     try:
-        beam_run.run(lambda p: write_stage.build(p, job, todo), runner=runner, workers=nproc,
-                     beam_args=list(beam_args or []), ctl=ctl, stage="write",
-                     total_docs=sum(bounds[s + 1] - bounds[s] for s in todo),
-                     progress_every=progress_every if progress else None,
-                     died=f"a worker process died (out of memory? try fewer --workers); finished shards in {out} "
-                          f"are kept, re-run the same command to resume")
+        if qa:
+            job["qa"] = _run_qa(out, plan, job, run, nproc)
+        run(lambda p: write_stage.build(p, job, todo), "write", sum(bounds[s + 1] - bounds[s] for s in todo))
     finally:
         if ctl:
             shutil.rmtree(ctl, ignore_errors=True)
     written = [s for s in todo if shard_name(s, n) + ".json" in folder_names(out)]
     stats = aggregate_stats(out, plan, time.time() - t0)
     if stats["documents"] == 0:  # nothing worth keeping: leave no plan a corrected re-run would clash with
-        for s in range(n):
-            for ext in (".array_record", ".lengths.npy", ".json"):
-                storage.path(os.path.join(out, shard_name(s, n) + ext)).unlink(missing_ok=True)
-        for f in (stats_path, plan_path):
-            storage.path(f).unlink(missing_ok=True)
+        _clear_outputs(out, plan)
+        storage.path(plan_path).unlink(missing_ok=True)
+        for folder in ("qa", "report"):
+            if storage.path(os.path.join(out, folder)).exists():
+                storage.remove_tree(os.path.join(out, folder))
         if created and not storage.is_remote(out) and not os.listdir(out):
             os.rmdir(out)
+        if qa and stats.get("qa", {}).get("documents_in"):
+            raise PrepareError(f"the QA stages removed every document ({stats['qa']['removed']}); "
+                               f"see --dedup / --decontaminate / --quality")
         raise _no_documents(plan, stats["skipped"])
+    if qa:
+        _report(out, plan, stats, job, samples)
     stats["last_run_shards_written"] = written
     write_json(stats_path, stats)
     return stats
+
+
+def _cut(plan: dict) -> str:
+    m = plan.get("qa", {}).get("quality_model", {})
+    return (f"--quality_threshold {m['threshold']}" if "threshold" in m
+            else f"--quality_keep_fraction {m.get('keep_fraction')}")
+
+
+def _run_qa(out: str, plan: dict, job: dict, run, nproc: int) -> dict:
+    """The QA stages before tokenizing: the analysis (qa_pipeline.py) unless qa/ holds it for these
+    settings, the model's scores (qa_model.py) likewise, then the quality cut. Returns job["qa"]."""
+    qa, n = plan["qa"], plan["shards"]
+    job_qa = {**qa, "benchmarks": qa.get("decontaminate", {}).get("files", [])}
+    job["qa"] = job_qa
+    if (analysis := qa_config.analysis(qa)) and qa_store.marker(out, "analysis") != analysis:
+        from data_pipeline import qa_pipeline  # heavy (apache_beam): only with analysis stages to run
+        run(lambda p: qa_pipeline.build(p, job), "qa", plan["records"])
+        write_json(os.path.join(out, "qa", "analysis.json"), analysis)
+    if "quality_model" in qa:
+        from data_pipeline import qa_model  # heavy (jax and the model): only with --quality model:PATH
+        if qa_store.marker(out, "scores") != qa_config.scoring(qa):
+            run(lambda p: qa_model.build(p, job), "score", plan["records"], procs=1)
+            write_json(os.path.join(out, "qa", "scores.json"), qa_config.scoring(qa))
+        job_qa["selection"] = qa_model.select(out, n, qa["quality_model"])
+        write_json(os.path.join(out, "qa", "selection.json"), job_qa["selection"])
+    return job_qa
+
+
+def _report(out: str, plan: dict, stats: dict, job: dict, samples: int) -> None:
+    """stats["qa"], removed_samples.jsonl and the report PNGs (qa_report.py)."""
+    parts = [read_json(os.path.join(out, shard_name(s, plan["shards"]) + ".json")) for s in range(plan["shards"])]
+    selection = (job.get("qa") or {}).get("selection")
+    qa_stats = {**stats["qa"], **qa_report.details(out, plan, selection)}
+    qa_report.write_samples(out, parts, samples)
+    scores = qa_report.all_scores(out, plan["shards"]) if "quality_model" in plan["qa"] else None
+    pngs = qa_report.write_pngs(out, qa_stats, scores)
+    if isinstance(pngs, str):
+        print(f"prepare.py: note: {pngs}", file=sys.stderr)
+    qa_stats["report"] = pngs
+    stats["qa"] = qa_stats
 
 
 def parse_named_datasets(values: Sequence[str], flag: str = "--data") -> dict[str, str]:
@@ -309,6 +410,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--allow-special-tokens", action="store_true",
                    help="map special tokens spelled in the text (<|im_start|>, <think>, …) to their ids")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    # the data QA stages (run before tokenizing; the order and the files: data_pipeline/qa_store.py)
+    p.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
+                    help="remove documents sharing 13-grams with these benchmark files (jsonl: every string "
+                         "field; else one item per line)")
+    p.add_argument("--quality", default=None, metavar="rules[,model:PATH]",
+                    help="'rules': Gopher / C4 rule filters; 'model:PATH': bits per byte under a checkpoint or "
+                         "Hugging Face folder, cut by --quality_threshold or --quality_keep_fraction")
+    p.add_argument("--dedup", action="store_true", help="remove exact and near duplicates (MinHash + LSH), "
+                    "keeping the lowest record of each cluster")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard similarity of word 5-gram "
+                    "sets at which two documents are near duplicates")
+    p.add_argument("--quality-threshold", type=float, default=None, help="remove documents above this many bits "
+                    "per byte")
+    p.add_argument("--quality-keep-fraction", type=float, default=None,
+                    help="keep this share of the scored documents (the lowest bits per byte)")
+    p.add_argument("--quality-tokenizer", default=None, help="the reference model's tokenizer (default: its HF "
+                    "folder's, else --tokenizer)")
+    p.add_argument("--quality-max-chars", type=int, default=4096, help="characters of each document scored")
+    p.add_argument("--samples", type=int, default=8, help="removed documents per reason in removed_samples.jsonl")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     a, beam_args = p.parse_known_args(argv)
@@ -318,14 +438,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         st = prepare(a.input, a.tokenizer, a.out, text_key=a.text_key, shards=a.shards, workers=a.workers,
                      strict=a.strict, allow_special=a.allow_special_tokens, limit=a.limit,
                      progress=not a.no_progress, skip_bad_files=a.skip_bad_files, runner=a.runner,
-                     beam_args=beam_args, progress_every=a.progress_every)
+                     beam_args=beam_args, progress_every=a.progress_every, dedup=a.dedup,
+                     decontaminate=a.decontaminate, quality=a.quality, quality_threshold=a.quality_threshold,
+                     quality_keep_fraction=a.quality_keep_fraction, quality_tokenizer=a.quality_tokenizer,
+                     quality_max_chars=a.quality_max_chars, near_dup_threshold=a.near_dup_threshold,
+                     samples=a.samples)
     except (PrepareError, OSError, ValueError) as e:  # corpus.CorpusError is a ValueError
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
     for f, why in st.get("skipped_files", {}).items():
         print(f"prepare.py: warning: skipped bad file {f}: {why}", file=sys.stderr)
     print(json.dumps({k: st[k] for k in ("documents", "tokens", "bytes", "skipped", "mean_length")}
-                     | {"skipped_files": len(st.get("skipped_files", {}))}))
+                     | {"skipped_files": len(st.get("skipped_files", {}))}
+                     | ({"removed": st["qa"]["removed"]} if "qa" in st else {})))
     return 0
 
 

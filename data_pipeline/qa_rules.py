@@ -44,6 +44,7 @@ _PARAGRAPH = re.compile(r"\n{2,}")
 _LOREM = re.compile(r"(?i)lorem ipsum")
 _ALPHA = re.compile(r"[^\W\d_]")  # an alphabetic character
 _PUNCT = frozenset(string.punctuation)
+_BASE = np.uint64(0x100000001B3)
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 BULLETS = ("•", "‣", "⁃", "◦", "▪", "▫", "●", "○", "■", "□", "➢", "→", "-", "*")
 TOP_NGRAM = ((2, 0.20), (3, 0.18), (4, 0.16))
@@ -62,15 +63,6 @@ def _dups(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def _ngram_keys(ids: np.ndarray, n: int) -> np.ndarray:
-    """[len(ids) - n + 1] uint64: one key per word n-gram (a polynomial hash of its word ids)."""
-    win = np.lib.stride_tricks.sliding_window_view(ids, n)
-    return (win * _POWERS[-n:]).sum(axis=1, dtype=np.uint64)  # wraps mod 2**64
-
-
-_POWERS = np.array([pow(0x100000001B3, k, 1 << 64) for k in range(9, -1, -1)], dtype=np.uint64)
-
-
 class Doc:
     """The pieces of one text the rules share (computed once)."""
 
@@ -86,18 +78,27 @@ class Doc:
         alpha = np.fromiter((_ALPHA.search(t) is not None for t in uniq), bool, len(uniq))
         stop = np.fromiter((t.lower() in STOP_WORDS for t in uniq), bool, len(uniq))
         self.lengths = length[self.ids]
-        self.uids = self.ids.astype(np.uint64)
+        self.uids = (self.ids.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)  # spread, wrapping
         is_word = word[self.ids]
         self.n_tokens, self.n_words = len(tokens), int(is_word.sum())
         self.word_chars = int(self.lengths[is_word].sum())
         self.alpha_tokens = int(alpha[self.ids].sum())
         self.stop_words = int(stop[self.ids].sum())
 
+    def keys(self, n: int) -> np.ndarray:
+        """[tokens - n + 1] uint64: one key per word n-gram (polynomial hash of the token ids),
+        each n computed from the one before."""
+        if not hasattr(self, "_keys"):
+            self._keys = {1: self.uids}
+        for m in range(max(self._keys) + 1, n + 1):
+            self._keys[m] = self._keys[m - 1][:-1] * _BASE + self.uids[m - 1:]  # wraps mod 2**64
+        return self._keys[n]
+
     def top_ngram_chars(self, n: int) -> int:
         """Characters (with single spaces) of the most frequent word n-gram, times its count."""
         if len(self.ids) < n:
             return 0
-        keys = _ngram_keys(self.uids, n)
+        keys = self.keys(n)
         _, first, counts = np.unique(keys, return_index=True, return_counts=True)
         k = int(np.argmax(counts))
         return (int(self.lengths[first[k]:first[k] + n].sum()) + n - 1) * int(counts[k])
@@ -107,7 +108,7 @@ class Doc:
         however many such n-grams overlap it."""
         if len(self.ids) < n:
             return 0
-        keys = _ngram_keys(self.uids, n)
+        keys = self.keys(n)
         repeat = np.ones(len(keys), bool)
         repeat[np.unique(keys, return_index=True)[1]] = False  # first occurrences
         starts = np.flatnonzero(repeat)

@@ -98,3 +98,32 @@ def passes(selection: dict, bpb: float, idx: int) -> bool:
         return bpb <= selection["threshold"]
     b, i = selection["cut"]
     return (bpb, idx) <= (b, i)
+
+
+def cluster_sizes(out: str, n: int, code: int) -> list[int]:
+    """Sizes of the duplicate clusters with a removal of `code` (exact_dup / near_dup), ascending."""
+    counts: dict[int, int] = {}
+    for s in range(n):
+        rem = read(out, "removed", s, n)
+        if rem is None:
+            continue
+        for c, r in zip(rem["code"].tolist(), rem["ref"].tolist()):
+            if c == code:
+                counts[r] = counts.get(r, 1) + 1
+    return sorted(counts.values())
+
+
+def contamination_hits(out: str, n: int, files: list[str]) -> dict[str, int]:
+    """Documents removed as contaminated, per benchmark file (a document can match several)."""
+    hits = dict.fromkeys((os.path.basename(f) for f in files), 0)
+    names = list(hits)
+    for s in range(n):
+        rem = read(out, "removed", s, n)
+        if rem is None:
+            continue
+        for c, r in zip(rem["code"].tolist(), rem["ref"].tolist()):
+            if c == CONTAMINATED:
+                for k, name in enumerate(names):
+                    if r >> min(k, 62) & 1:
+                        hits[name] += 1
+    return hits
