@@ -28,7 +28,9 @@ AT_SCALE = {
     "--checkpoint runs/stage3 --out hf/qwen3-0.6b-ours": "the 0.6B run above",
     "path/to/Qwen3-8B": "a downloaded Qwen3 (tests/test_hf_parity.py imports a random one)",
     "model_info.py --model qwen3-235b-a22b": "prints a table (tests/test_entry_points.py)",
-    "launch/train.py --gin cpu_smoke.gin  ": "tests/test_entry_points.py",
+    "python launch/train.py --gin cpu_smoke.gin": "tests/test_entry_points.py (the Distillation block runs it too)",
+    "pip install -e '.[tpu]'": "an install (CI installs the [test] extra, which includes it)",
+    "hf/qwen3-0.6b-distilled": "the distilled 0.6B above",
     "--input builtin:python-stdlib --tokenizer qwen3 --out data/stdlib": "the whole stdlib with the real tokenizer",
     "inspect_data.py data/stdlib": "the folder above",
     "aot_compile.py": "libtpu AOT for a 235B slice (tests/test_aot.py compiles small ones)",
@@ -68,7 +70,7 @@ def test_walkthrough_covers_the_five_stage_datasets():
 
 def test_every_readme_command_runs_here_or_says_why_not():
     ran = [c for b in [walkthrough(), *after_walkthrough()] for c in commands(b)]
-    assert len(after_walkthrough()) == 3 and len(ran) >= 20
+    assert len(after_walkthrough()) == 3 and len(ran) >= 16
     every = [c for b in re.findall(r"```bash\n(.*?)```", README, re.S) for c in commands(b)]
     missing = [c for c in every if c not in ran and not any(k in c for k in AT_SCALE)]
     assert not missing, f"README commands neither run by this file nor listed in AT_SCALE: {missing}"
