@@ -161,12 +161,14 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
         ragged_rows = tokens * moe.num_experts_per_tok / (sharding.batch_shards(mesh) * tc.micro_batches)
     counted = hlo_flops(text, ragged_rows=ragged_rows, causal=True)
     flops = counted.get("total", 0.0)
+    eight_bit = counted.get("eight_bit", 0.0)  # 8-bit training (qwen3_jax.quant): its share of the matmuls
     collectives = collective_summary(text, ragged_rows)
     host = int(getattr(mem, "host_temp_size_in_bytes", 0) or 0) * per_chip
     report = {
         **head,
         "flops_per_chip": flops * per_chip, "model_flops_per_chip": model_flops * per_chip,
         "flops_ratio_compiled_to_model": flops / model_flops if model_flops else None,
+        "quantization": cfg.quantization, "eight_bit_flops_share": eight_bit / flops if flops else 0.0,
         **_flops_split(cfg, tc.seq_len, tokens / len(devices), counted),
         "flops_breakdown_per_chip": {k: v * per_chip for k, v in counted.items()},
         "xla_cost_analysis_flops_per_chip": float(cost.get("flops", 0.0)) * per_chip,
@@ -181,7 +183,7 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
         "host_temp_bytes_per_chip": host, "xla_cost_analysis_bytes_accessed_per_chip":
             float(cost.get("bytes accessed", 0.0)) * per_chip,
         "collectives": collectives, **step_time_fields(head, cfg, text, per_chip, flops, model_flops, collectives,
-                                                       ragged_rows),
+                                                       ragged_rows, eight_bit),
     }
     if program.rollout is not None:  # on-policy distillation: the sampling program runs before each step
         report["rollout"] = rollout_report(program, hbm, per_chip)
@@ -202,7 +204,7 @@ def rollout_report(program, hbm_per_device: int, per_chip: int) -> dict:
 
 
 def step_time_fields(report_head: dict, cfg, hlo_text: str, per_chip: int, flops: float, model_flops: float,
-                     collectives: dict, ragged_rows: float | None = None) -> dict:
+                     collectives: dict, ragged_rows: float | None = None, eight_bit: float = 0.0) -> dict:
     """HBM and host-offload bytes counted from the compiled HLO and the step-time estimate
     (`qwen3_jax.step_time`) for a TPU slice (FLOPs per device; no estimate on CPU)."""
     out = {"hbm_traffic_bytes_per_chip": step_time.hbm_bytes(hlo_text, ragged_rows) * per_chip,
@@ -216,7 +218,9 @@ def step_time_fields(report_head: dict, cfg, hlo_text: str, per_chip: int, flops
                            hbm_bytes=out["hbm_traffic_bytes_per_chip"],
                            ici_wire_bytes=step_time.ici_wire_bytes(collectives),
                            dcn_wire_bytes=step_time.dcn_wire_bytes(params, report_head["chips"] // slices, slices),
-                           offload_bytes=out["host_offload_bytes_per_chip"])
+                           offload_bytes=out["host_offload_bytes_per_chip"], eight_bit_flops=eight_bit * per_chip,
+                           eight_bit_rate=step_time.eight_bit_rate(step_time.family(report_head["libtpu_topology"]),
+                                                                   cfg.quantization))
     calibrated = step_time.calibrate(step_time.family(report_head["libtpu_topology"]), t, model_flops * per_chip)
     return {**out, "step_time": {
         **t, "chip_figures": chip.source, "overlap": step_time.OVERLAP, "calibrated": calibrated,
@@ -240,6 +244,10 @@ def notes(program) -> list[str]:
         out.append(f"moe_impl='dense' runs all {cfg.num_experts} experts on every token "
                    f"({cfg.num_experts / cfg.num_experts_per_tok:.0f}x the expert FLOPs); 'ragged_dot' or "
                    f"'megablox' run the chosen ones")
+    fam = step_time.family(program.mesh.devices.flat[0].device_kind)
+    if cfg.quantization and platform != "cpu" and not step_time.eight_bit_rate(fam, cfg.quantization):
+        out.append(f"quantization={cfg.quantization!r}: {fam or platform} has no fast {cfg.quantization} matmul unit; "
+                   f"the 8-bit matmuls are estimated at the bf16 rate (no speed-up, extra quantize work)")
     if platform == "tpu" and cfg.remat == "none":
         out.append("remat='none' keeps every layer's activations: fewest FLOPs, most memory (see the peak)")
     return out
@@ -273,6 +281,9 @@ def format_report(r: dict) -> str:
                 f"{'fused dK,dV,dQ 10' if r.get('splash_fused_bwd') else 'dK,dV 8 + dQ 6'} "
                 f"vs 3 x 4 per causal T·S·H)"]
                if "flops_ratio_attention" in r else []),
+             *([f"    8-bit ({r['quantization']}) matmuls: {r.get('eight_bit_flops_share', 0):.0%} of the compiled "
+                f"matmul FLOPs (dots with both operands 8-bit in the HLO; step time below at the 8-bit rate)"]
+               if r.get("quantization") else []),
              "    counted from the HLO: " + ", ".join(f"{k} {v:.2e}" for k, v in
                                                  r.get("flops_breakdown_per_chip", {}).items() if k != "total")]
     if r.get("rollout"):

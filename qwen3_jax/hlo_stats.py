@@ -7,6 +7,7 @@ trip counts (which XLA's cost_analysis counts once):
   output; all-reduces that are all-gathers / reduce-scatters in disguise named as such.
 - `hlo_flops`: matmul FLOPs per device (dot, convolution with real window taps only) plus the
   kernels (custom calls) cost_analysis does not see: splash attention, ragged_dot / megablox gmm.
+  `eight_bit` of them: the matmuls whose two operands are 8-bit (int8 / fp8: 8-bit training).
 
 Pure functions of the HLO text: this module imports no jax (the `qwen3_jax` package's __init__
 does). Used by launch/aot_compile.py and benchmarks/bench_aot_maxtext.py on compiled TPU programs.
@@ -23,6 +24,7 @@ import numpy as np
 
 from qwen3_jax.model.moe_compute import OVERFLOW_SCOPE
 
+EIGHT_BIT = ("s8", "u8", "f8e4m3fn", "f8e5m2", "f8e4m3", "f8e4m3fnuz", "f8e5m2fnuz")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
@@ -326,6 +328,16 @@ def _conv_macs(line: str, out_dims: list[int], lhs_dims: list[int], rhs_dims: li
 _SPLASH_FLOPS = {"fwd": 4.0, "dkv": 8.0, "dq": 6.0, "bwd": 10.0}
 
 
+def _eight_bit_inputs(op: str, operands: list[str], dtypes: dict, rest: str) -> bool:
+    """Both matrices of a dot / convolution, or all of a kernel's (its operands of rank >= 2, read
+    from its layout constraints: a grouped matmul's first operands are int32 metadata), 8-bit."""
+    if op != "custom-call":
+        return len(operands) >= 2 and all(dtypes.get(o) in EIGHT_BIT for o in operands[:2])
+    m = re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", rest)
+    mats = [dt for dt, d in _shapes(m.group(1)) if len(d) >= 2] if m else []
+    return bool(mats) and all(dt in EIGHT_BIT for dt in mats)
+
+
 def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = True) -> dict:
     """Matmul FLOPs per device of one step from the compiled HLO text.
 
@@ -340,12 +352,14 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
     halved when causal (the two-kernel backward recomputes the scores twice: 1.83x the model's
     attention count with full remat; the fused one once: 1.5x).
     Elementwise work (norms, softmax, SwiGLU gating) is not counted: it is < 1% here.
+    `eight_bit`: the part of the total whose matmul operands are both 8-bit (not in the total twice).
     """
     comps, entry = _computations(hlo_text)
     if entry is None:
         return {}
     mult = _multipliers(comps, entry)
     shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
     parsed = []
     for c, lines in comps.items():
         for line in lines:
@@ -355,11 +369,13 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
                 sh = _shapes(typ)
                 if len(sh) == 1:
                     shapes[name] = sh[0][1]
+                    dtypes[name] = sh[0][0]
                 if mult.get(c) and op in ("dot", "convolution", "custom-call"):
                     parsed.append((c, name, typ, op, rest))
     out = defaultdict(float)
     for c, name, typ, op, rest in parsed:
         operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        before = sum(out[k] for k in ("dot", "convolution", "grouped_matmul"))
         odims = _shapes(typ)[0][1] if _shapes(typ) else []
         if op == "dot":
             lhs = shapes.get(operands[0], [])
@@ -388,7 +404,7 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
                     out["attention_kernel"] += mult[c] * _SPLASH_FLOPS[kind] * math.prod(qk[0][:-2]) * T * S * H \
                         * (0.5 if causal else 1.0)
             elif re.search(r"ragged.dot|gmm", tag) and "metadata" not in tag:
-                mats = [d for dt, d in cons if len(d) in (2, 3) and dt in ("bf16", "f32", "f16")]
+                mats = [d for dt, d in cons if len(d) in (2, 3) and dt in ("bf16", "f32", "f16", *EIGHT_BIT)]
                 two = [d for d in mats if len(d) == 2]
                 three = [d for d in mats if len(d) == 3]
                 if len(odims) == 2 and two and three:  # [M,K] x [G,K,N] -> [M,N]
@@ -404,8 +420,10 @@ def hlo_flops(hlo_text: str, ragged_rows: float | None = None, causal: bool = Tr
                     rows = 0
                 out["grouped_matmul"] += mult[c] * 2.0 * rows * K * N
                 out["grouped_matmul_buffer"] += mult[c] * 2.0 * M * K * N
+        if _eight_bit_inputs(op, operands, dtypes, rest):
+            out["eight_bit"] += sum(out[k] for k in ("dot", "convolution", "grouped_matmul")) - before
     res = dict(out)
-    res["total"] = sum(v for k, v in out.items() if k != "grouped_matmul_buffer")
+    res["total"] = sum(v for k, v in out.items() if k not in ("grouped_matmul_buffer", "eight_bit"))
     return res
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import jax.numpy as jnp
 import qwix
 from qwix._src import interception  # qwix's scoped interception, as `qwix.quantize_model` applies it
@@ -86,6 +87,32 @@ class SiteProvider(qwix.QtProvider):
         rule_ = self._rules[0] if _site() in SITES else None
         return rule_, (None if only_rule else f"{op_name}0")  # op ids name static-scale stats: none here
 
+    def einsum(self, einsum_str, *operands, **kwargs):
+        return super().einsum(einsum_str, *_alike(operands), **kwargs)
+
+    def dot_general(self, lhs, rhs, *args, **kwargs):
+        return super().dot_general(*_alike((lhs, rhs)), *args, **kwargs)
+
+    def ragged_dot(self, lhs, rhs, *args, **kwargs):
+        return super().ragged_dot(*_alike((lhs, rhs)), *args, **kwargs)
+
+
+def _vma(x) -> frozenset:
+    aval = jax.typeof(x)  # jax 0.10: aval.vma; later: aval.manual_axis_type.varying
+    return frozenset(getattr(aval, "vma", None) or getattr(getattr(aval, "manual_axis_type", None), "varying", ()))
+
+
+def _alike(operands):
+    """Inside shard_map (expert parallelism), the operands of a quantized matmul made varying over
+    the same mesh axes: qwix's custom VJP must return each gradient with its operand's type, and
+    a weight's gradient varies over the token axes (its pvary's transpose sums it over them, as
+    for an unquantized matmul). Outside shard_map, and for matmuls not quantized, unchanged."""
+    union = frozenset().union(*map(_vma, operands))
+    if not union or _site() not in SITES:
+        return operands
+    return tuple(jax.lax.pcast(x, tuple(sorted(union - _vma(x))), to="varying") if union - _vma(x) else x
+                 for x in operands)
+
 
 def intercepted(fn, quantization: str | None):
     """`fn` traced with the quantized matmuls of `quantization` (None: `fn` itself)."""
@@ -108,6 +135,3 @@ def moe_impl(cfg: ModelConfig, platform: str) -> str:
                          f"(model_config.quantization={cfg.quantization!r}): use 'auto' or 'ragged_dot'")
     return "ragged_dot" if cfg.moe_impl == "auto" and platform == "tpu" else cfg.moe_impl
 
-
-# Chips with a fast unit for each 8-bit type (matmul rate vs bf16; qwen3_jax.step_time).
-NO_FAST_UNIT = {"int8": (), "fp8": ()}

@@ -74,6 +74,22 @@ CHIPS = {
                  "HBM3e at 4.8 TB/s, NVLink 900 GB/s; DGX H200: one 400 Gb/s NIC and 2 TB RAM per 8 GPUs, "
                  "PCIe Gen5 x16 (64 GB/s one way)"),
 }
+# Dense 8-bit matmul rates per chip (FLOP/s, an int8 "OP" = a FLOP) where the chip has a unit for
+# the type; a type missing here runs at the bf16 rate (converted) and the AOT report says so.
+EIGHT_BIT_FLOPS = {
+    "v5p": {"int8": 918e12},  # cloud.google.com/tpu/docs/v5p: 918 TOPS int8; no fp8 unit
+    "v5e": {"int8": 394e12},  # cloud.google.com/tpu/docs/v5e: 394 TOPS int8
+    "v6e": {"int8": 1836e12},  # cloud.google.com/tpu/docs/v6e: 1,836 TOPS int8
+    "v4": {},  # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16 or int8 (no faster int8)
+    "h200": {"int8": 1979e12, "fp8": 1979e12},  # nvidia H200 datasheet, dense (half the 2:4-sparse figure)
+}
+
+
+def eight_bit_rate(fam: str | None, quantization: str | None) -> float | None:
+    """FLOP/s of `quantization`'s matmuls on chip family `fam`; None: no fast unit (bf16 rate)."""
+    return EIGHT_BIT_FLOPS.get(fam or "", {}).get(quantization or "")
+
+
 _GEN = {"v5litepod": "v5e", "v5lite": "v5e", "tpu v5 lite": "v5e", "tpu v6 lite": "v6e", "tpu v5": "v5p",
         "tpu v4": "v4", "nvidia h200": "h200"}
 
@@ -97,10 +113,13 @@ def chip_for(name: str) -> Chip | None:
 
 
 def estimate(chip: Chip, *, flops: float, model_flops: float, hbm_bytes: float, ici_wire_bytes: float,
-             dcn_wire_bytes: float = 0.0, offload_bytes: float = 0.0) -> dict:
+             dcn_wire_bytes: float = 0.0, offload_bytes: float = 0.0, eight_bit_flops: float = 0.0,
+             eight_bit_rate: float | None = None) -> dict:
     """Seconds per step per term, the lower bound, the overlap estimate and the predicted MFU.
-    All byte and FLOP figures are per chip and step."""
-    t = {"compute_s": flops / chip.peak_flops,
+    All byte and FLOP figures are per chip and step; `eight_bit_flops` of `flops` run at
+    `eight_bit_rate` (None: at the bf16 peak)."""
+    eight = eight_bit_flops / eight_bit_rate if eight_bit_rate else eight_bit_flops / chip.peak_flops
+    t = {"compute_s": (flops - eight_bit_flops) / chip.peak_flops + eight,
          "hbm_s": hbm_bytes / chip.hbm_bytes_per_s,
          "ici_s": ici_wire_bytes / (chip.ici_bidir_bytes_per_s / 2),
          "dcn_s": dcn_wire_bytes / chip.dcn_bytes_per_s,

@@ -1,0 +1,93 @@
+"""8-bit training end to end: the 8-device sharded quantized step equals the one-device one, a
+quantized run resumes bit-identically, and its checkpoints (float params, untouched by qwix)
+export to a folder transformers loads with our logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data_pipeline.pipeline import BATCH_DTYPES
+from qwen3_jax import checkpoint
+from qwen3_jax.config import get_config
+from qwen3_jax.sharding import MeshConfig
+from qwen3_jax.train.build import build
+from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig
+from train_utils import load_script, run, tiny_args
+
+QUANTIZED = "model_config.quantization='int8'"
+
+
+def _update(model, mesh, devices, B=8, T=32):
+    """The first step's parameter update (loss, grad_norm): AdamW with eps=1, no clipping or decay,
+    lr 1: at step 1 the update is -g/(|g| + 1), about -g for these small gradients."""
+    tc = TrainConfig(steps=2, seq_len=T, batch_size=B, mesh=mesh, checkpoint_every=2, async_checkpoint=False,
+                     optim=OptimConfig(eps=1.0, weight_decay=0.0, clip_norm=None,
+                                       schedule=ScheduleConfig(peak_lr=1.0, warmup_steps=1)))
+    program = build(model, tc, devices)
+    rng = np.random.RandomState(0)
+    tok = rng.randint(0, model.vocab_size, (B, T))
+    batch = {"tokens": tok, "targets": np.roll(tok, -1, 1), "loss_mask": np.ones((B, T)),
+             "segment_ids": np.ones((B, T)), "positions": np.broadcast_to(np.arange(T), (B, T))}
+    batch = {k: jax.device_put(np.asarray(v, BATCH_DTYPES[k]), program.batch_sharding) for k, v in batch.items()}
+    state = program.init_state()
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = program.step(state, batch)
+    return jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before), jax.tree.map(np.asarray, metrics)
+
+
+def _rel(a, b) -> float:
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (a, b))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,mesh", [("tiny-dense", MeshConfig(ici_fsdp=4, ici_tensor=2)),
+                                         ("tiny-moe", MeshConfig(ici_fsdp=4, ici_expert=2))])
+def test_sharded_quantized_step_equals_one_device(preset, mesh):
+    """fsdp x tensor (GSPMD: scales are maxima over the whole sharded tensors) and fsdp x expert
+    (the experts inside expert parallelism's shard_map, blocked form over the gathered tokens).
+    Measured: the sharded update differs from the one-device one by ~1.2% (relative L2), against
+    ~2% between the quantized and the float update and 5e-7 between sharded and one-device float
+    updates; a lone sharded quantized einsum matches one device to 4e-7. Bound: inside the
+    quantization error, and the loss to 1e-4."""
+    model = get_config(preset, compute_dtype="float32", remat="none", moe_impl="blocked", quantization="int8")
+    one, m1 = _update(model, MeshConfig(), jax.devices()[:1])
+    sharded, m8 = _update(model, mesh, jax.devices()[:8])
+    unquantized, _ = _update(model.replace(quantization=None), MeshConfig(), jax.devices()[:1])
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-4)
+    noise = _rel(one, unquantized)  # what 8 bits change in the update
+    assert 1e-3 < noise < 0.1, noise
+    assert _rel(sharded, one) < noise, (_rel(sharded, one), noise)
+
+
+@pytest.mark.slow
+def test_quantized_run_resumes_bit_identical_and_exports_for_transformers(data_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen3_jax.params import model_from_flat
+
+    ref, work = tmp_path / "ref", tmp_path / "stopped"
+    r = run(tiny_args(data_dir, ref, QUANTIZED, steps=6, every=3))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run(tiny_args(data_dir, work, QUANTIZED, "train.stop_after=3", steps=6, every=3))
+    assert r.returncode == 0 and checkpoint.latest_step(work / "checkpoints") == 3, r.stderr[-3000:]
+    r = run(tiny_args(data_dir, work, QUANTIZED, steps=6, every=3))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    cfg, ref_flat, step, _ = checkpoint.restore_params_numpy(ref)
+    _, flat, _, _ = checkpoint.restore_params_numpy(work)
+    assert step == 6 and cfg.quantization == "int8"
+    for k in ref_flat:
+        np.testing.assert_array_equal(flat[k], ref_flat[k], err_msg=k)
+        assert flat[k].dtype == np.float32  # master weights stay float
+
+    out = tmp_path / "hf"
+    cli = load_script("launch/convert_hf.py", "convert_hf_cli")
+    assert cli.main(["export", "--checkpoint", str(work), "--out", str(out), "--dtype", "float32"]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = np.arange(1, 17, dtype=np.int32)[None]
+    ours = model_from_flat(cfg.replace(compute_dtype="float32", quantization=None), flat)
+    with torch.no_grad():
+        logits = theirs(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(logits, np.asarray(ours(jnp.asarray(ids))), rtol=0, atol=2e-3)
