@@ -152,6 +152,7 @@ def test_bad_value_is_named():
     assert quant.moe_impl(get_config("tiny-moe", quantization="int8"), "cpu") == "auto"
 
 
+@pytest.mark.slow
 def test_whole_model_loss_and_grads_close_and_lm_head_router_stay_float():
     from qwen3_jax.train.step import init_params, make_loss_fn
 
