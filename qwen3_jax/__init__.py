@@ -7,6 +7,7 @@ that need only a light module (the data tools use `qwen3_jax.storage`) do not im
 import glob
 import importlib
 import os
+import sys
 
 
 def _cpu_unless_accelerator() -> None:
@@ -19,6 +20,8 @@ def _cpu_unless_accelerator() -> None:
     if any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported before us (launch scripts do): its config has read the environment
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 _cpu_unless_accelerator()

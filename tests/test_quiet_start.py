@@ -26,6 +26,14 @@ def test_cpu_start_prints_no_tpu_probe_errors():
     assert "E0000" not in r.stderr and "libtpu" not in r.stderr and "TPU_WORKER_HOSTNAMES" not in r.stderr, r.stderr
 
 
+def test_jax_imported_first_still_stays_on_cpu():
+    """Launch scripts import jax before qwen3_jax: its config has already read the environment."""
+    probe = "import jax; import qwen3_jax; from jax._src import config; print(config.jax_platforms.value)"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "cpu", (r.stdout, r.stderr[-500:])
+
+
 def test_jax_platforms_set_by_the_user_is_kept():
     r = _run({"JAX_PLATFORMS": "cpu,tpu"})  # asks for the probe: its noise (or failure) is the user's choice
     assert "TPU" in r.stderr or "tpu" in r.stderr or r.returncode != 0, (r.returncode, r.stderr[-500:])
