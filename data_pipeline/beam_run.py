@@ -114,14 +114,16 @@ def crash_now(ctl: str | None) -> None:
 
 # --- main side ----------------------------------------------------------------------------------
 def run(build: Callable[[beam.Pipeline], None], *, runner: str = LOCAL, workers: int = 1,
-        beam_args: list[str] | None = None, ctl: str | None = None, stage: str = "",
-        total_docs: int = 0, progress_every: float | None = 10.0, died: str = "") -> None:
+        beam_args: list[str] | None = None, ctl: str | None = None, stages: dict[str, int] | None = None,
+        progress_every: float | None = 10.0, died: str = "") -> None:
     """Builds the pipeline with `build(p)` and runs it to the end.
 
     Local runner: `workers` processes (<= 1: this one); `ctl` the control folder shared with
-    them; progress lines for `stage` out of `total_docs` documents every `progress_every` seconds
-    (None: none); `died` the message when a worker process dies. Raises PrepareError with a
-    worker's one-line error."""
+    them; a progress line every `progress_every` seconds (None: none) for each of `stages`
+    ({stage: documents it will see}, as its DoFns report them to Progress); `died` the message
+    when a worker process dies. Raises PrepareError with a worker's one-line error."""
+    stages = stages or {}
+    stage = "/".join(stages)
     local = runner == LOCAL
     if local:
         if beam_args:
@@ -140,7 +142,9 @@ def run(build: Callable[[beam.Pipeline], None], *, runner: str = LOCAL, workers:
     beam_logger = logging.getLogger("apache_beam")
     level = beam_logger.level
     beam_logger.setLevel(logging.CRITICAL)  # the local runner's INFO/WARNING chatter (and the workers' it relays)
-    monitor = _Monitor(ctl, stage, total_docs, progress_every, died, workers > 1) if local and ctl else None
+    monitor = _Monitor(ctl, stages, progress_every, died, workers > 1) if local and ctl else None
+    hook = threading.excepthook
+    threading.excepthook = _quiet_thread  # Beam's gRPC threads when a worker dies: the monitor reports that
     try:
         p = beam.Pipeline(runner=pipeline_runner, options=opts)
         build(p)
@@ -159,6 +163,11 @@ def run(build: Callable[[beam.Pipeline], None], *, runner: str = LOCAL, workers:
         if monitor:
             monitor.stop()
         beam_logger.setLevel(level)
+        threading.excepthook = hook
+
+
+def _quiet_thread(args) -> None:
+    """An exception that ends one of the runner's threads: the run's own outcome says what failed."""
 
 
 def _worker_error(ctl: str | None) -> str | None:
@@ -197,18 +206,20 @@ def _children(pid: int) -> dict[int, str]:
 class _Monitor(threading.Thread):
     """Progress lines, worker deaths and the crash test hook of one local run."""
 
-    def __init__(self, ctl: str, stage: str, total: int, every: float | None, died: str, watch: bool):
+    def __init__(self, ctl: str, stages: dict[str, int], every: float | None, died: str, watch: bool):
         super().__init__(daemon=True)
-        self.ctl, self.stage, self.total, self.every, self.died, self.watch = ctl, stage, total, every, died, watch
+        self.ctl, self.stages, self.every, self.died, self.watch = ctl, stages, every, died, watch
         self._halt = threading.Event()
-        self.t0 = time.monotonic()
+        self.t0 = {st: None for st in stages}  # when each stage's first progress was seen
+        self.t_start = time.monotonic()
 
     def stop(self) -> None:
         self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
-        if self.every is not None and self.total:
-            self._print(final=True)
+        if self.every is not None:
+            for st in self.stages:
+                self._print(st, final=True)
 
     def run(self) -> None:
         seen: set[int] = set()
@@ -224,12 +235,15 @@ class _Monitor(threading.Thread):
                         self._abort()
             if self.every is not None and time.monotonic() - last >= self.every:
                 last = time.monotonic()
-                self._print(final=False)
+                for st in self.stages:
+                    self._print(st, final=False)
 
     def _abort(self) -> None:
         time.sleep(0.5)  # a worker that raised (error file) ends its process too
         if self._halt.is_set():
             return
+        if os.path.exists(os.path.join(self.ctl, "crash")):  # the test hook's worker, not a death
+            os._exit(3)
         err = _worker_error(self.ctl)
         print(f"prepare.py: error: {err or self.died or 'a worker process died'}", file=sys.stderr, flush=True)
         for pid in _children(os.getpid()):
@@ -239,10 +253,10 @@ class _Monitor(threading.Thread):
                 pass
         os._exit(2)
 
-    def counts(self) -> dict:
+    def counts(self, stage: str) -> dict:
         total = {"docs": 0, "tokens": 0, "bytes": 0}
         for f in os.listdir(self.ctl):
-            if f.startswith(f"progress-{self.stage}-") and f.endswith(".json"):
+            if f.startswith(f"progress-{stage}-") and f.endswith(".json"):
                 try:
                     with open(os.path.join(self.ctl, f)) as fh:
                         for k, v in json.load(fh).items():
@@ -251,14 +265,18 @@ class _Monitor(threading.Thread):
                     pass
         return total
 
-    def _print(self, final: bool = False) -> None:
-        c, el = self.counts(), max(time.monotonic() - self.t0, 1e-9)
-        if not final and not 0 < c["docs"] < self.total:
+    def _print(self, stage: str, final: bool) -> None:
+        c, total, now = self.counts(stage), self.stages[stage], time.monotonic()
+        if c["docs"] and self.t0[stage] is None:
+            self.t0[stage] = now - min(self.every or 0.0, now - self.t_start)  # it began within the last interval
+        if self.t0[stage] is None or (not final and c["docs"] >= total) or (final and not c["docs"]):
             return
+        el = max(now - self.t0[stage], 1e-9)
         rate = c["docs"] / el
-        left = max(self.total - c["docs"], 0)
-        eta = "done" if final or not left else (time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate else "?")
+        left = max(total - c["docs"], 0)
+        eta = "done" if final or not left else (
+            "ETA " + time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate else "ETA ?")
         tokens = f" · {c['tokens'] / el / 1e6:.2f}M tokens/s" if c["tokens"] else ""
-        print(f"prepare: {self.stage} {c['docs']:,}/{self.total:,} docs ({c['docs'] / max(self.total, 1):.0%}) · "
-              f"{rate:,.0f} docs/s{tokens} · {c['bytes'] / el / 1e6:.1f} MB/s · "
-              f"{'ETA ' if eta not in ('done', '?') else ''}{eta} ({el:.0f}s)", file=sys.stderr, flush=True)
+        print(f"prepare: {stage} {c['docs']:,}/{total:,} docs ({c['docs'] / max(total, 1):.0%}) · "
+              f"{rate:,.0f} docs/s{tokens} · {c['bytes'] / el / 1e6:.1f} MB/s · {eta} ({el:.0f}s)",
+              file=sys.stderr, flush=True)

@@ -41,7 +41,8 @@ worker count. --runner local (the default) is Beam's own local runner: --workers
 this process); a periodic line reports docs/s, tokens/s and the ETA. --runner DataflowRunner (or
 Flink, Spark, ...) runs the same pipeline there, the arguments prepare.py does not know going to
 Beam as pipeline options (--project, --region, --temp_location, ...); inputs and --out then on a
-bucket. Bad records (malformed JSON, missing text field, invalid UTF-8, empty documents) are
+bucket, and the workers need this package (Beam's --extra_package with a built sdist, or
+--sdk_container_image). Bad records (malformed JSON, missing text field, invalid UTF-8, empty documents) are
 skipped and counted; with --strict the first one stops the run with file:line.
 An `--out` on a bucket (`gs://b/data/web`) gets the same files with the same completion rule: each
 shard is written to a local temporary folder and uploaded file by file, its .json last, and
@@ -279,14 +280,14 @@ def prepare(inputs: Sequence[str], tokenizer: str, out: str, *, text_key: str = 
     died = (f"a worker process died (out of memory? try fewer --workers); finished work in {out} is kept, "
             f"re-run the same command to resume")
 
-    def run(build, stage: str, total: int, procs: int = nproc) -> None:
-        beam_run.run(build, runner=runner, workers=procs, beam_args=list(beam_args or []), ctl=ctl, stage=stage,
-                     total_docs=total, progress_every=progress_every if progress else None, died=died)
+    def run(build, stages: dict[str, int], procs: int = nproc) -> None:
+        beam_run.run(build, runner=runner, workers=procs, beam_args=list(beam_args or []), ctl=ctl, stages=stages,
+                     progress_every=progress_every if progress else None, died=died)
 
+    to_write = {"write": sum(bounds[s + 1] - bounds[s] for s in todo)}
     try:
-        if qa:
-            job["qa"] = _run_qa(out, plan, job, run, nproc)
-        run(lambda p: write_stage.build(p, job, todo), "write", sum(bounds[s + 1] - bounds[s] for s in todo))
+        if not qa or not _run_qa(out, plan, job, run, todo, to_write):
+            run(lambda p: write_stage.build(p, job, todo), to_write)
     finally:
         if ctl:
             shutil.rmtree(ctl, ignore_errors=True)
@@ -317,24 +318,27 @@ def _cut(plan: dict) -> str:
             else f"--quality_keep_fraction {m.get('keep_fraction')}")
 
 
-def _run_qa(out: str, plan: dict, job: dict, run, nproc: int) -> dict:
+def _run_qa(out: str, plan: dict, job: dict, run, todo: list[int], to_write: dict) -> bool:
     """The QA stages before tokenizing: the analysis (qa_pipeline.py) unless qa/ holds it for these
-    settings, the model's scores (qa_model.py) likewise, then the quality cut. Returns job["qa"]."""
+    settings, the model's scores (qa_model.py) likewise, then the quality cut; sets job["qa"].
+    Without a model the analysis pipeline also writes the shards: True when it did."""
     qa, n = plan["qa"], plan["shards"]
-    job_qa = {**qa, "benchmarks": qa.get("decontaminate", {}).get("files", [])}
-    job["qa"] = job_qa
+    job["qa"] = {**qa, "benchmarks": qa.get("decontaminate", {}).get("files", [])}
+    model = "quality_model" in qa
     if (analysis := qa_config.analysis(qa)) and qa_store.marker(out, "analysis") != analysis:
         from data_pipeline import qa_pipeline  # heavy (apache_beam): only with analysis stages to run
-        run(lambda p: qa_pipeline.build(p, job), "qa", plan["records"])
-        write_json(os.path.join(out, "qa", "analysis.json"), analysis)
-    if "quality_model" in qa:
+        run(lambda p: qa_pipeline.build(p, job, analysis, None if model else todo),
+            {"qa": plan["records"], **({} if model else to_write)})
+        if not model:
+            return True
+    if model:
         from data_pipeline import qa_model  # heavy (jax and the model): only with --quality model:PATH
         if qa_store.marker(out, "scores") != qa_config.scoring(qa):
-            run(lambda p: qa_model.build(p, job), "score", plan["records"], procs=1)
+            run(lambda p: qa_model.build(p, job), {"score": plan["records"]}, procs=1)
             write_json(os.path.join(out, "qa", "scores.json"), qa_config.scoring(qa))
-        job_qa["selection"] = qa_model.select(out, n, qa["quality_model"])
-        write_json(os.path.join(out, "qa", "selection.json"), job_qa["selection"])
-    return job_qa
+        job["qa"]["selection"] = qa_model.select(out, n, qa["quality_model"])
+        write_json(os.path.join(out, "qa", "selection.json"), job["qa"]["selection"])
+    return False
 
 
 def _report(out: str, plan: dict, stats: dict, job: dict, samples: int) -> None:

@@ -23,11 +23,14 @@ The stages' settings and the benchmark files' reading are in qa_config.py.
 from __future__ import annotations
 
 import bisect
+import os
 
 import numpy as np
 
 from data_pipeline import corpus, qa_config, qa_rules, qa_store, qa_text
 from data_pipeline.beam_run import Progress, beam, relay
+from data_pipeline.shard_writer import write_json
+from data_pipeline.write_stage import WriteShardFn
 
 MAX_BUCKET_PAIRS = 64  # members of an LSH bucket beyond which it is chained instead of fully paired
 
@@ -180,8 +183,10 @@ class WriteRemovedFn(beam.DoFn):
         yield s
 
 
-def build(p, job: dict) -> None:
-    """The analysis pipeline over every shard (dedup is corpus-wide, so a resumed run redoes it)."""
+def build(p, job: dict, analysis: dict, then_write: list[int] | None = None) -> None:
+    """The analysis pipeline over every shard (dedup is corpus-wide, so a run that stopped before
+    its end redoes it); with `then_write`, those shards are then tokenized and written in the same
+    pipeline (write_stage.py), after qa/analysis.json (`analysis`) marks the analysis complete."""
     n, qa = job["plan"]["shards"], job["qa"]
     shards = p | "shards" >> beam.Create(list(range(n))) | "spread" >> beam.Reshuffle()
     feats = shards | "features" >> beam.ParDo(FeaturesFn(job)).with_outputs("removed", main="survivors")
@@ -203,5 +208,15 @@ def build(p, job: dict) -> None:
                      | "verify" >> beam.FlatMap(verified, nd["threshold"]))
             removed.append(edges | "all edges" >> beam.combiners.ToList()
                            | "clusters" >> beam.ParDo(Clusters(job["bounds"])))
-    (removed | "removals" >> beam.Flatten() | "by shard" >> beam.GroupByKey()
-     | "write" >> beam.ParDo(WriteRemovedFn(job)))
+    written = (removed | "removals" >> beam.Flatten() | "by shard" >> beam.GroupByKey()
+               | "write removals" >> beam.ParDo(WriteRemovedFn(job)))
+    if then_write is not None:  # the analysis complete (every shard's file, then its marker), tokenize
+        (written | "all written" >> beam.combiners.ToList()
+         | "mark" >> beam.FlatMap(_mark_done, job["out"], analysis, sorted(then_write))
+         | "spread shards" >> beam.Reshuffle() | "write shards" >> beam.ParDo(WriteShardFn(job)))
+
+
+def _mark_done(_, out: str, analysis: dict, shards: list[int]):
+    """Writes qa/analysis.json (the analysis is complete), then hands out the shards to write."""
+    write_json(os.path.join(out, "qa", "analysis.json"), analysis)
+    yield from shards
