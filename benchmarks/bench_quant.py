@@ -1,0 +1,149 @@
+"""8-bit training (issue 28): loss curves and CPU step time of float vs int8 vs fp8, dense and MoE.
+
+One invocation trains, per model, the three variants side by side: the same initial parameters,
+the same batches of the built-in corpus (prepared once), their steps interleaved (float, int8,
+fp8, float, ...) so that the box's load falls on all three alike. Each variant's program is the
+one `qwen3_jax.train.build` makes (`ModelConfig.quantization`). Step time: the median and spread
+of the steps after the first 5 (compile excluded). Writes benchmarks/reports/quant.json and a PNG
+of the curves beside it; `--from_json` prints the table again.
+
+CPU has no 8-bit matmul unit that XLA:CPU uses for training here: the quantized step does the
+same matmuls plus quantize/rescale work, so it is slower on CPU; the speed-up is a TPU/GPU
+matter (the AOT report's estimate: `launch/aot_compile.py ... model_config.quantization=...`).
+
+  python benchmarks/bench_quant.py [--steps 300] [--seq_len 128] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report  # noqa: E402
+import numpy as np  # noqa: E402
+
+VARIANTS = (None, "int8", "fp8")
+MODELS = ("tiny-dense", "tiny-moe")
+
+
+def _run_model(preset: str, args, data_dir: str) -> dict:
+    import functools  # (imports here: --from_json prints without loading jax)
+
+    import jax  # jax only when measuring
+
+    from data_pipeline.pipeline import make_dataset  # jax only when measuring
+    from qwen3_jax.config import get_config  # jax only when measuring
+    from qwen3_jax.train.build import build  # jax only when measuring
+    from qwen3_jax.train.config import OptimConfig, ScheduleConfig, TrainConfig  # jax only when measuring
+
+    tc = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch, checkpoint_every=args.steps,
+                     async_checkpoint=False, make_data=functools.partial(make_dataset, data_dir),
+                     optim=OptimConfig(schedule=ScheduleConfig(peak_lr=2e-3, warmup_steps=10)))
+    device = jax.devices()[:1]
+    programs = {q: build(get_config(preset, remat="none", quantization=q), tc, device) for q in VARIANTS}
+    states = {q: p.init_state() for q, p in programs.items()}  # same seed: the same initial parameters
+    data = tc.make_data(seq_len=tc.seq_len, global_batch_size=tc.batch_size, seed=tc.seed)
+    losses = {q: [] for q in VARIANTS}
+    times = {q: [] for q in VARIANTS}
+    for step in range(args.steps):
+        batch = next(data)
+        for q, program in programs.items():
+            b = {k: jax.device_put(np.asarray(batch[k]), program.batch_sharding) for k in program.abstract_batch}
+            t0 = time.perf_counter()
+            states[q], metrics = program.step(states[q], b)
+            loss = float(metrics["lm_loss"])  # blocks until the step is done
+            times[q].append(time.perf_counter() - t0)
+            losses[q].append(loss)
+        if step % 50 == 0:
+            print(f"{preset} step {step}: " + ", ".join(f"{q or 'float'} {losses[q][-1]:.3f}" for q in VARIANTS),
+                  flush=True)
+    return {"losses": {str(q): v for q, v in losses.items()}, "step_s": {str(q): v for q, v in times.items()},
+            "compute_dtype": programs[None].model.compute_dtype, "moe_impl": programs[None].model.moe_impl}
+
+
+def _summary(run: dict, warm: int = 5) -> dict:
+    out = {}
+    base = np.asarray(run["step_s"]["None"][warm:])
+    for q in map(str, VARIANTS):
+        t = np.asarray(run["step_s"][q][warm:])
+        last = np.mean(run["losses"][q][-20:])
+        out[q] = {"final_loss_mean20": float(last), "step_ms_median": float(np.median(t) * 1e3),
+                  "step_ms_p10_p90": [float(np.percentile(t, 10) * 1e3), float(np.percentile(t, 90) * 1e3)],
+                  "slowdown_vs_float_median": float(np.median(t / base)),
+                  "slowdown_p10_p90": [float(np.percentile(t / base, 10)), float(np.percentile(t / base, 90))]}
+    return out
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib  # optional: matplotlib (the PNG only)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # optional: matplotlib
+
+    fig, axes = plt.subplots(1, len(report["runs"]), figsize=(6 * len(report["runs"]), 4))
+    for ax, (preset, run) in zip(np.atleast_1d(axes), report["runs"].items()):
+        for q in map(str, VARIANTS):
+            y = np.convolve(run["losses"][q], np.ones(10) / 10, mode="valid")
+            ax.plot(np.arange(len(y)) + 10, y, label={"None": run["compute_dtype"]}.get(q, q))
+        ax.set_title(f"{preset}: train loss (10-step mean)")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def measure(args) -> dict:
+    from data_pipeline.prepare import prepare_builtin  # jax only when measuring
+
+    report = bench_report.header("bench_quant")
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = prepare_builtin(str(Path(tmp) / "spm512"), "spm", spm_vocab_size=512)
+        runs = {}
+        for m in MODELS:
+            runs[m] = _run_model(m, args, parts["code"])
+            bench_report.write(str(args.json) + ".partial", {**report, "runs": runs})  # a slow box: keep what ran
+    report.update(steps=args.steps, seq_len=args.seq_len, batch=args.batch, box_load_start_end=[load0[0],
+                  os.getloadavg()[0]], runs=runs, summary={m: _summary(r) for m, r in runs.items()},
+                  note="CPU: no 8-bit unit used, the quantized step adds quantize/rescale work; the GPU fp8 MFU "
+                       "(bench_gpu.py) needs a lent GPU and is not measured here")
+    png = Path(args.json).with_suffix(".png")
+    _plot(report, png)
+    report["png"] = str(png.relative_to(bench_report.ROOT)) if png.is_relative_to(bench_report.ROOT) else str(png)
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"8-bit training, {report['steps']} steps of {report['batch']} x {report['seq_len']} tokens "
+             f"(box load {report['box_load_start_end'][0]:.1f} -> {report['box_load_start_end'][1]:.1f})", "",
+             "| model | matmuls | final loss (mean of last 20) | vs float | CPU step ms (p10-p90) | slowdown vs float "
+             "(p10-p90) |", "|---|---|---|---|---|---|"]
+    for m, s in report["summary"].items():
+        base = s["None"]["final_loss_mean20"]
+        for q, r in s.items():
+            lines.append(f"| {m} | {q if q != 'None' else report['runs'][m]['compute_dtype']} | "
+                         f"{r['final_loss_mean20']:.4f} | {(r['final_loss_mean20'] / base - 1):+.2%} | "
+                         f"{r['step_ms_median']:.0f} ({r['step_ms_p10_p90'][0]:.0f}-{r['step_ms_p10_p90'][1]:.0f}) | "
+                         f"{r['slowdown_vs_float_median']:.2f}x ({r['slowdown_p10_p90'][0]:.2f}-"
+                         f"{r['slowdown_p10_p90'][1]:.2f}) |")
+    lines += ["", bench_report.provenance(report), report.get("note", ""), f"curves: {report.get('png')}", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--json", default=str(bench_report.REPORTS / "quant.json"))
+    p.add_argument("--from_json", default=None)
+    return bench_report.measure_or_print(p.parse_args(argv), measure, markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
