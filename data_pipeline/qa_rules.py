@@ -95,13 +95,22 @@ class Doc:
         return self._keys[n]
 
     def top_ngram_chars(self, n: int) -> int:
-        """Characters (with single spaces) of the most frequent word n-gram, times its count."""
+        """Characters (with single spaces) of the most frequent word n-gram, times its count (of
+        equally frequent ones, the longest)."""
         if len(self.ids) < n:
             return 0
         keys = self.keys(n)
         _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        k = int(np.argmax(counts))
-        return (int(self.lengths[first[k]:first[k] + n].sum()) + n - 1) * int(counts[k])
+        top = first[counts == counts.max()]
+        cum = np.concatenate([[0], np.cumsum(self.lengths)])
+        return (int((cum[top + n] - cum[top]).max()) + n - 1) * int(counts.max())
+
+    def dup_fraction(self, n: int) -> float:
+        if not hasattr(self, "_dup"):
+            self._dup = {}
+        if n not in self._dup:
+            self._dup[n] = self.dup_ngram_chars(n) / max(len(self.text), 1)
+        return self._dup[n]
 
     def dup_ngram_chars(self, n: int) -> int:
         """Characters of the words inside word n-grams that repeat an earlier one, each word once
@@ -204,7 +213,11 @@ def _top_ngram(n: int, limit: float):
 
 def _dup_ngram(n: int, limit: float):
     def rule(d: Doc):
-        r = d.dup_ngram_chars(n) / max(len(d.text), 1)
+        # the words inside repeated n-grams are inside repeated 5-grams too (the n-gram's first and
+        # last 5 words repeat with it): a 5-gram fraction within the limit settles the larger n
+        if n > DUP_NGRAM[0][0] and d.dup_fraction(DUP_NGRAM[0][0]) <= limit:
+            return 0.0, True
+        r = d.dup_fraction(n)
         return round(r, 4), r <= limit
     return rule
 
