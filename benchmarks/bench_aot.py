@@ -57,6 +57,14 @@ CASES = {
     "30b": [*_gins("stage1.gin", "model/qwen3-30b-a3b.gin", "slices/qwen3-30b-a3b-v5p-128.gin"),
             "--topology", "v5p-128"],
     "8b": [*_gins("stage1.gin", "model/qwen3-8b.gin", "slices/qwen3-8b-v5p-128.gin"), "--topology", "v5p-128"],
+    # stage 4 (131,072 tokens) under context parallelism, and the same slice without it (`_nocp`)
+    "235b_s4": [*_gins("stage4.gin", "model/qwen3-235b-a22b.gin", "slices/qwen3-235b-a22b-v5p-1024-stage4.gin"),
+                "--topology", "v5p-1024"],
+    "235b_s4_nocp": [*_gins("stage4.gin", "model/qwen3-235b-a22b.gin", "slices/qwen3-235b-a22b-v5p-1024-stage4.gin"),
+                     "--mesh", "fsdp=128,expert=4", "--global_batch", "512", "--topology", "v5p-1024"],
+    "32b_s4": [*_gins("stage4.gin", "model/qwen3-32b.gin", "slices/qwen3-32b-v5p-128-stage4.gin"), "--topology", "v5p-128"],
+    "32b_s4_nocp": [*_gins("stage4.gin", "model/qwen3-32b.gin", "slices/qwen3-32b-v5p-128-stage4.gin"),
+                    "--mesh", "fsdp=64", "--global_batch", "64", "--topology", "v5p-128"],
 }
 # The step-time model's check against a published figure: MaxText's Llama2-70B on v5p-128, 65% MFU
 # (getting_started/Run_Llama2.md), the same shapes, batch, mesh and remat in our model
