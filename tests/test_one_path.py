@@ -135,8 +135,9 @@ def test_aot_flags_are_gin_bindings_and_errors_name_the_value(capsys):
         import aot_compile
     finally:
         sys.path.remove(str(ROOT / "launch"))
-    assert aot_compile.mesh_bindings("fsdp=64,expert=8")[:4] == [
-        "MeshConfig.ici_data=1", "MeshConfig.ici_fsdp=64", "MeshConfig.ici_expert=8", "MeshConfig.ici_tensor=1"]
+    assert aot_compile.mesh_bindings("fsdp=64,expert=8")[:5] == [
+        "MeshConfig.ici_data=1", "MeshConfig.ici_fsdp=64", "MeshConfig.ici_context=1", "MeshConfig.ici_expert=8",
+        "MeshConfig.ici_tensor=1"]
     rc = aot_compile.main(["--gin", "cpu_smoke.gin", "--topology", "cpu", "--gin_param", "model_config.remat='some'"])
     assert rc == 2 and "remat='some'" in capsys.readouterr().err
     rc = aot_compile.main(["--gin", "cpu_smoke.gin", "--topology", "cpu", "--gin_param", "SEQ_LEN=100",
