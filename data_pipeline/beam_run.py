@@ -27,9 +27,13 @@ import threading
 import time
 from typing import Callable
 
+from data_pipeline.shard_writer import PrepareError
+from data_pipeline.text_tokenizer import load_tokenizer
+
 _root = logging.getLogger()
 _quiet = logging.NullHandler()
-_root.addHandler(_quiet)  # importing apache_beam logs a warning through the root logger (no apitools) and would configure logging
+# importing apache_beam logs a warning through the root logger (no apitools), which would also configure logging
+_root.addHandler(_quiet)
 try:
     import apache_beam as beam  # noqa: F401 - the modules that build pipelines import it from here
     from apache_beam.options.pipeline_options import PipelineOptions  # (inside the try: see above)
@@ -37,9 +41,6 @@ try:
     from apache_beam.transforms import environments  # (inside the try: see above)
 finally:
     _root.removeHandler(_quiet)
-
-from data_pipeline.shard_writer import PrepareError
-from data_pipeline.text_tokenizer import load_tokenizer
 
 LOCAL = "local"
 CTL_ENV = "DATA_PIPELINE_CTL"  # the control folder, for worker processes (exit markers)

@@ -2,10 +2,10 @@
 near_dedup stages remove (qa_store.py has the order and the files it writes).
 
   shards ──features──▶ removed by decontaminate / quality_rules (per document)
-                └────▶ survivors keyed by exact key ──group──▶ lowest index kept, the rest exact_dup
-                         winners ──LSH bands──group──▶ candidate pairs ──join shingles twice──▶ pairs
-                         with Jaccard >= threshold ──all edges──▶ union-find: each connected cluster
-                         keeps its lowest index, the rest near_dup
+           └────▶ survivors keyed by exact key ──group──▶ lowest index kept, the rest exact_dup
+                    winners ──LSH bands──group──▶ candidate pairs ──join shingles twice──▶ pairs
+                    with Jaccard >= threshold ──all edges──▶ union-find: each connected cluster
+                    keeps its lowest index, the rest near_dup
   all removals + one empty entry per shard ──group by shard──▶ qa/removed-SSSSS-of-NNNNN.npz
 
 Every decision depends only on the documents, never on the order elements meet in a worker: a
@@ -46,7 +46,8 @@ class FeaturesFn(beam.DoFn):
     def setup(self):
         qa = self.job["qa"]
         dec = qa.get("decontaminate")
-        self.index = qa_config.benchmark_index(dec["files"], dec["ngram"], dec["min_words"], dec["short_factor"]) if dec else None
+        self.index = (qa_config.benchmark_index(dec["files"], dec["ngram"], dec["min_words"], dec["short_factor"])
+                      if dec else None)
         near = qa.get("near_dedup")
         self.hasher = qa_text.MinHasher(near["num_perm"], near["seed"]) if near else None
         self.progress = Progress(self.job["ctl"], "qa")

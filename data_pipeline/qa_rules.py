@@ -25,11 +25,12 @@ Transformer", section 2.2), its document-level rule:
 C4's line-level rules (keep lines ending in terminal punctuation, ...) edit text rather than keep or
 drop a document, and its curly-bracket rule drops all code: neither is applied.
 
-Lines are the non-blank lines. Words are the text's word-like and punctuation tokens (`_TOKEN`, like nltk's word_tokenize); "words"
-in the counts above leave out single punctuation characters. Duplicate elements (paragraphs, lines,
-n-grams) are the occurrences after the first; the duplicate n-gram fraction counts the characters of
-the words inside them, each word once however many such n-grams overlap it (Gopher: "taking care
-not to count characters that occur in overlapping n-grams more than once").
+Lines are the non-blank lines. Words are the text's word-like and punctuation tokens (`_TOKEN`,
+like nltk's word_tokenize); "words" in the counts above leave out single punctuation characters.
+Duplicate elements (paragraphs, lines, n-grams) are the occurrences after the first; the duplicate
+n-gram fraction counts the characters of the words inside them, each word once however many such
+n-grams overlap it (Gopher: "taking care not to count characters that occur in overlapping n-grams
+more than once").
 """
 from __future__ import annotations
 
