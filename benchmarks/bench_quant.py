@@ -118,8 +118,23 @@ def measure(args) -> dict:
     return report
 
 
+def markdown_aot(report: dict) -> str:
+    """The AOT comparison (`rows`: one compile per quantization) as a table."""
+    lines = [bench_report.provenance(report), "", f"{report['model']} on {report['topology']}", "",
+             "| quantization | experts | compiled FLOPs/chip | vs model | 8-bit share | peak MiB/chip | "
+             "est. step ms | calibrated ms |", "|---|---|---|---|---|---|---|---|"]
+    for q, r in report["rows"].items():
+        lines.append(f"| {q} | {r.get('moe_impl_note', '')} | {r['flops_per_chip']:.3g} | "
+                     f"{r['flops_ratio_compiled_to_model']:.2f}x | {r['eight_bit_flops_share']:.0%} | "
+                     f"{r['bytes_per_chip_peak'] / 2 ** 20:.1f} | {r['estimate_s'] * 1e3:.3f} | "
+                     f"{r['calibrated_estimate_s'] * 1e3:.3f} |")
+    return "\n".join(lines + ["", report.get("reading", ""), ""])
+
+
 def markdown(report: dict) -> str:
-    lines = [f"8-bit training, {report['steps']} steps of {report['batch']} x {report['seq_len']} tokens "
+    if "rows" in report:
+        return markdown_aot(report)
+    lines = [bench_report.provenance(report), "", f"8-bit training, {report['steps']} steps of {report['batch']} x {report['seq_len']} tokens "
              f"(box load {report['box_load_start_end'][0]:.1f} -> {report['box_load_start_end'][1]:.1f})", "",
              "| model | matmuls | final loss (mean of last 20) | vs float | CPU step ms (p10-p90) | slowdown vs float "
              "(p10-p90) |", "|---|---|---|---|---|---|"]
@@ -131,7 +146,7 @@ def markdown(report: dict) -> str:
                          f"{r['step_ms_median']:.0f} ({r['step_ms_p10_p90'][0]:.0f}-{r['step_ms_p10_p90'][1]:.0f}) | "
                          f"{r['slowdown_vs_float_median']:.2f}x ({r['slowdown_p10_p90'][0]:.2f}-"
                          f"{r['slowdown_p10_p90'][1]:.2f}) |")
-    lines += ["", bench_report.provenance(report), report.get("note", ""), f"curves: {report.get('png')}", ""]
+    lines += ["", report.get("note", ""), f"curves: {report.get('png')}", ""]
     return "\n".join(lines)
 
 
