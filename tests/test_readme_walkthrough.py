@@ -105,8 +105,8 @@ def test_walkthrough_runs_as_written(walked):
     config = json.loads((folder / "runs" / "hf" / "small-moe" / "config.json").read_text())
     assert config["vocab_size"] == 4096 and config["num_local_experts"] > 0
     assert "done: step 3" in out
-    sample = out[out.rindex("import os"):]  # generate.py streams the prompt's continuation last
-    assert len(re.sub(r"\s", "", sample)) > len("importos") + 4, repr(sample)
+    sample = out.split("bos None")[-1]  # after the export's last line, generate.py streams the continuation
+    assert len(re.sub(r"\s", "", sample)) > 5, repr(out[-500:])
 
 
 @pytest.mark.slow
