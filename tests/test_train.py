@@ -172,7 +172,7 @@ def test_sharded_run_and_resume_on_another_mesh_match_one_device(data_dir, tmp_p
     ref_params = reference
     work = tmp_path / "sharded"
     r = run(tiny_args(data_dir, work, "MeshConfig.ici_expert=2", "train.stop_after=6"), devices=4)
-    assert r.returncode == 0 and "'fsdp': 2, 'expert': 2" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "'fsdp': 2, 'context': 1, 'expert': 2" in r.stdout, r.stdout + r.stderr
     assert checkpoint.latest_step(work / "checkpoints") == 6
     r = run(tiny_args(data_dir, work))
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
