@@ -53,6 +53,8 @@ def tokenizer(spec: str):
     tok = _TOKENIZERS.get(spec)
     if tok is None:
         tok = _TOKENIZERS[spec] = load_tokenizer(spec)
+    if hasattr(tok, "speed_up"):  # the same ids, faster (text_tokenizer.HFTokenizer)
+        tok.speed_up()
     return tok
 
 

