@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import collections
 import contextlib
+import functools
 import glob
 import gzip
 import io
@@ -344,8 +345,10 @@ def _walk_blocks(tree: ast.AST) -> Iterator[ast.AST]:
         yield node
 
 
+@functools.lru_cache(maxsize=1024)  # the stdlib's modules: the QA stages and the write stage decode each
 def _docstrings(path: str, text: str) -> str:
-    """A module's docstrings (module, classes, functions) as one natural-language document."""
+    """A module's docstrings (module, classes, functions) as one natural-language document (parsing
+    is most of the built-in corpus's decoding: kept per process, for the next stage's read)."""
     tree = ast.parse(text)
     parts = []
     mod = os.path.relpath(path, stdlib_dir())[:-3].replace(os.sep, ".").removesuffix(".__init__")

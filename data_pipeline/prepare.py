@@ -20,7 +20,8 @@ Output folder:
 
 Data QA (each stage optional, named with its settings in plan.json's "stages" / "qa", counted per
 reason in stats.json's "qa"; order and files: qa_store.py): --decontaminate FILE ... (benchmark
-13-gram overlap), --quality rules (Gopher / C4 rules, qa_rules.py), --dedup (exact: normalised-text
+13-gram overlap), --quality rules (Gopher / C4 rules for text, Codex / StarCoder rules for source
+files, qa_rules.py; rules:web / rules:code: one set for every document), --dedup (exact: normalised-text
 hash; near: MinHash + LSH, pairs verified at Jaccard >= --near_dup_threshold, union-find, each
 cluster keeps its lowest record index), --quality model:PATH (bits per byte under a checkpoint or
 HF folder, qa_model.py; cut by --quality_threshold or --quality_keep_fraction; a re-run with another
@@ -418,9 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decontaminate", nargs="+", default=[], metavar="FILE",
                     help="remove documents sharing 13-grams with these benchmark files (jsonl: every string "
                          "field; else one item per line)")
-    p.add_argument("--quality", default=None, metavar="rules[,model:PATH]",
-                    help="'rules': Gopher / C4 rule filters; 'model:PATH': bits per byte under a checkpoint or "
-                         "Hugging Face folder, cut by --quality_threshold or --quality_keep_fraction")
+    p.add_argument("--quality", default=None, metavar="rules[:web|:code][,model:PATH]",
+                    help="'rules': Gopher / C4 rule filters for text, Codex / StarCoder rules for source files (by "
+                         "extension; rules:web or rules:code: one set for all); 'model:PATH': bits per byte under a "
+                         "checkpoint or Hugging Face folder, cut by --quality_threshold or --quality_keep_fraction")
     p.add_argument("--dedup", action="store_true", help="remove exact and near duplicates (MinHash + LSH), "
                     "keeping the lowest record of each cluster")
     p.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard similarity of word 5-gram "

@@ -65,15 +65,19 @@ def benchmark_index(files: list[str], ngram: int, min_words: int, short_factor: 
     return index
 
 
-def parse_quality(spec: str | None) -> tuple[bool, str | None]:
-    """--quality 'rules' | 'model:PATH' | 'rules,model:PATH' -> (rules, model path or None)."""
+def parse_quality(spec: str | None) -> tuple[str | None, str | None]:
+    """--quality 'rules[:web|:code]' | 'model:PATH' | 'rules,model:PATH' -> (which rule sets: "auto"
+    (by source file, qa_rules.kind_of), "web", "code" or None, model path or None)."""
     if not spec:
-        return False, None
+        return None, None
     head, sep, model = spec.partition("model:")
     items = [x.strip() for x in head.split(",") if x.strip()]
-    if any(x != "rules" for x in items) or (sep and not model) or not (items or sep):
-        raise ValueError(f"--quality {spec}: expected rules, model:PATH or rules,model:PATH")
-    return bool(items), (model if sep else None)
+    kinds = [x.partition(":")[2] or "auto" for x in items if x.partition(":")[0] == "rules"]
+    if (len(kinds) != len(items) or len(items) > 1 or any(k not in qa_rules.KINDS for k in kinds)
+            or (sep and not model) or not (items or sep)):
+        raise ValueError(f"--quality {spec}: expected rules (or rules:web, rules:code), model:PATH or "
+                         f"rules,model:PATH")
+    return (kinds[0] if kinds else None), (model if sep else None)
 
 
 def settings(*, dedup: bool = False, decontaminate: list[str] | None = None, quality: str | None = None,
@@ -92,7 +96,10 @@ def settings(*, dedup: bool = False, decontaminate: list[str] | None = None, qua
                                "sha1": [hashlib.sha1(storage.path(f).read_bytes()).hexdigest() for f in decontaminate],
                                "ngram": ngram, "min_words": min_words, "short_factor": 2.0}
     if rules:
-        qa["quality_rules"] = {"rules": list(qa_rules.RULE_NAMES)}
+        qa["quality_rules"] = {"select": rules,  # auto: the code rules for source files (by extension), else web
+                               **({"code_extensions": list(qa_rules.CODE_EXTENSIONS)} if rules == "auto" else {}),
+                               **{f"{k}_rules": list(v) for k, v in qa_rules.RULE_SETS.items()
+                                  if rules in ("auto", k)}}
     if dedup:
         if not 0.0 < near_dup_threshold <= 1.0:
             raise ValueError(f"--near_dup_threshold {near_dup_threshold}: must be in (0, 1]")

@@ -56,7 +56,7 @@ class FeaturesFn(beam.DoFn):
     def process(self, s: int):
         job, plan, qa = self.job, self.job["plan"], self.job["qa"]
         lo, hi = job["bounds"][s], job["bounds"][s + 1]
-        rules, dedup = "quality_rules" in qa, "exact_dedup" in qa
+        rules, dedup = qa.get("quality_rules", {}).get("select"), "exact_dedup" in qa
         shingle_words = qa["near_dedup"]["shingle_words"] if self.hasher else 0
         for i, raw in corpus.iter_range(plan["inputs"], plan["counts"], lo, hi, plan["text_key"]):
             d = corpus.decode(raw, plan["text_key"])
@@ -67,7 +67,7 @@ class FeaturesFn(beam.DoFn):
             if self.index is not None and (tags := self.index.matches(wh)):
                 yield beam.pvalue.TaggedOutput("removed", (s, (i, qa_store.CONTAMINATED, tags, 0.0)))
                 continue
-            if rules and (failed := qa_rules.check(d.text)) is not None:
+            if rules and (failed := qa_rules.check(d.text, qa_rules.kind_of(_path(raw), rules))) is not None:
                 code = qa_store.CODES[f"rules:{failed[0]}"]
                 yield beam.pvalue.TaggedOutput("removed", (s, (i, code, code - qa_store.RULE0, failed[1])))
                 continue
@@ -76,6 +76,11 @@ class FeaturesFn(beam.DoFn):
                 sig = self.hasher.signature(sh) if self.hasher and len(sh) else None
                 yield qa_text.exact_key(d.text), (i, sig, sh)
         self.progress.flush()
+
+
+def _path(raw: corpus.Raw) -> str:
+    """The file a record comes from: its own (a text file, the built-in corpus's sources), else its input."""
+    return raw.payload if raw.kind == "file" else raw.source
 
 
 # --- duplicates -----------------------------------------------------------------------------------
