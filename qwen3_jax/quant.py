@@ -35,11 +35,16 @@ from __future__ import annotations
 
 import sys
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import qwix
 from qwix._src import interception  # qwix's scoped interception, as `qwix.quantize_model` applies it
+from qwix._src.core import qarray
+from qwix._src.core import ragged_dot as qragged
 
+from qwen3_jax import sharding
 from qwen3_jax.config import QUANTIZATIONS, ModelConfig
 from qwen3_jax.model import attention, layers, moe_compute
 
@@ -59,12 +64,23 @@ def check(quantization) -> None:
         raise ValueError(f"model_config.quantization={quantization!r} is not one of {QUANTIZATIONS}")
 
 
+# qwix maps an int8 channel's absmax to 127.5 (its bound: iinfo.max + 0.5), so the channel's most
+# negative element lands exactly on the tie -127.5 and rounds to -127 or -128 by the last bit of
+# x / scale: one quantum on one element of every channel, decided by float round-off. Which way
+# differs between two compilations of the same step (XLA divides in one program and multiplies by
+# the reciprocal in another; measured: the one-device and 8-device quantized updates 1.2% apart,
+# every channel's extreme element flipping). Calibrating at 127.5/127 times the absmax maps the
+# absmax to 127 (symmetric int8, AQT's and MaxText's range): no tie, the same integers everywhere.
+CALIBRATION = {"int8": f"absmax,{127.5 / 127!r}", "fp8": "absmax"}  # fp8: the absmax maps to 448, no tie
+
+
 def rule(quantization: str) -> qwix.QtRule:
     """qwix's rule for `quantization` ('int8' / 'fp8'): dynamic absmax, per channel (see above)."""
     check(quantization)
     fwd, bwd = QTYPES[quantization]
-    return qwix.QtRule(weight_qtype=fwd, act_qtype=fwd, bwd_qtype=bwd, weight_calibration_method="absmax",
-                       act_calibration_method="absmax", bwd_calibration_method="absmax")
+    cal = CALIBRATION[quantization]
+    return qwix.QtRule(weight_qtype=fwd, act_qtype=fwd, bwd_qtype=bwd, weight_calibration_method=cal,
+                       act_calibration_method=cal, bwd_calibration_method=cal)
 
 
 def _site():
@@ -93,8 +109,13 @@ class SiteProvider(qwix.QtProvider):
     def dot_general(self, lhs, rhs, *args, **kwargs):
         return super().dot_general(*_alike((lhs, rhs)), *args, **kwargs)
 
-    def ragged_dot(self, lhs, rhs, *args, **kwargs):
-        return super().ragged_dot(*_alike((lhs, rhs)), *args, **kwargs)
+    def ragged_dot(self, lhs, rhs, group_sizes, *args, **kwargs):
+        rule_, _ = self._get_current_rule_and_op_id("ragged_dot", only_rule=True)
+        if rule_ is None or args or any(v is not None for v in kwargs.values()):
+            return super().ragged_dot(*_alike((lhs, rhs)), group_sizes, *args, **kwargs)
+        lhs, rhs = _alike((lhs, rhs))
+        return ragged_dot_qt(lhs, rhs, group_sizes, (rule_.act_qtype, rule_.bwd_qtype, rule_.act_calibration_method),
+                             "tgmm" if _tgmm_ok(lhs.shape[1], rhs.shape[2]) else None)
 
 
 def _vma(x) -> frozenset:
@@ -112,6 +133,83 @@ def _alike(operands):
         return operands
     return tuple(jax.lax.pcast(x, tuple(sorted(union - _vma(x))), to="varying") if union - _vma(x) else x
                  for x in operands)
+
+
+# -- the experts' grouped matmul (sorted rows, `lax.ragged_dot`) ----------------------------------------
+# qwix's own quantized ragged_dot, with two changes: its calibration (`CALIBRATION`; qwix's is fixed
+# at the int8 tie), and the weight gradient. That gradient (a ragged contraction over the rows) is
+# what XLA:TPU lowers to a masked dense matmul over every local expert x every buffer row (235B
+# stage 1, int8, v5p-1024: 25x the model's FLOPs). On TPU it runs as megablox's tgmm (Pallas, the
+# groups' tiles only) over the same 8-bit values held in bf16 (exact: int8, e4m3 and e5m2 values
+# are bf16 values; products and f32 sums as the MXU forms them), at the bf16 rate; elsewhere as
+# qwix's 8-bit ragged_dot_general. Scales as qwix: rows per token, the stacked expert weights per
+# output channel shared by the experts, the incoming gradient per row (input gradient) and per
+# output channel over the rows (weight gradient).
+
+def _how(qtype, axes, calibration):
+    return qarray.HowToQuantize(qtype=qtype, channelwise_axes=axes, calibration_method=calibration)
+
+
+def _tile(n: int, pref: int = 512) -> int:
+    """The largest power-of-two share of `pref` that divides n (megablox's tiles)."""
+    t = min(pref, n)
+    while n % t:
+        t //= 2
+    return max(t, 1)
+
+
+def _tgmm_ok(k: int, n: int) -> bool:
+    """The weight gradient through megablox's tgmm: TPU, and dims of 128-multiples (its tiles)."""
+    ctx = sharding.active()
+    return ctx is not None and ctx.platform == "tpu" and moe_compute.megablox_ok(k, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def ragged_dot_qt(lhs_MK, rhs_GKN, group_sizes_G, types, wgrad: str | None = None):
+    """lax.ragged_dot(lhs, rhs, group_sizes) with 8-bit operands; `types` = (operand qtype,
+    gradient qtype, calibration); `wgrad`: the weight gradient through megablox's tgmm ('tgmm',
+    TPU; 'tgmm_interpret': the Pallas interpreter, tests) or qwix's ragged_dot_general (None)."""
+    return _ragged_fwd(lhs_MK, rhs_GKN, group_sizes_G, types, wgrad)[0]
+
+
+def _ragged_fwd(lhs_MK, rhs_GKN, group_sizes_G, types, wgrad):
+    qtype, _, cal = types
+    q_lhs = qarray.quantize(lhs_MK, _how(qtype, [0], cal))  # per row
+    q_rhs = qarray.quantize(rhs_GKN, _how(qtype, [2], cal))  # per output channel
+    out_MN = qragged.ragged_dot(q_lhs, q_rhs, group_sizes_G).astype(lhs_MK.dtype)
+    return out_MN, (q_lhs, q_rhs, group_sizes_G)  # the scales keep the operands' dtypes
+
+
+def _ragged_bwd(types, wgrad, res, g_MN):
+    _, gtype, cal = types
+    q_lhs, q_rhs, group_sizes_G = res
+    # input gradient [M,K] = g · rhs^T per group: rhs's scale moved onto g, g quantized per row
+    g_q = qarray.quantize(g_MN * q_rhs.scale[:, 0], _how(gtype, [0], cal))
+    d_lhs = qragged.ragged_dot(g_q, q_rhs.qvalue.swapaxes(1, 2), group_sizes_G)
+    # weight gradient [G,K,N] = lhs^T · g over each group's rows: lhs's row scale moved onto g,
+    # g quantized per output channel. A zero row (padding) has scale 1 (qwix's default for an
+    # all-zero channel) and adds nothing to the gradient: its g is left out of the column maxima
+    # (else one padding row's g, 1/scale times too large, sets the scale: measured 25% error)
+    row_scale_M1 = jnp.where(jnp.any(q_lhs.qvalue != 0, axis=1, keepdims=True), q_lhs.scale, 0)
+    g_q = qarray.quantize(g_MN * row_scale_M1, _how(gtype, [1], cal))
+    if wgrad is not None:
+        from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as tgmm_kernel  # TPU-only Pallas kernel
+
+        M, K = q_lhs.shape
+        N = g_q.shape[1]
+        tiles = (_tile(M), _tile(K), _tile(N))
+        d_rhs = tgmm_kernel(q_lhs.qvalue.astype(jnp.bfloat16).T, g_q.qvalue.astype(jnp.bfloat16), group_sizes_G,
+                            jnp.float32, tiles, interpret=wgrad == "tgmm_interpret") * g_q.scale[None]
+        want = _vma(q_rhs.qvalue) - _vma(d_rhs)  # a Pallas output carries no varying-axes type
+        d_rhs = jax.lax.pcast(d_rhs, tuple(sorted(want)), to="varying") if want else d_rhs
+    else:
+        dnums = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                                  lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+        d_rhs = qragged.ragged_dot_general(q_lhs.qvalue, g_q, group_sizes_G, dimension_numbers=dnums)
+    return d_lhs.astype(q_lhs.scale.dtype), d_rhs.astype(q_rhs.scale.dtype), None
+
+
+ragged_dot_qt.defvjp(_ragged_fwd, _ragged_bwd)
 
 
 def intercepted(fn, quantization: str | None):

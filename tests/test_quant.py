@@ -177,3 +177,25 @@ def test_whole_model_loss_and_grads_close_and_lm_head_router_stay_float():
     # forward 8-bit dots per layer: 4 attention projections + 3 expert matmuls (one scan body:
     # both layers), and none for the lm_head or the router
     assert eight_bit_dots(quant.intercepted(loss, "int8"), params) == 7
+
+
+def test_expert_weight_gradient_through_tgmm_equals_qwix_ragged():
+    """The quantized ragged_dot's weight gradient through megablox's tgmm (TPU; here its Pallas
+    interpreter) over the 8-bit values in bf16 equals qwix's 8-bit ragged_dot_general (f32 vs
+    int32 sums of the same integer products), with padding rows past the groups."""
+    M, K, N, G = 256, 128, 128, 4
+    ks = jax.random.split(jax.random.key(5), 3)
+    x, w, r = _x(M, K), 0.1 * jax.random.normal(ks[0], (G, K, N)), jax.random.normal(ks[1], (M, N))
+    sizes = jnp.array([70, 0, 90, 60], jnp.int32)  # 220 of 256 rows: 36 padding rows (zero, as _live makes them)
+    x = jnp.where(jnp.arange(M)[:, None] < 220, x, 0)
+    types = (jnp.int8, jnp.int8, quant.CALIBRATION["int8"])
+
+    def grads(wgrad):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(quant.ragged_dot_qt(x, w, sizes, types, wgrad) * r),
+                                argnums=(0, 1)))(x, w)
+    (dx0, dw0), (dx1, dw1) = grads(None), grads("tgmm_interpret")
+    np.testing.assert_array_equal(dx1, dx0)
+    assert rel(dw1, dw0) < 1e-6, rel(dw1, dw0)
+    assert float(jnp.abs(dw0[1]).max()) == 0  # the empty group: no gradient
+    ref = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(x, w, sizes) * r))(w)
+    assert 0 < rel(dw1, ref) < TOL["int8"][1]
