@@ -51,9 +51,27 @@ def _trip_count(while_line: str, comps: dict, defs: dict) -> float:
         start = defs.get(init.group(1)) if init else None
         first = start[2][int(index.group(1))] if start and start[1] == "tuple" else None
         begin = _constant(first, defs) if first else None
-        return float(max(bound - (begin or 0), 0))
+        step = _counter_step(while_line, comps, defs, int(index.group(1)))
+        return float(max(math.ceil((bound - (begin or 0)) / step), 0))
     consts = [int(c) for line in lines for c in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", line)]
     return float(max(consts)) if consts else 1.0
+
+
+def _counter_step(while_line: str, comps: dict, defs: dict, index: int) -> int:
+    """How much the loop body adds to its counter (tuple element `index`) per trip: 1 for a
+    scan; 2 for XLA:TPU's bidirectional windowed einsums (an all-gather or reduce-scatter
+    overlapped with the matmul, two chunks per trip: `windowed_dot_general_body_*`)."""
+    body = re.search(r"body=%?([\w.\-]+)", while_line)
+    for line in comps.get(body.group(1) if body else "", []):
+        m = _INSTR.match(line) if line.lstrip().startswith("ROOT") else None
+        if not m or m.group(3) != "tuple":
+            continue
+        operands = re.findall(r"%([\w.\-]+)", m.group(4).split(")", 1)[0])
+        d = defs.get(operands[index]) if index < len(operands) else None
+        if d is not None and d[1] == "add":
+            steps = [c for c in (_constant(o, defs) for o in d[2]) if c]
+            return steps[0] if len(steps) == 1 and steps[0] > 0 else 1
+    return 1
 
 
 def _constant(name: str, defs: dict) -> int | None:

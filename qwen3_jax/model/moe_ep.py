@@ -291,9 +291,11 @@ def experts_parallel(x_BTD, weights_BTk, ids_BTk, gate_EDF, up_EDF, down_EFD, *,
     fn = jax.shard_map(per_device, mesh=mesh,
                        in_specs=(tok, tok, tok, P("expert", None, tp), P("expert", None, tp), P("expert", tp, None)),
                        out_specs=tok,
-                       # Pallas outputs carry no varying-axes type; unchecked, shard_map's transpose
-                       # still psums the weights' cotangents over the axes their specs omit
-                       check_vma=not form.startswith("megablox"))
+                       # Pallas outputs carry no varying-axes type (megablox; on TPU also ragged_dot's
+                       # weight gradient under 8-bit training, qwen3_jax.quant's tgmm); unchecked,
+                       # shard_map's transpose still psums the weights' cotangents over the axes their
+                       # specs omit
+                       check_vma=not (form.startswith("megablox") or (form == "ragged_dot" and ctx.platform == "tpu")))
     y_ND = fn(x_BTD.reshape(B * T, D), weights_BTk.reshape(B * T, k), ids_BTk.reshape(B * T, k),
               gate_EDF, up_EDF, down_EFD)
     return y_ND.reshape(B, T, D)
