@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -35,21 +36,23 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import bench_report  # noqa: E402
 
 BEFORE = "a297184"  # the last commit with the multiprocessing prepare.py
+PREV = "465182c"  # prepare.py on Beam before the faster tokenizer, code rules and per-worker split (issue 26)
+IMPLS = ("old", "prev", "new")  # BEFORE, PREV, this checkout
 TINY_MC = os.path.join(ROOT, "data_pipeline", "evalsets", "tiny_mc.jsonl")
 QA_FLAGS = ["--decontaminate", TINY_MC, "--quality", "rules", "--dedup"]
 
 
-def old_tree(work: str) -> str:
-    """data_pipeline/ as of BEFORE, unpacked under work/old (run with PYTHONPATH=work/old)."""
-    dst = os.path.join(work, "old")
+def old_tree(work: str, rev: str = BEFORE, name: str = "old") -> str:
+    """data_pipeline/ as of `rev`, unpacked under work/<name> (run with PYTHONPATH=work/<name>)."""
+    dst = os.path.join(work, name)
     os.makedirs(dst, exist_ok=True)
-    archive = subprocess.run(["git", "archive", BEFORE, "data_pipeline"], cwd=ROOT, capture_output=True, check=True)
+    archive = subprocess.run(["git", "archive", rev, "data_pipeline"], cwd=ROOT, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", dst], input=archive.stdout, check=True)
     return dst
 
 
 def prepare_cmd(impl: str, trees: dict, args: list[str]) -> tuple[list[str], dict]:
-    env = {**os.environ, "PYTHONPATH": trees[impl] + (os.pathsep + ROOT if impl == "old" else ""),
+    env = {**os.environ, "PYTHONPATH": trees[impl] + (os.pathsep + ROOT if impl != "new" else ""),
            "TOKENIZERS_PARALLELISM": "false", "JAX_PLATFORMS": "cpu"}
     return [sys.executable, os.path.join(trees[impl], "data_pipeline", "prepare.py"), *args], env
 
@@ -60,21 +63,39 @@ def _cpu() -> float:
     return u.ru_utime + u.ru_stime
 
 
+_SPLIT = re.compile(r"prepare: (\w+) .* · per worker: (.*)$")
+_WORKER = re.compile(r"([\d,]+) docs/([\d.]+)M tokens/([\d.]+) CPU s")
+
+
+def per_worker(stderr: str) -> dict:
+    """{stage: [{docs, tokens, cpu_seconds}, ...]}: the new prepare.py's last progress line per
+    stage says how its worker processes shared the work (documents, tokens, CPU seconds each)."""
+    out = {}
+    for line in stderr.splitlines():
+        if m := _SPLIT.search(line):
+            out[m.group(1)] = [{"docs": int(d.replace(",", "")), "tokens": round(float(t) * 1e6),
+                                "cpu_seconds": float(c)} for d, t, c in _WORKER.findall(m.group(2))]
+    return out
+
+
 def run_prepare(impl: str, trees: dict, args: list[str]) -> dict:
-    cmd, env = prepare_cmd(impl, trees, [*args, "--no_progress"])
+    # the new prepare.py: only its final progress lines (they hold the per-worker split)
+    cmd, env = prepare_cmd(impl, trees, [*args, *(["--no_progress"] if impl == "old" else ["--progress_every", "1e9"])])
     load, cpu, t = os.getloadavg()[0], _cpu(), time.perf_counter()
     r = subprocess.run(cmd, cwd=trees[impl], env=env, capture_output=True, text=True)
     dt, cpu = time.perf_counter() - t, _cpu() - cpu
     if r.returncode:
         raise RuntimeError(f"{impl} prepare.py failed: {r.stderr[-2000:]}")
+    split = per_worker(r.stderr) if impl == "new" else {}
     return {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 2), "load_before": round(load, 2),
-            **json.loads(r.stdout.strip().splitlines()[-1])}
+            **json.loads(r.stdout.strip().splitlines()[-1]), **({"per_worker": split} if split else {})}
 
 
 def bench_prepare(a, trees: dict, work: str) -> list[dict]:
     runs = []
-    plan = [("old", "tokenize", 0, 1), ("new", "tokenize", 1, 1), ("old", "tokenize", 2, 2),
-            ("new", "tokenize", 2, 2), ("new", "qa", 1, 1), ("new", "qa", 2, 2)]
+    plan = [("old", "tokenize", 0, 1), ("prev", "tokenize", 1, 1), ("new", "tokenize", 1, 1),
+            ("old", "tokenize", 2, 2), ("prev", "tokenize", 2, 2), ("new", "tokenize", 2, 2),
+            ("prev", "qa", 1, 1), ("new", "qa", 1, 1), ("prev", "qa", 2, 2), ("new", "qa", 2, 2)]
     for rnd in range(a.rounds):
         for impl, chain, flag, workers in plan:
             out = os.path.join(work, f"prep-{impl}-{chain}-{workers}")
@@ -135,7 +156,7 @@ def bench_walkthrough(trees: dict, work: str, rounds: int) -> list[dict]:
     spm = train_sentencepiece(os.path.join(work, "spm4k"), 4096)
     rows = []
     for rnd in range(rounds):
-        for impl in ("old", "new"):
+        for impl in IMPLS:
             total = cpu = 0.0
             for name in (*WALK_DOCS, *WALK_CODE):
                 part = "docs" if name in WALK_DOCS else "code"
@@ -174,8 +195,9 @@ def bench_pipeline(path: str, seq_len: int, batch: int, packing: str, batches: i
 
 def measure(a) -> dict:
     work = a.work or tempfile.mkdtemp(prefix="bench_data_")
-    trees = {"old": old_tree(work), "new": ROOT}
-    report = {**bench_report.header("bench_data"), "corpus": a.corpus, "before": BEFORE, "rounds": a.rounds}
+    trees = {"old": old_tree(work), "prev": old_tree(work, PREV, "prev"), "new": ROOT}
+    report = {**bench_report.header("bench_data"), "corpus": a.corpus, "before": BEFORE, "prev": PREV,
+              "rounds": a.rounds}
     report["prepare"] = bench_prepare(a, trees, work)
     report["minhash"] = bench_minhash(a.corpus)
     if not a.skip_walkthrough:
@@ -201,43 +223,57 @@ def _median(rows, key):
     return statistics.median(r[key] for r in rows)
 
 
-def markdown(report: dict) -> str:
-    out = [bench_report.provenance(report), "",
-           f"prepare.py on `{report['corpus']}` (Qwen3 tokenizer, 8 shards), before (`{report['before']}`, a "
-           f"multiprocessing pool) -> after (Apache Beam), median of {report['rounds']} interleaved round(s). Wall "
-           f"time depends on what else the machine runs (load average "
-           f"{_median(report['prepare'], 'load_before'):.1f} on {report['machine'].get('cores', '?')} cores); CPU "
-           f"seconds (all processes of the run) do much less:", "",
-           "| chain | workers | wall s | CPU s | M tokens/s per worker (wall) | M tokens per CPU-second |",
-           "|---|---|---|---|---|---|"]
-    runs = report["prepare"]
+NAMES = {"old": "before (multiprocessing)", "prev": "Beam, tokenizers", "new": "Beam, now"}
 
-    def pair(xs, fmt):
-        return " -> ".join("–" if x is None else format(x, fmt) for x in xs)
+
+def _spread(rows, key) -> str:
+    xs = [r[key] for r in rows]
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f})"
+
+
+def markdown(report: dict) -> str:
+    runs = report["prepare"]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in runs)]
+    revs = {"old": report["before"], "prev": report.get("prev", "?"), "new": report["machine"].get("commit", "HEAD")}
+    out = [bench_report.provenance(report), "",
+           f"prepare.py on `{report['corpus']}` (Qwen3 tokenizer, 8 shards): "
+           + ", ".join(f"{NAMES[i]} (`{revs[i]}`)" for i in impls)
+           + f"; median (min–max) of {report['rounds']} interleaved round(s), each run a fresh process. Wall time "
+           f"depends on what else the machine runs (load average {_median(runs, 'load_before'):.1f} median, "
+           f"{min(r['load_before'] for r in runs):.1f}–{max(r['load_before'] for r in runs):.1f}, on "
+           f"{report['machine'].get('cores', '?')} cores); CPU seconds (every process of the run) much less:", "",
+           "| chain | workers | prepare.py | wall s | CPU s | M tokens/s per worker (wall) | M tokens per CPU-second |"
+           " load |", "|---|---|---|---|---|---|---|---|"]
     for chain in ("tokenize", "qa"):
         for w in (1, 2):
-            sel = [[r for r in runs if r["impl"] == impl and r["chain"] == chain and r["workers"] == w]
-                   for impl in ("old", "new")]
-            if not sel[1]:
-                continue
-            tok = "tokens_in" if chain == "qa" else "tokens"
-            wall = [_median(rs, "seconds") if rs else None for rs in sel]
-            cpu = [_median(rs, "cpu_seconds") if rs else None for rs in sel]
-            per_worker = [_median(rs, tok) / _median(rs, "seconds") / w / 1e6 if rs else None for rs in sel]
-            per_cpu = [_median(rs, tok) / _median(rs, "cpu_seconds") / 1e6 if rs else None for rs in sel]
-            name = "tokenize only" if chain == "tokenize" else "QA chain + tokenize"
-            out.append(f"| {name} | {w} | {pair(wall, '.1f')} | {pair(cpu, '.1f')} | {pair(per_worker, '.3f')} | "
-                       f"{pair(per_cpu, '.3f')} |")
+            for impl in impls:
+                rs = [r for r in runs if r["impl"] == impl and r["chain"] == chain and r["workers"] == w]
+                if not rs:
+                    continue
+                tok = _median(rs, "tokens_in" if chain == "qa" else "tokens")
+                name = "tokenize only" if chain == "tokenize" else "QA chain + tokenize"
+                out.append(f"| {name} | {w} | {NAMES[impl]} | {_spread(rs, 'seconds')} | {_spread(rs, 'cpu_seconds')} | "
+                           f"{tok / _median(rs, 'seconds') / w / 1e6:.3f} | {tok / _median(rs, 'cpu_seconds') / 1e6:.3f} | "
+                           f"{_median(rs, 'load_before'):.1f} |")
     speedups = []
     for chain in ("tokenize", "qa"):
-        for impl in ("old", "new"):
+        for impl in impls:
             rs = [r for r in runs if r["impl"] == impl and r["chain"] == chain]
             one, two = [r for r in rs if r["workers"] == 1], [r for r in rs if r["workers"] == 2]
             if one and two:
-                speedups.append(f"{'before' if impl == 'old' else 'after'} {chain} "
-                                f"{_median(one, 'seconds') / _median(two, 'seconds'):.2f}x wall, "
+                speedups.append(f"{NAMES[impl]} {chain} {_median(one, 'seconds') / _median(two, 'seconds'):.2f}x wall, "
                                 f"{_median(one, 'cpu_seconds') / _median(two, 'cpu_seconds'):.2f} CPU ratio")
     out += ["", "1 -> 2 workers (wall speed-up; CPU seconds at 1 / at 2, 1.00 = no overhead): " + "; ".join(speedups)]
+    split = [r for r in runs if r["impl"] == "new" and r["workers"] == 2 and r.get("per_worker")]
+    if split:
+        out += ["", "How the 2 worker processes shared the work (now; documents / M tokens / CPU seconds of each "
+                "process, its start-up included; tokens per worker CPU-second):"]
+        for r in split:
+            for stage, ws in r["per_worker"].items():
+                out.append(f"- {r['chain']} round {r['round']}, stage {stage}: " + "; ".join(
+                    f"{x['docs']:,} docs / {x['tokens'] / 1e6:.2f}M / {x['cpu_seconds']:.1f} s"
+                    + (f" = {x['tokens'] / max(x['cpu_seconds'], 1e-9) / 1e6:.2f}M tokens per CPU-s" if x["tokens"] else "")
+                    for x in ws))
     qa = next((r["qa"] for r in runs if r["chain"] == "qa"), None)
     if qa:
         out += ["", f"What the QA chain removes from `{report['corpus']}` ({qa['documents_in']:,} documents in):", "",
@@ -256,10 +292,10 @@ def markdown(report: dict) -> str:
                    if isinstance(ds, (int, float)) else f", datasketch {m.get('datasketch')}")]
     w = report.get("walkthrough")
     if w:
-        old, new = [r for r in w if r["impl"] == "old"], [r for r in w if r["impl"] == "new"]
-        out += ["", "README walk-through, its five prepare.py commands (--limit 300 each, spm4k, default --workers): "
-                f"before {_median(old, 'seconds'):.1f} s -> after {_median(new, 'seconds'):.1f} s wall, "
-                f"{_median(old, 'cpu_seconds'):.1f} -> {_median(new, 'cpu_seconds'):.1f} CPU s"]
+        out += ["", "README walk-through, its five prepare.py commands (--limit 300 each, spm4k, default --workers), "
+                "wall s median (min–max), CPU s: " + "; ".join(
+                    f"{NAMES[i]} {_spread(rs, 'seconds')}, {_median(rs, 'cpu_seconds'):.1f} CPU s"
+                    for i in IMPLS if (rs := [r for r in w if r["impl"] == i]))]
     p = report.get("pipeline")
     if p:
         out += ["", "| pipeline (1 host, from ArrayRecord) | seq_len | rows/batch | data shards | packed M tokens/s | "

@@ -86,7 +86,7 @@ class Progress:
         self._last = time.monotonic()
         tmp = f"{self._file}.tmp"
         with open(tmp, "w") as f:
-            json.dump(self.counts, f)
+            json.dump({**self.counts, "pid": os.getpid(), "cpu": time.process_time()}, f)
         os.replace(tmp, self._file)
 
 
@@ -257,16 +257,22 @@ class _Monitor(threading.Thread):
         os._exit(2)
 
     def counts(self, stage: str) -> dict:
-        total = {"docs": 0, "tokens": 0, "bytes": 0}
+        """The stage's documents, tokens and bytes so far, in total and per process ("processes":
+        {pid: {docs, tokens, bytes, cpu: the process's CPU seconds at its last report}})."""
+        total, procs = {"docs": 0, "tokens": 0, "bytes": 0}, {}
         for f in os.listdir(self.ctl):
             if f.startswith(f"progress-{stage}-") and f.endswith(".json"):
                 try:
                     with open(os.path.join(self.ctl, f)) as fh:
-                        for k, v in json.load(fh).items():
-                            total[k] += v
+                        c = json.load(fh)
                 except (OSError, ValueError):
-                    pass
-        return total
+                    continue
+                mine = procs.setdefault(c.get("pid", 0), {"docs": 0, "tokens": 0, "bytes": 0, "cpu": 0.0})
+                for k in total:
+                    total[k] += c[k]
+                    mine[k] += c[k]
+                mine["cpu"] = max(mine["cpu"], c.get("cpu", 0.0))
+        return {**total, "processes": procs}
 
     def _print(self, stage: str, final: bool) -> None:
         c, total, now = self.counts(stage), self.stages[stage], time.monotonic()
@@ -280,6 +286,11 @@ class _Monitor(threading.Thread):
         eta = "done" if final or not left else (
             "ETA " + time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate else "ETA ?")
         tokens = f" · {c['tokens'] / el / 1e6:.2f}M tokens/s" if c["tokens"] else ""
+        split = ""
+        if final and len(c["processes"]) > 1:  # how the work was shared: documents, tokens, CPU seconds per worker
+            split = " · per worker: " + ", ".join(
+                f"{p['docs']:,} docs/{p['tokens'] / 1e6:.2f}M tokens/{p['cpu']:.1f} CPU s"
+                for _, p in sorted(c["processes"].items()))
         print(f"prepare: {stage} {c['docs']:,}/{total:,} docs ({c['docs'] / max(total, 1):.0%}) · "
-              f"{rate:,.0f} docs/s{tokens} · {c['bytes'] / el / 1e6:.1f} MB/s · {eta} ({el:.0f}s)",
+              f"{rate:,.0f} docs/s{tokens} · {c['bytes'] / el / 1e6:.1f} MB/s · {eta} ({el:.0f}s){split}",
               file=sys.stderr, flush=True)

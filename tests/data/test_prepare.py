@@ -86,7 +86,7 @@ def test_killed_run_resumes_to_identical_shards(tmp_path):
     texts = [f"document {i}: " + "word " * (i % 37) for i in range(600)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     args = [sys.executable, "data_pipeline/prepare.py", "--input", str(tmp_path / "in.jsonl"), "--tokenizer",
-            "qwen3", "--shards", "6", "--workers", "2", "--no-progress"]
+            "qwen3", "--shards", "6", "--workers", "0", "--no-progress"]  # this process: no worker start-ups
     crashed = str(tmp_path / "crashed")
     r = subprocess.run(args + ["--out", crashed], cwd=REPO, env={**os.environ, CRASH_ENV: "2"},
                        capture_output=True, text=True)
@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_identical_shards(tmp_path):
     assert st["last_run_shards_written"] == sorted(set(range(6)) - set(finished))  # only the unfinished ones
     assert all(os.path.getmtime(os.path.join(crashed, f)) == t for f, t in before.items() if ".tmp" not in f)
     clean = str(tmp_path / "clean")
-    prepare([str(tmp_path / "in.jsonl")], "qwen3", clean, shards=6, workers=0, progress=False)  # other worker count
+    prepare([str(tmp_path / "in.jsonl")], "qwen3", clean, shards=6, workers=2, progress=False)  # other worker count
     assert _shard_bytes(crashed) == _shard_bytes(clean)
     assert not any(".tmp" in f for f in os.listdir(crashed))
     assert st["documents"] == 600
