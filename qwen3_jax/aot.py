@@ -40,6 +40,7 @@ CHIPS = {
     "v5e": ("v5e", 16 * GIB, 1, False),
     "v5litepod": ("v5e", 16 * GIB, 1, False),
     "v6e": ("v6e", 32 * GIB, 1, False),
+    "v7x": ("tpu7x", 192 * 10**9, 2, True),  # libtpu: two devices (TensorCores) per chip
 }
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8192: "16x16x32"}

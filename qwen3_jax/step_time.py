@@ -67,6 +67,12 @@ CHIPS = {
     "v4": Chip(275e12, 1200e9, 2 * 2400e9 / 8, 50e9 / 8, _PCIE, None,
                "cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB at 1,200 GB/s, ICI 2,400 Gbps "
                "(x2 for both directions); DCN assumed as v5p's 50 Gbps per chip"),
+    # v7x (Ironwood): Google's published figures, not measured here; the AOT report counts per chip
+    # (libtpu shows each chip as two devices, one per TensorCore, each with half the HBM). ICI and
+    # DCN: not among the figures used; assumed as v5p's
+    "v7x": Chip(2307e12, 7.37e12, 1200e9, 50e9 / 8, _PCIE, None,
+                "cloud.google.com/tpu/docs/tpu7x: 2,307 TFLOP/s bf16 (4,614 fp8), 192 GB HBM at 7.37 TB/s "
+                "(published, not measured); ICI and DCN assumed as v5p's"),
     # the GPU of our measured runs (benchmarks/gpu_reports/); its compiled program is the same step
     # compiled for TPU (no GPU on the AOT box): FLOPs and HBM bytes of that program, these figures
     "h200": Chip(989e12, 4.8e12, 900e9, 400e9 / 8, 64e9, 2e12 / 8,
@@ -81,6 +87,7 @@ EIGHT_BIT_FLOPS = {
     "v5e": {"int8": 394e12},  # cloud.google.com/tpu/docs/v5e: 394 TOPS int8
     "v6e": {"int8": 1836e12},  # cloud.google.com/tpu/docs/v6e: 1,836 TOPS int8
     "v4": {},  # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16 or int8 (no faster int8)
+    "v7x": {"fp8": 4614e12},  # cloud.google.com/tpu/docs/tpu7x: 4,614 TFLOP/s fp8 (published)
     "h200": {"int8": 1979e12, "fp8": 1979e12},  # nvidia H200 datasheet, dense (half the 2:4-sparse figure)
 }
 
@@ -91,7 +98,7 @@ def eight_bit_rate(fam: str | None, quantization: str | None) -> float | None:
 
 
 _GEN = {"v5litepod": "v5e", "v5lite": "v5e", "tpu v5 lite": "v5e", "tpu v6 lite": "v6e", "tpu v5": "v5p",
-        "tpu v4": "v4", "nvidia h200": "h200"}
+        "tpu v4": "v4", "nvidia h200": "h200", "tpu7x": "v7x"}
 
 
 def family(name: str) -> str | None:
