@@ -64,7 +64,7 @@ def _cpu() -> float:
 
 
 _SPLIT = re.compile(r"prepare: (\w+) .* · per worker: (.*)$")
-_WORKER = re.compile(r"([\d,]+) docs/([\d.]+)M tokens/([\d.]+) CPU s")
+_WORKER = re.compile(r"([\d,]+) docs/(?:([\d.]+)M tokens/)?([\d.]+) CPU s")
 
 
 def per_worker(stderr: str) -> dict:
@@ -73,7 +73,7 @@ def per_worker(stderr: str) -> dict:
     out = {}
     for line in stderr.splitlines():
         if m := _SPLIT.search(line):
-            out[m.group(1)] = [{"docs": int(d.replace(",", "")), "tokens": round(float(t) * 1e6),
+            out[m.group(1)] = [{"docs": int(d.replace(",", "")), "tokens": round(float(t or 0) * 1e6),
                                 "cpu_seconds": float(c)} for d, t, c in _WORKER.findall(m.group(2))]
     return out
 

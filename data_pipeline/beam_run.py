@@ -259,12 +259,13 @@ class _Monitor(threading.Thread):
     def counts(self, stage: str) -> dict:
         """The stage's documents, tokens and bytes so far, in total and per process ("processes":
         {pid: {docs, tokens, bytes, cpu: the process's CPU seconds at its last report}})."""
-        total, procs = {"docs": 0, "tokens": 0, "bytes": 0}, {}
+        total, procs, last = {"docs": 0, "tokens": 0, "bytes": 0}, {}, 0.0
         for f in os.listdir(self.ctl):
             if f.startswith(f"progress-{stage}-") and f.endswith(".json"):
                 try:
                     with open(os.path.join(self.ctl, f)) as fh:
                         c = json.load(fh)
+                    last = max(last, os.path.getmtime(os.path.join(self.ctl, f)))
                 except (OSError, ValueError):
                     continue
                 mine = procs.setdefault(c.get("pid", 0), {"docs": 0, "tokens": 0, "bytes": 0, "cpu": 0.0})
@@ -272,7 +273,7 @@ class _Monitor(threading.Thread):
                     total[k] += c[k]
                     mine[k] += c[k]
                 mine["cpu"] = max(mine["cpu"], c.get("cpu", 0.0))
-        return {**total, "processes": procs}
+        return {**total, "processes": procs, "last": time.monotonic() - (time.time() - last) if last else None}
 
     def _print(self, stage: str, final: bool) -> None:
         c, total, now = self.counts(stage), self.stages[stage], time.monotonic()
@@ -280,7 +281,8 @@ class _Monitor(threading.Thread):
             self.t0[stage] = now - min(self.every or 0.0, now - self.t_start)  # it began within the last interval
         if self.t0[stage] is None or (not final and c["docs"] >= total) or (final and not c["docs"]):
             return
-        el = max(now - self.t0[stage], 1e-9)
+        end = c["last"] if final and c["last"] else now  # a finished stage: its last report, not the run's end
+        el = max(end - self.t0[stage], 1e-9)
         rate = c["docs"] / el
         left = max(total - c["docs"], 0)
         eta = "done" if final or not left else (
@@ -289,7 +291,8 @@ class _Monitor(threading.Thread):
         split = ""
         if final and len(c["processes"]) > 1:  # how the work was shared: documents, tokens, CPU seconds per worker
             split = " · per worker: " + ", ".join(
-                f"{p['docs']:,} docs/{p['tokens'] / 1e6:.2f}M tokens/{p['cpu']:.1f} CPU s"
+                f"{p['docs']:,} docs/" + (f"{p['tokens'] / 1e6:.2f}M tokens/" if p["tokens"] else "")
+                + f"{p['cpu']:.1f} CPU s"
                 for _, p in sorted(c["processes"].items()))
         print(f"prepare: {stage} {c['docs']:,}/{total:,} docs ({c['docs'] / max(total, 1):.0%}) · "
               f"{rate:,.0f} docs/s{tokens} · {c['bytes'] / el / 1e6:.1f} MB/s · {eta} ({el:.0f}s){split}",
