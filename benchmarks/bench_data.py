@@ -271,15 +271,17 @@ def markdown(report: dict) -> str:
         for r in split:
             for stage, ws in r["per_worker"].items():
                 out.append(f"- {r['chain']} round {r['round']}, stage {stage}: " + "; ".join(
-                    f"{x['docs']:,} docs / {x['tokens'] / 1e6:.2f}M / {x['cpu_seconds']:.1f} s"
+                    f"{x['docs']:,} docs" + (f" / {x['tokens'] / 1e6:.2f}M" if x["tokens"] else "")
+                    + f" / {x['cpu_seconds']:.1f} s"
                     + (f" = {x['tokens'] / max(x['cpu_seconds'], 1e-9) / 1e6:.2f}M tokens per CPU-s" if x["tokens"] else "")
                     for x in ws))
-    qa = next((r["qa"] for r in runs if r["chain"] == "qa"), None)
+    qa = next((r["qa"] for r in runs if r["chain"] == "qa" and r["impl"] == "new"), None)
     if qa:
         out += ["", f"What the QA chain removes from `{report['corpus']}` ({qa['documents_in']:,} documents in):", "",
                 "| stage | documents in | removed | tokens removed | kept | top reasons |", "|---|---|---|---|---|---|"]
         for stage, s in qa["per_stage"].items():
-            worst = sorted(s["removed"].items(), key=lambda kv: -kv[1])[:3]
+            worst = sorted(s["removed"].items(), key=lambda kv: -kv[1])
+            worst = worst[:3] + [kv for kv in worst[3:] if kv[0].startswith("rules:code_")]  # the code rule set's too
             top = ", ".join(f"{k.split(':')[-1]} {v}" for k, v in worst)
             out.append(f"| {stage} | {s['in']:,} | {s['removed_documents']:,} | {s['removed_tokens']:,} | "
                        f"{s['kept']:,} | {top or '–'} |")
