@@ -35,7 +35,7 @@ plan, so output is identical for any --workers, and a re-run after a crash redoe
 without their .json (each shard is written under a temporary name and renamed when complete).
 
 The work runs as an Apache Beam pipeline (data_pipeline/beam_run.py, write_stage.py): one element
-per shard still to write, each read, tokenized (batches through the tokenizers' Rust core) and
+per shard still to write, each read, tokenized (batches through Rust code: rank_bpe.py) and
 written by one worker, so memory does not depend on corpus size and the bytes do not depend on the
 worker count. --runner local (the default) is Beam's own local runner: --workers processes
 (default: one per CPU for a corpus big enough to pay their ~5 s start, else this process; 0 or 1:

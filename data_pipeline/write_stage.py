@@ -1,8 +1,8 @@
 """prepare.py's last stage on Beam: tokenize each shard's documents and write the shard.
 
 One element per shard: a worker reads the shard's records (its range of the global record
-numbering), decodes them, tokenizes them in batches (`Tokenizer.encode_batch`, the tokenizers'
-Rust core) and writes the shard through ShardWriter (temporary names, .json last). A document the
+numbering), decodes them, tokenizes them in batches (`Tokenizer.encode_batch`: Rust code, for the
+Qwen3 BPE tiktoken's core where it gives the same ids, rank_bpe.py) and writes the shard through ShardWriter (temporary names, .json last). A document the
 QA stages removed (qa_store.decisions) is tokenized too, to count its tokens, and not written; the
 shard's .json counts removals per reason and keeps the first few removed documents as samples.
 Everything about a shard is decided by its own records and the QA files, never by which worker
