@@ -25,6 +25,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import topologies
 
 from qwen3_jax import sharding, step_time, storage
@@ -140,10 +141,15 @@ def compile_report(program, topo: dict, hlo_dump: str | None = None, lowered=Non
             raise
         need = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM", str(e))
         scale = {"K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 * GIB}
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        vmem = "Vmem" in str(e)  # a kernel's tiles exceed the core's on-chip VMEM: its block sizes, not HBM
         return {**head, "flops_per_chip": None,
                 "bytes_per_chip_peak": float(need.group(1)) * scale[need.group(2)] if need else None,
-                "peak_source": "XLA:TPU's RESOURCE_EXHAUSTED message (HLO temporaries, GiB)", "fits": False,
-                "error": str(e).splitlines()[0][:500]}
+                "peak_source": ("a Pallas kernel's scoped VMEM (its block sizes; HBM not reached)" if vmem else
+                                "XLA:TPU's RESOURCE_EXHAUSTED message (HLO temporaries, GiB)"), "fits": False,
+                "error": " | ".join(lines[:4 if vmem else 1])[:1500] + (
+                    " | hint: model_config.splash_fused_bwd=False (splash's separate dQ kernel: smaller tiles)"
+                    if vmem and program.attention == "splash" and cfg.splash_fused_bwd else "")}
     text = compiled.as_text()
     if hlo_dump:
         storage.write_text(hlo_dump, text)  # a local file or a gs:// object
@@ -249,6 +255,14 @@ def notes(program) -> list[str]:
     if cfg.quantization and platform != "cpu" and not step_time.eight_bit_rate(fam, cfg.quantization):
         out.append(f"quantization={cfg.quantization!r}: {fam or platform} has no fast {cfg.quantization} matmul unit; "
                    f"the 8-bit matmuls are estimated at the bf16 rate (no speed-up, extra quantize work)")
+    cp = program.mesh.shape.get("context", 1)
+    if cp > 1:  # model/context_parallel.py: the one CP form there is; what it moves, said
+        T, itemsize = program.train.seq_len, jnp.dtype(cfg.compute_dtype).itemsize
+        kv_mib = 2 * T * cfg.num_kv_heads * cfg.head_dim * itemsize / 2**20
+        out.append(f"context parallelism {cp}: all-gather K/V (zig-zag balanced); each layer gathers K,V of "
+                   f"{T:,} tokens per sequence ({kv_mib:,.0f} MiB, {cfg.num_kv_heads} kv heads) forward and "
+                   f"reduce-scatters their gradients backward; ring attention (the same bytes in CP steps "
+                   f"overlapped with compute) is not implemented")
     if platform == "tpu" and cfg.remat == "none":
         out.append("remat='none' keeps every layer's activations: fewest FLOPs, most memory (see the peak)")
     return out
