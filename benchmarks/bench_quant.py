@@ -12,6 +12,8 @@ same matmuls plus quantize/rescale work, so it is slower on CPU; the speed-up is
 matter (the AOT report's estimate: `launch/aot_compile.py ... model_config.quantization=...`).
 
   python benchmarks/bench_quant.py [--steps 300] [--seq_len 128] [--batch 8]
+  python benchmarks/bench_quant.py --aot benchmarks/aot_reports/235b_s1.json \
+      benchmarks/aot_reports/235b_s1_int8.json ...   # the AOT table (benchmarks/reports/quant_aot.json)
 """
 
 from __future__ import annotations
@@ -118,16 +120,51 @@ def measure(args) -> dict:
     return report
 
 
+def aot_row(rep: dict, moe_impl: str = "") -> dict:
+    """One AOT report (launch/aot_compile.py --report) as a row of the comparison."""
+    st = rep.get("step_time") or {}
+    cal = st.get("calibrated") or {}
+    return {"source": rep.get("_path", ""), "model": rep["model"], "topology": rep["topology"],
+            "quantization": str(rep.get("quantization")), "moe_impl_note": moe_impl, "remat": rep.get("remat"),
+            "bytes_per_chip_peak": rep["bytes_per_chip_peak"], "hbm_bytes_per_chip": rep["hbm_bytes_per_chip"],
+            "fits": rep["fits"], "flops_per_chip": rep["flops_per_chip"],
+            "flops_ratio_compiled_to_model": rep["flops_ratio_compiled_to_model"],
+            "eight_bit_flops_share": rep.get("eight_bit_flops_share", 0.0),
+            "compute_s": st.get("compute_s"), "hbm_s": st.get("hbm_s"), "ici_s": st.get("ici_s"),
+            "estimate_s": st.get("estimate_s"), "calibrated_estimate_s": cal.get("estimate_s"),
+            "notes": rep.get("notes", []), "flops_breakdown_per_chip": rep.get("flops_breakdown_per_chip")}
+
+
+def compare_reports(paths: list[str], reading: str = "") -> dict:
+    """The AOT comparison of saved reports (e.g. benchmarks/aot_reports/235b_s1*.json)."""
+    import json
+
+    report = bench_report.header("bench_quant")
+    rows = {}
+    for path in paths:
+        rep = json.loads(Path(path).read_text())
+        rep["_path"] = str(Path(path).resolve().relative_to(bench_report.ROOT)) \
+            if Path(path).resolve().is_relative_to(bench_report.ROOT) else str(path)
+        rows[f"{rep.get('quantization')} {rep['topology']}"] = aot_row(rep)
+    first = next(iter(rows.values()))
+    report.update(model=first["model"], topology=", ".join(dict.fromkeys(r["topology"] for r in rows.values())),
+                  rows=rows, reading=reading,
+                  label="AOT estimates (compiled on this CPU box for the TPU slice; FLOPs and memory read from the "
+                        "compiled program, step times modelled: qwen3_jax/step_time.py), not measurements")
+    return report
+
+
 def markdown_aot(report: dict) -> str:
     """The AOT comparison (`rows`: one compile per quantization) as a table."""
     lines = [bench_report.provenance(report), "", f"{report['model']} on {report['topology']}", "",
              "| quantization | experts | compiled FLOPs/chip | vs model | 8-bit share | peak MiB/chip | "
              "est. step ms | calibrated ms |", "|---|---|---|---|---|---|---|---|"]
+    ms = lambda s: "-" if s is None else f"{s * 1e3:,.3f}"  # noqa: E731
     for q, r in report["rows"].items():
         lines.append(f"| {q} | {r.get('moe_impl_note', '')} | {r['flops_per_chip']:.3g} | "
                      f"{r['flops_ratio_compiled_to_model']:.2f}x | {r['eight_bit_flops_share']:.0%} | "
-                     f"{r['bytes_per_chip_peak'] / 2 ** 20:.1f} | {r['estimate_s'] * 1e3:.3f} | "
-                     f"{r['calibrated_estimate_s'] * 1e3:.3f} |")
+                     f"{r['bytes_per_chip_peak'] / 2 ** 20:,.1f} | {ms(r['estimate_s'])} | "
+                     f"{ms(r['calibrated_estimate_s'])} |")
     return "\n".join(lines + ["", report.get("reading", ""), ""])
 
 
@@ -157,7 +194,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", default=str(bench_report.REPORTS / "quant.json"))
     p.add_argument("--from_json", default=None)
-    return bench_report.measure_or_print(p.parse_args(argv), measure, markdown)
+    p.add_argument("--aot", nargs="+", default=None, metavar="REPORT",
+                   help="compare saved AOT reports (launch/aot_compile.py --report) instead of training; "
+                        "writes --json (default benchmarks/reports/quant_aot.json)")
+    p.add_argument("--reading", default="", help="--aot: the table's one-paragraph reading")
+    args = p.parse_args(argv)
+    if args.aot:
+        report = compare_reports(args.aot, args.reading)
+        out = args.json if args.json != str(bench_report.REPORTS / "quant.json") else \
+            str(bench_report.REPORTS / "quant_aot.json")
+        bench_report.write(out, report)
+        print(markdown(report))
+        return 0
+    return bench_report.measure_or_print(args, measure, markdown)
 
 
 if __name__ == "__main__":

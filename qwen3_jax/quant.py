@@ -16,16 +16,23 @@ matmuls made directly by the functions in `SITES` and passes every other one thr
 
 Types (as MaxText's `int8` / `fp8_full` recipes): int8 operands and int8 gradients; fp8 =
 float8_e4m3fn operands, float8_e5m2 gradients (more range, less precision: gradients span more
-decades than activations). Scaling: dynamic absmax, recomputed every step (no running stats), per
-channel of every non-contracted axis: activations per token ([B,T,D]·[D,F]: one scale per (b,t)),
+decades than activations). Scaling: dynamic absmax, recomputed every step (no running stats),
+int8 symmetric (absmax -> 127, `CALIBRATION`), fp8 absmax -> the type's max, per channel of every
+non-contracted axis: activations per token ([B,T,D]·[D,F]: one scale per (b,t)),
 weights per output channel (per (n,h) for q/k/v, per d for o, per f / d for the MLP; the blocked
 experts per block and channel, i.e. per expert); the backward pass quantizes the incoming
 gradient per token for the input gradient and per output channel (over all tokens of the shard
 group) for the weight gradient, and reuses the forward's quantized operands. qwix's ragged_dot
 (the sorted-rows experts) scales rows per token and the stacked expert weights per output
-channel shared by the experts. Rows of an expert buffer that hold no assignment are zeroed (and
-their gradients are zero) before any scale is taken (model/moe_compute.py `_live`), so padding
-never enters an absmax.
+channel shared by the experts (`ragged_dot_qt`: qwix's pieces; on TPU its weight gradient runs
+as megablox's tgmm). Rows of an expert buffer that hold no assignment are zeroed (and their
+gradients are zero) before any scale is taken (model/moe_compute.py `_live`), and a zero row is
+left out of the weight gradient's scales, so padding never enters an absmax.
+
+Sharded = one device: the forward quantizes to the same integers on any mesh (each scale is a
+maximum over the whole tensor under GSPMD); in the backward, tensor parallelism's reordered
+partial sums can move a value across a rounding boundary, and the blocked experts scale their
+weight gradient per block of a device's rows (tests/test_quant_train.py: the measured gaps).
 
 TPU: megablox (a Pallas kernel) is not quantized by qwix, so with quantization `moe_impl='auto'`
 resolves to ragged_dot on TPU (`moe_impl`), and an explicit 'megablox' is an error.
