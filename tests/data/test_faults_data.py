@@ -257,7 +257,7 @@ def test_sigkill_of_prepare_leaves_no_worker_behind(tmp_path):
     rng = np.random.default_rng(0)
     words = [f"w{k}" for k in range(5000)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 100))}) + "\n"
-                                               for i in range(1200)))
+                                               for i in range(4000)))  # shards slow enough to kill mid-run
     out = tmp_path / "out"
     cmd = [sys.executable, "data_pipeline/prepare.py", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", "qwen3",
            "--out", str(out), "--shards", "4", "--workers", "2", "--no-progress"]
