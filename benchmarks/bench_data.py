@@ -268,9 +268,9 @@ def markdown(report: dict) -> str:
                     continue
                 tok = _median(rs, "tokens_in" if chain == "qa" else "tokens")
                 name = "tokenize only" if chain == "tokenize" else "QA chain + tokenize"
+                wall, cpu = _median(rs, "seconds"), _median(rs, "cpu_seconds")
                 out.append(f"| {name} | {w} | {NAMES[impl]} | {_spread(rs, 'seconds')} | {_spread(rs, 'cpu_seconds')} | "
-                           f"{tok / _median(rs, 'seconds') / w / 1e6:.3f} | {tok / _median(rs, 'cpu_seconds') / 1e6:.3f} | "
-                           f"{_median(rs, 'load_before'):.1f} |")
+                           f"{tok / wall / w / 1e6:.3f} | {tok / cpu / 1e6:.3f} | {_median(rs, 'load_before'):.1f} |")
     speedups = []
     for chain in ("tokenize", "qa"):
         for impl in impls:
@@ -289,7 +289,8 @@ def markdown(report: dict) -> str:
                 out.append(f"- {r['chain']} round {r['round']}, stage {stage}: " + "; ".join(
                     f"{x['docs']:,} docs" + (f" / {x['tokens'] / 1e6:.2f}M" if x["tokens"] else "")
                     + f" / {x['cpu_seconds']:.1f} s"
-                    + (f" = {x['tokens'] / max(x['cpu_seconds'], 1e-9) / 1e6:.2f}M tokens per CPU-s" if x["tokens"] else "")
+                    + (f" = {x['tokens'] / max(x['cpu_seconds'], 1e-9) / 1e6:.2f}M tokens per CPU-s"
+                       if x["tokens"] else "")
                     for x in ws))
     qa = next((r["qa"] for r in runs if r["chain"] == "qa" and r["impl"] == "new"), None)
     if qa:

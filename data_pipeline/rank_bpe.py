@@ -50,7 +50,8 @@ class RankBPE:
 
     def __init__(self, enc, nfc: bool, added: Sequence[str]):
         self._enc, self._nfc = enc, nfc
-        self._added = re.compile("|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))) if added else None
+        longest_first = sorted(added, key=len, reverse=True)
+        self._added = re.compile("|".join(map(re.escape, longest_first))) if added else None
         self.slow_documents = 0  # documents left to `tokenizers` so far
 
     @classmethod
