@@ -122,8 +122,15 @@ def measure(args) -> dict:
 
 def aot_row(rep: dict, moe_impl: str = "") -> dict:
     """One AOT report (launch/aot_compile.py --report) as a row of the comparison."""
+    from qwen3_jax import step_time  # jax only when comparing reports
+
     st = rep.get("step_time") or {}
-    cal = st.get("calibrated") or {}
+    cal = st.get("calibrated")
+    if cal is None and st:  # a report written before calibration was part of it: the same formula now
+        cal = step_time.calibrate(step_time.family(rep["libtpu_topology"]), st, rep["model_flops_per_chip"])
+    cal = cal or {}
+    if not moe_impl and rep.get("libtpu_topology", "").split(":")[0] != "cpu":  # TPU: the experts' form
+        moe_impl = "megablox" if rep.get("quantization") is None else "ragged_dot + tgmm wgrad"
     return {"source": rep.get("_path", ""), "model": rep["model"], "topology": rep["topology"],
             "quantization": str(rep.get("quantization")), "moe_impl_note": moe_impl, "remat": rep.get("remat"),
             "bytes_per_chip_peak": rep["bytes_per_chip_peak"], "hbm_bytes_per_chip": rep["hbm_bytes_per_chip"],
@@ -155,17 +162,20 @@ def compare_reports(paths: list[str], reading: str = "") -> dict:
 
 
 def markdown_aot(report: dict) -> str:
-    """The AOT comparison (`rows`: one compile per quantization) as a table."""
-    lines = [bench_report.provenance(report), "", f"{report['model']} on {report['topology']}", "",
-             "| quantization | experts | compiled FLOPs/chip | vs model | 8-bit share | peak MiB/chip | "
-             "est. step ms | calibrated ms |", "|---|---|---|---|---|---|---|---|"]
-    ms = lambda s: "-" if s is None else f"{s * 1e3:,.3f}"  # noqa: E731
+    """The AOT comparison (`rows`: one compile per quantization / slice) as a table."""
+    lines = [bench_report.provenance(report), "", f"{report['model']} on {report['topology']}"
+             + (f" ({report['label']})" if report.get("label") else ""), "",
+             "| quantization | experts | peak GiB/chip | compiled FLOPs/chip | vs model | 8-bit share | compute s "
+             "| HBM s | bound s | calibrated s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    sec = lambda s: "-" if s is None else f"{s:.4g}"  # noqa: E731
     for q, r in report["rows"].items():
-        lines.append(f"| {q} | {r.get('moe_impl_note', '')} | {r['flops_per_chip']:.3g} | "
+        lines.append(f"| {q} | {r.get('moe_impl_note', '')} | {r['bytes_per_chip_peak'] / 2 ** 30:.3g} of "
+                     f"{r['hbm_bytes_per_chip'] / 2 ** 30:.0f} | {r['flops_per_chip']:.3g} | "
                      f"{r['flops_ratio_compiled_to_model']:.2f}x | {r['eight_bit_flops_share']:.0%} | "
-                     f"{r['bytes_per_chip_peak'] / 2 ** 20:,.1f} | {ms(r['estimate_s'])} | "
-                     f"{ms(r['calibrated_estimate_s'])} |")
-    return "\n".join(lines + ["", report.get("reading", ""), ""])
+                     f"{sec(r.get('compute_s'))} | {sec(r.get('hbm_s'))} | {sec(r['estimate_s'])} | "
+                     f"{sec(r['calibrated_estimate_s'])} |")
+    notes = sorted({n for r in report["rows"].values() for n in r.get("notes", [])})
+    return "\n".join(lines + [""] + [f"NOTE: {n}" for n in notes] + ["", report.get("reading", ""), ""])
 
 
 def markdown(report: dict) -> str:

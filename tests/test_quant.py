@@ -169,11 +169,16 @@ def test_whole_model_loss_and_grads_close_and_lm_head_router_stay_float():
     l0, g0 = jax.jit(jax.value_and_grad(loss))(params)
     l1, g1 = jax.jit(quant.intercepted(jax.value_and_grad(loss), "int8"))(params)
     assert abs(float(l1 - l0)) < 1e-2 * float(l0)
+    # top-k routing is discontinuous: a token near a tie between two experts can pick the other
+    # one from 8-bit hidden states, moving its gradient between experts (the MoE block here: 6-11%
+    # with int8 symmetric, 2-3% with qwix's asymmetric range, which tokens flip being luck; the
+    # attention and embeddings: 1-3%)
     for path, a in jax.tree_util.tree_leaves_with_path(g1):
         b = g0
         for p in path:
             b = b[p.key]
-        assert rel(a, b) < 0.06, (jax.tree_util.keystr(path), rel(a, b))
+        moe = any(getattr(p, "key", None) in ("mlp", "post_attn_norm") for p in path)
+        assert rel(a, b) < (0.15 if moe else 0.05), (jax.tree_util.keystr(path), rel(a, b))
     # forward 8-bit dots per layer: 4 attention projections + 3 expert matmuls (one scan body:
     # both layers), and none for the lm_head or the router
     assert eight_bit_dots(quant.intercepted(loss, "int8"), params) == 7
