@@ -321,6 +321,14 @@ def test_sharded_decode_equals_one_device():
     assert [o.tokens for o in a] == [o.tokens for o in b]
     (k_sh, _), = cache_shardings(cfg, 4, 64, mesh)
     assert tuple(k_sh.spec) == (None, ("data", "expert"), None, "tensor", None)
+    # a context axis (training's context parallelism): prefill sees each whole prompt, the cache is
+    # split along its length over `context`; the same tokens
+    cp_mesh = sharding.make_mesh(sharding.MeshConfig(ici_data=2, ici_fsdp=1, ici_context=2, ici_tensor=2))
+    c = Generator(cfg, params, mesh=cp_mesh, steps_per_call=8).generate(prompts, max_new_tokens=24, sampling=hot,
+                                                                        seed=5)
+    assert [o.tokens for o in a] == [o.tokens for o in c]
+    (k_sh, _), = cache_shardings(cfg, 4, 64, cp_mesh)
+    assert tuple(k_sh.spec)[2] == "context"
 
 
 def _cli(*args, timeout=240):
