@@ -147,6 +147,8 @@ def compare_reports(paths: list[str], reading: str = "") -> dict:
     import json
 
     report = bench_report.header("bench_quant")
+    if reading:  # the command as typed, the reading (below the table) named, not repeated
+        report["command"] = report["command"].split(" --reading")[0] + " --reading TEXT"
     rows = {}
     for path in paths:
         rep = json.loads(Path(path).read_text())
