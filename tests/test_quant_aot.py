@@ -60,3 +60,46 @@ def test_aot_v5p_int8_has_8bit_dots_for_experts_and_dense_layers(tmp_path):
     # the compute term at v5p's int8 rate: shorter than the same FLOPs at the bf16 rate
     st = rep["step_time"]
     assert st["compute_s"] < rep["flops_per_chip"] / step_time.CHIPS["v5p"].peak_flops
+
+
+# XLA:TPU's bidirectional windowed einsum (an all-gather overlapped with the matmul), as in the
+# int8 v5p-16 program: the loop's counter goes 0, 2 (< 4) and each trip does two chunks' dots.
+_WINDOWED_HLO = """HloModule jit_step, num_partitions=8
+
+%windowed_dot_general_body_ag (p: (f32[8,16], f32[16,32], f32[8,32], u32[])) -> (f32[8,16], f32[16,32], f32[8,32], u32[]) {
+  %p = (f32[8,16], f32[16,32], f32[8,32], u32[]) parameter(0)
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=0
+  %w = f32[16,32]{1,0} get-tuple-element(%p), index=1
+  %i = u32[] get-tuple-element(%p), index=3
+  %d0 = f32[8,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %d1 = f32[8,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %s = f32[8,32]{1,0} add(%d0, %d1)
+  %two = u32[] constant(2)
+  %n = u32[] add(%i, %two)
+  ROOT %t = (f32[8,16], f32[16,32], f32[8,32], u32[]) tuple(%x, %w, %s, %n)
+}
+
+%windowed_dot_general_cond_ag (p: (f32[8,16], f32[16,32], f32[8,32], u32[])) -> pred[] {
+  %p = (f32[8,16], f32[16,32], f32[8,32], u32[]) parameter(0)
+  %four = u32[] constant(4)
+  %i = u32[] get-tuple-element(%p), index=3
+  ROOT %lt = pred[] compare(%i, %four), direction=LT
+}
+
+ENTRY %main (x: f32[8,16], w: f32[16,32]) -> f32[8,32] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,32]{1,0} parameter(1)
+  %z = f32[8,32]{1,0} constant(0)
+  %zero = u32[] constant(0)
+  %init = (f32[8,16], f32[16,32], f32[8,32], u32[]) tuple(%x, %w, %z, %zero)
+  %loop = (f32[8,16], f32[16,32], f32[8,32], u32[]) while(%init), condition=%windowed_dot_general_cond_ag, body=%windowed_dot_general_body_ag
+  ROOT %out = f32[8,32]{1,0} get-tuple-element(%loop), index=2
+}
+"""
+
+
+def test_windowed_einsum_loop_counts_its_trips_not_its_counter_bound():
+    """The counter adds 2 per trip: 2 trips x 2 dots, not 4 x 2 (what the int8 programs' dense
+    layers were counted at before: 2.07x the model's FLOPs on v5p-16, 1.21x now, as bf16)."""
+    flops = hlo_flops(_WINDOWED_HLO)
+    assert flops["dot"] == 2 * 2 * (2 * 8 * 32 * 16)
