@@ -27,7 +27,7 @@ import unicodedata
 from typing import Callable, Sequence
 
 try:
-    import tiktoken
+    import tiktoken  # optional: a speed-up (setup.cfg installs it; without it tokenizers does the work)
 except ImportError:  # an optional speed-up: without it `tokenizers` encodes everything
     tiktoken = None
 

@@ -131,6 +131,7 @@ class Context:
     rules: Mapping[str, Any]
     moe_exchange: str = "auto"  # qwen3_jax.model.moe_ep.EXCHANGES (its resolve_exchange also takes old names)
     capacity_factor: float | None = None  # None: dropless
+    zigzag: bool = False  # the batch is in context parallelism's zig-zag order (model/context_parallel.py)
 
     @property
     def platform(self) -> str:
@@ -152,6 +153,13 @@ def use_rules(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, moe_exchange: str
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def mark_zigzag() -> None:
+    """Records, for the rest of the active `use_rules` block, that the traced batch is in zig-zag order."""
+    ctx = _CONTEXT.get()
+    if ctx is not None:
+        _CONTEXT.set(dataclasses.replace(ctx, zigzag=True))  # undone when use_rules resets its token
 
 
 def active() -> Context | None:

@@ -57,6 +57,19 @@ def test_seq_len_not_divisible_names_the_setting():
         cp_lib.zigzag_order(60, 8)
 
 
+def test_attention_outside_the_zigzag_step_is_refused():
+    """A forward traced under a context axis without the batch permuted (zigzag_batch) would mask
+    by the wrong positions: refused, naming what to do."""
+    mesh = sharding.make_mesh(MeshConfig(ici_fsdp=4, ici_context=2))
+    x = jnp.zeros((B, T, 2, 8), jnp.float32)
+    with sharding.use_rules(mesh), pytest.raises(ValueError, match="needs the batch in zig-zag order"):
+        cp_lib.attention(x, x, x, impl="chunked")
+    with sharding.use_rules(mesh):
+        cp_lib.zigzag_batch({"tokens": jnp.zeros((B, T), jnp.int32)})
+        assert cp_lib.attention(x, x, x, impl="chunked").shape == x.shape
+    assert sharding.active() is None
+
+
 @pytest.mark.parametrize("cp,block", [(2, 8), (4, 256)])
 def test_cp_attention_matches_reference(cp, block):
     """Zig-zag queries against gathered keys = the reference kernel in the original order (GQA,
@@ -73,6 +86,7 @@ def test_cp_attention_matches_reference(cp, block):
     def cp_fn(q, k, v):
         with sharding.use_rules(mesh):
             z = [cp_lib.to_zigzag(a, cp) for a in (q, k, v, seg)]
+            sharding.mark_zigzag()
             o = cp_lib.attention(*z, impl="chunked", block=block)
             return jnp.sum(jnp.sin(cp_lib.from_zigzag(o, cp)))
 
@@ -98,6 +112,7 @@ def test_cp_splash_interpret_matches_reference(fused_bwd):
     def cp_fn(q, k, v):
         with sharding.use_rules(mesh):
             z = [cp_lib.to_zigzag(a, cp) for a in (q, k, v, seg)]
+            sharding.mark_zigzag()
             o = cp_lib.attention(*z, impl="splash", block=128, interpret=True, fused_bwd=fused_bwd)
             return jnp.sum(jnp.sin(cp_lib.from_zigzag(o, cp)))
 

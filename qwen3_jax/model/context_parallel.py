@@ -81,6 +81,7 @@ def zigzag_batch(batch: dict) -> dict:
     if cp == 1:
         return batch
     out = {k: to_zigzag(v, cp) for k, v in batch.items()}
+    sharding.mark_zigzag()
     return {k: sharding.constrain(v, ("batch", "seq") + (None,) * (v.ndim - 2)) for k, v in out.items()}
 
 
@@ -93,6 +94,10 @@ def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, impl: str = "auto"
     on the sequences in their original order. `interpret`: splash in the Pallas interpreter (tests)."""
     ctx = sharding.active()
     cp = context_size(ctx)
+    if not ctx.zigzag:  # a forward traced outside the train/eval step: its tokens are in their own order
+        raise ValueError(f"attention under a context axis ({cp}) needs the batch in zig-zag order: run the model "
+                         f"through the train or eval step, or permute the batch with "
+                         f"context_parallel.zigzag_batch inside the same sharding.use_rules block")
     B, T, N, H = q_BTNH.shape
     check_seq_len(T, cp)
     kernel = resolve_impl(impl, T, q_BTNH.dtype, ctx.platform)
