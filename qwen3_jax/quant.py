@@ -21,18 +21,23 @@ int8 symmetric (absmax -> 127, `CALIBRATION`), fp8 absmax -> the type's max, per
 non-contracted axis: activations per token ([B,T,D]·[D,F]: one scale per (b,t)),
 weights per output channel (per (n,h) for q/k/v, per d for o, per f / d for the MLP; the blocked
 experts per block and channel, i.e. per expert); the backward pass quantizes the incoming
-gradient per token for the input gradient and per output channel (over all tokens of the shard
-group) for the weight gradient, and reuses the forward's quantized operands. qwix's ragged_dot
-(the sorted-rows experts) scales rows per token and the stacked expert weights per output
-channel shared by the experts (`ragged_dot_qt`: qwix's pieces; on TPU its weight gradient runs
-as megablox's tgmm). Rows of an expert buffer that hold no assignment are zeroed (and their
+gradient per token for the input gradient and per output channel (over all tokens) for the
+weight gradient, and reuses the forward's quantized operands. The experts' matmuls go through
+our custom VJPs built from qwix's pieces: the sorted rows (`ragged_dot_qt`: rows per token, the
+stacked expert weights per output channel shared by the experts, as qwix's ragged_dot; on TPU
+the weight gradient runs as megablox's tgmm) and the blocks (`blocked_qt`: the weight gradient
+per output channel over all blocks' rows on all devices, not per block). Rows of an expert buffer that hold no assignment are zeroed (and their
 gradients are zero) before any scale is taken (model/moe_compute.py `_live`), and a zero row is
 left out of the weight gradient's scales, so padding never enters an absmax.
 
-Sharded = one device: the forward quantizes to the same integers on any mesh (each scale is a
-maximum over the whole tensor under GSPMD); in the backward, tensor parallelism's reordered
-partial sums can move a value across a rounding boundary, and the blocked experts scale their
-weight gradient per block of a device's rows (tests/test_quant_train.py: the measured gaps).
+Sharded = one device: every scale is a maximum over the same elements on any mesh (GSPMD's
+global view; inside expert parallelism's shard_map a pmax over the token axes), so the forward
+quantizes to the same integers and an fsdp x expert step matches one device to fp32 round-off;
+in the backward, tensor parallelism's reordered partial sums can move a value across a rounding
+boundary (tests/test_quant_train.py: the measured gaps). Not yet global: `ragged_dot_qt`'s
+weight-gradient scale under the ragged_all_to_all exchange (TPU) is a maximum over the rows the
+device received, as qwix's ragged_dot has it (that shard_map is unchecked on TPU: no varying
+axes to name for a pmax; XLA:CPU cannot run the exchange to compare).
 
 TPU: megablox (a Pallas kernel) is not quantized by qwix, so with quantization `moe_impl='auto'`
 resolves to ragged_dot on TPU (`moe_impl`), and an explicit 'megablox' is an error.
@@ -49,6 +54,7 @@ import jax.numpy as jnp
 import qwix
 from qwix._src import interception  # qwix's scoped interception, as `qwix.quantize_model` applies it
 from qwix._src.core import qarray
+from qwix._src.core.dot_general import dot_general as qwix_dot_general
 from qwix._src.core import ragged_dot as qragged
 
 from qwen3_jax import sharding
@@ -111,6 +117,11 @@ class SiteProvider(qwix.QtProvider):
         return rule_, (None if only_rule else f"{op_name}0")  # op ids name static-scale stats: none here
 
     def einsum(self, einsum_str, *operands, **kwargs):
+        if einsum_str in BLOCKED and not kwargs.get("preferred_element_type") and _site() in SITES:
+            rule_, _ = self._get_current_rule_and_op_id("einsum", only_rule=True)
+            lhs, rhs = _alike(operands)
+            return blocked_qt(lhs, rhs, (rule_.act_qtype, rule_.bwd_qtype, rule_.act_calibration_method),
+                              tuple(sorted(_vma(lhs) | _vma(rhs))))
         return super().einsum(einsum_str, *_alike(operands), **kwargs)
 
     def dot_general(self, lhs, rhs, *args, **kwargs):
@@ -217,6 +228,59 @@ def _ragged_bwd(types, wgrad, res, g_MN):
 
 
 ragged_dot_qt.defvjp(_ragged_fwd, _ragged_bwd)
+
+
+# -- the blocked experts' matmuls (moe_compute.swiglu_blocks: a batch of blocks of C rows) -------------
+# qwix scales their weight gradient per block and output channel, and a block holds the rows of the
+# tokens one device has: the scales differ between one device and an expert-parallel mesh by
+# construction (measured: the expert weights' update 0.9% apart). Here that gradient is scaled per
+# output channel over every row of every block, on every device of the token axes (a pmax inside
+# expert parallelism's shard_map): the same set of rows whatever the mesh, and the granularity
+# qwix's ragged_dot gives the sorted-rows form. Forward and input gradient as qwix: rows per token,
+# weights per block and output channel (= per expert), the incoming gradient per row.
+BLOCKED = ("gcd,gdf->gcf", "gcf,gfd->gcd")  # [G,C,K] x [G,K,N] -> [G,C,N]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def blocked_qt(lhs_GCK, rhs_GKN, types, token_axes: tuple = ()):
+    """einsum('gck,gkn->gcn') with 8-bit operands; `token_axes`: the mesh axes the rows are split
+    over inside shard_map (the weight gradient's scales are maxima over them too)."""
+    return _blocked_fwd(lhs_GCK, rhs_GKN, types, token_axes)[0]
+
+
+_BATCHED = (((2,), (1,)), ((0,), (0,)))
+
+
+def _blocked_fwd(lhs_GCK, rhs_GKN, types, token_axes):
+    qtype, _, cal = types
+    q_lhs = qarray.quantize(lhs_GCK, _how(qtype, [0, 1], cal))  # per row
+    q_rhs = qarray.quantize(rhs_GKN, _how(qtype, [0, 2], cal))  # per block and output channel
+    out = qwix_dot_general(q_lhs, q_rhs, _BATCHED).astype(lhs_GCK.dtype)
+    return out, (q_lhs, q_rhs)
+
+
+def _blocked_bwd(types, token_axes, res, g_GCN):
+    _, gtype, cal = types
+    q_lhs, q_rhs = res
+    # input gradient [G,C,K] = g · rhs^T: rhs's scale moved onto g, g quantized per row
+    g_q = qarray.quantize(g_GCN * q_rhs.scale, _how(gtype, [0, 1], cal))
+    d_lhs = qwix_dot_general(g_q, q_rhs.qvalue, (((2,), (2,)), ((0,), (0,))))
+    # weight gradient [G,K,N] = lhs^T · g per block: lhs's row scale moved onto g (zero rows, e.g.
+    # padding, out of the maxima), one scale per output channel over all blocks and devices
+    row_scale = jnp.where(jnp.any(q_lhs.qvalue != 0, axis=2, keepdims=True), q_lhs.scale, 0)
+    g_GCN = g_GCN * row_scale
+    absmax_11N = jnp.max(jnp.abs(g_GCN), axis=(0, 1), keepdims=True)
+    if token_axes:
+        absmax_11N = jax.lax.pmax(absmax_11N, token_axes)
+    how = _how(gtype, [2], cal)
+    absmax_11N = qarray.calibrate(absmax_11N, how)  # the rule's calibration (int8: its 127.5/127 factor)
+    scale, _ = qarray.compute_scale_zero_point(absmax_11N, gtype)
+    g_q = qarray.quantize_with_scale_zero_point(g_GCN, gtype, scale, None)
+    d_rhs = qwix_dot_general(q_lhs.qvalue, g_q, (((1,), (1,)), ((0,), (0,))))
+    return d_lhs.astype(q_lhs.scale.dtype), d_rhs.astype(q_rhs.scale.dtype)
+
+
+blocked_qt.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def intercepted(fn, quantization: str | None):
