@@ -117,7 +117,48 @@ def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None
             arr = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
         except (ValueError, NotImplementedError, AssertionError):
             arr = np.asarray(devices).reshape(ici)
+    if _context_spans_processes(arr):
+        if num_slices > 1:
+            raise ValueError(f"MeshConfig context={arr.shape[_CTX]} over {num_slices} slices puts one sequence on "
+                             f"several hosts; each host's data pipeline feeds whole rows of the batch")
+        arr = _host_local_context(ici, devices)
     return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+_CTX = MESH_AXES.index("context")
+
+
+def _context_spans_processes(arr: np.ndarray) -> bool:
+    """Whether some sequence's context shards (one row along the `context` axis) sit on several hosts."""
+    if arr.shape[_CTX] == 1:
+        return False
+    rows = np.moveaxis(arr, _CTX, -1).reshape(-1, arr.shape[_CTX])
+    return any(len({getattr(d, "process_index", 0) for d in row}) > 1 for row in rows)
+
+
+def _host_local_context(ici: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+    """The device array with each context group on one host: a host's data pipeline feeds whole rows
+    of the batch, so the devices splitting a sequence must share its host (on a v5p slice, a host's
+    4 chips; ICI's topology-aware layout puts them on different hosts). Each host holds `context`
+    and, for its other devices, the innermost other axes; hosts are laid out over the rest."""
+    hosts = len({d.process_index for d in devices})
+    local, c = len(devices) // hosts, ici[_CTX]
+    if local % c:
+        raise ValueError(f"MeshConfig context={c}: a sequence's devices must share a host (each host's data "
+                         f"pipeline feeds whole rows) and a host here has {local} devices; use a context size "
+                         f"dividing {local}")
+    per_host, left = [1] * len(ici), local // c
+    per_host[_CTX] = c
+    for axis in ("tensor", "expert", "fsdp", "data"):
+        i = MESH_AXES.index(axis)
+        per_host[i] = math.gcd(left, ici[i])
+        left //= per_host[i]
+    if left != 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, ici))}: a host's {local} devices do not split into context={c} "
+                         f"and the other axes")
+    across = tuple(s // h for s, h in zip(ici, per_host))
+    return mesh_utils.create_hybrid_device_mesh(per_host, across, devices, process_is_granule=True,
+                                                allow_split_physical_axes=True)
 
 
 # -- rules ------------------------------------------------------------------------------------------

@@ -43,3 +43,25 @@ def test_aot_sequence_not_divisible_into_zigzag_chunks_is_one_line(tmp_path):
              "--remat", "full", "--topology", "v5p-16")
     assert r.returncode != 0
     assert "SEQ_LEN=258 is not divisible by 2 x MeshConfig context=2" in r.stdout + r.stderr
+
+
+@needs_libtpu
+def test_slice_mesh_keeps_each_sequence_on_one_host():
+    """On v5p-1024 (128 hosts x 4 chips) the topology-aware layout would put the 4 context shards of
+    a sequence on 4 hosts; the mesh train.py and the AOT tool build keeps each on one host (a host's
+    pipeline feeds whole rows), and a context wider than a host is refused naming the sizes."""
+    code = ("from jax.experimental import topologies\n"
+            "from qwen3_jax import sharding\n"
+            "devs = topologies.get_topology_desc(topology_name='v5p:8x8x8', platform='tpu').devices\n"
+            "mesh = sharding.make_mesh(sharding.MeshConfig(ici_fsdp=32, ici_context=4, ici_expert=4), devs)\n"
+            "print('spans', sharding._context_spans_processes(mesh.devices), dict(mesh.shape)['context'])\n"
+            "print('ids', len({d.id for d in mesh.devices.flat}))\n"
+            "try:\n"
+            "    sharding.make_mesh(sharding.MeshConfig(ici_fsdp=16, ici_context=8, ici_expert=4), devs)\n"
+            "except ValueError as e:\n"
+            "    print('refused', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "spans False 4" in r.stdout and "ids 512" in r.stdout
+    assert "refused MeshConfig context=8: a sequence's devices must share a host" in r.stdout

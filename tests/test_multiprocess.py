@@ -162,3 +162,31 @@ def test_train_two_processes_then_resume_in_one_matches_one_process(data_dir, tm
     assert step == ref_step == 12
     for k in ref_params:
         np.testing.assert_allclose(params[k], ref_params[k], rtol=0, atol=2e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_context_parallel_run_on_two_hosts_matches_one_process(data_dir, tmp_path):
+    """launch/train.py under context parallelism on 2 processes x 4 devices, with a mesh (context 2 x
+    expert 4) whose default layout puts each sequence's two halves on different hosts: the mesh keeps
+    every context group on one host (each host's pipeline feeds whole rows), and 4 steps give the
+    losses of the same mesh in one process."""
+    from train_utils import env, run, tiny_args
+
+    mesh = ("MeshConfig.ici_fsdp=1", "MeshConfig.ici_context=2", "MeshConfig.ici_expert=4")
+    args = lambda work: tiny_args(data_dir, work, "make_dataset.data_shards=2", "train.eval_every=0", *mesh,  # noqa: E731
+                                  batch=8, steps=4, every=4)
+    ref = run(args(tmp_path / "ref"), devices=8)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    procs, logs = _run_pair(lambda i, port: [sys.executable, *args(tmp_path / "mp"), "--coordinator",
+                                             f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+                            env(4))
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+    assert "'context': 2" in logs[0]
+
+    def losses(w):
+        rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+        return [r["lm_loss"] for r in rows if "lm_loss" in r]
+
+    want, got = losses(tmp_path / "ref"), losses(tmp_path / "mp")
+    assert len(want) == 4
+    np.testing.assert_allclose(got, want, rtol=1e-5)
