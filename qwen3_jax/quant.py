@@ -211,7 +211,7 @@ def _ragged_bwd(types, wgrad, res, g_MN):
     row_scale_M1 = jnp.where(jnp.any(q_lhs.qvalue != 0, axis=1, keepdims=True), q_lhs.scale, 0)
     g_q = qarray.quantize(g_MN * row_scale_M1, _how(gtype, [1], cal))
     if wgrad is not None:
-        from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as tgmm_kernel  # TPU-only Pallas kernel
+        from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as tgmm_kernel  # optional: TPU-only Pallas kernel
 
         M, K = q_lhs.shape
         N = g_q.shape[1]
