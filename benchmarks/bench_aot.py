@@ -65,6 +65,13 @@ CASES = {
     "32b_s4": [*_gins("stage4.gin", "model/qwen3-32b.gin", "slices/qwen3-32b-v5p-128-stage4.gin"), "--topology", "v5p-128"],
     "32b_s4_nocp": [*_gins("stage4.gin", "model/qwen3-32b.gin", "slices/qwen3-32b-v5p-128-stage4.gin"),
                     "--mesh", "fsdp=64", "--global_batch", "64", "--topology", "v5p-128"],
+    # the other README slices (v5p-128) at stage 4's 131,072 tokens: context 4 (one host's chips),
+    # full remat, splash's separate dQ kernel, as the stage-4 slices above
+    "8b_s4": [*_gins("stage4.gin", "model/qwen3-8b.gin", "slices/qwen3-8b-v5p-128.gin"), "--mesh", "fsdp=16,context=4",
+              "--global_batch", "16", "--remat", "full", "--splash_fused_bwd", "false", "--topology", "v5p-128"],
+    "30b_s4": [*_gins("stage4.gin", "model/qwen3-30b-a3b.gin", "slices/qwen3-30b-a3b-v5p-128.gin"),
+               "--mesh", "fsdp=4,context=4,expert=4", "--global_batch", "16", "--remat", "full",
+               "--splash_fused_bwd", "false", "--topology", "v5p-128"],
 }
 # The step-time model's check against a published figure: MaxText's Llama2-70B on v5p-128, 65% MFU
 # (getting_started/Run_Llama2.md), the same shapes, batch, mesh and remat in our model
