@@ -38,7 +38,7 @@ def test_parse_topology_wraparound(name, wrap):
     assert aot.parse_topology(name)["wrap"] == wrap
 
 
-@pytest.mark.parametrize("bad", ["v5p-7", "v7x-64", "tpu", "v5e-3"])
+@pytest.mark.parametrize("bad", ["v5p-7", "v9z-64", "tpu", "v5e-3"])
 def test_parse_topology_rejects(bad):
     with pytest.raises(ValueError):
         aot.parse_topology(bad)
